@@ -1,0 +1,30 @@
+# The README's two commands. Both set everything up from a fresh clone.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.ok: setup.py pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+	# A CPU torch from local disk; keep an existing torch if the venv already has one.
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH)"
+	$(VPY) -m pip install -q pybind11 numpy
+	$(VPY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.ok
+
+demo: setup
+	$(VPY) -m awpfast.demo
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+bench: setup
+	$(VPY) benchmarks/bench_weight_side.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info awpfast/_C*.so

@@ -1,0 +1,281 @@
+"""The seam: a small set of multi-tensor ops that every awpfast backend implements.
+
+Public functions here take whole lists of tensors, validate them, split them into groups
+of one (device, dtype), pick a backend per group and call it once per group. Everything
+above the seam (the optimizer wrapper, the attacks) is backend-agnostic.
+
+Ops (``*_`` ops mutate their first argument in place):
+
+``norms(tensors)``
+    Frobenius norm of each whole tensor; float32 (float64 for float64 inputs), 1-D, in
+    input order, fp32-or-wider accumulation.
+``perturb_(params, directions, gamma, eps=1e-20, backups=None, deltas=None)``
+    For each i: if ``backups`` is given, ``backups[i] <- params[i]`` (bit-exact);
+    ``v_i = gamma_i * ||params[i]|| / (||directions[i]|| + eps) * directions[i]``;
+    if ``deltas`` is given, ``deltas[i] <- v_i``; ``params[i] += v_i``.
+    ``gamma`` is a float or one float per tensor. Returns the direction norms (as ``norms``).
+``restore_(params, backups)``
+    ``params[i] <- backups[i]`` (bit-exact).
+``unperturb_(params, deltas)``
+    ``params[i] -= deltas[i]`` (the reference order: remove v after the step).
+``ascent_step_(params, backups, directions, step_size, gamma, eps=1e-20)``
+    One multi-step AWP ascent step around the base weights ``w = backups``:
+    ``v = params - w``; ``v += step_size_i * ||w|| / (||d|| + eps) * d``;
+    ``v <- v * min(1, gamma_i * ||w|| / ||v||)``; ``params <- w + v``. Returns direction norms.
+``project_(params, backups, gamma)``
+    ``params <- w + v * min(1, gamma_i * ||w|| / ||v||)`` with ``v = params - w``.
+``pgd_step_(x_adv, grad, x, alpha, eps, norm="Linf")``
+    One PGD step in place on the adversarial batch, in the order of the established
+    implementations (sign/normalized step, projection onto the eps-ball around ``x``,
+    clamp to [0, 1]). ``norm="L2"`` normalizes per sample (``||g|| + 1e-10``).
+
+Backends: ``reference`` (per tensor, float64-capable: the oracle), ``foreach``
+(``torch._foreach_*``), ``triton`` (fused kernels) and ``native`` (awpfast._C). The
+backend is the ``backend=`` argument, else ``$AWPFAST_BACKEND`` (read at call time), else
+the best one available for the tensors' device.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = [
+    "norms", "perturb_", "restore_", "unperturb_", "ascent_step_", "project_", "pgd_step_",
+    "BACKENDS", "available_backends", "get_backend", "group_indices",
+]
+
+BACKENDS = ("reference", "foreach", "triton", "native")
+_MODULES = {name: f"awpfast.ops.{name}" for name in BACKENDS}
+_loaded: dict = {}
+_warned: set = set()
+
+Floats = Union[float, Sequence[float]]
+
+
+def _import(name: str):
+    """The backend module, or an ImportError/RuntimeError saying why it is unavailable."""
+    if name not in _MODULES:
+        raise ValueError(
+            f"unknown awpfast backend {name!r}; choose one of {', '.join(BACKENDS)} "
+            "(or unset AWPFAST_BACKEND)")
+    if name not in _loaded:
+        try:
+            mod = importlib.import_module(_MODULES[name])
+            ok, why = mod.available()
+        except ImportError as e:  # e.g. triton not installed
+            ok, why, mod = False, str(e), None
+        _loaded[name] = (mod, ok, why)
+    return _loaded[name]
+
+
+def available_backends() -> list:
+    """Names of the backends that can run in this process."""
+    return [n for n in BACKENDS if _import(n)[1]]
+
+
+def _default_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        for cand in ("triton", "native"):
+            mod, ok, _ = _import(cand)
+            if ok and mod.supports_device(device):
+                return cand
+        return "foreach"
+    if device.type == "cpu":
+        mod, ok, why = _import("native")
+        if ok and mod.supports_device(device):
+            return "native"
+        if "native-missing" not in _warned:
+            _warned.add("native-missing")
+            warnings.warn(
+                f"awpfast: the native CPU extension is not available ({why}); using the "
+                "'foreach' backend. Reinstall with a C++ compiler to build awpfast._C.",
+                RuntimeWarning, stacklevel=4)
+    return "foreach"
+
+
+def get_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype):
+    """The backend module for one (device, dtype) group.
+
+    An explicit or environment-chosen backend that cannot handle this group (Triton and
+    float64, say) falls back to ``foreach``; one that cannot run at all raises.
+    """
+    name = backend or os.environ.get("AWPFAST_BACKEND") or None
+    if name is None:
+        name = _default_name(device)
+    mod, ok, why = _import(name)
+    if not ok:
+        raise RuntimeError(
+            f"awpfast backend {name!r} is not available: {why}. Pick another backend "
+            f"(available: {', '.join(available_backends())}) or install what it needs.")
+    if not mod.supports(device, dtype):
+        return _import("foreach")[0]
+    return mod
+
+
+def group_indices(tensors: Sequence[torch.Tensor]) -> dict:
+    """{(device, dtype): [indices]} in first-seen order."""
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+# --------------------------------------------------------------------------- validation
+def _check_list(name: str, ts) -> list:
+    if isinstance(ts, torch.Tensor):
+        raise TypeError(f"{name} must be a list of tensors, got a single tensor; wrap it in [ ]")
+    ts = list(ts)
+    for i, t in enumerate(ts):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] is {type(t).__name__}, expected a torch.Tensor")
+    return ts
+
+
+def _check_pair(name_a: str, a: list, name_b: str, b: list, same_dtype: bool = True) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{name_a} has {len(a)} tensors but {name_b} has {len(b)}; pass one per tensor")
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape:
+            raise ValueError(
+                f"{name_a}[{i}] has shape {tuple(x.shape)} but {name_b}[{i}] has {tuple(y.shape)}; "
+                "they must match element for element")
+        if x.device != y.device:
+            raise ValueError(f"{name_a}[{i}] is on {x.device} but {name_b}[{i}] on {y.device}; move them together")
+        if same_dtype and x.dtype != y.dtype:
+            raise ValueError(
+                f"{name_a}[{i}] is {x.dtype} but {name_b}[{i}] is {y.dtype}; cast {name_b} to the "
+                f"dtype of {name_a}")
+
+
+def _floats(name: str, v: Floats, n: int) -> list:
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    if isinstance(v, (int, float)):
+        vals = [float(v)] * n
+    else:
+        vals = [float(x) for x in v]
+        if len(vals) != n:
+            raise ValueError(f"{name} has {len(vals)} values for {n} tensors; give one per tensor or a single float")
+    for x in vals:
+        if not (x >= 0.0) or x == float("inf"):
+            raise ValueError(f"{name} must be finite and >= 0, got {x}")
+    return vals
+
+
+def _pick(lst, idx):
+    return None if lst is None else [lst[i] for i in idx]
+
+
+def _gather(out_parts, groups, n, like):
+    """Reassemble per-group norm vectors into one vector in input order."""
+    if len(groups) == 1:
+        return out_parts[0]
+    dev = like.device if like is not None else torch.device("cpu")
+    dt = torch.float64 if any(p.dtype == torch.float64 for p in out_parts) else torch.float32
+    out = torch.empty(n, dtype=dt, device=dev)
+    for part, idx in zip(out_parts, groups.values()):
+        out[torch.tensor(idx, device=dev)] = part.to(device=dev, dtype=dt)
+    return out
+
+
+# --------------------------------------------------------------------------- the ops
+def norms(tensors, *, backend: Optional[str] = None) -> torch.Tensor:
+    ts = _check_list("tensors", tensors)
+    if not ts:
+        return torch.empty(0)
+    groups = group_indices(ts)
+    parts = [get_backend(backend, dev, dt).norms(_pick(ts, idx)) for (dev, dt), idx in groups.items()]
+    return _gather(parts, groups, len(ts), ts[0])
+
+
+def perturb_(params, directions, gamma: Floats, eps: float = 1e-20, backups=None, deltas=None,
+             *, backend: Optional[str] = None) -> torch.Tensor:
+    ps = _check_list("params", params)
+    ds = _check_list("directions", directions)
+    _check_pair("params", ps, "directions", ds, same_dtype=False)
+    if backups is not None:
+        backups = _check_list("backups", backups)
+        _check_pair("params", ps, "backups", backups)
+    if deltas is not None:
+        deltas = _check_list("deltas", deltas)
+        _check_pair("params", ps, "deltas", deltas)
+    gs = _floats("gamma", gamma, len(ps))
+    if not ps:
+        return torch.empty(0)
+    groups = group_indices(ps)
+    parts = []
+    for (dev, dt), idx in groups.items():
+        d = [ds[i] if ds[i].dtype == dt else ds[i].to(dt) for i in idx]
+        parts.append(get_backend(backend, dev, dt).perturb_(
+            _pick(ps, idx), d, _pick(gs, idx), float(eps), _pick(backups, idx), _pick(deltas, idx)))
+    return _gather(parts, groups, len(ps), ps[0])
+
+
+def restore_(params, backups, *, backend: Optional[str] = None) -> None:
+    ps = _check_list("params", params)
+    bs = _check_list("backups", backups)
+    _check_pair("params", ps, "backups", bs)
+    for (dev, dt), idx in group_indices(ps).items():
+        get_backend(backend, dev, dt).restore_(_pick(ps, idx), _pick(bs, idx))
+
+
+def unperturb_(params, deltas, *, backend: Optional[str] = None) -> None:
+    ps = _check_list("params", params)
+    vs = _check_list("deltas", deltas)
+    _check_pair("params", ps, "deltas", vs)
+    for (dev, dt), idx in group_indices(ps).items():
+        get_backend(backend, dev, dt).unperturb_(_pick(ps, idx), _pick(vs, idx))
+
+
+def ascent_step_(params, backups, directions, step_size: Floats, gamma: Floats, eps: float = 1e-20,
+                 *, backend: Optional[str] = None) -> torch.Tensor:
+    ps = _check_list("params", params)
+    bs = _check_list("backups", backups)
+    ds = _check_list("directions", directions)
+    _check_pair("params", ps, "backups", bs)
+    _check_pair("params", ps, "directions", ds, same_dtype=False)
+    ss = _floats("step_size", step_size, len(ps))
+    gs = _floats("gamma", gamma, len(ps))
+    if not ps:
+        return torch.empty(0)
+    groups = group_indices(ps)
+    parts = []
+    for (dev, dt), idx in groups.items():
+        d = [ds[i] if ds[i].dtype == dt else ds[i].to(dt) for i in idx]
+        parts.append(get_backend(backend, dev, dt).ascent_step_(
+            _pick(ps, idx), _pick(bs, idx), d, _pick(ss, idx), _pick(gs, idx), float(eps)))
+    return _gather(parts, groups, len(ps), ps[0])
+
+
+def project_(params, backups, gamma: Floats, *, backend: Optional[str] = None) -> None:
+    ps = _check_list("params", params)
+    bs = _check_list("backups", backups)
+    _check_pair("params", ps, "backups", bs)
+    gs = _floats("gamma", gamma, len(ps))
+    for (dev, dt), idx in group_indices(ps).items():
+        get_backend(backend, dev, dt).project_(_pick(ps, idx), _pick(bs, idx), _pick(gs, idx))
+
+
+def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float,
+              norm: str = "Linf", *, backend: Optional[str] = None) -> torch.Tensor:
+    for name, t in (("x_adv", x_adv), ("grad", grad), ("x", x)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if x_adv.shape != x.shape or grad.shape != x.shape:
+        raise ValueError(
+            f"pgd_step_: x_adv {tuple(x_adv.shape)}, grad {tuple(grad.shape)} and x {tuple(x.shape)} "
+            "must have the same shape")
+    if x_adv.dtype != x.dtype or grad.dtype != x.dtype or x_adv.device != x.device or grad.device != x.device:
+        raise ValueError("pgd_step_: x_adv, grad and x must share dtype and device")
+    if norm not in ("Linf", "L2"):
+        raise ValueError(f"pgd_step_: norm must be 'Linf' or 'L2', got {norm!r}")
+    if not (alpha >= 0 and eps >= 0):
+        raise ValueError(f"pgd_step_: alpha and eps must be >= 0, got alpha={alpha}, eps={eps}")
+    if norm == "L2" and x.dim() < 1:
+        raise ValueError("pgd_step_: L2 needs a batch dimension")
+    get_backend(backend, x.device, x.dtype).pgd_step_(x_adv, grad, x, float(alpha), float(eps), norm)
+    return x_adv

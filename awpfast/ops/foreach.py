@@ -1,0 +1,128 @@
+"""Foreach backend: ``torch._foreach_*`` over a whole (device, dtype) group.
+
+No per-layer host sync: the per-layer scales are computed on the device as one small
+tensor and applied with ``_foreach_mul``/``_foreach_add_``. Low-precision parameters are
+handled with fp32 math (the scaled direction is formed in fp32, then cast once).
+"""
+import torch
+
+
+def available():
+    return True, ""
+
+
+def supports_device(device):
+    return True
+
+
+def supports(device, dtype):
+    return dtype.is_floating_point
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def norms(tensors):
+    acc = _acc_dtype(tensors[0].dtype)
+    if acc == tensors[0].dtype:
+        ns = torch._foreach_norm(tensors)
+    else:
+        ns = torch._foreach_norm(tensors, dtype=acc)
+    return torch.stack(ns).to(acc)
+
+
+def _scaled(directions, scale, acc):
+    """[scale[i] * d_i] in the accumulation dtype, as a list of new tensors."""
+    if directions[0].dtype != acc:
+        directions = [d.to(acc) for d in directions]
+    return torch._foreach_mul(directions, list(scale.unbind(0)))
+
+
+def perturb_(params, directions, gammas, eps, backups, deltas):
+    acc = _acc_dtype(params[0].dtype)
+    wn = norms(params)
+    dn = norms(directions)
+    if backups is not None:
+        torch._foreach_copy_(backups, params)
+    scale = torch.tensor(gammas, dtype=acc, device=wn.device) * wn / (dn + eps)
+    if params[0].dtype == acc:
+        if deltas is not None:
+            torch._foreach_copy_(deltas, directions)
+            torch._foreach_mul_(deltas, list(scale.unbind(0)))
+            torch._foreach_add_(params, deltas)
+        else:
+            torch._foreach_add_(params, _scaled(directions, scale, acc))
+    else:
+        v = _scaled(directions, scale, acc)
+        p32 = [p.to(acc) for p in params]
+        torch._foreach_add_(p32, v)
+        torch._foreach_copy_(params, p32)
+        if deltas is not None:
+            torch._foreach_copy_(deltas, v)
+    return dn
+
+
+def restore_(params, backups):
+    torch._foreach_copy_(params, backups)
+
+
+def unperturb_(params, deltas):
+    acc = _acc_dtype(params[0].dtype)
+    if params[0].dtype == acc:
+        torch._foreach_sub_(params, deltas)
+    else:
+        p32 = [p.to(acc) for p in params]
+        torch._foreach_sub_(p32, [v.to(acc) for v in deltas])
+        torch._foreach_copy_(params, p32)
+
+
+def _project_into(params, backups, v, gammas, acc):
+    """params <- w + v * min(1, gamma * ||w|| / ||v||), with v in the accumulation dtype."""
+    wn = norms(backups)
+    vn = torch.stack(torch._foreach_norm(v)).to(acc)
+    radius = torch.tensor(gammas, dtype=acc, device=wn.device) * wn
+    factor = torch.where(vn > radius, radius / torch.where(vn > 0, vn, torch.ones_like(vn)),
+                         torch.ones_like(vn))
+    torch._foreach_mul_(v, list(factor.unbind(0)))
+    w = backups if backups[0].dtype == acc else [b.to(acc) for b in backups]
+    out = torch._foreach_add(w, v)
+    torch._foreach_copy_(params, out)
+
+
+def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
+    acc = _acc_dtype(params[0].dtype)
+    wn = norms(backups)
+    dn = norms(directions)
+    scale = torch.tensor(step_sizes, dtype=acc, device=wn.device) * wn / (dn + eps)
+    p = params if params[0].dtype == acc else [t.to(acc) for t in params]
+    w = backups if backups[0].dtype == acc else [t.to(acc) for t in backups]
+    v = torch._foreach_sub(p, w)
+    torch._foreach_add_(v, _scaled(directions, scale, acc))
+    _project_into(params, backups, v, gammas, acc)
+    return dn
+
+
+def project_(params, backups, gammas):
+    acc = _acc_dtype(params[0].dtype)
+    p = params if params[0].dtype == acc else [t.to(acc) for t in params]
+    w = backups if backups[0].dtype == acc else [t.to(acc) for t in backups]
+    _project_into(params, backups, torch._foreach_sub(p, w), gammas, acc)
+
+
+def pgd_step_(x_adv, grad, x, alpha, eps, norm):
+    if norm == "Linf":
+        # x_adv <- clamp(x + clamp(x_adv + alpha*sign(g) - x, -eps, eps), 0, 1)
+        x_adv.add_(grad.sign(), alpha=alpha)
+        delta = torch.clamp_(x_adv.sub_(x), min=-eps, max=eps)
+        torch.clamp_(delta.add_(x), min=0.0, max=1.0)
+        return
+    b = x.shape[0]
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    gn = torch.linalg.vector_norm(grad.reshape(b, -1), dim=1, dtype=torch.float32) + 1e-10
+    x_adv.add_(grad * (alpha / gn).to(grad.dtype).view(shape))
+    delta = x_adv.sub_(x)
+    dn = torch.linalg.vector_norm(delta.reshape(b, -1), dim=1, dtype=torch.float32)
+    factor = torch.clamp(eps / dn, max=1.0)
+    delta.mul_(factor.to(delta.dtype).view(shape))
+    torch.clamp_(delta.add_(x), min=0.0, max=1.0)

@@ -1,0 +1,93 @@
+"""Reference backend: one tensor at a time, plain eager PyTorch. The oracle.
+
+Math runs in float64 for float64 tensors and in float32 otherwise (brief: fp32-or-wider
+accumulation); results are cast back to the parameter dtype. Slow on purpose: clarity
+first, used by the tests to check every other backend.
+"""
+import torch
+
+
+def available():
+    return True, ""
+
+
+def supports_device(device):
+    return True
+
+
+def supports(device, dtype):
+    return dtype.is_floating_point
+
+
+def _acc(t):
+    return t.to(torch.float64) if t.dtype == torch.float64 else t.to(torch.float32)
+
+
+def _norm(t):
+    return torch.linalg.vector_norm(_acc(t).reshape(-1)) if t.numel() else _acc(t).new_zeros(())
+
+
+def norms(tensors):
+    return torch.stack([_norm(t) for t in tensors])
+
+
+def perturb_(params, directions, gammas, eps, backups, deltas):
+    out = []
+    for i, (p, d, g) in enumerate(zip(params, directions, gammas)):
+        wn, dn = _norm(p), _norm(d)
+        out.append(dn)
+        if backups is not None:
+            backups[i].copy_(p)
+        v = (g * wn / (dn + eps)) * _acc(d)
+        if deltas is not None:
+            deltas[i].copy_(v)
+        p.copy_(_acc(p) + v)
+    return torch.stack(out)
+
+
+def restore_(params, backups):
+    for p, b in zip(params, backups):
+        p.copy_(b)
+
+
+def unperturb_(params, deltas):
+    for p, v in zip(params, deltas):
+        p.copy_(_acc(p) - _acc(v))
+
+
+def _project(w, v, gamma):
+    radius = gamma * _norm(w)
+    vn = torch.linalg.vector_norm(v.reshape(-1)) if v.numel() else v.new_zeros(())
+    factor = torch.clamp(radius / vn, max=1.0) if float(vn) > 0 else torch.ones_like(vn)
+    return v * factor
+
+
+def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
+    out = []
+    for p, w, d, s, g in zip(params, backups, directions, step_sizes, gammas):
+        wn, dn = _norm(w), _norm(d)
+        out.append(dn)
+        v = _acc(p) - _acc(w) + (s * wn / (dn + eps)) * _acc(d)
+        p.copy_(_acc(w) + _project(w, v, g))
+    return torch.stack(out)
+
+
+def project_(params, backups, gammas):
+    for p, w, g in zip(params, backups, gammas):
+        p.copy_(_acc(w) + _project(w, _acc(p) - _acc(w), g))
+
+
+def pgd_step_(x_adv, grad, x, alpha, eps, norm):
+    xa, g, x0 = _acc(x_adv), _acc(grad), _acc(x)
+    if norm == "Linf":
+        xa = xa + alpha * g.sign()
+        delta = torch.clamp(xa - x0, min=-eps, max=eps)
+    else:
+        b = x0.shape[0]
+        gn = torch.linalg.vector_norm(g.reshape(b, -1), dim=1) + 1e-10
+        xa = xa + alpha * g / gn.view(-1, *([1] * (g.dim() - 1)))
+        delta = xa - x0
+        dn = torch.linalg.vector_norm(delta.reshape(b, -1), dim=1)
+        factor = torch.clamp(eps / dn, max=1.0)  # dn == 0 -> inf -> 1
+        delta = delta * factor.view(-1, *([1] * (g.dim() - 1)))
+    x_adv.copy_(torch.clamp(x0 + delta, min=0.0, max=1.0))
