@@ -119,10 +119,11 @@ def pgd_step_(x_adv, grad, x, alpha, eps, norm):
         return
     b = x.shape[0]
     shape = (-1,) + (1,) * (x.dim() - 1)
-    gn = torch.linalg.vector_norm(grad.reshape(b, -1), dim=1, dtype=torch.float32) + 1e-10
+    acc = _acc_dtype(x.dtype)
+    gn = torch.linalg.vector_norm(grad.reshape(b, -1), dim=1, dtype=acc) + 1e-10
     x_adv.add_(grad * (alpha / gn).to(grad.dtype).view(shape))
     delta = x_adv.sub_(x)
-    dn = torch.linalg.vector_norm(delta.reshape(b, -1), dim=1, dtype=torch.float32)
+    dn = torch.linalg.vector_norm(delta.reshape(b, -1), dim=1, dtype=acc)
     factor = torch.clamp(eps / dn, max=1.0)
     delta.mul_(factor.to(delta.dtype).view(shape))
     torch.clamp_(delta.add_(x), min=0.0, max=1.0)
