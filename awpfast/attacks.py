@@ -1,0 +1,195 @@
+"""Adversarial attacks for adversarial training: PGD (L-inf / L2) and the TRADES KL attack.
+
+Conventions (the ones torchattacks users know):
+
+* inputs live in [0, 1]; any normalization lives inside the model;
+* ``eps``, ``alpha``, ``steps``, ``random_start``;
+* the model is put in eval mode for the attack and the caller's mode is restored
+  afterwards (``bn_train=True`` keeps it in train mode instead, as the reference AT recipe
+  of Rice et al. / Wu et al. does; BatchNorm running statistics are then updated by the
+  attack forwards exactly as in that recipe);
+* only the *input* gradient is computed (``torch.autograd.grad`` w.r.t. the adversarial
+  batch): no parameter gradient is computed, and nothing is accumulated in any ``.grad``;
+* every step goes through the seam's fused op :func:`awpfast.ops.pgd_step_`, whose order
+  is the established one: L-inf ``x' = clip01(x + clip_eps(x' + alpha*sign(g) - x))``;
+  L2 ``g/(||g||+1e-10)`` per sample, step, renorm ``delta`` to ``||delta|| <= eps``, clip01;
+* the result is detached.
+
+With ``random_start=False`` :class:`PGD` produces the same examples as torchattacks'
+``PGD`` / ``PGDL2`` (mean cross-entropy, the same step / projection / clamp order).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+
+__all__ = ["PGD", "TRADESAttack", "pgd", "trades_attack", "attack_mode"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, train: bool = False):
+    """Put every submodule in eval (or train) mode; restore each one's own flag after.
+
+    Restoring per module (not just ``model.train(was_training)``) keeps mixed modes that a
+    caller set on purpose, e.g. a frozen BatchNorm inside a training model.
+    """
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    try:
+        yield model
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _input_grad(loss: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    # autograd.grad only runs the graph edges that lead to x_adv: convolution / linear
+    # backward nodes skip their weight-gradient outputs and no AccumulateGrad node runs.
+    (g,) = torch.autograd.grad(loss, [x_adv], only_inputs=True)
+    return g
+
+
+def _check_inputs(x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("attack inputs must be a floating-point tensor with values in [0, 1]")
+    if x.dim() < 2:
+        raise ValueError(f"attack inputs need a batch dimension, got shape {tuple(x.shape)}")
+    if y is not None and y.shape[0] != x.shape[0]:
+        raise ValueError(f"labels have {y.shape[0]} entries for a batch of {x.shape[0]}")
+
+
+class PGD:
+    """Projected gradient descent (Madry et al.), L-inf or L2.
+
+    Args:
+        model: maps a [0, 1] batch to logits.
+        eps: radius of the ball (L-inf: 8/255 by default; L2: use e.g. 0.5).
+        alpha: step size.
+        steps: number of steps.
+        random_start: L-inf: uniform start in [-eps, eps]; L2: Gaussian direction with
+            radius U(0, 1)*eps (both clamped to [0, 1]), as torchattacks.
+        norm: ``"Linf"`` or ``"L2"``.
+        loss: ``loss(logits, y) -> scalar`` to maximize; mean cross-entropy by default.
+        bn_train: keep the model in train mode during the attack (the reference AT
+            recipe); by default the attack runs in eval mode.
+        backend: the seam backend for the step op (``None``: the default choice).
+
+    Call it as ``x_adv = attack(x, y)``.
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 random_start: bool = True, norm: str = "Linf", loss: Optional[LossFn] = None,
+                 bn_train: bool = False, backend: Optional[str] = None):
+        if norm not in ("Linf", "L2"):
+            raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+        if eps < 0 or alpha < 0 or steps < 0:
+            raise ValueError(f"eps, alpha and steps must be >= 0 (got {eps}, {alpha}, {steps})")
+        self.model = model
+        self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
+        self.random_start, self.norm = bool(random_start), norm
+        self.loss = loss if loss is not None else F.cross_entropy
+        self.bn_train = bool(bn_train)
+        self.backend = backend
+
+    def __repr__(self) -> str:
+        return (f"PGD(eps={self.eps:.5g}, alpha={self.alpha:.5g}, steps={self.steps}, "
+                f"random_start={self.random_start}, norm={self.norm!r}, bn_train={self.bn_train})")
+
+    def init(self, x: torch.Tensor) -> torch.Tensor:
+        """The starting point (a new tensor)."""
+        if not self.random_start or self.eps == 0:
+            return x.clone()
+        if self.norm == "Linf":
+            x_adv = x + torch.empty_like(x).uniform_(-self.eps, self.eps)
+        else:
+            b = x.shape[0]
+            d = torch.empty_like(x).normal_()
+            n = torch.linalg.vector_norm(d.reshape(b, -1), dim=1).view(-1, *([1] * (x.dim() - 1)))
+            r = torch.zeros(b, dtype=x.dtype, device=x.device).uniform_(0, 1).view_as(n)
+            x_adv = x + d * (r / n * self.eps)
+        return x_adv.clamp_(0.0, 1.0)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.forward(x, y)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_inputs(x, y)
+        x = x.detach()
+        x_adv = self.init(x)
+        if self.steps == 0:
+            return x_adv
+        with attack_mode(self.model, self.bn_train), torch.enable_grad():
+            for _ in range(self.steps):
+                x_adv.requires_grad_(True)
+                loss = self.loss(self.model(x_adv), y)
+                g = _input_grad(loss, x_adv)
+                x_adv = x_adv.detach()
+                ops.pgd_step_(x_adv, g.to(x_adv.dtype), x, self.alpha, self.eps, self.norm,
+                              backend=self.backend)
+        return x_adv.detach()
+
+
+class TRADESAttack:
+    """The TRADES inner maximization (Zhang et al. 2019): maximize
+    ``KL(p(x) || p(x_adv))`` (summed over the batch, as the reference) from
+    ``x + 0.001*N(0, 1)``, L-inf steps through the seam's PGD step op.
+
+    ``y`` is accepted (and ignored) so that it is interchangeable with :class:`PGD`.
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 random_start: bool = True, norm: str = "Linf", bn_train: bool = False,
+                 backend: Optional[str] = None):
+        if norm not in ("Linf", "L2"):
+            raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+        self.model = model
+        self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
+        self.random_start, self.norm = bool(random_start), norm
+        self.bn_train = bool(bn_train)
+        self.backend = backend
+
+    def __repr__(self) -> str:
+        return (f"TRADESAttack(eps={self.eps:.5g}, alpha={self.alpha:.5g}, steps={self.steps}, "
+                f"norm={self.norm!r}, bn_train={self.bn_train})")
+
+    def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward(x, y)
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check_inputs(x, y)
+        x = x.detach()
+        with attack_mode(self.model, self.bn_train):
+            with torch.no_grad():
+                p_nat = F.softmax(self.model(x).float(), dim=1)
+            x_adv = x + 0.001 * torch.randn_like(x) if self.random_start else x.clone()
+            # (the reference does not clamp the start; the first step clamps to [0, 1])
+            with torch.enable_grad():
+                for _ in range(self.steps):
+                    x_adv.requires_grad_(True)
+                    logp_adv = F.log_softmax(self.model(x_adv).float(), dim=1)
+                    loss = F.kl_div(logp_adv, p_nat, reduction="sum")
+                    g = _input_grad(loss, x_adv)
+                    x_adv = x_adv.detach()
+                    ops.pgd_step_(x_adv, g.to(x_adv.dtype), x, self.alpha, self.eps, self.norm,
+                                  backend=self.backend)
+        if self.steps == 0:
+            x_adv = x_adv.clamp(0.0, 1.0)
+        return x_adv.detach()
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> torch.Tensor:
+    """Functional form: ``PGD(model, **kw)(x, y)``."""
+    return PGD(model, **kw)(x, y)
+
+
+def trades_attack(model: nn.Module, x: torch.Tensor, **kw) -> torch.Tensor:
+    """Functional form: ``TRADESAttack(model, **kw)(x)``."""
+    return TRADESAttack(model, **kw)(x)

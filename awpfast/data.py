@@ -1,0 +1,228 @@
+"""Datasets for awpfast training, all held in memory as tensors, with a seeded batch loader.
+
+``digits`` (default)
+    scikit-learn's handwritten digits (1 797 8x8 grey images, 10 classes), shipped inside
+    scikit-learn: no download. Scaled to [0, 1], resized (bilinear) to ``image_size`` and
+    repeated to 3 channels. A fixed split that does not depend on the training seed:
+    1 297 train / 500 test.
+``cifar10``
+    The standard CIFAR-10 python batches from ``data_dir`` (``data_dir`` itself or
+    ``data_dir/cifar-10-batches-py`` holding ``data_batch_1..5`` and ``test_batch``), read
+    through torchvision when it is installed and with ``pickle`` otherwise. Nothing is
+    downloaded; a missing file is named in the error together with where to get it.
+``synthetic``
+    Random class-prototype images (a learnable but meaningless task) for benchmarks and
+    tests; shape and size configurable.
+
+:class:`Batches` iterates over a split with its own ``torch.Generator`` (shuffling and
+augmentation), so that ``--resume`` can restore its state exactly.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Split", "Dataset", "load_dataset", "Batches", "DATASETS", "CIFAR10_URL", "random_crop", "random_flip"]
+
+DATASETS = ("digits", "cifar10", "synthetic")
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+DIGITS_TEST = 500
+DIGITS_SPLIT_SEED = 20200101  # fixed: the split never depends on --seed
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # uint8 (0..255) or float32 in [0, 1], NCHW
+    y: torch.Tensor  # int64
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, n: Optional[int]) -> "Split":
+        if n is None or n >= len(self):
+            return self
+        return Split(self.x[:n], self.y[:n])
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    in_channels: int
+    image_size: int
+    augment: str  # "none" | "crop" | "crop+flip"
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """A batch as float32 in [0, 1]."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.float()
+
+
+# ----------------------------------------------------------------------------- digits
+def _digits(image_size: int) -> Dataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - sklearn is a declared extra
+        raise ImportError("--data digits needs scikit-learn: pip install scikit-learn "
+                          "(or pip install 'awpfast[train]')") from e
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # N,1,8,8 in [0,1]
+    y = torch.from_numpy(d.target.astype(np.int64))
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = x.clamp_(0.0, 1.0).repeat(1, 3, 1, 1).contiguous()
+    g = torch.Generator().manual_seed(DIGITS_SPLIT_SEED)
+    perm = torch.randperm(len(y), generator=g)
+    te, tr = perm[:DIGITS_TEST], perm[DIGITS_TEST:]
+    return Dataset("digits", Split(x[tr], y[tr]), Split(x[te], y[te]), 10, 3, image_size, "none")
+
+
+# ----------------------------------------------------------------------------- cifar10
+def _cifar_dir(data_dir: Optional[str]) -> str:
+    if not data_dir:
+        raise FileNotFoundError(
+            "--data cifar10 needs --data-dir PATH: a folder holding the CIFAR-10 python batches "
+            f"(cifar-10-batches-py/{{{', '.join(CIFAR10_FILES)}}}). Download {CIFAR10_URL} "
+            "(~163 MB) and extract it with: tar -xzf cifar-10-python.tar.gz -C PATH")
+    root = os.path.abspath(os.path.expanduser(data_dir))
+    candidates = [os.path.join(root, "cifar-10-batches-py"), root]
+    for c in candidates:
+        if all(os.path.isfile(os.path.join(c, f)) for f in CIFAR10_FILES):
+            return c
+    # name exactly what is missing, in the more likely of the two places
+    best = max(candidates, key=lambda c: sum(os.path.isfile(os.path.join(c, f)) for f in CIFAR10_FILES))
+    missing = [f for f in CIFAR10_FILES if not os.path.isfile(os.path.join(best, f))]
+    raise FileNotFoundError(
+        f"CIFAR-10 python batches not found: missing {', '.join(missing)} in {best}"
+        + ("" if best.endswith("cifar-10-batches-py") else f" (also looked in {candidates[0]})")
+        + f". Download {CIFAR10_URL} (~163 MB) and extract it with: tar -xzf cifar-10-python.tar.gz "
+        f"-C {root}  (this creates {candidates[0]}). awpfast never downloads data itself.")
+
+
+def _read_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+    except Exception as e:
+        raise RuntimeError(f"could not read CIFAR-10 batch {path}: {e}. Re-download {CIFAR10_URL}") from e
+    data = d.get(b"data", d.get("data"))
+    labels = d.get(b"labels", d.get("labels"))
+    if data is None or labels is None:
+        raise RuntimeError(f"{path} is not a CIFAR-10 python batch (no data/labels); re-download {CIFAR10_URL}")
+    return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
+def _cifar10(data_dir: Optional[str]) -> Dataset:
+    folder = _cifar_dir(data_dir)
+    try:
+        import torchvision  # noqa: F401
+        from torchvision.datasets import CIFAR10
+    except ImportError:
+        CIFAR10 = None
+    if CIFAR10 is not None:
+        root = os.path.dirname(folder) if folder.endswith("cifar-10-batches-py") else None
+        if root is not None:
+            tr = CIFAR10(root=root, train=True, download=False)
+            te = CIFAR10(root=root, train=False, download=False)
+            xs = torch.from_numpy(np.ascontiguousarray(tr.data.transpose(0, 3, 1, 2)))
+            xt = torch.from_numpy(np.ascontiguousarray(te.data.transpose(0, 3, 1, 2)))
+            return Dataset("cifar10", Split(xs, torch.tensor(tr.targets)), Split(xt, torch.tensor(te.targets)),
+                           10, 3, 32, "crop+flip")
+    parts = [_read_batch(os.path.join(folder, f"data_batch_{i}")) for i in range(1, 6)]
+    xs = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    ys = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    xt, yt = _read_batch(os.path.join(folder, "test_batch"))
+    return Dataset("cifar10", Split(xs, ys), Split(torch.from_numpy(xt), torch.from_numpy(yt)), 10, 3, 32, "crop+flip")
+
+
+# ----------------------------------------------------------------------------- synthetic
+def _synthetic(image_size: int, n_train: int = 512, n_test: int = 256, num_classes: int = 10) -> Dataset:
+    g = torch.Generator().manual_seed(1234)
+    protos = torch.rand(num_classes, 3, image_size, image_size, generator=g)
+
+    def make(n):
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        x = (0.6 * protos[y] + 0.4 * torch.rand(n, 3, image_size, image_size, generator=g)).clamp_(0, 1)
+        return Split(x, y)
+
+    return Dataset("synthetic", make(n_train), make(n_test), num_classes, 3, image_size, "none")
+
+
+def load_dataset(name: str = "digits", data_dir: Optional[str] = None, image_size: Optional[int] = None,
+                 synthetic_size: Tuple[int, int] = (512, 256)) -> Dataset:
+    """Load a dataset by its CLI name (see the module docstring)."""
+    name = name.lower()
+    if name == "digits":
+        return _digits(int(image_size or 16))
+    if name == "cifar10":
+        if image_size not in (None, 32):
+            raise ValueError("CIFAR-10 images are 32x32; drop --image-size")
+        return _cifar10(data_dir)
+    if name == "synthetic":
+        return _synthetic(int(image_size or 32), *synthetic_size)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+# ----------------------------------------------------------------------------- loading
+def random_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
+    """Zero-padded random crop per sample (torchvision's RandomCrop(size, padding))."""
+    b, c, h, w = x.shape
+    xp = F.pad(x, (padding,) * 4)
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=g)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=g)
+    rows = (oy[:, None] + torch.arange(h))[:, :, None]          # b,h,1
+    cols = (ox[:, None] + torch.arange(w))[:, None, :]          # b,1,w
+    bi = torch.arange(b)[:, None, None]
+    return xp.permute(0, 2, 3, 1)[bi, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], generator=g) < 0.5
+    out = x.clone()
+    out[flip] = x[flip].flip(3)
+    return out
+
+
+class Batches:
+    """Batches of one split as float32 [0, 1] tensors on ``device``.
+
+    Shuffling and augmentation draw from ``self.generator`` only (a CPU ``torch.Generator``
+    seeded with ``seed``), never from the global RNG; save ``generator.get_state()`` to
+    resume exactly.
+    """
+
+    def __init__(self, split: Split, batch_size: int, shuffle: bool = False, augment: str = "none",
+                 seed: int = 0, drop_last: bool = False, device="cpu"):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.split, self.batch_size, self.shuffle = split, int(batch_size), bool(shuffle)
+        self.augment, self.drop_last, self.device = augment, bool(drop_last), torch.device(device)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.split)
+        idx = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for i in range(len(self)):
+            j = idx[i * self.batch_size:(i + 1) * self.batch_size]
+            x = to_float(self.split.x[j])
+            if self.augment != "none":
+                pad = 4 if x.shape[-1] >= 32 else max(1, x.shape[-1] // 8)
+                x = random_crop(x, pad, self.generator)
+                if "flip" in self.augment:
+                    x = random_flip(x, self.generator)
+            yield x.to(self.device, non_blocking=True), self.split.y[j].to(self.device, non_blocking=True)
