@@ -1,0 +1,317 @@
+"""Triton kernels of the ``triton`` backend (launchers live in ``triton.py``).
+
+Multi-tensor layout
+-------------------
+All tensors of one (device, dtype) group are handled by ONE launch per pass, whatever
+their number and sizes. A launch sees three small int64 tables in device memory:
+
+* one *pointer table* per tensor list (params, directions, backups, deltas): the raw
+  ``data_ptr`` of tensor ``t`` at slot ``t``. The kernel loads it and casts it to a typed
+  pointer (the element type comes from ``PROTO``, any tensor of the group's dtype).
+* ``TINFO[t] = (numel, chunk_len, first_chunk, n_chunks)`` per tensor;
+* ``CTAB[c] = (tensor index, chunk start)`` per chunk: program ``c`` of a launch handles
+  elements ``[start, min(start + chunk_len, numel))`` of one tensor.
+
+Why this layout (rather than flat buffers or pointers as kernel arguments): flat buffers
+would force the model's parameters to be views into one allocation (not drop-in); pointers
+as kernel arguments cap the tensor count per launch and recompile for each count. Tables
+cost one small host-to-device copy when a list of tensors is first seen; the launcher
+caches them (pointer tables keyed on the data pointers, layouts keyed on the sizes), so the
+steady state does no host work beyond a dict lookup and the launches are CUDA-graph
+capturable (the tables are never built while a stream is capturing).
+
+Chunks are multiples of ``BLOCK`` and start at multiples of ``BLOCK``; every tensor has at
+least one chunk (an empty tensor gets one empty chunk, so its norm is written as 0) and at
+most ``MAXK`` chunks (larger tensors get longer chunks). Offsets are int64 throughout, so
+tensors beyond 2**31 elements are addressed correctly.
+
+Reductions are deterministic two-stage sums without atomics: the reduce pass writes one
+fp32 partial per (quantity, chunk); every consumer sums the partials of a tensor in the
+same fixed order (``_tensor_sum``), so each program of the apply pass recomputes the
+same per-tensor norms bit for bit and derives the layer's scale on the device. All math is
+fp32 (the interpreter has no bf16 arithmetic; fp32 is also the accuracy contract).
+
+Full blocks are loaded without a mask (and, when every base pointer is 16-byte aligned,
+with divisibility hints) so the compiler can emit 128-bit accesses; only a tensor's last
+partial block is masked.
+"""
+import triton
+import triton.language as tl
+
+# reduce modes: which sums the reduce pass produces per chunk
+R_NORM = 0      # P0=x                 q0 = sum x^2
+R_PERTURB = 1   # P0=p, P1=d           q0 = sum p^2, q1 = sum d^2
+R_ASCENT = 2    # P0=p, P1=w, P2=d     q0 = sum w^2, q1 = sum d^2, q2 = sum u^2, q3 = sum u*d  (u = p - w)
+R_PROJECT = 3   # P0=p, P1=w           q0 = sum w^2, q1 = sum u^2
+NQ = {R_NORM: 1, R_PERTURB: 2, R_ASCENT: 4, R_PROJECT: 2}
+
+# apply modes
+A_PERTURB = 0   # P0=p, P1=d, P2=backup, P3=delta
+A_RESTORE = 1   # P0=p, P1=backup
+A_UNPERTURB = 2  # P0=p, P1=delta
+A_ASCENT = 3    # P0=p, P1=w, P2=d
+A_PROJECT = 4   # P0=p, P1=w
+
+
+@triton.jit
+def _base(PTAB, t, start, PROTO, ALIGNED: tl.constexpr):
+    """Typed pointer to element ``start`` of tensor ``t`` of a pointer table."""
+    p = tl.load(PTAB + t).to(PROTO.dtype)
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p + start
+
+
+@triton.jit
+def _chunk(TINFO, CTAB, BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    t = tl.load(CTAB + 2 * c)
+    start = tl.load(CTAB + 2 * c + 1)
+    start = tl.multiple_of(start, BLOCK)
+    size = tl.load(TINFO + 4 * t)
+    clen = tl.load(TINFO + 4 * t + 1)
+    n = tl.maximum(tl.minimum(start + clen, size) - start, 0)
+    return c, t, start, n
+
+
+@triton.jit
+def _ld(ptr, offs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.load(ptr + offs).to(tl.float32)
+
+
+@triton.jit
+def _st(ptr, offs, val, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr + offs, val.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _reduce_block(a, b, c, offs, mask, acc0, acc1, acc2, acc3, MODE: tl.constexpr, MASKED: tl.constexpr):
+    if MODE == 0:
+        x = _ld(a, offs, mask, MASKED)
+        acc0 += x * x
+    elif MODE == 1:
+        x = _ld(a, offs, mask, MASKED)
+        d = _ld(b, offs, mask, MASKED)
+        acc0 += x * x
+        acc1 += d * d
+    elif MODE == 2:
+        p = _ld(a, offs, mask, MASKED)
+        w = _ld(b, offs, mask, MASKED)
+        d = _ld(c, offs, mask, MASKED)
+        u = p - w
+        acc0 += w * w
+        acc1 += d * d
+        acc2 += u * u
+        acc3 += u * d
+    else:
+        p = _ld(a, offs, mask, MASKED)
+        w = _ld(b, offs, mask, MASKED)
+        u = p - w
+        acc0 += w * w
+        acc1 += u * u
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def mt_reduce_kernel(P0, P1, P2, PROTO, TINFO, CTAB, PART, C,
+                     MODE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """Stage 1: per-chunk fp32 partial sums, written to PART[q * C + c]."""
+    c, t, start, n = _chunk(TINFO, CTAB, BLOCK)
+    a = _base(P0, t, start, PROTO, ALIGNED)
+    b = a
+    cc = a
+    if MODE != 0:
+        b = _base(P1, t, start, PROTO, ALIGNED)
+    if MODE == 2:
+        cc = _base(P2, t, start, PROTO, ALIGNED)
+    ar = tl.arange(0, BLOCK)
+    acc0 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK], dtype=tl.float32)
+    nfull = (n // BLOCK) * BLOCK
+    for o in range(0, nfull, BLOCK):
+        offs = tl.max_contiguous(tl.multiple_of(o + ar, BLOCK), BLOCK)
+        acc0, acc1, acc2, acc3 = _reduce_block(a, b, cc, offs, None, acc0, acc1, acc2, acc3, MODE, False)
+    if nfull < n:
+        offs = nfull + ar
+        acc0, acc1, acc2, acc3 = _reduce_block(a, b, cc, offs, offs < n, acc0, acc1, acc2, acc3, MODE, True)
+    tl.store(PART + c, tl.sum(acc0, axis=0))
+    if MODE != 0:
+        tl.store(PART + C + c, tl.sum(acc1, axis=0))
+    if MODE == 2:
+        tl.store(PART + 2 * C + c, tl.sum(acc2, axis=0))
+        tl.store(PART + 3 * C + c, tl.sum(acc3, axis=0))
+
+
+@triton.jit
+def _tensor_sum(PART, q, C, first, nck, KB: tl.constexpr):
+    """Sum of the partials of one tensor, always in the same order (deterministic)."""
+    acc = tl.zeros([KB], dtype=tl.float32)
+    for k in range(0, nck, KB):
+        idx = k + tl.arange(0, KB)
+        acc += tl.load(PART + q * C + first + idx, mask=idx < nck, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def mt_norms_finalize_kernel(PART, TINFO, OUT, C, KB: tl.constexpr):
+    """Stage 2 of ``norms``: one program per tensor, OUT[t] = sqrt(sum of partials)."""
+    t = tl.program_id(0).to(tl.int64)
+    first = tl.load(TINFO + 4 * t + 2)
+    nck = tl.load(TINFO + 4 * t + 3)
+    tl.store(OUT + t, tl.sqrt(_tensor_sum(PART, 0, C, first, nck, KB)))
+
+
+@triton.jit
+def _apply_block(a, b, c, e, offs, mask, s, f, MODE: tl.constexpr, HAS_B: tl.constexpr,
+                 HAS_D: tl.constexpr, MASKED: tl.constexpr):
+    if MODE == 0:  # perturb: backup <- p; v = s*d; delta <- v; p <- p + v
+        if MASKED:
+            praw = tl.load(a + offs, mask=mask)
+        else:
+            praw = tl.load(a + offs)
+        if HAS_B:
+            if MASKED:
+                tl.store(c + offs, praw, mask=mask)
+            else:
+                tl.store(c + offs, praw)
+        v = s * _ld(b, offs, mask, MASKED)
+        if HAS_D:
+            _st(e, offs, v, mask, MASKED)
+        _st(a, offs, praw.to(tl.float32) + v, mask, MASKED)
+    elif MODE == 1:  # restore: p <- backup (bit-exact, no conversion)
+        if MASKED:
+            tl.store(a + offs, tl.load(b + offs, mask=mask), mask=mask)
+        else:
+            tl.store(a + offs, tl.load(b + offs))
+    elif MODE == 2:  # unperturb: p <- p - delta
+        _st(a, offs, _ld(a, offs, mask, MASKED) - _ld(b, offs, mask, MASKED), mask, MASKED)
+    elif MODE == 3:  # ascent: p <- w + ((p - w) + s*d) * f
+        w = _ld(b, offs, mask, MASKED)
+        v = (_ld(a, offs, mask, MASKED) - w) + s * _ld(c, offs, mask, MASKED)
+        _st(a, offs, w + v * f, mask, MASKED)
+    else:  # project: p <- w + (p - w) * f
+        w = _ld(b, offs, mask, MASKED)
+        _st(a, offs, w + (_ld(a, offs, mask, MASKED) - w) * f, mask, MASKED)
+
+
+@triton.jit
+def mt_apply_kernel(P0, P1, P2, P3, PROTO, TINFO, CTAB, PART, C, S0, S1, s0, s1, eps, OUT,
+                    MODE: tl.constexpr, PER_TENSOR: tl.constexpr, HAS_B: tl.constexpr,
+                    HAS_D: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr,
+                    ALIGNED: tl.constexpr):
+    """One elementwise pass; the per-layer scale is derived on the device from PART.
+
+    ``s0``/``s1`` are the per-tensor floats (gamma; step_size and gamma for ascent), as
+    scalars or, with PER_TENSOR, read from S0[t]/S1[t]. Programs whose chunk starts at 0
+    write the direction norm of their tensor to OUT[t] (perturb and ascent).
+    """
+    c, t, start, n = _chunk(TINFO, CTAB, BLOCK)
+    g0 = s0
+    g1 = s1
+    if PER_TENSOR:
+        g0 = tl.load(S0 + t)
+        if MODE == 3:
+            g1 = tl.load(S1 + t)
+    s = 0.0
+    f = 1.0
+    if MODE == 0 or MODE == 3 or MODE == 4:
+        first = tl.load(TINFO + 4 * t + 2)
+        nck = tl.load(TINFO + 4 * t + 3)
+        wn = tl.sqrt(_tensor_sum(PART, 0, C, first, nck, KB))
+        q1 = _tensor_sum(PART, 1, C, first, nck, KB)
+        if MODE == 0:
+            dn = tl.sqrt(q1)
+            s = g0 * wn / (dn + eps)
+            if start == 0:
+                tl.store(OUT + t, dn)
+        elif MODE == 3:
+            dn = tl.sqrt(q1)
+            s = g0 * wn / (dn + eps)
+            # ||u + s d||^2 from the sums of the reduce pass (u = p - w)
+            vn2 = _tensor_sum(PART, 2, C, first, nck, KB) + 2.0 * s * _tensor_sum(PART, 3, C, first, nck, KB) \
+                + s * s * q1
+            vn = tl.sqrt(tl.maximum(vn2, 0.0))
+            f = tl.where(vn > 0.0, tl.minimum((g1 * wn) / tl.where(vn > 0.0, vn, 1.0), 1.0), 1.0)
+            if start == 0:
+                tl.store(OUT + t, dn)
+        else:
+            vn = tl.sqrt(q1)
+            f = tl.where(vn > 0.0, tl.minimum((g0 * wn) / tl.where(vn > 0.0, vn, 1.0), 1.0), 1.0)
+    a = _base(P0, t, start, PROTO, ALIGNED)
+    b = _base(P1, t, start, PROTO, ALIGNED)
+    cc = a
+    e = a
+    if MODE == 3 or (MODE == 0 and HAS_B):
+        cc = _base(P2, t, start, PROTO, ALIGNED)
+    if MODE == 0 and HAS_D:
+        e = _base(P3, t, start, PROTO, ALIGNED)
+    ar = tl.arange(0, BLOCK)
+    nfull = (n // BLOCK) * BLOCK
+    for o in range(0, nfull, BLOCK):
+        offs = tl.max_contiguous(tl.multiple_of(o + ar, BLOCK), BLOCK)
+        _apply_block(a, b, cc, e, offs, None, s, f, MODE, HAS_B, HAS_D, False)
+    if nfull < n:
+        offs = nfull + ar
+        _apply_block(a, b, cc, e, offs, offs < n, s, f, MODE, HAS_B, HAS_D, True)
+
+
+@triton.jit
+def pgd_linf_kernel(XA, G, X, N, alpha, eps, BLOCK: tl.constexpr):
+    """x_adv <- clamp(x + clamp(x_adv + alpha*sign(g) - x, -eps, eps), 0, 1), one pass."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    xa = tl.load(XA + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    sgn = tl.where(g > 0.0, 1.0, tl.where(g < 0.0, -1.0, 0.0))
+    xa = xa + alpha * sgn
+    delta = tl.minimum(tl.maximum(xa - x, -eps), eps)
+    out = tl.minimum(tl.maximum(x + delta, 0.0), 1.0)
+    tl.store(XA + offs, out.to(XA.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def pgd_l2_kernel(XA, G, X, R, alpha, eps, BLOCK: tl.constexpr):
+    """One program per sample (row of R elements), three sweeps over the row in one launch:
+    ||g||; ||delta|| of the stepped point; the renormalized, box-clamped write. The second
+    and third sweeps mostly hit cache; the result matches the eager sequence exactly in
+    structure (no algebraic expansion of ||delta||)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * R
+    ar = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for o in range(0, R, BLOCK):
+        offs = base + o + ar
+        m = (o + ar) < R
+        g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
+        acc += g * g
+    gn = tl.sqrt(tl.sum(acc, axis=0)) + 1e-10
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for o in range(0, R, BLOCK):
+        offs = base + o + ar
+        m = (o + ar) < R
+        xa = tl.load(XA + offs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+        d = (xa + (alpha * g) / gn) - x
+        acc += d * d
+    dn = tl.sqrt(tl.sum(acc, axis=0))
+    f = tl.minimum(eps / dn, 1.0)
+    for o in range(0, R, BLOCK):
+        offs = base + o + ar
+        m = (o + ar) < R
+        xa = tl.load(XA + offs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+        d = (xa + (alpha * g) / gn) - x
+        out = tl.minimum(tl.maximum(x + d * f, 0.0), 1.0)
+        tl.store(XA + offs, out.to(XA.dtype.element_ty), mask=m)

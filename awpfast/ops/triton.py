@@ -1,0 +1,466 @@
+"""Triton backend: fused multi-tensor kernels for every seam op (see ``_triton_kernels``).
+
+Per (device, dtype) group, whatever the number of tensors:
+
+* ``norms``: 2 launches (per-chunk partial sums of squares; per-tensor finalize);
+* ``perturb_``: 2 launches (partials of ||w||^2 and ||d||^2; one apply pass that derives
+  each layer's scale on the device from the partials and writes backup, delta and the
+  perturbed weight together) - no host sync, no ``.item()``;
+* ``restore_`` / ``unperturb_``: 1 launch;
+* ``ascent_step_``: 2 launches (||w||^2, ||d||^2, ||p-w||^2, <p-w, d> in one pass; then
+  one apply pass with the projection factor); ``project_``: 2 launches;
+* ``pgd_step_``: 1 launch for L-inf and 1 launch for L2 (one program per sample).
+
+fp32, bf16 and fp16 are supported with fp32 math inside; ``supports()`` is False for
+float64 so the seam falls back to ``foreach``. Every group function calls a
+``torch.library`` custom op (``awpfast::triton_*``, with ``mutates_args`` and a fake
+implementation) so that ``torch.compile`` treats the kernels as opaque ops, with no graph
+break inside awpfast.
+
+Launch metadata (pointer tables, chunk tables, scratch for partial sums, per-tensor float
+tables) is built with one host-to-device copy the first time a list of tensors is seen
+and cached: pointer tables are keyed on the tensors' ``data_ptr``s, layouts on their
+sizes. The steady state only looks the tables up, so the ops can be captured in a CUDA
+graph once they have run eagerly (a warm-up run, as ``torch.compile(mode="reduce-overhead")``
+and ``torch.cuda.make_graphed_callables`` do). A table used during capture is never
+evicted. The scratch buffer of a layout is shared by consecutive calls on one stream:
+do not run two awpfast ops on the same tensor sizes concurrently on different streams.
+
+On the CPU the kernels only run under the Triton interpreter: ``TRITON_INTERPRET=1``
+must be in the environment before Triton (and this module) is imported.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import os
+import threading
+from typing import List
+
+import torch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:
+    import triton  # noqa: F401
+    from . import _triton_kernels as K
+    _IMPORT_ERROR = None
+except Exception as e:  # pragma: no cover - depends on the environment
+    K = None
+    _IMPORT_ERROR = f"triton could not be imported ({type(e).__name__}: {e}); pip install triton"
+
+# Tunables. BLOCK: elements per inner step of a program; CHUNK: elements per program
+# (a multiple of BLOCK); MAXK: most chunks per tensor (bigger tensors get longer chunks,
+# bounding the partials each apply program re-sums); KB: partials summed per step.
+CONFIG = {"BLOCK": 1024, "CHUNK": 65536, "MAXK": 1024, "KB": 1024, "num_warps": 4,
+          "PGD_BLOCK": 1024, "L2_BLOCK": 1024, "L2_num_warps": 4}
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def available():
+    if _IMPORT_ERROR is not None:
+        return False, _IMPORT_ERROR
+    if not _INTERPRET and not torch.cuda.is_available():
+        return False, ("no CUDA device, and TRITON_INTERPRET=1 was not set before import "
+                       "(needed to run the Triton kernels on the CPU interpreter)")
+    return True, ""
+
+
+def supports_device(device) -> bool:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _IMPORT_ERROR is None
+    if device.type == "cpu":
+        return _IMPORT_ERROR is None and _INTERPRET
+    return False
+
+
+def supports(device, dtype) -> bool:
+    return dtype in _SUPPORTED and supports_device(device)
+
+
+def set_config(**kw) -> dict:
+    """Change tunables (tests use tiny chunks); returns the previous values."""
+    old = dict(CONFIG)
+    for k, v in kw.items():
+        if k not in CONFIG:
+            raise KeyError(f"unknown triton backend setting {k!r}; known: {sorted(CONFIG)}")
+        CONFIG[k] = int(v)
+    for k in ("BLOCK", "KB", "PGD_BLOCK", "L2_BLOCK"):
+        if CONFIG[k] & (CONFIG[k] - 1):
+            CONFIG.update(old)
+            raise ValueError(f"{k} must be a power of two")
+    if CONFIG["CHUNK"] % CONFIG["BLOCK"] or CONFIG["MAXK"] < 1:
+        CONFIG.update(old)
+        raise ValueError("CHUNK must be a multiple of BLOCK and MAXK >= 1")
+    return old
+
+
+# --------------------------------------------------------------------------- launch metadata
+class _LRU:
+    def __init__(self, cap):
+        self.cap, self.d = cap, collections.OrderedDict()
+
+    def get(self, key):
+        v = self.d.get(key)
+        if v is not None:
+            self.d.move_to_end(key)
+        return v
+
+    def put(self, key, v):
+        self.d[key] = v
+        while len(self.d) > self.cap:
+            self.d.popitem(last=False)
+
+
+_lock = threading.Lock()
+_layouts = _LRU(64)
+_ptr_tables = _LRU(1024)
+_float_tables = _LRU(256)
+_captured = {}  # id -> entry used while a CUDA graph was being captured: kept alive forever
+
+
+def clear_cache():
+    """Drop every cached table not referenced by a captured CUDA graph."""
+    with _lock:
+        _layouts.d.clear()
+        _ptr_tables.d.clear()
+        _float_tables.d.clear()
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _upload(values, dtype, device):
+    """A small table on ``device`` (pinned + non_blocking for CUDA: no host stall)."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "awpfast triton backend: launch tables for these tensors were not built before "
+                "CUDA graph capture; run the step once eagerly (warm-up) before capturing")
+        host = torch.tensor(values, dtype=dtype).pin_memory()
+        return host.to(device, non_blocking=True), host
+    return torch.tensor(values, dtype=dtype, device=device), None
+
+
+def _cached(cache, key, build, device):
+    with _lock:
+        e = cache.get(key)
+        if e is None:
+            e = build()
+            cache.put(key, e)
+        if _capturing(device):
+            _captured[id(e)] = e
+    return e
+
+
+class _Layout:
+    __slots__ = ("tinfo", "ctab", "part", "T", "C", "_host")
+
+    def __init__(self, device, sizes):
+        B, CH, MK = CONFIG["BLOCK"], CONFIG["CHUNK"], CONFIG["MAXK"]
+        tinfo, ctab = [], []
+        for t, n in enumerate(sizes):
+            clen = max(CH, -(-(-(-n // MK)) // B) * B)  # ceil(ceil(n / MAXK) / BLOCK) * BLOCK
+            k = max(1, -(-n // clen))
+            tinfo += [n, clen, len(ctab) // 2, k]
+            for j in range(k):
+                ctab += [t, j * clen]
+        self.T, self.C = len(sizes), len(ctab) // 2
+        table, self._host = _upload(tinfo + ctab, torch.int64, device)
+        self.tinfo = table[: 4 * self.T]
+        self.ctab = table[4 * self.T:]
+        self.part = torch.empty(4 * self.C, dtype=torch.float32, device=device)
+
+
+def _layout(tensors) -> _Layout:
+    dev = tensors[0].device
+    sizes = tuple(t.numel() for t in tensors)
+    key = (dev, sizes, CONFIG["BLOCK"], CONFIG["CHUNK"], CONFIG["MAXK"])
+    return _cached(_layouts, key, lambda: _Layout(dev, sizes), dev)
+
+
+def _ptrs(tensors):
+    """(int64 device table of data pointers, all 16-byte aligned?)."""
+    dev = tensors[0].device
+    ptrs = tuple(t.data_ptr() for t in tensors)
+
+    def build():
+        tab, host = _upload(list(ptrs), torch.int64, dev)
+        aligned = all(p % 16 == 0 or t.numel() == 0 for p, t in zip(ptrs, tensors))
+        return (tab, aligned, host)
+
+    e = _cached(_ptr_tables, (dev, ptrs), build, dev)
+    return e[0], e[1]
+
+
+def _floats(vals, device):
+    """(scalar, table or None): a uniform value goes as a kernel scalar, else a cached table."""
+    vals = tuple(float(v) for v in vals)
+    if all(v == vals[0] for v in vals):
+        return vals[0], None
+    e = _cached(_float_tables, (device, vals), lambda: _upload(list(vals), torch.float32, device), device)
+    return 0.0, e[0]
+
+
+def _device_ctx(device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _reduce(mode, lists, lay, aligned):
+    P = [_ptrs(ts)[0] for ts in lists]
+    P += [P[0]] * (3 - len(P))
+    K.mt_reduce_kernel[(lay.C,)](P[0], P[1], P[2], lists[0][0], lay.tinfo, lay.ctab, lay.part, lay.C,
+                                 MODE=mode, BLOCK=CONFIG["BLOCK"], ALIGNED=aligned,
+                                 num_warps=CONFIG["num_warps"])
+
+
+def _apply(mode, lists, lay, aligned, s0=0.0, s1=0.0, t0=None, t1=None, eps=0.0, out=None,
+           has_b=False, has_d=False):
+    P = [_ptrs(ts)[0] if ts else None for ts in lists]
+    P = [p if p is not None else P[0] for p in P] + [P[0]] * (4 - len(P))
+    per = t0 is not None or t1 is not None
+    S0 = t0 if t0 is not None else lay.part
+    S1 = t1 if t1 is not None else lay.part
+    K.mt_apply_kernel[(lay.C,)](P[0], P[1], P[2], P[3], lists[0][0], lay.tinfo, lay.ctab, lay.part,
+                                lay.C, S0, S1, float(s0), float(s1), float(eps),
+                                out if out is not None else lay.part,
+                                MODE=mode, PER_TENSOR=per, HAS_B=has_b, HAS_D=has_d,
+                                BLOCK=CONFIG["BLOCK"], KB=CONFIG["KB"], ALIGNED=aligned,
+                                num_warps=CONFIG["num_warps"])
+
+
+def _aligned(*lists):
+    return all(_ptrs(ts)[1] for ts in lists if ts)
+
+
+# --------------------------------------------------------------------------- implementations
+def _norms_impl(ts):
+    dev = ts[0].device
+    out = torch.empty(len(ts), dtype=torch.float32, device=dev)
+    with _device_ctx(dev):
+        lay = _layout(ts)
+        _reduce(K.R_NORM, [ts], lay, _aligned(ts))
+        K.mt_norms_finalize_kernel[(lay.T,)](lay.part, lay.tinfo, out, lay.C, KB=CONFIG["KB"])
+    return out
+
+
+def _perturb_impl(params, directions, gammas, eps, backups, deltas):
+    dev = params[0].device
+    out = torch.empty(len(params), dtype=torch.float32, device=dev)
+    with _device_ctx(dev):
+        lay = _layout(params)
+        al = _aligned(params, directions, backups, deltas)
+        _reduce(K.R_PERTURB, [params, directions], lay, al)
+        g, gt = _floats(gammas, dev)
+        _apply(K.A_PERTURB, [params, directions, backups, deltas], lay, al, s0=g, t0=gt, eps=eps,
+               out=out, has_b=bool(backups), has_d=bool(deltas))
+    return out
+
+
+def _copy_like_impl(mode, params, others):
+    dev = params[0].device
+    with _device_ctx(dev):
+        lay = _layout(params)
+        _apply(mode, [params, others], lay, _aligned(params, others))
+
+
+def _ascent_impl(params, backups, directions, step_sizes, gammas, eps):
+    dev = params[0].device
+    out = torch.empty(len(params), dtype=torch.float32, device=dev)
+    with _device_ctx(dev):
+        lay = _layout(params)
+        al = _aligned(params, backups, directions)
+        _reduce(K.R_ASCENT, [params, backups, directions], lay, al)
+        s, st = _floats(step_sizes, dev)
+        g, gt = _floats(gammas, dev)
+        if (st is None) != (gt is None):  # per-tensor for one means tables for both
+            st, gt = _floats_table(step_sizes, dev), _floats_table(gammas, dev)
+        _apply(K.A_ASCENT, [params, backups, directions], lay, al, s0=s, s1=g, t0=st, t1=gt, eps=eps,
+               out=out)
+    return out
+
+
+def _floats_table(vals, device):
+    vals = tuple(float(v) for v in vals)
+    return _cached(_float_tables, (device, vals), lambda: _upload(list(vals), torch.float32, device),
+                   device)[0]
+
+
+def _project_impl(params, backups, gammas):
+    dev = params[0].device
+    with _device_ctx(dev):
+        lay = _layout(params)
+        al = _aligned(params, backups)
+        _reduce(K.R_PROJECT, [params, backups], lay, al)
+        g, gt = _floats(gammas, dev)
+        _apply(K.A_PROJECT, [params, backups], lay, al, s0=g, t0=gt)
+
+
+def _pgd_impl(x_adv, grad, x, alpha, eps, norm):
+    n = x.numel()
+    if n == 0:
+        return
+    with _device_ctx(x.device):
+        if norm == "Linf":
+            B = CONFIG["PGD_BLOCK"]
+            K.pgd_linf_kernel[(triton_cdiv(n, B),)](x_adv, grad, x, n, float(alpha), float(eps),
+                                                    BLOCK=B, num_warps=4)
+        else:
+            rows = x.shape[0]
+            K.pgd_l2_kernel[(rows,)](x_adv, grad, x, n // rows, float(alpha), float(eps),
+                                     BLOCK=CONFIG["L2_BLOCK"], num_warps=CONFIG["L2_num_warps"])
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------- torch.library ops
+Tensors = List[torch.Tensor]
+
+if K is not None:
+    @torch.library.custom_op("awpfast::triton_norms", mutates_args=())
+    def _op_norms(tensors: Tensors) -> torch.Tensor:
+        return _norms_impl(tensors)
+
+    @_op_norms.register_fake
+    def _(tensors):
+        return tensors[0].new_empty((len(tensors),), dtype=torch.float32)
+
+    @torch.library.custom_op("awpfast::triton_perturb_", mutates_args=("params", "backups", "deltas"))
+    def _op_perturb(params: Tensors, directions: Tensors, gammas: List[float], eps: float,
+                    backups: Tensors, deltas: Tensors) -> torch.Tensor:
+        return _perturb_impl(params, directions, gammas, eps, backups, deltas)
+
+    @_op_perturb.register_fake
+    def _(params, directions, gammas, eps, backups, deltas):
+        return params[0].new_empty((len(params),), dtype=torch.float32)
+
+    @torch.library.custom_op("awpfast::triton_restore_", mutates_args=("params",))
+    def _op_restore(params: Tensors, backups: Tensors) -> None:
+        _copy_like_impl(K.A_RESTORE, params, backups)
+
+    @_op_restore.register_fake
+    def _(params, backups):
+        return None
+
+    @torch.library.custom_op("awpfast::triton_unperturb_", mutates_args=("params",))
+    def _op_unperturb(params: Tensors, deltas: Tensors) -> None:
+        _copy_like_impl(K.A_UNPERTURB, params, deltas)
+
+    @_op_unperturb.register_fake
+    def _(params, deltas):
+        return None
+
+    @torch.library.custom_op("awpfast::triton_ascent_step_", mutates_args=("params",))
+    def _op_ascent(params: Tensors, backups: Tensors, directions: Tensors, step_sizes: List[float],
+                   gammas: List[float], eps: float) -> torch.Tensor:
+        return _ascent_impl(params, backups, directions, step_sizes, gammas, eps)
+
+    @_op_ascent.register_fake
+    def _(params, backups, directions, step_sizes, gammas, eps):
+        return params[0].new_empty((len(params),), dtype=torch.float32)
+
+    @torch.library.custom_op("awpfast::triton_project_", mutates_args=("params",))
+    def _op_project(params: Tensors, backups: Tensors, gammas: List[float]) -> None:
+        _project_impl(params, backups, gammas)
+
+    @_op_project.register_fake
+    def _(params, backups, gammas):
+        return None
+
+    @torch.library.custom_op("awpfast::triton_pgd_step_", mutates_args=("x_adv",))
+    def _op_pgd(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float,
+                norm: str) -> None:
+        _pgd_impl(x_adv, grad, x, alpha, eps, norm)
+
+    @_op_pgd.register_fake
+    def _(x_adv, grad, x, alpha, eps, norm):
+        return None
+
+
+# --------------------------------------------------------------------------- validation
+def _flat_kind(t):
+    if t.is_contiguous():
+        return "contiguous"
+    for fmt in (torch.channels_last, torch.channels_last_3d):
+        try:
+            if t.is_contiguous(memory_format=fmt):
+                return "dense"
+        except RuntimeError:
+            pass
+    return None
+
+
+def _check_layout(*named):
+    """Every tensor must be one dense block of memory laid out like its partners.
+
+    Contiguous tensors always qualify; channels-last tensors do when the tensors they are
+    combined with have the same strides. Anything else gets a ValueError naming it."""
+    first_name, first = named[0]
+    for i, t in enumerate(first):
+        kind = _flat_kind(t)
+        if kind is None:
+            raise ValueError(
+                f"awpfast triton backend: {first_name}[{i}] (shape {tuple(t.shape)}, stride "
+                f"{t.stride()}) is not contiguous; call .contiguous() on it first (the Triton "
+                "kernels address every tensor as one flat block of memory)")
+        for name, lst in named[1:]:
+            u = lst[i]
+            if u.is_contiguous() if kind == "contiguous" else u.stride() == t.stride():
+                continue
+            raise ValueError(
+                f"awpfast triton backend: {name}[{i}] (shape {tuple(u.shape)}, stride {u.stride()}) "
+                f"is not laid out like {first_name}[{i}] (stride {t.stride()}); call .contiguous() "
+                f"on both (the Triton kernels address every tensor as one flat block of memory)")
+
+
+# --------------------------------------------------------------------------- the group functions
+def norms(tensors):
+    _check_layout(("tensors", tensors))
+    return torch.ops.awpfast.triton_norms(list(tensors))
+
+
+def perturb_(params, directions, gammas, eps, backups, deltas):
+    named = [("params", params), ("directions", directions)]
+    if backups is not None:
+        named.append(("backups", backups))
+    if deltas is not None:
+        named.append(("deltas", deltas))
+    _check_layout(*named)
+    return torch.ops.awpfast.triton_perturb_(
+        list(params), list(directions), [float(g) for g in gammas], float(eps),
+        list(backups) if backups is not None else [], list(deltas) if deltas is not None else [])
+
+
+def restore_(params, backups):
+    _check_layout(("params", params), ("backups", backups))
+    torch.ops.awpfast.triton_restore_(list(params), list(backups))
+
+
+def unperturb_(params, deltas):
+    _check_layout(("params", params), ("deltas", deltas))
+    torch.ops.awpfast.triton_unperturb_(list(params), list(deltas))
+
+
+def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
+    _check_layout(("params", params), ("backups", backups), ("directions", directions))
+    return torch.ops.awpfast.triton_ascent_step_(
+        list(params), list(backups), list(directions), [float(s) for s in step_sizes],
+        [float(g) for g in gammas], float(eps))
+
+
+def project_(params, backups, gammas):
+    _check_layout(("params", params), ("backups", backups))
+    torch.ops.awpfast.triton_project_(list(params), list(backups), [float(g) for g in gammas])
+
+
+def pgd_step_(x_adv, grad, x, alpha, eps, norm):
+    _check_layout(("x_adv", [x_adv]), ("grad", [grad]), ("x", [x]))
+    torch.ops.awpfast.triton_pgd_step_(x_adv, grad, x, float(alpha), float(eps), str(norm))
