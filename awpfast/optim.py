@@ -38,7 +38,7 @@ def frozen_batchnorm_stats(model: nn.Module):
     """Inside: BatchNorm layers in train mode normalize with batch statistics as usual but
     update neither running_mean/var nor num_batches_tracked. Eval-mode layers are unaffected."""
     bns = [m for m in model.modules()
-           if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     for m in bns:
         m.track_running_stats = False
     try:

@@ -89,8 +89,26 @@ class PerturbState:
         self.active = False
         self._layout = None
         self.groups: List[_Group] = []
-        for (dev, dt), idx in _ops.group_indices(self.params).items():
-            self.groups.append(_Group(dev, dt, idx, [flat(self.params[i].data) for i in idx]))
+        self._built = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """(Re)build the groups and flat views when parameter storage changed since the last
+        build (``model.to(...)``, ``.half()``, a loaded checkpoint with ``assign=True``...).
+        A parameter object swapped out of the model cannot be followed: that raises."""
+        now = self.layout()
+        if now == self._built:
+            return
+        if self.owners is not None:
+            gone = [n for n, p, (m, a) in zip(self.names, self.params, self.owners) if getattr(m, a, None) is not p]
+            if gone:
+                raise RuntimeError(
+                    f"AWP: parameter(s) {gone} of the model are no longer the objects AWP (and the base "
+                    "optimizer) were built with; build the optimizer and the AWP wrapper again after "
+                    "replacing parameters")
+        self.groups = [_Group(dev, dt, idx, [flat(self.params[i].data) for i in idx])
+                       for (dev, dt), idx in _ops.group_indices(self.params).items()]
+        self._built = now
 
     # ------------------------------------------------------------------ helpers
     def _backend(self, g: _Group):
@@ -121,7 +139,8 @@ class PerturbState:
     def perturb(self, grads, gammas, step_size_first, eps) -> torch.Tensor:
         """First ascent step: backups <- w, w += step * ||w|| g / (||g|| + eps); for a first step
         larger than the radius, project. Returns all direction norms (one vector)."""
-        self._layout = self.layout()
+        self.refresh()
+        self._layout = self._built
         done, norms = [], []
         try:
             for g in self.groups:

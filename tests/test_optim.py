@@ -437,3 +437,23 @@ def test_channels_last_model():
     for (n, a), b in zip(model.named_parameters(), ref.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), n
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_follows_model_conversion_after_construction():
+    torch.manual_seed(10)
+    model = small_net()
+    awp = AWP(torch.optim.SGD(model.parameters(), lr=0.1), model, gamma=0.01)
+    model.double()  # new storage for the same Parameter objects
+    x, y = batch(torch.float64)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert awp.perturb(lambda: F.cross_entropy(model(x), y))
+    for n, p in model.named_parameters():
+        if n in awp.perturbed_parameters:
+            assert p.dtype == torch.float64
+            assert abs((p.detach() - w0[n]).norm() / w0[n].norm() - 0.01) < 1e-12
+    awp.restore()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), w0[n])
+    model[0].weight = nn.Parameter(torch.randn(8, 3, 3, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"\['0.weight'\] of the model are no longer the objects"):
+        awp.perturb(lambda: F.cross_entropy(model(x), y))
