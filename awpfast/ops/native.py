@@ -1,0 +1,276 @@
+"""Native backend: the fused C++ (``awpfast._C``) and CUDA (``awpfast._C_cuda``) kernels.
+
+The extensions take no torch types: this module hands them data pointers, element counts,
+a dtype code, the thread count (``torch.get_num_threads()``) and, on CUDA, a float64
+workspace and the current stream. Tensors are used in place when every tensor of an
+element-wise tuple is contiguous, or all share one dense layout (channels_last, say);
+anything else goes through contiguous copies that are written back.
+
+CPU: perturb is two passes (norms of w and d; then backup + apply), restore is a memcpy,
+multi-phase ops run over cache-sized segments so that the later phase reads from cache;
+reductions are per-chunk partials added in a fixed order, so the results are bitwise the
+same for any thread count. CUDA: multi-tensor-apply kernels with the per-tensor scales
+computed on the device (no host sync). See csrc/README.md.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from awpfast import _C
+    _C_ERR = ""
+except ImportError as e:  # not built (pure-Python install, or a failed build)
+    _C = None
+    _C_ERR = f"awpfast._C not built ({e}); reinstall with a C++ compiler"
+
+try:
+    from awpfast import _C_cuda
+    _CUDA_ERR = ""
+except ImportError as e:
+    _C_cuda = None
+    _CUDA_ERR = f"awpfast._C_cuda not built ({e})"
+
+_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_cuda_ok: dict = {}
+
+# Bytes of the re-read streams per segment of the multi-phase CPU ops (perturb, project,
+# ascent_step, pgd L2); None uses the extension's default. Exposed for the benchmarks.
+SEGMENT_BYTES = None
+
+
+def available():
+    if _C is None:
+        return False, _C_ERR
+    return True, ""
+
+
+def cuda_status(device=None):
+    """(ok, reason) for the CUDA kernels on ``device``."""
+    if _C_cuda is None:
+        return False, _CUDA_ERR
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device"
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _cuda_ok:
+        with torch.cuda.device(idx):
+            why = _C_cuda.probe()
+        _cuda_ok[idx] = (why == "", why)
+    return _cuda_ok[idx]
+
+
+def supports_device(device):
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _C is not None
+    if device.type == "cuda":
+        return cuda_status(device)[0]
+    return False
+
+
+def supports(device, dtype):
+    return dtype in _CODES and supports_device(device)
+
+
+# --------------------------------------------------------------------------- helpers
+def _threads():
+    return max(1, torch.get_num_threads())
+
+
+def _dense(t):
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def _prepare(lists, mutated):
+    """Make every element-wise tuple usable as flat memory.
+
+    ``lists``: lists of tensors of equal length (None entries allowed); ``mutated``: which
+    of them the op writes. Returns (lists to pass, [(original, temporary)] to write back).
+    """
+    present = [ts for ts in lists if ts is not None]
+    bad = []
+    for i, tup in enumerate(zip(*present)):
+        if all(t.is_contiguous() for t in tup):
+            continue
+        s = tup[0].stride()
+        if _dense(tup[0]) and all(t.stride() == s for t in tup[1:]):
+            continue
+        bad.append(i)
+    if not bad:
+        return lists, []
+    out, back = [], []
+    for k, ts in enumerate(lists):
+        if ts is None:
+            out.append(None)
+            continue
+        ts = list(ts)
+        for i in bad:
+            c = ts[i].contiguous()
+            if c is not ts[i] and k in mutated:
+                back.append((ts[i], c))
+            ts[i] = c
+        out.append(ts)
+    return out, back
+
+
+def _finish(back, mutated_lists):
+    for orig, tmp in back:
+        orig.copy_(tmp)
+    ts = [t for lst in mutated_lists if lst is not None for t in lst]
+    if ts:
+        try:
+            torch._C._increment_version(ts)
+        except (AttributeError, TypeError):  # older torch: one tensor at a time
+            for t in ts:
+                torch.autograd.graph.increment_version(t)
+
+
+def _ptrs(ts):
+    return [t.data_ptr() for t in ts] if ts is not None else []
+
+
+def _numel(ts):
+    return [t.numel() for t in ts]
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _seg():
+    return _C.DEFAULT_SEGMENT_BYTES if SEGMENT_BYTES is None else int(SEGMENT_BYTES)
+
+
+class _Cuda:
+    """Device guard + current stream + workspace for one CUDA call."""
+
+    def __init__(self, device):
+        self.guard = torch.cuda.device(device)
+
+    def __enter__(self):
+        self.guard.__enter__()
+        self.stream = torch.cuda.current_stream().cuda_stream
+        return self
+
+    def __exit__(self, *exc):
+        return self.guard.__exit__(*exc)
+
+
+def _ws(n, device):
+    return torch.empty(max(int(n), 1), dtype=torch.float64, device=device)
+
+
+# --------------------------------------------------------------------------- the ops
+def norms(ts):
+    ts = list(ts)
+    dt, dev = ts[0].dtype, ts[0].device
+    out = torch.empty(len(ts), dtype=_acc_dtype(dt), device=dev)
+    (ts,), _ = _prepare([ts], ())
+    if dev.type == "cuda":
+        with _Cuda(dev) as c:
+            ws = _ws(_C_cuda.workspace_doubles(_numel(ts)), dev)
+            _C_cuda.norms(_ptrs(ts), _numel(ts), _CODES[dt], out.data_ptr(), ws.data_ptr(), c.stream)
+        return out
+    _C.norms(_ptrs(ts), _numel(ts), _CODES[dt], out.data_ptr(), _threads())
+    return out
+
+
+def perturb_(params, directions, gammas, eps, backups, deltas):
+    dt, dev = params[0].dtype, params[0].device
+    out = torch.empty(len(params), dtype=_acc_dtype(dt), device=dev)
+    (p, d, b, v), back = _prepare([params, directions, backups, deltas], (0, 2, 3))
+    n = _numel(p)
+    if dev.type == "cuda":
+        with _Cuda(dev) as c:
+            ws = _ws(_C_cuda.workspace_doubles(n), dev)
+            _C_cuda.perturb(_ptrs(p), _ptrs(d), _ptrs(b), _ptrs(v), n, list(gammas), float(eps),
+                            _CODES[dt], out.data_ptr(), ws.data_ptr(), c.stream)
+    else:
+        _C.perturb(_ptrs(p), _ptrs(d), _ptrs(b), _ptrs(v), n, list(gammas), float(eps), _CODES[dt],
+                   out.data_ptr(), _threads(), _seg())
+    _finish(back, (params, backups, deltas))
+    return out
+
+
+def restore_(params, backups):
+    dt, dev = params[0].dtype, params[0].device
+    (p, b), back = _prepare([params, backups], (0,))
+    if dev.type == "cuda":
+        with _Cuda(dev) as c:
+            _C_cuda.restore(_ptrs(p), _ptrs(b), _numel(p), _CODES[dt], c.stream)
+    else:
+        _C.restore(_ptrs(p), _ptrs(b), _numel(p), _CODES[dt], _threads())
+    _finish(back, (params,))
+
+
+def unperturb_(params, deltas):
+    dt, dev = params[0].dtype, params[0].device
+    (p, v), back = _prepare([params, deltas], (0,))
+    if dev.type == "cuda":
+        with _Cuda(dev) as c:
+            _C_cuda.unperturb(_ptrs(p), _ptrs(v), _numel(p), _CODES[dt], c.stream)
+    else:
+        _C.unperturb(_ptrs(p), _ptrs(v), _numel(p), _CODES[dt], _threads())
+    _finish(back, (params,))
+
+
+def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
+    dt, dev = params[0].dtype, params[0].device
+    out = torch.empty(len(params), dtype=_acc_dtype(dt), device=dev)
+    (p, w, d), back = _prepare([params, backups, directions], (0,))
+    n = _numel(p)
+    if dev.type == "cuda":
+        with _Cuda(dev) as c:
+            ws = _ws(_C_cuda.workspace_doubles(n), dev)
+            _C_cuda.ascent_step(_ptrs(p), _ptrs(w), _ptrs(d), n, list(step_sizes), list(gammas),
+                                float(eps), _CODES[dt], out.data_ptr(), ws.data_ptr(), c.stream)
+    else:
+        _C.ascent_step(_ptrs(p), _ptrs(w), _ptrs(d), n, list(step_sizes), list(gammas), float(eps),
+                       _CODES[dt], out.data_ptr(), _threads(), _seg())
+    _finish(back, (params,))
+    return out
+
+
+def project_(params, backups, gammas):
+    dt, dev = params[0].dtype, params[0].device
+    (p, w), back = _prepare([params, backups], (0,))
+    n = _numel(p)
+    if dev.type == "cuda":
+        with _Cuda(dev) as c:
+            ws = _ws(_C_cuda.workspace_doubles(n), dev)
+            _C_cuda.project(_ptrs(p), _ptrs(w), n, list(gammas), _CODES[dt], ws.data_ptr(), c.stream)
+    else:
+        _C.project(_ptrs(p), _ptrs(w), n, list(gammas), _CODES[dt], _threads(), _seg())
+    _finish(back, (params,))
+
+
+def pgd_step_(x_adv, grad, x, alpha, eps, norm):
+    dt, dev = x.dtype, x.device
+    ([xa], [g], [x0]), back = _prepare([[x_adv], [grad], [x]], (0,))
+    code = _CODES[dt]
+    if norm == "Linf":
+        if dev.type == "cuda":
+            with _Cuda(dev) as c:
+                _C_cuda.pgd_linf(xa.data_ptr(), g.data_ptr(), x0.data_ptr(), xa.numel(), float(alpha),
+                                 float(eps), code, c.stream)
+        else:
+            _C.pgd_linf(xa.data_ptr(), g.data_ptr(), x0.data_ptr(), xa.numel(), float(alpha),
+                        float(eps), code, _threads())
+    else:
+        batch = x0.shape[0]
+        per = x0.numel() // batch if batch else 0
+        if dev.type == "cuda":
+            with _Cuda(dev) as c:
+                ws = _ws(_C_cuda.pgd_workspace_doubles(batch, per), dev)
+                _C_cuda.pgd_l2(xa.data_ptr(), g.data_ptr(), x0.data_ptr(), batch, per, float(alpha),
+                               float(eps), code, ws.data_ptr(), c.stream)
+        else:
+            _C.pgd_l2(xa.data_ptr(), g.data_ptr(), x0.data_ptr(), batch, per, float(alpha), float(eps),
+                      code, _threads(), _seg())
+    _finish(back, ([x_adv],))
