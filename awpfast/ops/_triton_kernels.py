@@ -30,6 +30,9 @@ fp32 partial per (quantity, chunk); every consumer sums the partials of a tensor
 same fixed order (``_tensor_sum``), so each program of the apply pass recomputes the
 same per-tensor norms bit for bit and derives the layer's scale on the device. All math is
 fp32 (the interpreter has no bf16 arithmetic; fp32 is also the accuracy contract).
+Accumulators use ``tl.full`` rather than ``tl.zeros`` (a ``@jit`` helper of Triton's
+standard library that cannot be re-decorated for the interpreter after Triton is imported);
+for the same reason sums are ``tl.reduce(x, 0, _ADD)`` (exactly what ``tl.sum`` expands to).
 
 Full blocks are loaded without a mask (and, when every base pointer is 16-byte aligned,
 with divisibility hints) so the compiler can emit 128-bit accesses; only a tensor's last
@@ -37,6 +40,14 @@ partial block is masked.
 """
 import triton
 import triton.language as tl
+
+try:  # tl.sum is a @jit helper; reducing with its combine function is the same code, and the
+    # interpreter recognizes it by identity even when this module was re-decorated late
+    from triton.language.standard import _sum_combine as _ADD
+except ImportError:  # pragma: no cover - older/newer Triton layouts
+    @triton.jit
+    def _ADD(a, b):
+        return a + b
 
 # reduce modes: which sums the reduce pass produces per chunk
 R_NORM = 0      # P0=x                 q0 = sum x^2
@@ -131,10 +142,10 @@ def mt_reduce_kernel(P0, P1, P2, PROTO, TINFO, CTAB, PART, C,
     if MODE == 2:
         cc = _base(P2, t, start, PROTO, ALIGNED)
     ar = tl.arange(0, BLOCK)
-    acc0 = tl.zeros([BLOCK], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc0 = tl.full([BLOCK], 0.0, tl.float32)
+    acc1 = tl.full([BLOCK], 0.0, tl.float32)
+    acc2 = tl.full([BLOCK], 0.0, tl.float32)
+    acc3 = tl.full([BLOCK], 0.0, tl.float32)
     nfull = (n // BLOCK) * BLOCK
     for o in range(0, nfull, BLOCK):
         offs = tl.max_contiguous(tl.multiple_of(o + ar, BLOCK), BLOCK)
@@ -142,22 +153,22 @@ def mt_reduce_kernel(P0, P1, P2, PROTO, TINFO, CTAB, PART, C,
     if nfull < n:
         offs = nfull + ar
         acc0, acc1, acc2, acc3 = _reduce_block(a, b, cc, offs, offs < n, acc0, acc1, acc2, acc3, MODE, True)
-    tl.store(PART + c, tl.sum(acc0, axis=0))
+    tl.store(PART + c, tl.reduce(acc0, 0, _ADD))
     if MODE != 0:
-        tl.store(PART + C + c, tl.sum(acc1, axis=0))
+        tl.store(PART + C + c, tl.reduce(acc1, 0, _ADD))
     if MODE == 2:
-        tl.store(PART + 2 * C + c, tl.sum(acc2, axis=0))
-        tl.store(PART + 3 * C + c, tl.sum(acc3, axis=0))
+        tl.store(PART + 2 * C + c, tl.reduce(acc2, 0, _ADD))
+        tl.store(PART + 3 * C + c, tl.reduce(acc3, 0, _ADD))
 
 
 @triton.jit
 def _tensor_sum(PART, q, C, first, nck, KB: tl.constexpr):
     """Sum of the partials of one tensor, always in the same order (deterministic)."""
-    acc = tl.zeros([KB], dtype=tl.float32)
+    acc = tl.full([KB], 0.0, tl.float32)
     for k in range(0, nck, KB):
         idx = k + tl.arange(0, KB)
         acc += tl.load(PART + q * C + first + idx, mask=idx < nck, other=0.0)
-    return tl.sum(acc, axis=0)
+    return tl.reduce(acc, 0, _ADD)
 
 
 @triton.jit
@@ -288,14 +299,14 @@ def pgd_l2_kernel(XA, G, X, R, alpha, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * R
     ar = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.full([BLOCK], 0.0, tl.float32)
     for o in range(0, R, BLOCK):
         offs = base + o + ar
         m = (o + ar) < R
         g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
         acc += g * g
-    gn = tl.sqrt(tl.sum(acc, axis=0)) + 1e-10
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    gn = tl.sqrt(tl.reduce(acc, 0, _ADD)) + 1e-10
+    acc = tl.full([BLOCK], 0.0, tl.float32)
     for o in range(0, R, BLOCK):
         offs = base + o + ar
         m = (o + ar) < R
@@ -304,7 +315,7 @@ def pgd_l2_kernel(XA, G, X, R, alpha, eps, BLOCK: tl.constexpr):
         x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
         d = (xa + (alpha * g) / gn) - x
         acc += d * d
-    dn = tl.sqrt(tl.sum(acc, axis=0))
+    dn = tl.sqrt(tl.reduce(acc, 0, _ADD))
     f = tl.minimum(eps / dn, 1.0)
     for o in range(0, R, BLOCK):
         offs = base + o + ar

@@ -81,6 +81,23 @@ def supports(device, dtype) -> bool:
     return dtype in _SUPPORTED and supports_device(device)
 
 
+def _use_interpreter() -> bool:
+    """Test hook: switch an already imported backend to the Triton CPU interpreter.
+
+    The supported way is ``TRITON_INTERPRET=1`` before import; this covers a test session
+    in which another module imported this backend first. Re-decorates the kernels (Triton
+    reads the flag when ``@triton.jit`` runs). Returns whether the interpreter is on."""
+    global K, _INTERPRET
+    if _IMPORT_ERROR is not None:
+        return False
+    if not _INTERPRET:
+        import importlib
+        os.environ["TRITON_INTERPRET"] = "1"
+        K = importlib.reload(K)
+        _INTERPRET = True
+    return True
+
+
 def set_config(**kw) -> dict:
     """Change tunables (tests use tiny chunks); returns the previous values."""
     old = dict(CONFIG)
@@ -422,6 +439,13 @@ def _check_layout(*named):
 
 
 # --------------------------------------------------------------------------- the group functions
+def _fl(v, n):
+    """Per-tensor floats (the seam passes lists; a single float is accepted too)."""
+    if isinstance(v, (int, float)):
+        return [float(v)] * n
+    return [float(x) for x in v]
+
+
 def norms(tensors):
     _check_layout(("tensors", tensors))
     return torch.ops.awpfast.triton_norms(list(tensors))
@@ -435,7 +459,7 @@ def perturb_(params, directions, gammas, eps, backups, deltas):
         named.append(("deltas", deltas))
     _check_layout(*named)
     return torch.ops.awpfast.triton_perturb_(
-        list(params), list(directions), [float(g) for g in gammas], float(eps),
+        list(params), list(directions), _fl(gammas, len(params)), float(eps),
         list(backups) if backups is not None else [], list(deltas) if deltas is not None else [])
 
 
@@ -452,13 +476,13 @@ def unperturb_(params, deltas):
 def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
     _check_layout(("params", params), ("backups", backups), ("directions", directions))
     return torch.ops.awpfast.triton_ascent_step_(
-        list(params), list(backups), list(directions), [float(s) for s in step_sizes],
-        [float(g) for g in gammas], float(eps))
+        list(params), list(backups), list(directions), _fl(step_sizes, len(params)),
+        _fl(gammas, len(params)), float(eps))
 
 
 def project_(params, backups, gammas):
     _check_layout(("params", params), ("backups", backups))
-    torch.ops.awpfast.triton_project_(list(params), list(backups), [float(g) for g in gammas])
+    torch.ops.awpfast.triton_project_(list(params), list(backups), _fl(gammas, len(params)))
 
 
 def pgd_step_(x_adv, grad, x, alpha, eps, norm):
