@@ -1,0 +1,46 @@
+"""Compile-only check of the CUDA sources (csrc/cuda/*.cu) for sm_90, so that a CUDA build
+break fails CI on machines without a GPU. Skipped only when nvcc is absent."""
+import importlib.util
+import os
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _build_module():
+    spec = importlib.util.spec_from_file_location("awpfast_csrc_build_test", os.path.join(ROOT, "csrc", "build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+build = _build_module()
+NVCC = build.find_nvcc()
+
+
+def test_cuda_sources_listed():
+    assert build.CUDA_CU_SOURCES, "no CUDA sources listed in csrc/build.py"
+    for src in build.CUDA_CU_SOURCES + build.CUDA_CPP_SOURCES:
+        assert os.path.exists(os.path.join(ROOT, src)), src
+
+
+def test_arch_list_parsing():
+    assert build.cuda_arch_flags("80;90+PTX") == [
+        "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+        "-gencode", "arch=compute_90,code=compute_90"]
+    assert build.cuda_arch_flags("sm_80, 9.0") == build.cuda_arch_flags("80 90")
+    with pytest.raises(ValueError):
+        build.cuda_arch_flags("ampere")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+@pytest.mark.parametrize("src", build.CUDA_CU_SOURCES)
+def test_nvcc_compiles_for_sm90(src, tmp_path):
+    obj = tmp_path / (os.path.basename(src) + ".o")
+    cmd = build.nvcc_compile_cmd(NVCC, os.path.join(ROOT, src), str(obj), ["-arch=sm_90"],
+                                 ["-I", os.path.join(ROOT, "csrc"), "-Werror", "all-warnings"])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
+    assert obj.exists() and obj.stat().st_size > 0
