@@ -394,3 +394,23 @@ def test_unavailable_reports_reason(monkeypatch):
     ok, why = native.available()
     assert not ok and "awpfast._C not built" in why
     assert not native.supports_device(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not native._LIB_OK, reason="this torch lacks torch.library.custom_op")
+def test_torch_compile_no_graph_break():
+    """The native ops are torch.library custom ops with fake impls: one graph, same result."""
+    ps = [torch.randn(5, 3), torch.randn(7), torch.randn(CPU_CHUNK + 1)]
+    ds = [torch.randn_like(p) for p in ps]
+
+    def f(ps, ds, bs):
+        n = native.perturb_(ps, ds, [0.01, 0.02, 0.03], 1e-20, bs, None)
+        m = native.norms(ps)
+        native.restore_(ps, bs)
+        return n * 2 + m
+
+    q, r = [p.clone() for p in ps], [p.clone() for p in ps]
+    bq, br = _poison(ps), _poison(ps)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, ds, bq)
+    want = f(r, ds, br)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(q, ps)) and all(torch.equal(a, b) for a, b in zip(bq, ps))

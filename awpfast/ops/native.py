@@ -167,7 +167,7 @@ def _ws(n, device):
 
 
 # --------------------------------------------------------------------------- the ops
-def norms(ts):
+def _impl_norms(ts):
     ts = list(ts)
     dt, dev = ts[0].dtype, ts[0].device
     out = torch.empty(len(ts), dtype=_acc_dtype(dt), device=dev)
@@ -181,7 +181,7 @@ def norms(ts):
     return out
 
 
-def perturb_(params, directions, gammas, eps, backups, deltas):
+def _impl_perturb_(params, directions, gammas, eps, backups, deltas):
     dt, dev = params[0].dtype, params[0].device
     out = torch.empty(len(params), dtype=_acc_dtype(dt), device=dev)
     (p, d, b, v), back = _prepare([params, directions, backups, deltas], (0, 2, 3))
@@ -198,7 +198,7 @@ def perturb_(params, directions, gammas, eps, backups, deltas):
     return out
 
 
-def restore_(params, backups):
+def _impl_restore_(params, backups):
     dt, dev = params[0].dtype, params[0].device
     (p, b), back = _prepare([params, backups], (0,))
     if dev.type == "cuda":
@@ -209,7 +209,7 @@ def restore_(params, backups):
     _finish(back, (params,))
 
 
-def unperturb_(params, deltas):
+def _impl_unperturb_(params, deltas):
     dt, dev = params[0].dtype, params[0].device
     (p, v), back = _prepare([params, deltas], (0,))
     if dev.type == "cuda":
@@ -220,7 +220,7 @@ def unperturb_(params, deltas):
     _finish(back, (params,))
 
 
-def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
+def _impl_ascent_step_(params, backups, directions, step_sizes, gammas, eps):
     dt, dev = params[0].dtype, params[0].device
     out = torch.empty(len(params), dtype=_acc_dtype(dt), device=dev)
     (p, w, d), back = _prepare([params, backups, directions], (0,))
@@ -237,7 +237,7 @@ def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
     return out
 
 
-def project_(params, backups, gammas):
+def _impl_project_(params, backups, gammas):
     dt, dev = params[0].dtype, params[0].device
     (p, w), back = _prepare([params, backups], (0,))
     n = _numel(p)
@@ -250,7 +250,7 @@ def project_(params, backups, gammas):
     _finish(back, (params,))
 
 
-def pgd_step_(x_adv, grad, x, alpha, eps, norm):
+def _impl_pgd_step_(x_adv, grad, x, alpha, eps, norm):
     dt, dev = x.dtype, x.device
     ([xa], [g], [x0]), back = _prepare([[x_adv], [grad], [x]], (0,))
     code = _CODES[dt]
@@ -274,3 +274,131 @@ def pgd_step_(x_adv, grad, x, alpha, eps, norm):
             _C.pgd_l2(xa.data_ptr(), g.data_ptr(), x0.data_ptr(), batch, per, float(alpha), float(eps),
                       code, _threads(), _seg())
     _finish(back, ([x_adv],))
+
+
+# --------------------------------------------------------------------------- torch.library
+# The ops are also registered as torch.library custom ops (namespace ``awpfast_native``)
+# with fake (meta) implementations, so that torch.compile treats each call as one opaque
+# node instead of breaking the graph on data_ptr(). Eager calls skip the dispatcher (it
+# costs tens of microseconds per call); code being compiled goes through it.
+_LIB_OK = False
+if _C is not None and hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
+    from typing import List
+
+    try:
+        @torch.library.custom_op("awpfast_native::norms", mutates_args=())
+        def _op_norms(tensors: List[torch.Tensor]) -> torch.Tensor:
+            return _impl_norms(tensors)
+
+        @_op_norms.register_fake
+        def _(tensors):
+            return tensors[0].new_empty(len(tensors), dtype=_acc_dtype(tensors[0].dtype))
+
+        @torch.library.custom_op("awpfast_native::perturb_", mutates_args=("params", "backups", "deltas"))
+        def _op_perturb(params: List[torch.Tensor], directions: List[torch.Tensor], gammas: List[float],
+                        eps: float, backups: List[torch.Tensor], deltas: List[torch.Tensor]) -> torch.Tensor:
+            return _impl_perturb_(params, directions, gammas, eps, backups or None, deltas or None)
+
+        @_op_perturb.register_fake
+        def _(params, directions, gammas, eps, backups, deltas):
+            return params[0].new_empty(len(params), dtype=_acc_dtype(params[0].dtype))
+
+        @torch.library.custom_op("awpfast_native::restore_", mutates_args=("params",))
+        def _op_restore(params: List[torch.Tensor], backups: List[torch.Tensor]) -> None:
+            _impl_restore_(params, backups)
+
+        @_op_restore.register_fake
+        def _(params, backups):
+            return None
+
+        @torch.library.custom_op("awpfast_native::unperturb_", mutates_args=("params",))
+        def _op_unperturb(params: List[torch.Tensor], deltas: List[torch.Tensor]) -> None:
+            _impl_unperturb_(params, deltas)
+
+        @_op_unperturb.register_fake
+        def _(params, deltas):
+            return None
+
+        @torch.library.custom_op("awpfast_native::ascent_step_", mutates_args=("params",))
+        def _op_ascent(params: List[torch.Tensor], backups: List[torch.Tensor], directions: List[torch.Tensor],
+                       step_sizes: List[float], gammas: List[float], eps: float) -> torch.Tensor:
+            return _impl_ascent_step_(params, backups, directions, step_sizes, gammas, eps)
+
+        @_op_ascent.register_fake
+        def _(params, backups, directions, step_sizes, gammas, eps):
+            return params[0].new_empty(len(params), dtype=_acc_dtype(params[0].dtype))
+
+        @torch.library.custom_op("awpfast_native::project_", mutates_args=("params",))
+        def _op_project(params: List[torch.Tensor], backups: List[torch.Tensor], gammas: List[float]) -> None:
+            _impl_project_(params, backups, gammas)
+
+        @_op_project.register_fake
+        def _(params, backups, gammas):
+            return None
+
+        @torch.library.custom_op("awpfast_native::pgd_step_", mutates_args=("x_adv",))
+        def _op_pgd(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float,
+                    norm: str) -> None:
+            _impl_pgd_step_(x_adv, grad, x, alpha, eps, norm)
+
+        @_op_pgd.register_fake
+        def _(x_adv, grad, x, alpha, eps, norm):
+            return None
+
+        _LIB_OK = True
+    except Exception:  # pragma: no cover - a torch without these registration features
+        _LIB_OK = False
+
+
+def _compiling() -> bool:
+    if not _LIB_OK:
+        return False
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover
+        return False
+
+
+def norms(ts):
+    if _compiling():
+        return torch.ops.awpfast_native.norms(list(ts))
+    return _impl_norms(ts)
+
+
+def perturb_(params, directions, gammas, eps, backups, deltas):
+    if _compiling():
+        return torch.ops.awpfast_native.perturb_(list(params), list(directions), [float(g) for g in gammas],
+                                                 float(eps), list(backups or []), list(deltas or []))
+    return _impl_perturb_(params, directions, gammas, eps, backups, deltas)
+
+
+def restore_(params, backups):
+    if _compiling():
+        return torch.ops.awpfast_native.restore_(list(params), list(backups))
+    return _impl_restore_(params, backups)
+
+
+def unperturb_(params, deltas):
+    if _compiling():
+        return torch.ops.awpfast_native.unperturb_(list(params), list(deltas))
+    return _impl_unperturb_(params, deltas)
+
+
+def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
+    if _compiling():
+        return torch.ops.awpfast_native.ascent_step_(list(params), list(backups), list(directions),
+                                                     [float(s) for s in step_sizes],
+                                                     [float(g) for g in gammas], float(eps))
+    return _impl_ascent_step_(params, backups, directions, step_sizes, gammas, eps)
+
+
+def project_(params, backups, gammas):
+    if _compiling():
+        return torch.ops.awpfast_native.project_(list(params), list(backups), [float(g) for g in gammas])
+    return _impl_project_(params, backups, gammas)
+
+
+def pgd_step_(x_adv, grad, x, alpha, eps, norm):
+    if _compiling():
+        return torch.ops.awpfast_native.pgd_step_(x_adv, grad, x, float(alpha), float(eps), norm)
+    return _impl_pgd_step_(x_adv, grad, x, alpha, eps, norm)
