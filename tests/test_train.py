@@ -168,3 +168,49 @@ def test_evaluate_cli(tmp_path, capsys):
     assert "--model" in capsys.readouterr().err
     assert E.main([sd, "--model", "small-cnn", "--width", "4", "--data", "synthetic", "--image-size", "8",
                    "--steps", "2", "--samples", "8", "--no-autoattack"]) == 0
+
+
+def _bench():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_train_step.py")
+    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reference_pattern_awp_equals_awpfast_perturbation():
+    """The benchmark's reference pattern (proxy model) and awpfast.AWP give the same v."""
+    import copy
+    import awpfast
+    import torch.nn.functional as F
+    bench = _bench()
+    torch.manual_seed(11)
+    model = T.build_model("small-cnn", 10, 3, width=4).double()
+    x_adv, y = torch.rand(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (8,))
+    ref = bench.ReferenceStep(copy.deepcopy(model), 0.01, 1)
+    diff = ref.calc_awp(x_adv, y)
+    m2 = copy.deepcopy(model).train()
+    awp = awpfast.AWP(torch.optim.SGD(m2.parameters(), lr=0.1), m2, gamma=0.01, backend="reference")
+    w0 = {n: p.detach().clone() for n, p in m2.named_parameters()}
+    bn0 = {k: v.clone() for k, v in m2.state_dict().items() if "running" in k}
+    awp.perturb(lambda: F.cross_entropy(m2(x_adv), y))
+    assert set(diff) == set(awp.perturbed_parameters)
+    for n, p in m2.named_parameters():
+        v = p.detach() - w0[n]
+        if n in diff:
+            torch.testing.assert_close(v, 0.01 * diff[n], rtol=1e-6, atol=1e-12)
+        else:
+            assert torch.equal(v, torch.zeros_like(v))
+    for k, v in bn0.items():  # the proxy protected the real BN stats; awpfast freezes them
+        assert torch.equal(m2.state_dict()[k], v)
+    awp.restore()
+
+
+def test_bench_train_step_smoke(tmp_path):
+    bench = _bench()
+    js = str(tmp_path / "b.json")
+    res = bench.main(["--model", "small-cnn", "--batch", "4", "--image-size", "8", "--attack-steps", "1",
+                      "--repeats", "1", "--warmup", "0", "--fast", "yes", "--json", js])
+    assert [r["config"] for r in res["rows"]] == ["reference", "awpfast fp32", "awpfast bf16+cl"]
+    assert json.load(open(js))["rows"][0]["speedup_vs_reference_at_awp"] == 1.0
