@@ -12,10 +12,11 @@ Per (device, dtype) group, whatever the number of tensors:
 * ``pgd_step_``: 1 launch for L-inf and 1 launch for L2 (one program per sample).
 
 fp32, bf16 and fp16 are supported with fp32 math inside; ``supports()`` is False for
-float64 so the seam falls back to ``foreach``. Every group function calls a
+float64 so the seam falls back to ``foreach``. Every kernel sequence is a
 ``torch.library`` custom op (``awpfast::triton_*``, with ``mutates_args`` and a fake
-implementation) so that ``torch.compile`` treats the kernels as opaque ops, with no graph
-break inside awpfast.
+implementation); the group functions call it while Dynamo traces, so ``torch.compile``
+sees one opaque op (no graph break inside awpfast), and call the implementation directly
+in eager mode (same kernels, without the dispatcher's overhead).
 
 Launch metadata (pointer tables, chunk tables, scratch for partial sums, per-tensor float
 tables) is built with one host-to-device copy the first time a list of tensors is seen
@@ -280,6 +281,14 @@ def _perturb_impl(params, directions, gammas, eps, backups, deltas):
     return out
 
 
+def _restore_impl(params, backups):
+    _copy_like_impl(K.A_RESTORE, params, backups)
+
+
+def _unperturb_impl(params, deltas):
+    _copy_like_impl(K.A_UNPERTURB, params, deltas)
+
+
 def _copy_like_impl(mode, params, others):
     dev = params[0].device
     with _device_ctx(dev):
@@ -361,7 +370,7 @@ if K is not None:
 
     @torch.library.custom_op("awpfast::triton_restore_", mutates_args=("params",))
     def _op_restore(params: Tensors, backups: Tensors) -> None:
-        _copy_like_impl(K.A_RESTORE, params, backups)
+        _restore_impl(params, backups)
 
     @_op_restore.register_fake
     def _(params, backups):
@@ -369,7 +378,7 @@ if K is not None:
 
     @torch.library.custom_op("awpfast::triton_unperturb_", mutates_args=("params",))
     def _op_unperturb(params: Tensors, deltas: Tensors) -> None:
-        _copy_like_impl(K.A_UNPERTURB, params, deltas)
+        _unperturb_impl(params, deltas)
 
     @_op_unperturb.register_fake
     def _(params, deltas):
@@ -446,9 +455,18 @@ def _fl(v, n):
     return [float(x) for x in v]
 
 
+def _op(name, impl):
+    """The custom op while Dynamo traces (so the graph holds one opaque op), else the
+    implementation itself: in eager mode the dispatcher round trip is pure launch overhead
+    (a PGD step on a CIFAR batch is a few microseconds of GPU work)."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.awpfast, name)
+    return impl
+
+
 def norms(tensors):
     _check_layout(("tensors", tensors))
-    return torch.ops.awpfast.triton_norms(list(tensors))
+    return _op("triton_norms", _norms_impl)(list(tensors))
 
 
 def perturb_(params, directions, gammas, eps, backups, deltas):
@@ -458,33 +476,33 @@ def perturb_(params, directions, gammas, eps, backups, deltas):
     if deltas is not None:
         named.append(("deltas", deltas))
     _check_layout(*named)
-    return torch.ops.awpfast.triton_perturb_(
+    return _op("triton_perturb_", _perturb_impl)(
         list(params), list(directions), _fl(gammas, len(params)), float(eps),
         list(backups) if backups is not None else [], list(deltas) if deltas is not None else [])
 
 
 def restore_(params, backups):
     _check_layout(("params", params), ("backups", backups))
-    torch.ops.awpfast.triton_restore_(list(params), list(backups))
+    _op("triton_restore_", _restore_impl)(list(params), list(backups))
 
 
 def unperturb_(params, deltas):
     _check_layout(("params", params), ("deltas", deltas))
-    torch.ops.awpfast.triton_unperturb_(list(params), list(deltas))
+    _op("triton_unperturb_", _unperturb_impl)(list(params), list(deltas))
 
 
 def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
     _check_layout(("params", params), ("backups", backups), ("directions", directions))
-    return torch.ops.awpfast.triton_ascent_step_(
+    return _op("triton_ascent_step_", _ascent_impl)(
         list(params), list(backups), list(directions), _fl(step_sizes, len(params)),
         _fl(gammas, len(params)), float(eps))
 
 
 def project_(params, backups, gammas):
     _check_layout(("params", params), ("backups", backups))
-    torch.ops.awpfast.triton_project_(list(params), list(backups), _fl(gammas, len(params)))
+    _op("triton_project_", _project_impl)(list(params), list(backups), _fl(gammas, len(params)))
 
 
 def pgd_step_(x_adv, grad, x, alpha, eps, norm):
     _check_layout(("x_adv", [x_adv]), ("grad", [grad]), ("x", [x]))
-    torch.ops.awpfast.triton_pgd_step_(x_adv, grad, x, float(alpha), float(eps), str(norm))
+    _op("triton_pgd_step_", _pgd_impl)(x_adv, grad, x, float(alpha), float(eps), str(norm))
