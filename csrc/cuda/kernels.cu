@@ -8,7 +8,8 @@
 //
 // Reductions are deterministic: each block writes one partial (float64) per chunk at a
 // fixed slot of the workspace, reduced inside the block in a fixed shuffle tree; a
-// finalize kernel (one thread per tensor) then adds a tensor's partials in chunk order.
+// finalize kernel (one warp per tensor, fixed lane assignment and shuffle tree) then adds
+// up a tensor's partials.
 // Per-tensor scalars (the perturbation scale, the projection factor) are computed by the
 // finalize kernels into the workspace and read by the apply kernels: no host sync.
 #include <cuda_bf16.h>
@@ -28,11 +29,11 @@
 namespace awpcuda {
 namespace {
 
-constexpr int kChunk = 1 << 16;   // elements per chunk
-constexpr int kThreads = 512;     // threads per block of the chunk kernels
+constexpr int kChunk = 1 << 14;   // elements per chunk (16 KiB-64 KiB: several waves of blocks)
+constexpr int kThreads = 256;     // threads per block of the chunk kernels
 constexpr int kMaxT = 64;         // tensors per launch (kernel argument size < 4 KB)
 constexpr int kMaxF = 160;        // tensors per finalize launch
-constexpr int kFinThreads = 128;
+constexpr int kFinThreads = 128;  // finalize: one warp per tensor, 4 tensors per block
 
 // ------------------------------------------------------------------ errors
 void check(cudaError_t e, const char* what) {
@@ -375,9 +376,13 @@ struct FinMeta {
 
 enum FinMode { kFinNorms = 0, kFinScale = 1, kFinAscentFactor = 2, kFinProject = 3 };
 
-__device__ __forceinline__ double sum_range(const double* part, int32_t a, int32_t b) {
+// Sum of part[a..b) by one warp: lane j takes a+j, a+j+32, ...; then a fixed shuffle tree.
+// The result is valid in lane 0.
+__device__ __forceinline__ double warp_sum_range(const double* part, int32_t a, int32_t b, int lane) {
   double s = 0.0;
-  for (int32_t c = a; c < b; ++c) s += part[c];
+  for (int32_t c = a + lane; c < b; c += 32) s += part[c];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
   return s;
 }
 
@@ -400,23 +405,26 @@ __device__ __forceinline__ void write_out(void* out, bool out_f64, int t, double
 template <int MODE>
 __global__ void k_finalize(const __grid_constant__ FinMeta m, const double* pa, const double* pb,
                            double* sa, double* sb, double eps, void* out, bool out_f64) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= m.n) return;
+  const int i = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);  // one warp per tensor
+  const int lane = threadIdx.x & 31;
+  if (i >= m.n) return;  // uniform across the warp
   const int t = m.t0 + i;
   const int32_t c0 = m.cstart[i], c1 = m.cstart[i + 1];
   const double g = m.gamma[i];
+  const double s1 = warp_sum_range(pa, c0, c1, lane);
+  const double s2 = (MODE == kFinScale || MODE == kFinProject) ? warp_sum_range(pb, c0, c1, lane) : 0.0;
+  if (lane != 0) return;
   if (MODE == kFinNorms) {
-    write_out(out, out_f64, t, sqrt(sum_range(pa, c0, c1)));
+    write_out(out, out_f64, t, sqrt(s1));
   } else if (MODE == kFinScale) {
-    const double wsq = sum_range(pa, c0, c1);
-    const double dn = sqrt(sum_range(pb, c0, c1));
-    sa[t] = g * sqrt(wsq) / (dn + eps);
-    sb[t] = wsq;
+    const double dn = sqrt(s2);
+    sa[t] = g * sqrt(s1) / (dn + eps);
+    sb[t] = s1;
     write_out(out, out_f64, t, dn);
   } else if (MODE == kFinAscentFactor) {
-    sb[t] = project_factor(g, sb[t], sum_range(pa, c0, c1));
+    sb[t] = project_factor(g, sb[t], s1);
   } else {
-    sa[t] = project_factor(g, sum_range(pa, c0, c1), sum_range(pb, c0, c1));
+    sa[t] = project_factor(g, s1, s2);
   }
 }
 
@@ -585,7 +593,7 @@ void for_each_fin_batch(const Sizes& numel, const std::vector<int64_t>& cs, cons
   }
 }
 
-unsigned fin_blocks(int n) { return (unsigned)((n + kFinThreads - 1) / kFinThreads); }
+unsigned fin_blocks(int n) { return (unsigned)(((int64_t)n * 32 + kFinThreads - 1) / kFinThreads); }
 
 // Workspace: [pa: C][pb: C][pc: C][sa: N][sb: N] float64
 struct Ws {
