@@ -242,6 +242,7 @@ def extensions():
             with ThreadPoolExecutor(max_workers=max(1, min(len(cus), os.cpu_count() or 1))) as ex:
                 objs = list(ex.map(one, cus))
             ext.extra_objects = list(ext.extra_objects or []) + objs
+            ext.depends = list(ext.depends) + cus  # relink when a .cu changes
             ext.include_dirs = list(ext.include_dirs) + [os.path.join(home, "include")]
             ext.library_dirs = list(ext.library_dirs or []) + [libdir]
             ext.libraries = list(ext.libraries or []) + ["cudart_static", "dl", "rt"]
