@@ -236,7 +236,8 @@ def summary(res):
                          f"{(vf or 0):9.2f}x")
     p = res.get("pgd")
     if p and p.get("rows"):
-        lines.append("  PGD step (batch 128x3x32x32):")
+        shp = "x".join(str(d) for d in [p.get("batch", "?")] + list(p.get("shape", [])))
+        lines.append(f"  PGD step (batch {shp}):")
         lines.append(f"    {'norm':5s} {'dtype':9s} {'impl':8s} {'us':>9s} {'vs eager':>9s} {'GB/s':>7s} {'kernels':>7s}")
         for r in p["rows"]:
             lines.append(f"    {r['norm']:5s} {r['dtype']:9s} {r['impl']:8s} {r['median_us']:9.1f} "

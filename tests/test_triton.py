@@ -433,3 +433,54 @@ def test_int64_indexing_huge_tensor():
     assert torch.equal(b[-4096:].double(), tail_p)
     T.restore_([p], [b])
     assert torch.equal(p[-4096:].double(), tail_p)
+
+
+def test_empty_lists():
+    assert T.norms([]).numel() == 0
+    assert T.perturb_([], [], [], 1e-20, None, None).numel() == 0
+    assert T.ascent_step_([], [], [], [], [], 1e-20).numel() == 0
+    T.restore_([], [])
+    T.unperturb_([], [])
+    T.project_([], [], [])
+
+
+# --------------------------------------------------------------------------- gpu_check plumbing
+def _gpu_check():
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("awpfast_gpu_check", os.path.join(root, "benchmarks", "gpu_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_targets_and_summary(tmp_path):
+    gc = _gpu_check()
+    n = 46_100_000
+    weight = {"copy_bandwidth_gbs": 3000.0, "rows": [
+        {"model": "wrn34-10", "dtype": "float32", "variant": "reference-eager", "median_ms": 20.0,
+         "elements": n, "x_floor": 40.0, "speedup_vs_reference": 1.0},
+        {"model": "wrn34-10", "dtype": "float32", "variant": "foreach", "median_ms": 1.5,
+         "elements": n, "x_floor": 3.0, "speedup_vs_reference": 13.3},
+        {"model": "wrn34-10", "dtype": "float32", "variant": "triton", "median_ms": 0.6,
+         "elements": n, "x_floor": 1.2, "speedup_vs_reference": 33.3},
+        {"model": "wrn34-10", "dtype": "float32", "variant": "native", "error": "RuntimeError()"}]}
+    pgd = {"batch": 128, "shape": [3, 32, 32], "rows": [
+        {"norm": "Linf", "dtype": "float32", "impl": "eager", "median_us": 30.0, "speedup_vs_eager": 1.0,
+         "GBps": 100.0, "kernels": 7},
+        {"norm": "Linf", "dtype": "float32", "impl": "triton", "median_us": 12.0, "speedup_vs_eager": 2.5,
+         "GBps": 400.0, "kernels": 1}]}
+    t = gc.targets(weight, pgd, {"gbps": 3000.0})
+    assert t["wrn_fp32_x_floor"]["ok"] and t["wrn_fp32_vs_foreach"]["ok"] and t["wrn_fp32_vs_reference_eager"]["ok"]
+    assert abs(t["wrn_fp32_vs_foreach"]["value"] - 2.5) < 1e-9
+    assert not t["pgd_linf_vs_eager"]["ok"] and t["pgd_linf_launches"]["ok"]
+    res = {"versions": {"device": "X"}, "steps": [{"name": "tests", "status": "ok", "seconds": 1.0}],
+           "pytest": gc.parse_pytest({"stdout_tail": "3 failed, 10 passed, 2 skipped in 1.0s"}),
+           "copy_bandwidth": {"device": "cuda", "bytes_per_buffer": 1 << 30, "gbps": 3000.0, "best_gbps": 3100.0},
+           "weight_side": weight, "pgd": pgd, "targets": t}
+    assert res["pytest"]["counts"] == {"failed": 3, "passed": 10, "skipped": 2}
+    text = gc.summary(res)
+    assert "MISSED" in text and "batch 128x3x32x32" in text and "error" in text
+    if not CUDA:
+        assert gc.main([str(tmp_path / "o.json")]) == 2  # no CUDA, no --dry-run: clear refusal
+        assert "error" in __import__("json").load(open(tmp_path / "o.json"))

@@ -464,12 +464,20 @@ def _op(name, impl):
     return impl
 
 
+def _empty_norms(ts):
+    return torch.empty(0, dtype=torch.float32, device=ts[0].device if ts else "cpu")
+
+
 def norms(tensors):
+    if len(tensors) == 0:
+        return _empty_norms(tensors)
     _check_layout(("tensors", tensors))
     return _op("triton_norms", _norms_impl)(list(tensors))
 
 
 def perturb_(params, directions, gammas, eps, backups, deltas):
+    if len(params) == 0:
+        return _empty_norms(params)
     named = [("params", params), ("directions", directions)]
     if backups is not None:
         named.append(("backups", backups))
@@ -482,16 +490,22 @@ def perturb_(params, directions, gammas, eps, backups, deltas):
 
 
 def restore_(params, backups):
+    if len(params) == 0:
+        return
     _check_layout(("params", params), ("backups", backups))
     _op("triton_restore_", _restore_impl)(list(params), list(backups))
 
 
 def unperturb_(params, deltas):
+    if len(params) == 0:
+        return
     _check_layout(("params", params), ("deltas", deltas))
     _op("triton_unperturb_", _unperturb_impl)(list(params), list(deltas))
 
 
 def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
+    if len(params) == 0:
+        return _empty_norms(params)
     _check_layout(("params", params), ("backups", backups), ("directions", directions))
     return _op("triton_ascent_step_", _ascent_impl)(
         list(params), list(backups), list(directions), _fl(step_sizes, len(params)),
@@ -499,6 +513,8 @@ def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
 
 
 def project_(params, backups, gammas):
+    if len(params) == 0:
+        return
     _check_layout(("params", params), ("backups", backups))
     _op("triton_project_", _project_impl)(list(params), list(backups), _fl(gammas, len(params)))
 
