@@ -33,6 +33,7 @@ if not T.available()[0]:
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 LOW = [torch.float32, torch.bfloat16, torch.float16]
+PROD = dict(T.CONFIG)  # the shipped settings, before any test changes them
 SMALL = dict(BLOCK=32, CHUNK=64, MAXK=4, KB=4, PGD_BLOCK=64, L2_BLOCK=32)
 # BLOCK-1, BLOCK, BLOCK+1, one element, empty, > one chunk (65, 189), > MAXK*CHUNK (300)
 ODD = [(3, 5), (1,), (0,), (31,), (32,), (33,), (7, 3, 3, 3), (65,), (300,), (2, 1, 1)]
@@ -201,7 +202,7 @@ def test_many_tensors_one_call():
 
 def test_default_config_multi_chunk():
     """Production chunking: a tensor of several chunks next to small ones."""
-    T.set_config(BLOCK=1024, CHUNK=65536, MAXK=1024, KB=1024)
+    T.set_config(**PROD)
     shapes = [(65536 * 2 + 1025,), (1023,), (5,)]
     ps, ds = _rand(shapes, torch.float32), _rand(shapes, torch.float32)
     orig = [p.clone() for p in ps]
@@ -249,6 +250,20 @@ def test_pgd_step(dtype, norm, shape):
             assert d.abs().max() <= eps * (1 + 1e-6)
         else:
             assert (d.reshape(shape[0], -1).norm(dim=1) <= eps * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 7, 7), (2, 5000)])
+def test_pgd_l2_default_block(shape):
+    """Shipped L2 setting: one block per sample row up to 4096 elements, looping beyond."""
+    T.set_config(**PROD)
+    x = torch.rand(shape, device=DEV)
+    xa = (x + 0.01 * torch.randn_like(x)).clamp(0, 1)
+    g = torch.randn_like(x)
+    out = xa.clone()
+    T.pgd_step_(out, g, x, 0.05, 0.1, "L2")
+    ref = xa.double().cpu()
+    R.pgd_step_(ref, g.double().cpu(), x.double().cpu(), 0.05, 0.1, "L2")
+    assert rel_err(out, ref) < 1e-6
 
 
 def test_pgd_empty_and_seam():
@@ -390,7 +405,7 @@ print("OK")
 # --------------------------------------------------------------------------- CUDA only
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_capture():
-    T.set_config(BLOCK=1024, CHUNK=65536, MAXK=1024, KB=1024)
+    T.set_config(**PROD)
     shapes = [(64, 3, 3, 3), (300000,), (10, 640)]
     ps, ds = _rand(shapes, torch.float32), _rand(shapes, torch.float32)
     orig = [p.clone() for p in ps]
@@ -418,7 +433,7 @@ def test_cuda_graph_capture():
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_properties(0).total_memory < 40e9 if CUDA else True,
                     reason="int64 indexing needs a CUDA device with >= 40 GB for a 2**31+ element tensor")
 def test_int64_indexing_huge_tensor():
-    T.set_config(BLOCK=1024, CHUNK=65536, MAXK=1024, KB=1024)
+    T.set_config(**PROD)
     n = 2 ** 31 + 3
     p = torch.randn(n, device=DEV, dtype=torch.bfloat16)
     d = torch.randn(n, device=DEV, dtype=torch.bfloat16)
