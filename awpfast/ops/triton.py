@@ -234,31 +234,40 @@ def _device_ctx(device):
     return contextlib.nullcontext()
 
 
-def _reduce(mode, lists, lay, aligned):
-    P = [_ptrs(ts)[0] for ts in lists]
-    P += [P[0]] * (3 - len(P))
-    K.mt_reduce_kernel[(lay.C,)](P[0], P[1], P[2], lists[0][0], lay.tinfo, lay.ctab, lay.part, lay.C,
+def _tables(*lists):
+    """Pointer tables of the given lists (None for an absent/empty list) and whether every
+    base pointer is 16-byte aligned (the kernels then add divisibility hints)."""
+    tabs, aligned = [], True
+    for ts in lists:
+        if ts:
+            tab, al = _ptrs(ts)
+            tabs.append(tab)
+            aligned = aligned and al
+        else:
+            tabs.append(None)
+    return tabs, aligned
+
+
+def _reduce(mode, tabs, proto, lay, aligned):
+    P = [t if t is not None else tabs[0] for t in tabs] + [tabs[0]] * (3 - len(tabs))
+    K.mt_reduce_kernel[(lay.C,)](P[0], P[1], P[2], proto, lay.tinfo, lay.ctab, lay.part, lay.C,
                                  MODE=mode, BLOCK=CONFIG["BLOCK"], ALIGNED=aligned,
                                  num_warps=CONFIG["num_warps"])
 
 
-def _apply(mode, lists, lay, aligned, s0=0.0, s1=0.0, t0=None, t1=None, eps=0.0, out=None,
-           has_b=False, has_d=False):
-    P = [_ptrs(ts)[0] if ts else None for ts in lists]
-    P = [p if p is not None else P[0] for p in P] + [P[0]] * (4 - len(P))
+def _apply(mode, tabs, proto, lay, aligned, s0=0.0, s1=0.0, t0=None, t1=None, eps=0.0, out=None):
+    P = [t if t is not None else tabs[0] for t in tabs] + [tabs[0]] * (4 - len(tabs))
+    has_b = len(tabs) > 2 and tabs[2] is not None
+    has_d = len(tabs) > 3 and tabs[3] is not None
     per = t0 is not None or t1 is not None
     S0 = t0 if t0 is not None else lay.part
     S1 = t1 if t1 is not None else lay.part
-    K.mt_apply_kernel[(lay.C,)](P[0], P[1], P[2], P[3], lists[0][0], lay.tinfo, lay.ctab, lay.part,
+    K.mt_apply_kernel[(lay.C,)](P[0], P[1], P[2], P[3], proto, lay.tinfo, lay.ctab, lay.part,
                                 lay.C, S0, S1, float(s0), float(s1), float(eps),
                                 out if out is not None else lay.part,
                                 MODE=mode, PER_TENSOR=per, HAS_B=has_b, HAS_D=has_d,
                                 BLOCK=CONFIG["BLOCK"], KB=CONFIG["KB"], ALIGNED=aligned,
                                 num_warps=CONFIG["num_warps"])
-
-
-def _aligned(*lists):
-    return all(_ptrs(ts)[1] for ts in lists if ts)
 
 
 # --------------------------------------------------------------------------- implementations
@@ -267,7 +276,8 @@ def _norms_impl(ts):
     out = torch.empty(len(ts), dtype=torch.float32, device=dev)
     with _device_ctx(dev):
         lay = _layout(ts)
-        _reduce(K.R_NORM, [ts], lay, _aligned(ts))
+        tabs, al = _tables(ts)
+        _reduce(K.R_NORM, tabs, ts[0], lay, al)
         K.mt_norms_finalize_kernel[(lay.T,)](lay.part, lay.tinfo, out, lay.C, KB=CONFIG["KB"])
     return out
 
@@ -277,11 +287,10 @@ def _perturb_impl(params, directions, gammas, eps, backups, deltas):
     out = torch.empty(len(params), dtype=torch.float32, device=dev)
     with _device_ctx(dev):
         lay = _layout(params)
-        al = _aligned(params, directions, backups, deltas)
-        _reduce(K.R_PERTURB, [params, directions], lay, al)
+        tabs, al = _tables(params, directions, backups, deltas)
+        _reduce(K.R_PERTURB, tabs[:2], params[0], lay, al)
         g, gt = _floats(gammas, dev)
-        _apply(K.A_PERTURB, [params, directions, backups, deltas], lay, al, s0=g, t0=gt, eps=eps,
-               out=out, has_b=bool(backups), has_d=bool(deltas))
+        _apply(K.A_PERTURB, tabs, params[0], lay, al, s0=g, t0=gt, eps=eps, out=out)
     return out
 
 
@@ -297,7 +306,8 @@ def _copy_like_impl(mode, params, others):
     dev = params[0].device
     with _device_ctx(dev):
         lay = _layout(params)
-        _apply(mode, [params, others], lay, _aligned(params, others))
+        tabs, al = _tables(params, others)
+        _apply(mode, tabs, params[0], lay, al)
 
 
 def _ascent_impl(params, backups, directions, step_sizes, gammas, eps):
@@ -305,14 +315,13 @@ def _ascent_impl(params, backups, directions, step_sizes, gammas, eps):
     out = torch.empty(len(params), dtype=torch.float32, device=dev)
     with _device_ctx(dev):
         lay = _layout(params)
-        al = _aligned(params, backups, directions)
-        _reduce(K.R_ASCENT, [params, backups, directions], lay, al)
+        tabs, al = _tables(params, backups, directions)
+        _reduce(K.R_ASCENT, tabs, params[0], lay, al)
         s, st = _floats(step_sizes, dev)
         g, gt = _floats(gammas, dev)
         if (st is None) != (gt is None):  # per-tensor for one means tables for both
             st, gt = _floats_table(step_sizes, dev), _floats_table(gammas, dev)
-        _apply(K.A_ASCENT, [params, backups, directions], lay, al, s0=s, s1=g, t0=st, t1=gt, eps=eps,
-               out=out)
+        _apply(K.A_ASCENT, tabs, params[0], lay, al, s0=s, s1=g, t0=st, t1=gt, eps=eps, out=out)
     return out
 
 
@@ -326,10 +335,10 @@ def _project_impl(params, backups, gammas):
     dev = params[0].device
     with _device_ctx(dev):
         lay = _layout(params)
-        al = _aligned(params, backups)
-        _reduce(K.R_PROJECT, [params, backups], lay, al)
+        tabs, al = _tables(params, backups)
+        _reduce(K.R_PROJECT, tabs, params[0], lay, al)
         g, gt = _floats(gammas, dev)
-        _apply(K.A_PROJECT, [params, backups], lay, al, s0=g, t0=gt)
+        _apply(K.A_PROJECT, tabs, params[0], lay, al, s0=g, t0=gt)
 
 
 def _pgd_impl(x_adv, grad, x, alpha, eps, norm):
