@@ -30,6 +30,11 @@
 
 #include "scalar.h"
 
+#if defined(__x86_64__) || defined(__SSE2__)
+#include <emmintrin.h>
+#define AWP_HAVE_SSE2 1
+#endif
+
 namespace py = pybind11;
 
 namespace {
@@ -40,6 +45,33 @@ constexpr int64_t kDefaultSegmentBytes = 2 << 20;
 
 KernelTable g_tables[kNumDtypes];
 bool g_use_avx2 = false;
+bool g_nt_backup = true;  // write backups with non-temporal stores (no read-for-ownership)
+
+// dst <- src (n bytes), streaming the stores past the caches where the CPU allows: the
+// backup is written once and read back only by restore, much later.
+void copy_stream(char* dst, const char* src, size_t n) {
+#ifdef AWP_HAVE_SSE2
+  if (g_nt_backup && n >= 256) {
+    size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+    std::memcpy(dst, src, head);
+    size_t i = head;
+    for (; i + 64 <= n; i += 64) {
+      __m128i a = _mm_loadu_si128((const __m128i*)(src + i));
+      __m128i b = _mm_loadu_si128((const __m128i*)(src + i + 16));
+      __m128i c = _mm_loadu_si128((const __m128i*)(src + i + 32));
+      __m128i d = _mm_loadu_si128((const __m128i*)(src + i + 48));
+      _mm_stream_si128((__m128i*)(dst + i), a);
+      _mm_stream_si128((__m128i*)(dst + i + 16), b);
+      _mm_stream_si128((__m128i*)(dst + i + 32), c);
+      _mm_stream_si128((__m128i*)(dst + i + 48), d);
+    }
+    std::memcpy(dst + i, src + i, n - i);
+    _mm_sfence();
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
 
 bool cpu_has_avx2() {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
@@ -292,7 +324,8 @@ void op_perturb(const Ptrs& p, const Ptrs& d, const Ptrs& b, const Ptrs& v, cons
     Memo& mm = memo[tid];
     if (!mm.hit(t, ph)) mm.a = perturb_scale(gamma[t], tensor_sum(L, pw, t), tensor_sum(L, pd, t), eps);
     const double s = mm.a;
-    K.perturb_apply(at(p[t], off, es), at(d[t], off, es), b.empty() ? nullptr : at(b[t], off, es),
+    if (!b.empty()) copy_stream(at(b[t], off, es), at(p[t], off, es), (size_t)(len * es));
+    K.perturb_apply(at(p[t], off, es), at(d[t], off, es), nullptr,
                     v.empty() ? nullptr : at(v[t], off, es), s, len);
   });
   std::vector<double> sq(n);
@@ -445,6 +478,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FLOAT64") = (int)kFloat64;
   m.attr("FLOAT16") = (int)kFloat16;
   m.attr("BFLOAT16") = (int)kBFloat16;
+  m.def("set_stream_backups", [](bool on) { g_nt_backup = on; }, py::arg("on"),
+        "Write perturb backups with non-temporal stores (default on; results are identical).");
   m.def("isa", [] { return std::string(g_use_avx2 ? "avx2" : "baseline"); },
         "The instruction-set variant of the kernels in use.");
   m.def("set_isa", &select_isa, py::arg("isa"),
