@@ -57,7 +57,16 @@ Floats = Union[float, Sequence[float]]
 
 
 def _import(name: str):
-    """The backend module, or an ImportError/RuntimeError saying why it is unavailable."""
+    """(module, ok, why) of a backend; cached after the first call (a plain dict lookup, so
+    Dynamo traces it; the first import runs outside any compiled graph)."""
+    hit = _loaded.get(name)
+    if hit is not None:
+        return hit
+    return _import_first(name)
+
+
+@torch.compiler.disable
+def _import_first(name: str):
     if name not in _MODULES:
         raise ValueError(
             f"unknown awpfast backend {name!r}; choose one of {', '.join(BACKENDS)} "
