@@ -289,8 +289,11 @@ def test_cpu_bitwise_isa_and_segments(dtype, threads, monkeypatch):
         for isa in ("baseline", "avx2"):
             if C.set_isa(isa):
                 _bitwise_equal(base, _run_all("cpu", dtype, seed))
+        C.set_stream_backups(False)  # plain stores for the backups
+        _bitwise_equal(base, _run_all("cpu", dtype, seed))
     finally:
         C.set_isa(initial)
+        C.set_stream_backups(True)
 
 
 @pytest.mark.skipif(not _CUDA_OK, reason=f"CUDA native kernels cannot run here: {_CUDA_WHY}")
@@ -386,6 +389,17 @@ def test_extension_rejects_bad_arguments():
         C.norms([x.data_ptr()], [4], 9, out.data_ptr(), 1)
     with pytest.raises(ValueError):
         C.set_isa("sse9")
+
+
+@pytest.mark.skipif(native._C_cuda is None, reason="awpfast._C_cuda not built (no nvcc at build time)")
+def test_cuda_module_imports_and_reports():
+    """The CUDA module imports without a GPU and says why it cannot run instead of failing."""
+    G = native._C_cuda
+    assert G.CHUNK > 0 and G.MAX_TENSORS_PER_LAUNCH >= 1
+    assert G.workspace_doubles([0, 1, G.CHUNK, G.CHUNK + 1]) == 3 * (0 + 1 + 1 + 2) + 2 * 4
+    if not torch.cuda.is_available():
+        assert not native.supports_device(torch.device("cuda"))
+        assert isinstance(G.probe(), str) and G.probe() != ""
 
 
 def test_unavailable_reports_reason(monkeypatch):
