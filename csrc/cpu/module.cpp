@@ -41,6 +41,7 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 15;          // elements per chunk
 constexpr int64_t kParallelMin = 1 << 17;    // below this many elements: one thread
+constexpr int64_t kPerThreadMin = 1 << 16;   // and at least this many per extra thread
 constexpr int64_t kDefaultSegmentBytes = 2 << 20;
 
 KernelTable g_tables[kNumDtypes];
@@ -192,7 +193,8 @@ class Barrier {
 int pick_threads(int requested, const Layout& L) {
   if (requested < 1) requested = 1;
   if (L.total < kParallelMin) return 1;
-  int64_t cap = std::max<int64_t>(1, L.nchunks());
+  // spawning a thread costs tens of microseconds: give each one enough work
+  int64_t cap = std::max<int64_t>(1, std::min<int64_t>(L.nchunks(), L.total / kPerThreadMin));
   return (int)std::min<int64_t>(requested, cap);
 }
 
