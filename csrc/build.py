@@ -31,7 +31,8 @@ CUDA_CU_SOURCES = ["csrc/cuda/kernels.cu"]
 CUDA_CPP_SOURCES = ["csrc/cuda/module.cpp"]
 HEADERS = ["csrc/dtype.h", "csrc/cpu/scalar.h", "csrc/cpu/kernels.inc", "csrc/cuda/kernels.h"]
 
-CXX_FLAGS = ["-O3", "-g0", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden", "-Wall"]
+CXX_FLAGS = ["-O3", "-g0", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility=hidden",
+             "-Wall"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
               "-lineinfo"]
 
