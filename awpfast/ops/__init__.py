@@ -179,14 +179,26 @@ def _pick(lst, idx):
     return None if lst is None else [lst[i] for i in idx]
 
 
-def _gather(out_parts, groups, n, like):
-    """Reassemble per-group norm vectors into one vector in input order."""
-    if len(groups) == 1:
-        return out_parts[0]
-    dev = like.device if like is not None else torch.device("cpu")
-    dt = torch.float64 if any(p.dtype == torch.float64 for p in out_parts) else torch.float32
-    out = torch.empty(n, dtype=dt, device=dev)
-    for part, idx in zip(out_parts, groups.values()):
+def _pick_as(lst, idx, dtype):
+    """The group's tensors of ``lst``, cast to the group dtype where they differ."""
+    return [lst[i] if lst[i].dtype == dtype else lst[i].to(dtype) for i in idx]
+
+
+def _per_group(ps, backend, call, returns_norms=False):
+    """``call(backend_module, indices, dtype)`` once per (device, dtype) group of ``ps``; with
+    ``returns_norms`` the per-group norm vectors are reassembled in input order."""
+    if not ps:
+        return torch.empty(0) if returns_norms else None
+    groups = group_indices(ps)
+    parts = [call(get_backend(backend, dev, dt), idx, dt) for (dev, dt), idx in groups.items()]
+    if not returns_norms:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    dev = ps[0].device
+    dt = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+    out = torch.empty(len(ps), dtype=dt, device=dev)
+    for part, idx in zip(parts, groups.values()):
         out[torch.tensor(idx, device=dev)] = part.to(device=dev, dtype=dt)
     return out
 
@@ -194,11 +206,7 @@ def _gather(out_parts, groups, n, like):
 # --------------------------------------------------------------------------- the ops
 def norms(tensors, *, backend: Optional[str] = None) -> torch.Tensor:
     ts = _check_list("tensors", tensors)
-    if not ts:
-        return torch.empty(0)
-    groups = group_indices(ts)
-    parts = [get_backend(backend, dev, dt).norms(_pick(ts, idx)) for (dev, dt), idx in groups.items()]
-    return _gather(parts, groups, len(ts), ts[0])
+    return _per_group(ts, backend, lambda be, idx, dt: be.norms(_pick(ts, idx)), returns_norms=True)
 
 
 def perturb_(params, directions, gamma: Floats, eps: float = 1e-20, backups=None, deltas=None,
@@ -213,31 +221,23 @@ def perturb_(params, directions, gamma: Floats, eps: float = 1e-20, backups=None
         deltas = _check_list("deltas", deltas)
         _check_pair("params", ps, "deltas", deltas)
     gs = _floats("gamma", gamma, len(ps))
-    if not ps:
-        return torch.empty(0)
-    groups = group_indices(ps)
-    parts = []
-    for (dev, dt), idx in groups.items():
-        d = [ds[i] if ds[i].dtype == dt else ds[i].to(dt) for i in idx]
-        parts.append(get_backend(backend, dev, dt).perturb_(
-            _pick(ps, idx), d, _pick(gs, idx), float(eps), _pick(backups, idx), _pick(deltas, idx)))
-    return _gather(parts, groups, len(ps), ps[0])
+    return _per_group(ps, backend, lambda be, idx, dt: be.perturb_(
+        _pick(ps, idx), _pick_as(ds, idx, dt), _pick(gs, idx), float(eps), _pick(backups, idx),
+        _pick(deltas, idx)), returns_norms=True)
 
 
 def restore_(params, backups, *, backend: Optional[str] = None) -> None:
     ps = _check_list("params", params)
     bs = _check_list("backups", backups)
     _check_pair("params", ps, "backups", bs)
-    for (dev, dt), idx in group_indices(ps).items():
-        get_backend(backend, dev, dt).restore_(_pick(ps, idx), _pick(bs, idx))
+    _per_group(ps, backend, lambda be, idx, dt: be.restore_(_pick(ps, idx), _pick(bs, idx)))
 
 
 def unperturb_(params, deltas, *, backend: Optional[str] = None) -> None:
     ps = _check_list("params", params)
     vs = _check_list("deltas", deltas)
     _check_pair("params", ps, "deltas", vs)
-    for (dev, dt), idx in group_indices(ps).items():
-        get_backend(backend, dev, dt).unperturb_(_pick(ps, idx), _pick(vs, idx))
+    _per_group(ps, backend, lambda be, idx, dt: be.unperturb_(_pick(ps, idx), _pick(vs, idx)))
 
 
 def ascent_step_(params, backups, directions, step_size: Floats, gamma: Floats, eps: float = 1e-20,
@@ -249,15 +249,9 @@ def ascent_step_(params, backups, directions, step_size: Floats, gamma: Floats, 
     _check_pair("params", ps, "directions", ds, same_dtype=False)
     ss = _floats("step_size", step_size, len(ps))
     gs = _floats("gamma", gamma, len(ps))
-    if not ps:
-        return torch.empty(0)
-    groups = group_indices(ps)
-    parts = []
-    for (dev, dt), idx in groups.items():
-        d = [ds[i] if ds[i].dtype == dt else ds[i].to(dt) for i in idx]
-        parts.append(get_backend(backend, dev, dt).ascent_step_(
-            _pick(ps, idx), _pick(bs, idx), d, _pick(ss, idx), _pick(gs, idx), float(eps)))
-    return _gather(parts, groups, len(ps), ps[0])
+    return _per_group(ps, backend, lambda be, idx, dt: be.ascent_step_(
+        _pick(ps, idx), _pick(bs, idx), _pick_as(ds, idx, dt), _pick(ss, idx), _pick(gs, idx), float(eps)),
+        returns_norms=True)
 
 
 def project_(params, backups, gamma: Floats, *, backend: Optional[str] = None) -> None:
@@ -265,8 +259,7 @@ def project_(params, backups, gamma: Floats, *, backend: Optional[str] = None) -
     bs = _check_list("backups", backups)
     _check_pair("params", ps, "backups", bs)
     gs = _floats("gamma", gamma, len(ps))
-    for (dev, dt), idx in group_indices(ps).items():
-        get_backend(backend, dev, dt).project_(_pick(ps, idx), _pick(bs, idx), _pick(gs, idx))
+    _per_group(ps, backend, lambda be, idx, dt: be.project_(_pick(ps, idx), _pick(bs, idx), _pick(gs, idx)))
 
 
 def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float,

@@ -6,17 +6,7 @@ handled with fp32 math (the scaled direction is formed in fp32, then cast once).
 """
 import torch
 
-
-def available():
-    return True, ""
-
-
-def supports_device(device):
-    return True
-
-
-def supports(device, dtype):
-    return dtype.is_floating_point
+from .reference import available, supports, supports_device  # noqa: F401  (any device, float dtypes)
 
 
 def _acc_dtype(dtype):
