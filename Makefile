@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 
 .PHONY: setup demo test bench clean
 
-$(VENV)/.ok: setup.py pyproject.toml
+$(VENV)/.ok: setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.inc' -o -name '*.py' \) -not -path '*__pycache__*' 2>/dev/null)
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel
 	# A CPU torch from local disk; keep an existing torch if the venv already has one.
