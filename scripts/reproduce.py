@@ -20,15 +20,29 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMON = ["--model", "small-cnn", "--width", "16", "--data", "digits", "--image-size", "8",
-          "--method", "at", "--eps", "0.15", "--alpha", "0.0375", "--attack-steps", "10", "--eval-steps", "20",
-          "--lr", "0.05", "--lr-schedule", "piecewise", "--batch-size", "128", "--train-eval-samples", "300",
-          "--threads", "1", "--no-progress", "--no-plot"]
+_BASE = ["--data", "digits", "--image-size", "8", "--method", "at", "--eps", "0.15", "--alpha", "0.0375",
+         "--attack-steps", "10", "--eval-steps", "20", "--lr", "0.05", "--lr-schedule", "piecewise",
+         "--batch-size", "128", "--threads", "1", "--no-progress", "--no-plot"]
+# "base": the full 1 297-image training split, SmallCNN width 16, 40 epochs.
+# "overfit": 400 training images and a wider SmallCNN (width 32) for 60 epochs: more capacity per
+#            training example, the regime in which robust overfitting shows up.
+PRESETS = {
+    "base": {"options": _BASE + ["--model", "small-cnn", "--width", "16", "--train-eval-samples", "300"],
+             "epochs": 40, "title": "1297 train images, SmallCNN-16"},
+    "overfit": {"options": _BASE + ["--model", "small-cnn", "--width", "32", "--train-samples", "400",
+                                    "--train-eval-samples", "200"],
+                "epochs": 60, "title": "400 train images, SmallCNN-32"},
+}
+COMMON = PRESETS["base"]["options"]
 ARMS = {"AT": ["--awp-gamma", "0"], "AT-AWP": ["--awp-gamma", "0.01", "--awp-warmup", "0"]}
 
 
 def run_dir(base, arm, seed):
     return os.path.join(base, f"{arm.lower()}-s{seed}")
+
+
+def _suffix(args):
+    return "" if args.preset == "base" else f"_{args.preset}"
 
 
 def launch(args):
@@ -40,7 +54,7 @@ def launch(args):
                 with open(os.path.join(out, "metrics.jsonl")) as f:
                     if sum(1 for _ in f) >= args.epochs:
                         continue
-            cmd = [sys.executable, "-m", "awpfast.train", *COMMON, *extra, "--epochs", str(args.epochs),
+            cmd = [sys.executable, "-m", "awpfast.train", *PRESETS[args.preset]["options"], *extra, "--epochs", str(args.epochs),
                    "--seed", str(seed), "--out", out]
             jobs.append((arm, seed, cmd, out))
     running = []
@@ -95,12 +109,13 @@ def aggregate(args):
                         ("best_test_pgd20", "last_test_pgd20", "best_minus_last", "last_test_clean",
                          "last_train_pgd20", "robust_gap")}
     cmd = "python scripts/reproduce.py " + " ".join(
-        (["--epochs", str(args.epochs)] if args.epochs != 40 else [])
+        (["--preset", args.preset] if args.preset != "base" else [])
+        + (["--epochs", str(args.epochs)] if args.epochs != PRESETS[args.preset]["epochs"] else [])
         + (["--seeds", *map(str, args.seeds)] if args.seeds != [0, 1, 2] else []))
-    result = {"command": cmd.strip(), "train_options": COMMON, "arms": ARMS, "epochs": args.epochs,
+    result = {"command": cmd.strip(), "preset": args.preset, "train_options": PRESETS[args.preset]["options"], "arms": ARMS, "epochs": args.epochs,
               "seeds": args.seeds, "runs": table, "summary_mean_std": summary}
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
-    with open(os.path.join(ROOT, "docs", "reproduction.json"), "w") as f:
+    with open(os.path.join(ROOT, "docs", f"reproduction{_suffix(args)}.json"), "w") as f:
         json.dump(result, f, indent=1)
 
     pct = lambda ms_: f"{100 * ms_[0]:.2f} ± {100 * ms_[1]:.2f}"  # noqa: E731
@@ -118,7 +133,7 @@ def aggregate(args):
                          f"{100 * r['last_test_pgd20']:.2f} | {100 * r['last_test_clean']:.2f} | "
                          f"{100 * r['robust_gap']:.2f} |")
     text = "\n".join(lines)
-    with open(os.path.join(ROOT, "docs", "reproduction_table.md"), "w") as f:
+    with open(os.path.join(ROOT, "docs", f"reproduction{_suffix(args)}_table.md"), "w") as f:
         f.write(text + "\n")
     print(text)
     try:
@@ -143,22 +158,28 @@ def aggregate(args):
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
     axes[0].set_ylabel("accuracy (%)")
-    fig.suptitle("digits, SmallCNN, L-inf eps = 0.15, PGD-10 training, piecewise LR (x0.1 at 50%, 75%)")
+    fig.suptitle(f"digits ({PRESETS[args.preset]['title']}), L-inf eps = 0.15, PGD-10 training, "
+                 f"{args.epochs} epochs, piecewise LR (x0.1 at 50%, 75%)")
     fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "docs", "reproduction.png"), dpi=100)
+    fig.savefig(os.path.join(ROOT, "docs", f"reproduction{_suffix(args)}.png"), dpi=100)
     plt.close(fig)
     return result
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="base")
+    p.add_argument("--epochs", type=int, default=None, help="default: the preset's (base 40, overfit 60)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each uses one thread)")
-    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "reproduce"))
+    p.add_argument("--runs", default=None, help="default runs/reproduce[-PRESET]")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     p.add_argument("--aggregate-only", action="store_true")
     args = p.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = PRESETS[args.preset]["epochs"]
+    if args.runs is None:
+        args.runs = os.path.join(ROOT, "runs", "reproduce" + ("" if args.preset == "base" else f"-{args.preset}"))
     if not args.aggregate_only:
         launch(args)
     aggregate(args)
