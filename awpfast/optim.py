@@ -111,8 +111,7 @@ class AWP(torch.optim.Optimizer):
         self._default_gamma = float(gamma)
         for g in optimizer.param_groups:
             g.setdefault("awp_gamma", float(gamma))
-        self._group_key = None
-        self._param_group_of = None
+        self._size_key, self._any_gamma = None, True
         self.skipped_steps = 0
         self.perturb_count = 0
         self.last_direction_norms: Optional[torch.Tensor] = None
@@ -170,23 +169,26 @@ class AWP(torch.optim.Optimizer):
             g["awp_gamma"] = float(gamma)
 
     # ----------------------------------------------------------------- per-layer gamma
-    def _gammas(self):
+    def _update_sizes(self) -> bool:
+        """Push the per-layer gamma and step size to the perturb state when a param group's
+        ``awp_gamma`` (or the groups themselves) changed; returns whether any gamma is > 0.
+        The steady state is one small tuple comparison per step, no loop over layers."""
         groups = self.param_groups
-        key = tuple(id(g) for g in groups)
-        if key != self._group_key:
-            where = {id(p): g for g in groups for p in g["params"]}
-            self._param_group_of = [where.get(id(p)) for p in self._sel.params]
-            self._group_key = key
-        cache = {}
-        out = []
-        for g in self._param_group_of:
-            k = id(g)
-            if k not in cache:
-                val = self._default_gamma if g is None else g.get("awp_gamma", self._default_gamma)
-                _check_gamma(val, "awp_gamma in a param group")
-                cache[k] = float(val)
-            out.append(cache[k])
-        return out
+        key = tuple((id(g), g.get("awp_gamma")) for g in groups)
+        if key == self._size_key:
+            return self._any_gamma
+        where = {id(p): g for g in groups for p in g["params"]}
+        per_group = {}
+        for g in groups:
+            val = g.get("awp_gamma", self._default_gamma)
+            _check_gamma(val, "awp_gamma in a param group")
+            per_group[id(g)] = float(val)
+        gammas = [per_group[id(where[id(p)])] if id(p) in where else self._default_gamma for p in self._sel.params]
+        k = self.steps
+        etas = [self.step_size if self.step_size is not None else (g if k == 1 else 2.5 * g / k) for g in gammas]
+        self._sel.set_sizes(gammas, etas)
+        self._size_key, self._any_gamma = key, any(gammas)
+        return self._any_gamma
 
     # ----------------------------------------------------------------- perturb
     def _ascent_grads(self, closure):
@@ -235,19 +237,16 @@ class AWP(torch.optim.Optimizer):
             raise RuntimeError(
                 "AWP.perturb() called while the weights are already perturbed: call step() or "
                 "restore() first (or use `with awp.perturbed(closure):`)")
-        gammas = self._gammas()
-        if not any(gammas):
+        if not self._update_sizes():
             return False  # gamma 0: no ascent pass at all
-        k = self.steps
-        eta = [self.step_size if self.step_size is not None else (g if k == 1 else 2.5 * g / k) for g in gammas]
         grads = self._ascent_grads(closure)
-        dn = self._sel.perturb(grads, gammas, eta, self.eps)
+        dn = self._sel.perturb(grads, self.eps)
         if not self._finite_or_handle(dn):
             return False
         try:
-            for _ in range(k - 1):
+            for _ in range(self.steps - 1):
                 grads = self._ascent_grads(closure)
-                dn = self._sel.ascent_step(grads, eta, gammas, self.eps)
+                dn = self._sel.ascent_step(grads, self.eps)
                 if not self._finite_or_handle(dn):
                     return False
         except BaseException:
@@ -320,7 +319,7 @@ class AWP(torch.optim.Optimizer):
                              "torch.optim state dict with 'state' and 'param_groups'")
         for g in self.optimizer.param_groups:
             g.setdefault("awp_gamma", self._default_gamma)
-        self._group_key = None
+        self._size_key = None
 
 
 def _check_gamma(gamma, what):

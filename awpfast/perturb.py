@@ -68,6 +68,9 @@ class _Group:
     params: List[torch.Tensor]             # flat views of the parameters
     backups: List[torch.Tensor] = field(default_factory=list)
     deltas: List[torch.Tensor] = field(default_factory=list)
+    gammas: List[float] = field(default_factory=list)     # radius gamma_l of each layer
+    etas: List[float] = field(default_factory=list)       # ascent step size of each layer
+    project_first: bool = False                           # first step larger than a radius
 
 
 class PerturbState:
@@ -90,6 +93,7 @@ class PerturbState:
         self._layout = None
         self.groups: List[_Group] = []
         self._built = None
+        self._sizes = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -109,6 +113,16 @@ class PerturbState:
         self.groups = [_Group(dev, dt, idx, [flat(self.params[i].data) for i in idx])
                        for (dev, dt), idx in _ops.group_indices(self.params).items()]
         self._built = now
+        if self._sizes is not None:
+            self.set_sizes(*self._sizes)
+
+    def set_sizes(self, gammas: Sequence[float], etas: Sequence[float]) -> None:
+        """Per-layer radius and step size (in selection order), split by group once."""
+        self._sizes = (list(gammas), list(etas))
+        for g in self.groups:
+            g.gammas = [gammas[i] for i in g.index]
+            g.etas = [etas[i] for i in g.index]
+            g.project_first = any(e > r for e, r in zip(g.etas, g.gammas))
 
     # ------------------------------------------------------------------ helpers
     def _backend(self, g: _Group):
@@ -136,7 +150,7 @@ class PerturbState:
         return [flat_like(grads[i], self.params[i]) for i in g.index]
 
     # ------------------------------------------------------------------ ops
-    def perturb(self, grads, gammas, step_size_first, eps) -> torch.Tensor:
+    def perturb(self, grads, eps) -> torch.Tensor:
         """First ascent step: backups <- w, w += step * ||w|| g / (||g|| + eps); for a first step
         larger than the radius, project. Returns all direction norms (one vector)."""
         self.refresh()
@@ -146,13 +160,11 @@ class PerturbState:
             for g in self.groups:
                 self._ensure_buffers(g)
                 be = self._backend(g)
-                steps = [step_size_first[i] for i in g.index]
                 deltas = g.deltas if self.store_deltas else None
-                norms.append(be.perturb_(g.params, self.directions(grads, g), steps, eps, g.backups, deltas))
+                norms.append(be.perturb_(g.params, self.directions(grads, g), g.etas, eps, g.backups, deltas))
                 done.append(g)
-                gam = [gammas[i] for i in g.index]
-                if any(s > r for s, r in zip(steps, gam)):
-                    be.project_(g.params, g.backups, gam)
+                if g.project_first:
+                    be.project_(g.params, g.backups, g.gammas)
                     self._refresh_deltas(g)
         except BaseException:
             for g in done:
@@ -161,14 +173,13 @@ class PerturbState:
         self.active = True
         return torch.cat([n.float().to(norms[0].device) for n in norms]) if len(norms) > 1 else norms[0]
 
-    def ascent_step(self, grads, step_sizes, gammas, eps) -> torch.Tensor:
+    def ascent_step(self, grads, eps) -> torch.Tensor:
         """A later multi-step ascent step around the backed-up weights, with projection."""
         norms = []
         try:
             for g in self.groups:
                 be = self._backend(g)
-                norms.append(be.ascent_step_(g.params, g.backups, self.directions(grads, g),
-                                             [step_sizes[i] for i in g.index], [gammas[i] for i in g.index], eps))
+                norms.append(be.ascent_step_(g.params, g.backups, self.directions(grads, g), g.etas, g.gammas, eps))
                 self._refresh_deltas(g)
         except BaseException:
             self.restore()
