@@ -2,13 +2,13 @@
 
 scikit-learn's handwritten digits (8x8, 3-channel), a small CNN, L-inf PGD-10 adversarial
 training with AWP (gamma = 0.01), the reference piecewise LR schedule; then clean and PGD-20
-test accuracy. A few minutes on a 2-core CPU. Outputs (metrics, plot, checkpoints) go to
+test accuracy. About a minute on a quiet 2-core CPU (a few when shared). Outputs (metrics, plot, checkpoints) go to
 ``runs/demo`` (or the folder given as the first argument).
 
 The equivalent command line::
 
     awpfast-train --method at --awp-gamma 0.01 --model small-cnn --width 16 --data digits \
-        --image-size 8 --eps 0.15 --alpha 0.0375 --lr 0.05 --epochs 15 --train-eval-samples 300 --out runs/demo
+        --image-size 8 --eps 0.15 --alpha 0.0375 --lr 0.05 --epochs 25 --train-eval-samples 300 --out runs/demo
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     out = argv[0] if argv else "runs/demo"
     cli = ["--method", "at", "--awp-gamma", "0.01", "--model", "small-cnn", "--width", "16",
            "--data", "digits", "--image-size", "8", "--eps", "0.15", "--alpha", "0.0375",
-           "--lr", "0.05", "--epochs", "15", "--train-eval-samples", "300", "--seed", "0", "--out", out]
+           "--lr", "0.05", "--epochs", "25", "--train-eval-samples", "300", "--seed", "0", "--out", out]
     if torch.get_num_threads() > 2:
         cli += ["--threads", "2"]
     print("awpfast demo: AT-AWP on scikit-learn digits (embedded, offline)")
