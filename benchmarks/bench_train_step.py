@@ -109,9 +109,11 @@ class ReferenceStep:
 # ----------------------------------------------------------------------------- awpfast
 class AwpfastStep:
     def __init__(self, model, gamma, attack_steps, amp=None, channels_last=False, backend=None, lr=0.1):
+        # one instance per (config, AT or AT-AWP): gamma is fixed, never toggled per step
         self.model, self.amp, self.cl = model, amp, channels_last
         base = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
         self.awp = awpfast.AWP(base, model, gamma=gamma, backend=backend)
+        self.use_awp = gamma > 0
         self.attack = PGD(model, eps=EPS, alpha=ALPHA, steps=attack_steps, backend=backend)
         self.device_type = next(model.parameters()).device.type
 
@@ -132,7 +134,8 @@ class AwpfastStep:
             with self._ac():
                 return F.cross_entropy(model(x_adv), y)
 
-        self.awp.set_gamma(self.gamma_value if awp else 0.0)
+        if awp != self.use_awp:
+            raise ValueError("this AwpfastStep was built for " + ("AT-AWP" if self.use_awp else "AT"))
         with self.awp.perturbed(closure):
             self.awp.zero_grad(set_to_none=True)
             with self._ac():
@@ -177,23 +180,25 @@ def main(argv=None):
     x = torch.rand(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
 
+    names = ["reference", "awpfast fp32"] + (["awpfast bf16+cl"] if fast else [])
+    ref = ReferenceStep(copy.deepcopy(base_model), args.gamma, args.attack_steps)
     runners = {}
-    runners["reference"] = ReferenceStep(copy.deepcopy(base_model), args.gamma, args.attack_steps)
-    runners["awpfast fp32"] = AwpfastStep(copy.deepcopy(base_model), args.gamma, args.attack_steps,
-                                          backend=args.backend)
-    if fast:
-        m = copy.deepcopy(base_model).to(memory_format=torch.channels_last)
-        runners["awpfast bf16+cl"] = AwpfastStep(m, args.gamma, args.attack_steps, amp=torch.bfloat16,
-                                                 channels_last=True, backend=args.backend)
-    for r in runners.values():
-        r.gamma_value = args.gamma
-    configs = [(name, awp) for name in runners for awp in (True, False)]
+    for awp in (True, False):
+        g = args.gamma if awp else 0.0
+        runners[("reference", awp)] = ref  # stateless w.r.t. AT / AT-AWP
+        runners[("awpfast fp32", awp)] = AwpfastStep(copy.deepcopy(base_model), g, args.attack_steps,
+                                                     backend=args.backend)
+        if fast:
+            m = copy.deepcopy(base_model).to(memory_format=torch.channels_last)
+            runners[("awpfast bf16+cl", awp)] = AwpfastStep(m, g, args.attack_steps, amp=torch.bfloat16,
+                                                            channels_last=True, backend=args.backend)
+    configs = [(name, awp) for name in names for awp in (True, False)]
     times = {c: [] for c in configs}
     for it in range(args.warmup + args.repeats):
         for name, awp in configs:
             _sync(device)
             t0 = time.perf_counter()
-            loss = runners[name](x, y, awp)
+            loss = runners[(name, awp)](x, y, awp)
             _sync(device)
             dt = time.perf_counter() - t0
             if not torch.isfinite(loss):
@@ -207,7 +212,7 @@ def main(argv=None):
     mins = {f"{name} {'AT-AWP' if awp else 'AT'}": min(ts) for (name, awp), ts in times.items()}
     ref_awp = med["reference AT-AWP"]
     rows = []
-    for name in runners:
+    for name in names:
         a, b = med[f"{name} AT-AWP"], med[f"{name} AT"]
         rows.append({"config": name, "at_awp_ms": 1e3 * a, "at_ms": 1e3 * b, "awp_overhead": a / b,
                      "speedup_vs_reference_at_awp": ref_awp / a,
