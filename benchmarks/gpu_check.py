@@ -336,7 +336,7 @@ def main(argv=None):
     if has_train:
         tcmd = [py, "benchmarks/bench_train_step.py", "--device", dev, "--json", tjson]
         tcmd += ["--batch", "4", "--attack-steps", "1", "--repeats", "1", "--model", "small-cnn"] if dry \
-            else ["--batch", "128"]
+            else ["--batch", "128", "--model", "wrn34-10", "--repeats", "3"]
         res["steps"].append(run_step("bench_train", tcmd, budget_for(100, 5), env))
         res["train_step"] = load_json(tjson)
 
