@@ -7,6 +7,8 @@ WideResNet-34-10, excluding the forward/backward passes (the ascent gradients ar
 * ``reference-eager``: the reference pattern written from the design brief: state-dict copy
   into a proxy model, a proxy SGD step with the ascent gradient, per-layer diff and scale,
   add into the model, subtract after the step.
+* ``foreach-simple``: the straightforward ``torch._foreach_*`` version the design brief quotes
+  (scaled direction as a temporary, then add), for reference.
 * one row per awpfast backend: ``perturb_`` (norms, scale on device, apply + backup) and
   ``restore_`` (copy back), called once per (device, dtype) group.
 
@@ -123,6 +125,18 @@ def reference_eager(s):
                 p.add_(-GAMMA * diff[n])
 
 
+def foreach_simple(s):
+    """The brief's "straightforward torch._foreach_* version": norms, backup copy, the scaled
+    direction as a temporary, add; restore by copy. The baseline of the foreach targets."""
+    ps, gs, bs = s["params"], s["grads"], s["backups"]
+    wn = torch.stack(torch._foreach_norm(ps))
+    gn = torch.stack(torch._foreach_norm(gs))
+    torch._foreach_copy_(bs, ps)
+    scale = GAMMA * wn / (gn + EPS)
+    torch._foreach_add_(ps, torch._foreach_mul(gs, list(scale.unbind(0))))
+    torch._foreach_copy_(ps, bs)
+
+
 def awpfast_backend(name):
     def run(s):
         be = ops.get_backend(name, s["params"][0].device, s["params"][0].dtype)
@@ -160,7 +174,8 @@ def main(argv=None):
             dtype = getattr(torch, dt_name)
             case = Case(model_name, device, dtype, copies)
             floor_ms = 8 * case.n * case.elem / (bw * 1e9) * 1e3
-            variants = [("reference-eager", reference_eager)] + [(b, awpfast_backend(b)) for b in backends]
+            variants = [("reference-eager", reference_eager), ("foreach-simple", foreach_simple)]
+            variants += [(b, awpfast_backend(b)) for b in backends]
             base = None
             for vname, fn in variants:
                 try:

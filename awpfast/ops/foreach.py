@@ -36,20 +36,21 @@ def perturb_(params, directions, gammas, eps, backups, deltas):
     if backups is not None:
         torch._foreach_copy_(backups, params)
     scale = torch.tensor(gammas, dtype=acc, device=wn.device) * wn / (dn + eps)
-    if params[0].dtype == acc:
-        if deltas is not None:
-            torch._foreach_copy_(deltas, directions)
-            torch._foreach_mul_(deltas, list(scale.unbind(0)))
-            torch._foreach_add_(params, deltas)
-        else:
-            torch._foreach_add_(params, _scaled(directions, scale, acc))
+    scales = list(scale.unbind(0))
+    if deltas is None:
+        # p += d * s_l in one pass, no temporaries; the 0-dim fp32 scale keeps fp32 math
+        # (one rounding) for low-precision parameters
+        torch._foreach_addcmul_(params, directions, scales)
+    elif params[0].dtype == acc:
+        torch._foreach_copy_(deltas, directions)
+        torch._foreach_mul_(deltas, scales)
+        torch._foreach_add_(params, deltas)
     else:
         v = _scaled(directions, scale, acc)
         p32 = [p.to(acc) for p in params]
         torch._foreach_add_(p32, v)
         torch._foreach_copy_(params, p32)
-        if deltas is not None:
-            torch._foreach_copy_(deltas, v)
+        torch._foreach_copy_(deltas, v)
     return dn
 
 
