@@ -189,7 +189,7 @@ def main(argv=None):
                              "min_ms": lo, "max_ms": hi, "elements": case.n, "layers": case.layers,
                              "floor_ms": floor_ms, "x_floor": med / floor_ms,
                              "speedup_vs_reference": (base / med) if base else None})
-            del case
+            case = None  # free this model set before the next one
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "device_type": device.type, "threads": torch.get_num_threads() if device.type == "cpu" else None,
            "torch": torch.__version__, "copy_bandwidth_gbs": bw, "reps": reps, "rows": rows}

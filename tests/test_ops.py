@@ -1,5 +1,4 @@
 """The seam ops of every CPU backend against a float64 reference (design brief section 4)."""
-import os
 
 import pytest
 import torch

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ._library import SeamOps, as_list, floats
+
 try:
     from awpfast import _C
     _C_ERR = ""
@@ -277,128 +279,48 @@ def _impl_pgd_step_(x_adv, grad, x, alpha, eps, norm):
 
 
 # --------------------------------------------------------------------------- torch.library
-# The ops are also registered as torch.library custom ops (namespace ``awpfast_native``)
-# with fake (meta) implementations, so that torch.compile treats each call as one opaque
-# node instead of breaking the graph on data_ptr(). Eager calls skip the dispatcher (it
-# costs tens of microseconds per call); code being compiled goes through it.
-_LIB_OK = False
-if _C is not None and hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
-    from typing import List
-
-    try:
-        @torch.library.custom_op("awpfast_native::norms", mutates_args=())
-        def _op_norms(tensors: List[torch.Tensor]) -> torch.Tensor:
-            return _impl_norms(tensors)
-
-        @_op_norms.register_fake
-        def _(tensors):
-            return tensors[0].new_empty(len(tensors), dtype=_acc_dtype(tensors[0].dtype))
-
-        @torch.library.custom_op("awpfast_native::perturb_", mutates_args=("params", "backups", "deltas"))
-        def _op_perturb(params: List[torch.Tensor], directions: List[torch.Tensor], gammas: List[float],
-                        eps: float, backups: List[torch.Tensor], deltas: List[torch.Tensor]) -> torch.Tensor:
-            return _impl_perturb_(params, directions, gammas, eps, backups or None, deltas or None)
-
-        @_op_perturb.register_fake
-        def _(params, directions, gammas, eps, backups, deltas):
-            return params[0].new_empty(len(params), dtype=_acc_dtype(params[0].dtype))
-
-        @torch.library.custom_op("awpfast_native::restore_", mutates_args=("params",))
-        def _op_restore(params: List[torch.Tensor], backups: List[torch.Tensor]) -> None:
-            _impl_restore_(params, backups)
-
-        @_op_restore.register_fake
-        def _(params, backups):
-            return None
-
-        @torch.library.custom_op("awpfast_native::unperturb_", mutates_args=("params",))
-        def _op_unperturb(params: List[torch.Tensor], deltas: List[torch.Tensor]) -> None:
-            _impl_unperturb_(params, deltas)
-
-        @_op_unperturb.register_fake
-        def _(params, deltas):
-            return None
-
-        @torch.library.custom_op("awpfast_native::ascent_step_", mutates_args=("params",))
-        def _op_ascent(params: List[torch.Tensor], backups: List[torch.Tensor], directions: List[torch.Tensor],
-                       step_sizes: List[float], gammas: List[float], eps: float) -> torch.Tensor:
-            return _impl_ascent_step_(params, backups, directions, step_sizes, gammas, eps)
-
-        @_op_ascent.register_fake
-        def _(params, backups, directions, step_sizes, gammas, eps):
-            return params[0].new_empty(len(params), dtype=_acc_dtype(params[0].dtype))
-
-        @torch.library.custom_op("awpfast_native::project_", mutates_args=("params",))
-        def _op_project(params: List[torch.Tensor], backups: List[torch.Tensor], gammas: List[float]) -> None:
-            _impl_project_(params, backups, gammas)
-
-        @_op_project.register_fake
-        def _(params, backups, gammas):
-            return None
-
-        @torch.library.custom_op("awpfast_native::pgd_step_", mutates_args=("x_adv",))
-        def _op_pgd(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float,
-                    norm: str) -> None:
-            _impl_pgd_step_(x_adv, grad, x, alpha, eps, norm)
-
-        @_op_pgd.register_fake
-        def _(x_adv, grad, x, alpha, eps, norm):
-            return None
-
-        _LIB_OK = True
-    except Exception:  # pragma: no cover - a torch without these registration features
-        _LIB_OK = False
-
-
-def _compiling() -> bool:
-    if not _LIB_OK:
-        return False
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover
-        return False
+# The ops are also registered as torch.library custom ops (``awpfast::native_*``, see
+# _library.py) so that torch.compile treats each call as one opaque node instead of breaking
+# the graph on data_ptr(); eager calls skip the dispatcher.
+_OPS = None
+if _C is not None:
+    _OPS = SeamOps("native_", {
+        "norms": _impl_norms,
+        "perturb_": lambda p, d, g, e, b, v: _impl_perturb_(p, d, g, e, b or None, v or None),
+        "restore_": _impl_restore_,
+        "unperturb_": _impl_unperturb_,
+        "ascent_step_": _impl_ascent_step_,
+        "project_": _impl_project_,
+        "pgd_step_": _impl_pgd_step_,
+    })
+_LIB_OK = bool(_OPS is not None and _OPS.ok)
 
 
 def norms(ts):
-    if _compiling():
-        return torch.ops.awpfast_native.norms(list(ts))
-    return _impl_norms(ts)
+    return _OPS.op("norms")(list(ts))
 
 
 def perturb_(params, directions, gammas, eps, backups, deltas):
-    if _compiling():
-        return torch.ops.awpfast_native.perturb_(list(params), list(directions), [float(g) for g in gammas],
-                                                 float(eps), list(backups or []), list(deltas or []))
-    return _impl_perturb_(params, directions, gammas, eps, backups, deltas)
+    return _OPS.op("perturb_")(list(params), list(directions), floats(gammas, len(params)), float(eps),
+                               as_list(backups), as_list(deltas))
 
 
 def restore_(params, backups):
-    if _compiling():
-        return torch.ops.awpfast_native.restore_(list(params), list(backups))
-    return _impl_restore_(params, backups)
+    return _OPS.op("restore_")(list(params), list(backups))
 
 
 def unperturb_(params, deltas):
-    if _compiling():
-        return torch.ops.awpfast_native.unperturb_(list(params), list(deltas))
-    return _impl_unperturb_(params, deltas)
+    return _OPS.op("unperturb_")(list(params), list(deltas))
 
 
 def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
-    if _compiling():
-        return torch.ops.awpfast_native.ascent_step_(list(params), list(backups), list(directions),
-                                                     [float(s) for s in step_sizes],
-                                                     [float(g) for g in gammas], float(eps))
-    return _impl_ascent_step_(params, backups, directions, step_sizes, gammas, eps)
+    return _OPS.op("ascent_step_")(list(params), list(backups), list(directions), floats(step_sizes, len(params)),
+                                   floats(gammas, len(params)), float(eps))
 
 
 def project_(params, backups, gammas):
-    if _compiling():
-        return torch.ops.awpfast_native.project_(list(params), list(backups), [float(g) for g in gammas])
-    return _impl_project_(params, backups, gammas)
+    return _OPS.op("project_")(list(params), list(backups), floats(gammas, len(params)))
 
 
 def pgd_step_(x_adv, grad, x, alpha, eps, norm):
-    if _compiling():
-        return torch.ops.awpfast_native.pgd_step_(x_adv, grad, x, float(alpha), float(eps), norm)
-    return _impl_pgd_step_(x_adv, grad, x, alpha, eps, norm)
+    return _OPS.op("pgd_step_")(x_adv, grad, x, float(alpha), float(eps), str(norm))

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import math
 import os
 import threading
-from typing import List
 
 import torch
+
+from ._library import SeamOps, as_list, floats
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -363,67 +363,11 @@ def triton_cdiv(a, b):
 
 
 # --------------------------------------------------------------------------- torch.library ops
-Tensors = List[torch.Tensor]
-
-if K is not None:
-    @torch.library.custom_op("awpfast::triton_norms", mutates_args=())
-    def _op_norms(tensors: Tensors) -> torch.Tensor:
-        return _norms_impl(tensors)
-
-    @_op_norms.register_fake
-    def _(tensors):
-        return tensors[0].new_empty((len(tensors),), dtype=torch.float32)
-
-    @torch.library.custom_op("awpfast::triton_perturb_", mutates_args=("params", "backups", "deltas"))
-    def _op_perturb(params: Tensors, directions: Tensors, gammas: List[float], eps: float,
-                    backups: Tensors, deltas: Tensors) -> torch.Tensor:
-        return _perturb_impl(params, directions, gammas, eps, backups, deltas)
-
-    @_op_perturb.register_fake
-    def _(params, directions, gammas, eps, backups, deltas):
-        return params[0].new_empty((len(params),), dtype=torch.float32)
-
-    @torch.library.custom_op("awpfast::triton_restore_", mutates_args=("params",))
-    def _op_restore(params: Tensors, backups: Tensors) -> None:
-        _restore_impl(params, backups)
-
-    @_op_restore.register_fake
-    def _(params, backups):
-        return None
-
-    @torch.library.custom_op("awpfast::triton_unperturb_", mutates_args=("params",))
-    def _op_unperturb(params: Tensors, deltas: Tensors) -> None:
-        _unperturb_impl(params, deltas)
-
-    @_op_unperturb.register_fake
-    def _(params, deltas):
-        return None
-
-    @torch.library.custom_op("awpfast::triton_ascent_step_", mutates_args=("params",))
-    def _op_ascent(params: Tensors, backups: Tensors, directions: Tensors, step_sizes: List[float],
-                   gammas: List[float], eps: float) -> torch.Tensor:
-        return _ascent_impl(params, backups, directions, step_sizes, gammas, eps)
-
-    @_op_ascent.register_fake
-    def _(params, backups, directions, step_sizes, gammas, eps):
-        return params[0].new_empty((len(params),), dtype=torch.float32)
-
-    @torch.library.custom_op("awpfast::triton_project_", mutates_args=("params",))
-    def _op_project(params: Tensors, backups: Tensors, gammas: List[float]) -> None:
-        _project_impl(params, backups, gammas)
-
-    @_op_project.register_fake
-    def _(params, backups, gammas):
-        return None
-
-    @torch.library.custom_op("awpfast::triton_pgd_step_", mutates_args=("x_adv",))
-    def _op_pgd(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float,
-                norm: str) -> None:
-        _pgd_impl(x_adv, grad, x, alpha, eps, norm)
-
-    @_op_pgd.register_fake
-    def _(x_adv, grad, x, alpha, eps, norm):
-        return None
+_OPS = SeamOps("triton_", {
+    "norms": _norms_impl, "perturb_": _perturb_impl, "restore_": _restore_impl,
+    "unperturb_": _unperturb_impl, "ascent_step_": _ascent_impl, "project_": _project_impl,
+    "pgd_step_": _pgd_impl,
+}) if K is not None else None
 
 
 # --------------------------------------------------------------------------- validation
@@ -463,22 +407,6 @@ def _check_layout(*named):
 
 
 # --------------------------------------------------------------------------- the group functions
-def _fl(v, n):
-    """Per-tensor floats (the seam passes lists; a single float is accepted too)."""
-    if isinstance(v, (int, float)):
-        return [float(v)] * n
-    return [float(x) for x in v]
-
-
-def _op(name, impl):
-    """The custom op while Dynamo traces (so the graph holds one opaque op), else the
-    implementation itself: in eager mode the dispatcher round trip is pure launch overhead
-    (a PGD step on a CIFAR batch is a few microseconds of GPU work)."""
-    if torch.compiler.is_compiling():
-        return getattr(torch.ops.awpfast, name)
-    return impl
-
-
 def _empty_norms(ts):
     return torch.empty(0, dtype=torch.float32, device=ts[0].device if ts else "cpu")
 
@@ -487,7 +415,7 @@ def norms(tensors):
     if len(tensors) == 0:
         return _empty_norms(tensors)
     _check_layout(("tensors", tensors))
-    return _op("triton_norms", _norms_impl)(list(tensors))
+    return _OPS.op("norms")(list(tensors))
 
 
 def perturb_(params, directions, gammas, eps, backups, deltas):
@@ -499,41 +427,39 @@ def perturb_(params, directions, gammas, eps, backups, deltas):
     if deltas is not None:
         named.append(("deltas", deltas))
     _check_layout(*named)
-    return _op("triton_perturb_", _perturb_impl)(
-        list(params), list(directions), _fl(gammas, len(params)), float(eps),
-        list(backups) if backups is not None else [], list(deltas) if deltas is not None else [])
+    return _OPS.op("perturb_")(list(params), list(directions), floats(gammas, len(params)), float(eps),
+                               as_list(backups), as_list(deltas))
 
 
 def restore_(params, backups):
     if len(params) == 0:
         return
     _check_layout(("params", params), ("backups", backups))
-    _op("triton_restore_", _restore_impl)(list(params), list(backups))
+    _OPS.op("restore_")(list(params), list(backups))
 
 
 def unperturb_(params, deltas):
     if len(params) == 0:
         return
     _check_layout(("params", params), ("deltas", deltas))
-    _op("triton_unperturb_", _unperturb_impl)(list(params), list(deltas))
+    _OPS.op("unperturb_")(list(params), list(deltas))
 
 
 def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
     if len(params) == 0:
         return _empty_norms(params)
     _check_layout(("params", params), ("backups", backups), ("directions", directions))
-    return _op("triton_ascent_step_", _ascent_impl)(
-        list(params), list(backups), list(directions), _fl(step_sizes, len(params)),
-        _fl(gammas, len(params)), float(eps))
+    return _OPS.op("ascent_step_")(list(params), list(backups), list(directions),
+                                   floats(step_sizes, len(params)), floats(gammas, len(params)), float(eps))
 
 
 def project_(params, backups, gammas):
     if len(params) == 0:
         return
     _check_layout(("params", params), ("backups", backups))
-    _op("triton_project_", _project_impl)(list(params), list(backups), _fl(gammas, len(params)))
+    _OPS.op("project_")(list(params), list(backups), floats(gammas, len(params)))
 
 
 def pgd_step_(x_adv, grad, x, alpha, eps, norm):
     _check_layout(("x_adv", [x_adv]), ("grad", [grad]), ("x", [x]))
-    _op("triton_pgd_step_", _pgd_impl)(x_adv, grad, x, float(alpha), float(eps), str(norm))
+    _OPS.op("pgd_step_")(x_adv, grad, x, float(alpha), float(eps), str(norm))

@@ -700,33 +700,33 @@ void perturb(const Ptrs& p, const Ptrs& d, const Ptrs& b, const Ptrs& v, const S
   });
 }
 
-void restore(const Ptrs& p, const Ptrs& b, const Sizes& numel, int dtype, uintptr_t stream) {
+// p (op)= other over whole lists: restore (copy) and unperturb (subtract) share this launcher.
+template <class Launch>
+void binary_lists(const char* other_name, const Ptrs& p, const Ptrs& other, const Sizes& numel, int dtype,
+                  uintptr_t stream, Launch&& launch) {
   check_len("params", p.size(), numel.size());
-  check_len("backups", b.size(), numel.size());
+  check_len(other_name, other.size(), numel.size());
   const auto cs = chunk_starts(numel);
   cudaStream_t st = as_stream(stream);
   dispatch(dtype, [&](auto tag) {
+    const Ptrs* lists[2] = {&p, &other};
+    for_each_batch<2>(lists, numel, cs, [&](const TLMeta<2>& m, unsigned nc) { launch(tag, m, nc, st); });
+  });
+}
+
+void restore(const Ptrs& p, const Ptrs& b, const Sizes& numel, int dtype, uintptr_t stream) {
+  binary_lists("backups", p, b, numel, dtype, stream, [](auto tag, const TLMeta<2>& m, unsigned nc, cudaStream_t st) {
     using T = decltype(tag);
-    const Ptrs* lists[2] = {&p, &b};
-    for_each_batch<2>(lists, numel, cs, [&](const TLMeta<2>& m, unsigned nc) {
-      k_copy<T><<<nc, kThreads, 0, st>>>(m);
-      AWP_CHECK_LAUNCH("k_copy");
-    });
+    k_copy<T><<<nc, kThreads, 0, st>>>(m);
+    AWP_CHECK_LAUNCH("k_copy");
   });
 }
 
 void unperturb(const Ptrs& p, const Ptrs& v, const Sizes& numel, int dtype, uintptr_t stream) {
-  check_len("params", p.size(), numel.size());
-  check_len("deltas", v.size(), numel.size());
-  const auto cs = chunk_starts(numel);
-  cudaStream_t st = as_stream(stream);
-  dispatch(dtype, [&](auto tag) {
+  binary_lists("deltas", p, v, numel, dtype, stream, [](auto tag, const TLMeta<2>& m, unsigned nc, cudaStream_t st) {
     using T = decltype(tag);
-    const Ptrs* lists[2] = {&p, &v};
-    for_each_batch<2>(lists, numel, cs, [&](const TLMeta<2>& m, unsigned nc) {
-      k_sub<T><<<nc, kThreads, 0, st>>>(m);
-      AWP_CHECK_LAUNCH("k_sub");
-    });
+    k_sub<T><<<nc, kThreads, 0, st>>>(m);
+    AWP_CHECK_LAUNCH("k_sub");
   });
 }
 
