@@ -200,26 +200,24 @@ def _impl_perturb_(params, directions, gammas, eps, backups, deltas):
     return out
 
 
-def _impl_restore_(params, backups):
+def _impl_binary(fn_name, params, other):
+    """params <- op(params, other) over whole lists: restore (copy) and unperturb (subtract)."""
     dt, dev = params[0].dtype, params[0].device
-    (p, b), back = _prepare([params, backups], (0,))
+    (p, o), back = _prepare([params, other], (0,))
     if dev.type == "cuda":
         with _Cuda(dev) as c:
-            _C_cuda.restore(_ptrs(p), _ptrs(b), _numel(p), _CODES[dt], c.stream)
+            getattr(_C_cuda, fn_name)(_ptrs(p), _ptrs(o), _numel(p), _CODES[dt], c.stream)
     else:
-        _C.restore(_ptrs(p), _ptrs(b), _numel(p), _CODES[dt], _threads())
+        getattr(_C, fn_name)(_ptrs(p), _ptrs(o), _numel(p), _CODES[dt], _threads())
     _finish(back, (params,))
+
+
+def _impl_restore_(params, backups):
+    _impl_binary("restore", params, backups)
 
 
 def _impl_unperturb_(params, deltas):
-    dt, dev = params[0].dtype, params[0].device
-    (p, v), back = _prepare([params, deltas], (0,))
-    if dev.type == "cuda":
-        with _Cuda(dev) as c:
-            _C_cuda.unperturb(_ptrs(p), _ptrs(v), _numel(p), _CODES[dt], c.stream)
-    else:
-        _C.unperturb(_ptrs(p), _ptrs(v), _numel(p), _CODES[dt], _threads())
-    _finish(back, (params,))
+    _impl_binary("unperturb", params, deltas)
 
 
 def _impl_ascent_step_(params, backups, directions, step_sizes, gammas, eps):
