@@ -21,9 +21,11 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import OrderedDict
+from itertools import chain
 from typing import Callable, Optional
 
 import torch
+import torch.optim.optimizer as _optim_mod
 from torch import nn
 
 from .perturb import PerturbState, default_include, select_parameters
@@ -66,7 +68,9 @@ class AWP(torch.optim.Optimizer):
         backend: seam backend (``reference``, ``foreach``, ``triton``, ``native``); default: the
             ``AWPFAST_BACKEND`` environment variable, else the best for the device.
         nonfinite: ``"skip"`` (default: a non-finite ascent gradient skips this step's perturbation,
-            with a warning, counted in ``skipped_steps``) or ``"raise"``.
+            with a warning, counted in ``skipped_steps``) or ``"raise"``. Eagerly the check is one
+            host sync per ``perturb()``; inside ``torch.compile`` the skip happens on the device
+            (no sync, no graph break, no warning; still counted in ``skipped_steps``).
         eps: the ``1e-20`` of the reference.
     """
 
@@ -112,7 +116,7 @@ class AWP(torch.optim.Optimizer):
         for g in optimizer.param_groups:
             g.setdefault("awp_gamma", float(gamma))
         self._size_key, self._any_gamma = None, True
-        self.skipped_steps = 0
+        self._skipped_host = 0
         self.perturb_count = 0
         self.last_direction_norms: Optional[torch.Tensor] = None
         # torch.optim.Optimizer bookkeeping without re-adding the base's parameters
@@ -123,7 +127,7 @@ class AWP(torch.optim.Optimizer):
         self._optimizer_state_dict_post_hooks = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
 
     # ----------------------------------------------------------------- shared state
     @property
@@ -214,11 +218,22 @@ class AWP(torch.optim.Optimizer):
                 "with the model passed to AWP, or change include=")
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self._sel.params)]
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose perturbation was skipped for a non-finite ascent gradient."""
+        return self._skipped_host + int(self._sel.skipped_device)
+
     def _finite_or_handle(self, dnorms: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling() and self.nonfinite == "skip":
+            # Inside a compiled step: no host sync (it would break the graph). The skip happens
+            # on the device: a non-finite step leaves the weights at the backup (v = 0) and is
+            # counted in a device tensor, read by ``skipped_steps``; no warning is emitted.
+            self._sel.keep_if(torch.isfinite(dnorms).all())
+            return True
         if bool(torch.isfinite(dnorms).all()):
             return True
         self._sel.restore()
-        self.skipped_steps += 1
+        self._skipped_host += 1
         msg = ("AWP: the ascent gradient is not finite (inf/NaN in the closure's loss or its backward); "
                "the weights were restored exactly")
         if self.nonfinite == "raise":
@@ -275,16 +290,34 @@ class AWP(torch.optim.Optimizer):
                 self._sel.restore()
 
     # ----------------------------------------------------------------- step
-    @torch.no_grad()
     def step(self, closure=None):
-        """The base optimizer's step, with the perturbation removed in the configured order."""
+        """The base optimizer's step, with the perturbation removed in the configured order.
+
+        Runs the ``torch.optim`` step hooks itself (instead of torch's profiling wrapper, which
+        Dynamo does not trace), so a compiled training step inlines it."""
+        args, kwargs = (self,) if closure is None else (self, closure), {}
+        for hook in chain(_optim_mod._global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"a step pre-hook must return None or (args, kwargs), got {result!r}")
+                args, kwargs = result
+        with torch.no_grad():
+            out = self._step(*args[1:], **kwargs)
+        self._optimizer_step_code()
+        for hook in chain(self._optimizer_step_post_hooks.values(), _optim_mod._global_optimizer_post_hooks.values()):
+            hook(self, args, kwargs)
+        return out
+
+    def _step(self, closure=None):
+        base_step = (lambda: self.optimizer.step(closure)) if closure is not None else self.optimizer.step
         if not self._sel.active:
-            return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            return base_step()
         if self.restore_mode == "before_step":
             self._sel.restore()
-            return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            return base_step()
         try:
-            ret = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            ret = base_step()
         except BaseException:
             self._sel.restore()
             raise
@@ -310,7 +343,8 @@ class AWP(torch.optim.Optimizer):
         if "base_optimizer" in state_dict:
             self.optimizer.load_state_dict(state_dict["base_optimizer"])
             awp = state_dict.get("awp", {})
-            self.skipped_steps = int(awp.get("skipped_steps", 0))
+            self._skipped_host = int(awp.get("skipped_steps", 0))
+            self._sel.skipped_device.zero_()
             self.perturb_count = int(awp.get("perturb_count", 0))
         elif "state" in state_dict and "param_groups" in state_dict:  # a plain base-optimizer checkpoint
             self.optimizer.load_state_dict(state_dict)

@@ -94,6 +94,8 @@ class PerturbState:
         self.groups: List[_Group] = []
         self._built = None
         self._sizes = None
+        # steps skipped for non-finite gradients inside compiled code (counted on the device)
+        self.skipped_device: Optional[torch.Tensor] = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -113,6 +115,11 @@ class PerturbState:
         self.groups = [_Group(dev, dt, idx, [flat(self.params[i].data) for i in idx])
                        for (dev, dt), idx in _ops.group_indices(self.params).items()]
         self._built = now
+        dev = self.params[0].device
+        if self.skipped_device is None:
+            self.skipped_device = torch.zeros((), dtype=torch.int64, device=dev)
+        elif self.skipped_device.device != dev:
+            self.skipped_device = self.skipped_device.to(dev)
         if self._sizes is not None:
             self.set_sizes(*self._sizes)
 
@@ -185,6 +192,17 @@ class PerturbState:
             self.restore()
             raise
         return torch.cat([n.float().to(norms[0].device) for n in norms]) if len(norms) > 1 else norms[0]
+
+    def keep_if(self, ok: torch.Tensor) -> None:
+        """Device-side select without a host sync: where ``ok`` is False, params <- backups and
+        deltas <- 0 (the perturbation is dropped). Meant for compiled code, where this per-layer
+        loop is traced once and fused. Counts a skip in ``skipped_device``."""
+        self.skipped_device.add_((~ok).to(torch.int64))
+        for g in self.groups:
+            for i, (p, b) in enumerate(zip(g.params, g.backups)):
+                p.copy_(torch.where(ok, p, b))
+                if self.store_deltas:
+                    g.deltas[i].copy_(torch.where(ok, g.deltas[i], torch.zeros_like(g.deltas[i])))
 
     def check_layout(self) -> List[str]:
         """Names of parameters whose storage was replaced or resized since perturb()."""

@@ -148,7 +148,9 @@ def _awp_setup(backend):
 @pytest.mark.parametrize("backend", [b for b in ("foreach", "triton") if b in BACKENDS])
 def test_awp_step_under_dynamo(backend):
     """A whole AWP training step under Dynamo: same weights as eager, and no graph break
-    in the seam or the backends (breaks elsewhere are reported, not failed)."""
+    in awpfast except at torch.autograd.grad, which Dynamo does not trace by default (its
+    ``trace_autograd_ops`` switch changes plain SGD training results in torch 2.13, so awpfast
+    does not rely on it)."""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(7)
     x = torch.rand(8, 3, 6, 6, generator=g).to(DEV)
@@ -178,15 +180,42 @@ def test_awp_step_under_dynamo(backend):
     for a, b in zip(*weights):
         assert rel_err(a, b) < 1e-5
 
-    in_ops, elsewhere = [], []
+    in_awpfast = []
     for r in ex.break_reasons:
-        frames = [f for f in r.user_stack if "awpfast" in f.filename.replace(os.sep, "/")]
-        where = [f"{os.path.relpath(f.filename)}:{f.lineno}" for f in frames]
+        frames = [f for f in r.user_stack if "/awpfast/" in f.filename.replace(os.sep, "/")]
         reason = r.reason.splitlines()[0][:160]
-        if any("/awpfast/ops/" in f.filename.replace(os.sep, "/") for f in frames):
-            in_ops.append((reason, where))
-        elif frames:
-            elsewhere.append((reason, where))
-    if elsewhere:
-        print("graph breaks in awpfast outside the ops:", *elsewhere, sep="\n  ")
-    assert not in_ops, f"graph breaks inside awpfast/ops: {in_ops}"
+        if frames and "autograd.grad" not in reason:
+            in_awpfast.append((reason, [f"{os.path.relpath(f.filename)}:{f.lineno}" for f in frames]))
+    assert not in_awpfast, f"graph breaks inside awpfast: {in_awpfast}"
+
+
+@pytest.mark.parametrize("backend", [b for b in ("foreach", "triton") if b in BACKENDS])
+def test_compiled_perturb_skips_nonfinite_on_device(backend):
+    """In compiled code the non-finite check has no host sync: a non-finite ascent gradient
+    leaves the weights exactly at w, and the skip is counted on the device."""
+    torch._dynamo.reset()
+    m, opt, awp = _awp_setup(backend)
+    x = torch.rand(8, 3, 6, 6).to(DEV)
+    y = torch.randint(0, 5, (8,)).to(DEV)
+    scale = torch.ones((), device=DEV)
+    w0 = [p.detach().clone() for p in m.parameters()]
+
+    def perturb(x, y):
+        awp.perturb(lambda: F.cross_entropy(m(x), y) * scale)
+
+    # the code after torch.autograd.grad's graph break is compiled: no host sync there
+    ex = torch._dynamo.explain(perturb)(x, y)
+    breaks = [r.reason.splitlines()[0] for r in ex.break_reasons if "autograd.grad" not in r.reason]
+    assert not breaks, breaks
+    assert awp.is_perturbed and awp.skipped_steps == 0
+    assert any(not torch.equal(a, b) for a, b in zip(w0, m.parameters()))
+    awp.restore()
+    scale.fill_(float("inf"))
+    torch._dynamo.explain(perturb)(x, y)
+    assert awp.skipped_steps == 1
+    for a, b in zip(w0, m.parameters()):
+        assert torch.equal(a, b)
+    awp.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    awp.step()  # the reference order subtracts v = 0: a plain step from w
+    assert all(torch.isfinite(p).all() for p in m.parameters())
