@@ -69,7 +69,8 @@ class AWP(torch.optim.Optimizer):
             ``AWPFAST_BACKEND`` environment variable, else the best for the device.
         nonfinite: ``"skip"`` (default: a non-finite ascent gradient skips this step's perturbation,
             with a warning, counted in ``skipped_steps``) or ``"raise"``. Eagerly the check is one
-            host sync per ``perturb()``; inside ``torch.compile`` the skip happens on the device
+            host sync per ``perturb()``; inside ``torch.compile`` or a CUDA-graph capture the skip
+            happens on the device
             (no sync, no graph break, no warning; still counted in ``skipped_steps``).
         eps: the ``1e-20`` of the reference.
     """
@@ -224,10 +225,11 @@ class AWP(torch.optim.Optimizer):
         return self._skipped_host + int(self._sel.skipped_device)
 
     def _finite_or_handle(self, dnorms: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() and self.nonfinite == "skip":
-            # Inside a compiled step: no host sync (it would break the graph). The skip happens
-            # on the device: a non-finite step leaves the weights at the backup (v = 0) and is
-            # counted in a device tensor, read by ``skipped_steps``; no warning is emitted.
+        if self.nonfinite == "skip" and (torch.compiler.is_compiling() or _capturing(dnorms)):
+            # Inside a compiled step or a CUDA-graph capture: no host sync (it would break the
+            # graph). The skip happens on the device: a non-finite step leaves the weights at the
+            # backup (v = 0) and is counted in a device tensor, read by ``skipped_steps``; no
+            # warning is emitted.
             self._sel.keep_if(torch.isfinite(dnorms).all())
             return True
         if bool(torch.isfinite(dnorms).all()):
@@ -354,6 +356,10 @@ class AWP(torch.optim.Optimizer):
         for g in self.optimizer.param_groups:
             g.setdefault("awp_gamma", self._default_gamma)
         self._size_key = None
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _check_gamma(gamma, what):
