@@ -70,8 +70,8 @@ class AWP(torch.optim.Optimizer):
         nonfinite: ``"skip"`` (default: a non-finite ascent gradient skips this step's perturbation,
             with a warning, counted in ``skipped_steps``) or ``"raise"``. Eagerly the check is one
             host sync per ``perturb()``; inside ``torch.compile`` or a CUDA-graph capture the skip
-            happens on the device
-            (no sync, no graph break, no warning; still counted in ``skipped_steps``).
+            happens on the device (no sync, no graph break, no warning; still counted in
+            ``skipped_steps``).
         eps: the ``1e-20`` of the reference.
     """
 
