@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "scalar.h"
+#include "../args.h"
 
 #if defined(__x86_64__) || defined(__SSE2__)
 #include <emmintrin.h>
@@ -264,12 +265,6 @@ using Ptrs = std::vector<uintptr_t>;
 using Sizes = std::vector<int64_t>;
 using Floats = std::vector<double>;
 
-void check_len(const char* what, size_t got, size_t want) {
-  if (got != want)
-    throw std::invalid_argument(std::string("awpfast._C: ") + what + " has " + std::to_string(got) +
-                                " entries, expected " + std::to_string(want));
-}
-
 char* at(uintptr_t base, int64_t elem_off, int es) { return (char*)base + elem_off * es; }
 
 void write_norms(uintptr_t out, int dtype, const std::vector<double>& sq) {
@@ -285,7 +280,7 @@ void write_norms(uintptr_t out, int dtype, const std::vector<double>& sq) {
 
 // ------------------------------------------------------------------ ops
 void op_norms(const Ptrs& x, const Sizes& numel, int dtype, uintptr_t out, int nthreads) {
-  check_len("x", x.size(), numel.size());
+  check_lens("awpfast._C", numel.size(), {{"x", x.size()}});
   const KernelTable& K = table(dtype);
   const int es = elem_size(dtype);
   Layout L = make_layout(numel);
@@ -307,11 +302,11 @@ void op_perturb(const Ptrs& p, const Ptrs& d, const Ptrs& b, const Ptrs& v, cons
                 const Floats& gamma, double eps, int dtype, uintptr_t out, int nthreads,
                 int64_t segment_bytes) {
   const size_t n = numel.size();
-  check_len("params", p.size(), n);
-  check_len("directions", d.size(), n);
-  check_len("gammas", gamma.size(), n);
-  if (!b.empty()) check_len("backups", b.size(), n);
-  if (!v.empty()) check_len("deltas", v.size(), n);
+  check_lens("awpfast._C", n, {{"params", p.size()},
+                               {"directions", d.size()},
+                               {"gammas", gamma.size()},
+                               {"backups", b.size(), true},
+                               {"deltas", v.size(), true}});
   const KernelTable& K = table(dtype);
   const int es = elem_size(dtype);
   Layout L = make_layout(numel);
@@ -336,8 +331,7 @@ void op_perturb(const Ptrs& p, const Ptrs& d, const Ptrs& b, const Ptrs& v, cons
 }
 
 void op_restore(const Ptrs& p, const Ptrs& b, const Sizes& numel, int dtype, int nthreads) {
-  check_len("params", p.size(), numel.size());
-  check_len("backups", b.size(), numel.size());
+  check_lens("awpfast._C", numel.size(), {{"params", p.size()}, {"backups", b.size()}});
   const int es = elem_size(dtype);
   Layout L = make_layout(numel);
   run_phased(L, 1, es, 0, nthreads, [&](int, int, int64_t c) {
@@ -347,8 +341,7 @@ void op_restore(const Ptrs& p, const Ptrs& b, const Sizes& numel, int dtype, int
 }
 
 void op_unperturb(const Ptrs& p, const Ptrs& v, const Sizes& numel, int dtype, int nthreads) {
-  check_len("params", p.size(), numel.size());
-  check_len("deltas", v.size(), numel.size());
+  check_lens("awpfast._C", numel.size(), {{"params", p.size()}, {"deltas", v.size()}});
   const KernelTable& K = table(dtype);
   const int es = elem_size(dtype);
   Layout L = make_layout(numel);
@@ -369,11 +362,11 @@ void op_ascent(const Ptrs& p, const Ptrs& w, const Ptrs& d, const Sizes& numel, 
                const Floats& gamma, double eps, int dtype, uintptr_t out, int nthreads,
                int64_t segment_bytes) {
   const size_t n = numel.size();
-  check_len("params", p.size(), n);
-  check_len("backups", w.size(), n);
-  check_len("directions", d.size(), n);
-  check_len("step_sizes", step.size(), n);
-  check_len("gammas", gamma.size(), n);
+  check_lens("awpfast._C", n, {{"params", p.size()},
+                               {"backups", w.size()},
+                               {"directions", d.size()},
+                               {"step_sizes", step.size()},
+                               {"gammas", gamma.size()}});
   const KernelTable& K = table(dtype);
   const int es = elem_size(dtype);
   Layout L = make_layout(numel);
@@ -406,9 +399,7 @@ void op_ascent(const Ptrs& p, const Ptrs& w, const Ptrs& d, const Sizes& numel, 
 void op_project(const Ptrs& p, const Ptrs& w, const Sizes& numel, const Floats& gamma, int dtype,
                 int nthreads, int64_t segment_bytes) {
   const size_t n = numel.size();
-  check_len("params", p.size(), n);
-  check_len("backups", w.size(), n);
-  check_len("gammas", gamma.size(), n);
+  check_lens("awpfast._C", n, {{"params", p.size()}, {"backups", w.size()}, {"gammas", gamma.size()}});
   const KernelTable& K = table(dtype);
   const int es = elem_size(dtype);
   Layout L = make_layout(numel);

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../dtype.h"
+#include "../args.h"
 #include "kernels.h"
 
 namespace awpcuda {
@@ -543,12 +544,6 @@ std::vector<int64_t> chunk_starts(const Sizes& numel) {
   return cs;
 }
 
-void check_len(const char* what, size_t got, size_t want) {
-  if (got != want)
-    throw std::invalid_argument(std::string("awpfast._C_cuda: ") + what + " has " +
-                                std::to_string(got) + " entries, expected " + std::to_string(want));
-}
-
 // Calls launch(meta, nchunks) for consecutive batches of up to kMaxT non-empty tensors.
 template <int NP, class F>
 void for_each_batch(const Ptrs* const (&lists)[NP], const Sizes& numel,
@@ -651,7 +646,7 @@ std::string probe() {
 }
 
 void norms(const Ptrs& x, const Sizes& numel, int dtype, uintptr_t out, uintptr_t ws, uintptr_t stream) {
-  check_len("tensors", x.size(), numel.size());
+  check_lens("awpfast._C_cuda", numel.size(), {{"tensors", x.size()}});
   const auto cs = chunk_starts(numel);
   const Ws w = split_ws(ws, cs.back(), (int64_t)numel.size());
   cudaStream_t st = as_stream(stream);
@@ -673,11 +668,11 @@ void norms(const Ptrs& x, const Sizes& numel, int dtype, uintptr_t out, uintptr_
 void perturb(const Ptrs& p, const Ptrs& d, const Ptrs& b, const Ptrs& v, const Sizes& numel,
              const Floats& gamma, double eps, int dtype, uintptr_t out, uintptr_t ws, uintptr_t stream) {
   const size_t n = numel.size();
-  check_len("params", p.size(), n);
-  check_len("directions", d.size(), n);
-  check_len("gammas", gamma.size(), n);
-  if (!b.empty()) check_len("backups", b.size(), n);
-  if (!v.empty()) check_len("deltas", v.size(), n);
+  check_lens("awpfast._C_cuda", n, {{"params", p.size()},
+                                    {"directions", d.size()},
+                                    {"gammas", gamma.size()},
+                                    {"backups", b.size(), true},
+                                    {"deltas", v.size(), true}});
   const auto cs = chunk_starts(numel);
   const Ws w = split_ws(ws, cs.back(), (int64_t)n);
   cudaStream_t st = as_stream(stream);
@@ -704,8 +699,7 @@ void perturb(const Ptrs& p, const Ptrs& d, const Ptrs& b, const Ptrs& v, const S
 template <class Launch>
 void binary_lists(const char* other_name, const Ptrs& p, const Ptrs& other, const Sizes& numel, int dtype,
                   uintptr_t stream, Launch&& launch) {
-  check_len("params", p.size(), numel.size());
-  check_len(other_name, other.size(), numel.size());
+  check_lens("awpfast._C_cuda", numel.size(), {{"params", p.size()}, {other_name, other.size()}});
   const auto cs = chunk_starts(numel);
   cudaStream_t st = as_stream(stream);
   dispatch(dtype, [&](auto tag) {
@@ -734,11 +728,11 @@ void ascent_step(const Ptrs& p, const Ptrs& wl, const Ptrs& d, const Sizes& nume
                  const Floats& gamma, double eps, int dtype, uintptr_t out, uintptr_t ws,
                  uintptr_t stream) {
   const size_t n = numel.size();
-  check_len("params", p.size(), n);
-  check_len("backups", wl.size(), n);
-  check_len("directions", d.size(), n);
-  check_len("step_sizes", step.size(), n);
-  check_len("gammas", gamma.size(), n);
+  check_lens("awpfast._C_cuda", n, {{"params", p.size()},
+                                    {"backups", wl.size()},
+                                    {"directions", d.size()},
+                                    {"step_sizes", step.size()},
+                                    {"gammas", gamma.size()}});
   const auto cs = chunk_starts(numel);
   const Ws w = split_ws(ws, cs.back(), (int64_t)n);
   cudaStream_t st = as_stream(stream);
@@ -773,9 +767,7 @@ void ascent_step(const Ptrs& p, const Ptrs& wl, const Ptrs& d, const Sizes& nume
 void project(const Ptrs& p, const Ptrs& wl, const Sizes& numel, const Floats& gamma, int dtype,
              uintptr_t ws, uintptr_t stream) {
   const size_t n = numel.size();
-  check_len("params", p.size(), n);
-  check_len("backups", wl.size(), n);
-  check_len("gammas", gamma.size(), n);
+  check_lens("awpfast._C_cuda", n, {{"params", p.size()}, {"backups", wl.size()}, {"gammas", gamma.size()}});
   const auto cs = chunk_starts(numel);
   const Ws w = split_ws(ws, cs.back(), (int64_t)n);
   cudaStream_t st = as_stream(stream);
