@@ -60,6 +60,11 @@ def flat_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return flat(out)
 
 
+def _join_norms(norms: List[torch.Tensor]) -> torch.Tensor:
+    """Per-group direction norms as one vector (selection order within groups)."""
+    return norms[0] if len(norms) == 1 else torch.cat([n.float().to(norms[0].device) for n in norms])
+
+
 @dataclass
 class _Group:
     device: torch.device
@@ -178,7 +183,7 @@ class PerturbState:
                 self._backend(g).restore_(g.params, g.backups)
             raise
         self.active = True
-        return torch.cat([n.float().to(norms[0].device) for n in norms]) if len(norms) > 1 else norms[0]
+        return _join_norms(norms)
 
     def ascent_step(self, grads, eps) -> torch.Tensor:
         """A later multi-step ascent step around the backed-up weights, with projection."""
@@ -191,7 +196,7 @@ class PerturbState:
         except BaseException:
             self.restore()
             raise
-        return torch.cat([n.float().to(norms[0].device) for n in norms]) if len(norms) > 1 else norms[0]
+        return _join_norms(norms)
 
     def keep_if(self, ok: torch.Tensor) -> None:
         """Device-side select without a host sync: where ``ok`` is False, params <- backups and
