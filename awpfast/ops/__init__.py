@@ -24,6 +24,15 @@ Ops (``*_`` ops mutate their first argument in place):
     ``v <- v * min(1, gamma_i * ||w|| / ||v||)``; ``params <- w + v``. Returns direction norms.
 ``project_(params, backups, gamma)``
     ``params <- w + v * min(1, gamma_i * ||w|| / ||v||)`` with ``v = params - w``.
+``add_scaled_(params, directions, scale, *, clip=None, base=None, backups=None, deltas=None)``
+    The general "apply": for each i, ``d = clamp(directions[i], -clip, clip)`` (no clamp
+    when ``clip`` is None), ``v_i = scale_i * d``; if ``backups`` is given,
+    ``backups[i] <- params[i]`` (bit-exact, before the write); if ``deltas`` is given,
+    ``deltas[i] <- v_i``; ``params[i] <- (base[i] if base else params[i]) + v_i``.
+    ``scale`` is a float, one float per tensor, or a float tensor on the params' device
+    (0-dim for all, or one value per tensor) read on the device: no host sync. Used where
+    the per-tensor scale comes from elsewhere (norms all-reduced across processes, one
+    global norm, a landscape coordinate, a fixed step).
 ``pgd_step_(x_adv, grad, x, alpha, eps, norm="Linf")``
     One PGD step in place on the adversarial batch, in the order of the established
     implementations (sign/normalized step, projection onto the eps-ball around ``x``,
@@ -44,7 +53,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 __all__ = [
-    "norms", "perturb_", "restore_", "unperturb_", "ascent_step_", "project_", "pgd_step_",
+    "norms", "perturb_", "restore_", "unperturb_", "ascent_step_", "project_", "add_scaled_", "pgd_step_",
     "BACKENDS", "available_backends", "get_backend", "group_indices",
 ]
 
@@ -260,6 +269,66 @@ def project_(params, backups, gamma: Floats, *, backend: Optional[str] = None) -
     _check_pair("params", ps, "backups", bs)
     gs = _floats("gamma", gamma, len(ps))
     _per_group(ps, backend, lambda be, idx, dt: be.project_(_pick(ps, idx), _pick(bs, idx), _pick(gs, idx)))
+
+
+def _op(be, name: str):
+    """``be``'s implementation of op ``name``; backends that have no kernel for a newer op
+    use the foreach implementation (same semantics, every device)."""
+    fn = getattr(be, name, None)
+    return fn if fn is not None else getattr(_import("foreach")[0], name)
+
+
+def _scales(scale, n: int, device):
+    """``scale`` as a float list or a 1-D float tensor with one value per tensor."""
+    if isinstance(scale, torch.Tensor):
+        if not scale.dtype.is_floating_point:
+            raise TypeError(f"scale must be a floating-point tensor, got {scale.dtype}")
+        if scale.dim() == 0:
+            return scale.reshape(1).expand(n)
+        if scale.dim() != 1 or scale.numel() != n:
+            raise ValueError(f"scale has shape {tuple(scale.shape)} for {n} tensors; give a 0-dim tensor "
+                             "or one value per tensor")
+        return scale
+    if isinstance(scale, (int, float)):
+        vals = [float(scale)] * n
+    else:
+        vals = [float(x) for x in scale]
+        if len(vals) != n:
+            raise ValueError(f"scale has {len(vals)} values for {n} tensors; give one per tensor or a single float")
+    for x in vals:
+        if x != x or abs(x) == float("inf"):
+            raise ValueError(f"scale must be finite, got {x}")
+    return vals
+
+
+def _pick_scale(sc, idx, device):
+    if isinstance(sc, torch.Tensor):
+        part = sc[idx[0]:idx[-1] + 1] if idx == list(range(idx[0], idx[-1] + 1)) else sc[torch.tensor(idx, device=sc.device)]
+        return part.to(device) if part.device != device else part
+    return [sc[i] for i in idx]
+
+
+def add_scaled_(params, directions, scale, *, clip: Optional[float] = None, base=None, backups=None,
+                deltas=None, backend: Optional[str] = None) -> None:
+    """``params[i] <- (base[i] or params[i]) + scale_i * clamp(directions[i], -clip, clip)``,
+    writing the old ``params[i]`` to ``backups[i]`` and the added term to ``deltas[i]`` in
+    the same pass (see the module docstring)."""
+    ps = _check_list("params", params)
+    ds = _check_list("directions", directions)
+    _check_pair("params", ps, "directions", ds, same_dtype=False)
+    extra = {}
+    for name, lst in (("base", base), ("backups", backups), ("deltas", deltas)):
+        if lst is not None:
+            lst = _check_list(name, lst)
+            _check_pair("params", ps, name, lst)
+        extra[name] = lst
+    if clip is not None and not (float(clip) > 0 and float(clip) < float("inf")):
+        raise ValueError(f"clip must be a finite number > 0 (or None), got {clip!r}")
+    sc = _scales(scale, len(ps), ps[0].device if ps else None)
+    _per_group(ps, backend, lambda be, idx, dt: _op(be, "add_scaled_")(
+        _pick(ps, idx), _pick_as(ds, idx, dt), _pick_scale(sc, idx, ps[idx[0]].device),
+        None if clip is None else float(clip), _pick(extra["base"], idx), _pick(extra["backups"], idx),
+        _pick(extra["deltas"], idx)))
 
 
 def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float,

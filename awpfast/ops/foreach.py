@@ -101,6 +101,27 @@ def project_(params, backups, gammas):
     _project_into(params, backups, torch._foreach_sub(p, w), gammas, acc)
 
 
+def add_scaled_(params, directions, scales, clip, base, backups, deltas):
+    acc = _acc_dtype(params[0].dtype)
+    if isinstance(scales, torch.Tensor):
+        scale = scales.to(acc)
+    else:
+        scale = torch.tensor(scales, dtype=acc, device=params[0].device)
+    d = directions if directions[0].dtype == acc else [t.to(acc) for t in directions]
+    if clip is not None:
+        d = torch._foreach_clamp_max(torch._foreach_clamp_min(d, -clip), clip)
+    v = torch._foreach_mul(d, list(scale.unbind(0)))
+    if backups is not None:
+        torch._foreach_copy_(backups, params)
+    if deltas is not None:
+        torch._foreach_copy_(deltas, v)
+    start = base if base is not None else params
+    if start[0].dtype != acc:
+        start = [t.to(acc) for t in start]
+    out = torch._foreach_add(start, v)
+    torch._foreach_copy_(params, out)
+
+
 def pgd_step_(x_adv, grad, x, alpha, eps, norm):
     if norm == "Linf":
         # x_adv <- clamp(x + clamp(x_adv + alpha*sign(g) - x, -eps, eps), 0, 1)

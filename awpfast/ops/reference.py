@@ -77,6 +77,22 @@ def project_(params, backups, gammas):
         p.copy_(_acc(w) + _project(w, _acc(p) - _acc(w), g))
 
 
+def add_scaled_(params, directions, scales, clip, base, backups, deltas):
+    for i, (p, d) in enumerate(zip(params, directions)):
+        s = scales[i]
+        s = s.to(_acc(p).dtype) if isinstance(s, torch.Tensor) else s
+        d = _acc(d)
+        if clip is not None:
+            d = torch.clamp(d, -clip, clip)
+        v = s * d
+        start = _acc(base[i]) if base is not None else _acc(p)
+        if backups is not None:
+            backups[i].copy_(p)
+        if deltas is not None:
+            deltas[i].copy_(v)
+        p.copy_(start + v)
+
+
 def pgd_step_(x_adv, grad, x, alpha, eps, norm):
     xa, g, x0 = _acc(x_adv), _acc(grad), _acc(x)
     if norm == "Linf":

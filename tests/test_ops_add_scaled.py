@@ -1,0 +1,103 @@
+"""``ops.add_scaled_``, the general apply op, against an independent float64 formula."""
+
+import pytest
+import torch
+
+import awpfast.ops as ops
+from conftest import rel_err, tol
+
+BACKENDS = [b for b in ops.BACKENDS if b in ops.available_backends()]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+ODD_SHAPES = [(3, 5), (1,), (0,), (7, 3, 3, 3), (1023,), (1025,), (4097,), (2, 1, 1)]
+
+
+def _rand(shapes, dtype, scale=1.0):
+    return [(torch.randn(s, dtype=torch.float64) * scale).to(dtype) for s in shapes]
+
+
+def _poison(ts):
+    return [torch.full_like(t, float("nan")) for t in ts]
+
+
+def _ref(ps, ds, scales, clip=None, base=None):
+    out, vs = [], []
+    for i, (p, d) in enumerate(zip(ps, ds)):
+        d64 = d.double()
+        if clip is not None:
+            d64 = d64.clamp(-clip, clip)
+        v = float(scales[i]) * d64
+        vs.append(v)
+        out.append((base[i] if base is not None else p).double() + v)
+    return out, vs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("clip", [None, 0.7])
+def test_add_scaled_matches_float64(backend, dtype, clip):
+    ps = _rand(ODD_SHAPES, dtype)
+    ds = _rand(ODD_SHAPES, dtype)
+    scales = (torch.rand(len(ps), dtype=torch.float64) * 0.1 - 0.05).to(
+        torch.float64 if dtype == torch.float64 else torch.float32)
+    ref, ref_v = _ref(ps, ds, scales.tolist(), clip)
+    work = [p.clone() for p in ps]
+    backups, deltas = _poison(ps), _poison(ps)
+    ops.add_scaled_(work, ds, scales, clip=clip, backups=backups, deltas=deltas, backend=backend)
+    for i, p in enumerate(ps):
+        assert torch.equal(backups[i], p), "backup must be a bit-exact copy"
+        assert rel_err(work[i], ref[i]) <= tol(dtype), (i, rel_err(work[i], ref[i]))
+        if p.numel():
+            assert rel_err(deltas[i], ref_v[i]) <= max(tol(dtype), 1e-6), i
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_scaled_from_base_with_float_and_list_scales(backend):
+    ps = _rand(ODD_SHAPES, torch.float32)
+    base = _rand(ODD_SHAPES, torch.float32)
+    ds = _rand(ODD_SHAPES, torch.float32)
+    for scale in (-0.3, [0.1 * i for i in range(len(ps))], torch.tensor(0.25)):
+        s_list = [float(scale)] * len(ps) if not isinstance(scale, list) else scale
+        ref, _ = _ref(ps, ds, s_list, base=base)
+        work = _poison(ps)  # every element must be written from the base
+        ops.add_scaled_(work, ds, scale, base=base, backend=backend)
+        for w, r in zip(work, ref):
+            assert rel_err(w, r) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_scaled_zero_scale_from_base_is_bitwise_base(backend):
+    base = _rand(ODD_SHAPES, torch.float32)
+    ds = _rand(ODD_SHAPES, torch.float32)
+    work = _poison(base)
+    ops.add_scaled_(work, ds, 0.0, base=base, backend=backend)
+    assert all(torch.equal(w, b) for w, b in zip(work, base))
+
+
+def test_add_scaled_many_tensors_mixed_dtypes_and_deterministic():
+    shapes = [(int(s),) for s in torch.randint(0, 30, (1100,))]
+    dts = [torch.float32 if i % 3 else torch.float64 for i in range(len(shapes))]
+    ps = [torch.randn(s, dtype=dt) for s, dt in zip(shapes, dts)]
+    ds = [torch.randn(s, dtype=dt) for s, dt in zip(shapes, dts)]
+    scales = torch.randn(len(ps), dtype=torch.float64)
+    ref, _ = _ref(ps, ds, scales.tolist(), clip=1.5)
+    a, b = [p.clone() for p in ps], [p.clone() for p in ps]
+    ops.add_scaled_(a, ds, scales, clip=1.5)
+    ops.add_scaled_(b, ds, scales, clip=1.5)
+    for x, y, r, p in zip(a, b, ref, ps):
+        assert torch.equal(x, y)
+        assert rel_err(x, r) <= tol(p.dtype) * 10
+
+
+def test_add_scaled_errors():
+    ps = _rand([(3,), (4,)], torch.float32)
+    ds = _rand([(3,), (4,)], torch.float32)
+    with pytest.raises(ValueError, match="one value per tensor"):
+        ops.add_scaled_(ps, ds, torch.ones(3))
+    with pytest.raises(ValueError, match="clip"):
+        ops.add_scaled_(ps, ds, 1.0, clip=0.0)
+    with pytest.raises(ValueError, match="finite"):
+        ops.add_scaled_(ps, ds, float("nan"))
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.add_scaled_(ps, ds, torch.ones(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="shape"):
+        ops.add_scaled_(ps, ds[::-1], 1.0)
