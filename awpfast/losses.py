@@ -21,6 +21,10 @@ Formulas (B = batch size, p = softmax):
   ``+ beta/B * sum_i KL(p(x_i) || p(x_adv_i))_i * (1.0000001 - p_y(x_i))`` where ``y'`` is
   the most likely wrong class under ``p(x_adv)``, and the KL term is the reference's
   ``KLDivLoss(reduction='none')(log(p(x_adv) + 1e-12), p(x))`` summed over classes.
+
+Precision: the formulas keep the logits' dtype when it is float32 or wider (a float64 model
+gets a float64 loss, as in the reference code) and compute in float32 when the logits are
+half precision (float16 / bfloat16, e.g. under autocast); the result has that computing dtype.
 """
 from __future__ import annotations
 
@@ -36,13 +40,22 @@ __all__ = [
 METHODS = ("at", "trades", "mart")
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is float32 or wider, else ``t`` cast to float32."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def at_loss_from_logits(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits_adv.float(), y)
+    """Mean cross-entropy on the adversarial logits (float32 or wider, see the module docstring)."""
+    return F.cross_entropy(_wide(logits_adv), y)
 
 
 def trades_loss_from_logits(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
                             beta: float = 6.0) -> torch.Tensor:
-    logits_nat, logits_adv = logits_nat.float(), logits_adv.float()
+    """TRADES: ``CE(nat, y) + beta * KL(p(nat) || p(adv))`` (KL summed, divided by the batch)."""
+    logits_nat, logits_adv = _wide(logits_nat), _wide(logits_adv)
+    if logits_nat.dtype != logits_adv.dtype:
+        logits_nat, logits_adv = logits_nat.double(), logits_adv.double()
     b = logits_nat.shape[0]
     natural = F.cross_entropy(logits_nat, y)
     robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="sum") / b
@@ -51,7 +64,10 @@ def trades_loss_from_logits(logits_nat: torch.Tensor, logits_adv: torch.Tensor, 
 
 def mart_loss_from_logits(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
                           beta: float = 6.0) -> torch.Tensor:
-    logits_nat, logits_adv = logits_nat.float(), logits_adv.float()
+    """MART: boosted CE on adv + ``beta * KL * (1 - p_y(nat))`` (see the module docstring)."""
+    logits_nat, logits_adv = _wide(logits_nat), _wide(logits_adv)
+    if logits_nat.dtype != logits_adv.dtype:
+        logits_nat, logits_adv = logits_nat.double(), logits_adv.double()
     b = logits_nat.shape[0]
     p_adv = F.softmax(logits_adv, dim=1)
     top2 = torch.argsort(p_adv, dim=1)[:, -2:]

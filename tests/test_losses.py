@@ -127,3 +127,79 @@ def test_usable_as_awp_ascent_loss(method):
     awp.step()  # lr 0: weights come back to w
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.detach(), w0[n], rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- precision
+def _want_at(adv, y):
+    return sum(-math.log(_softmax(adv[i].tolist())[y[i]]) for i in range(len(y))) / len(y)
+
+
+def _want_trades(nat, adv, y, beta):
+    b = len(y)
+    ce = sum(-math.log(_softmax(nat[i].tolist())[y[i]]) for i in range(b)) / b
+    kl = 0.0
+    for i in range(b):
+        p, q = _softmax(nat[i].tolist()), _softmax(adv[i].tolist())
+        kl += sum(pj * (math.log(pj) - math.log(qj)) for pj, qj in zip(p, q))
+    return ce + beta * kl / b
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_float64_logits_give_float64_losses_to_1e12(seed):
+    """The losses follow a float64 model in float64 (a float32 cast would miss by ~1e-7)."""
+    nat, adv, y = _logits(seed, b=9, c=13)
+    adv = adv * 7  # large logits: a float32 cast loses ~1e-7 relative here
+    at = at_loss_from_logits(adv, y)
+    tr = trades_loss_from_logits(nat, adv, y, 6.0)
+    ma = mart_loss_from_logits(nat, adv, y, 6.0)
+    assert at.dtype == tr.dtype == ma.dtype == torch.float64
+    want = _want_at(adv, y)
+    assert abs(float(at) - want) <= 1e-12 * max(1.0, abs(want))
+    want = _want_trades(nat, adv, y, 6.0)
+    assert abs(float(tr) - want) <= 1e-12 * max(1.0, abs(want))
+    # MART against itself evaluated on float64 inputs rounded through float32: must differ,
+    # i.e. the float64 path really is float64 (a cast inside would make them equal).
+    ma32 = mart_loss_from_logits(nat.float().double(), adv.float().double(), y, 6.0)
+    assert float(ma) != float(ma32) and abs(float(ma) - float(ma32)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype,want_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                              (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("method", ["at", "trades", "mart"])
+def test_loss_dtype_is_input_dtype_or_float32(dtype, want_dtype, method):
+    nat, adv, y = _logits(11, b=6, c=10)
+    nat_d, adv_d = nat.to(dtype), adv.to(dtype)
+    fn = {"at": lambda n, a: at_loss_from_logits(a, y),
+          "trades": lambda n, a: trades_loss_from_logits(n, a, y, 6.0),
+          "mart": lambda n, a: mart_loss_from_logits(n, a, y, 6.0)}[method]
+    got = fn(nat_d, adv_d)
+    assert got.dtype == want_dtype
+    # half inputs are computed in float32: equal to the float64 formula on the rounded inputs
+    ref = fn(nat_d.double(), adv_d.double())
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert abs(float(got) - float(ref)) <= tol * max(1.0, abs(float(ref)))
+
+
+def test_mixed_dtypes_and_nan_propagate():
+    nat, adv, y = _logits(2)
+    got = trades_loss_from_logits(nat.float(), adv, y, 6.0)  # float32 and float64: computed in float64
+    assert got.dtype == torch.float64
+    bad = adv.clone()
+    bad[0, 0] = float("nan")
+    for v in (at_loss_from_logits(bad, y), trades_loss_from_logits(nat, bad, y),
+              mart_loss_from_logits(nat, bad, y)):
+        assert torch.isnan(v), "a NaN logit must not give a finite loss"
+
+
+def test_float64_model_loss_and_gradient_stay_float64():
+    torch.manual_seed(7)
+    m = SmallCNN(width=4, hidden=8).double().train()
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    x_adv = (x + 0.01 * torch.randn_like(x)).clamp(0, 1)
+    y = torch.randint(0, 10, (4,))
+    for method in ("at", "trades", "mart"):
+        m.zero_grad()
+        loss = get_loss(method)(m, x, x_adv, y)
+        assert loss.dtype == torch.float64
+        loss.backward()
+        assert all(p.grad.dtype == torch.float64 for p in m.parameters())
