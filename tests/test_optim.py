@@ -455,5 +455,5 @@ def test_follows_model_conversion_after_construction():
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), w0[n])
     model[0].weight = nn.Parameter(torch.randn(8, 3, 3, 3, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match=r"\['0.weight'\] of the model are no longer the objects"):
+    with pytest.raises(RuntimeError, match=r"\[.0.weight.\] were replaced in the model by new Parameter objects"):
         awp.perturb(lambda: F.cross_entropy(model(x), y))
