@@ -663,8 +663,8 @@ def test_compiled_step_breaks_graph_in_awpfast_only_at_autograd_grad():
     import torch._dynamo.symbolic_convert as sc
     torch._dynamo.reset()
     torch.manual_seed(16)
-    model = small_net().train()
-    awp = AWP(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, gamma=0.01, backend="foreach")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    awp = AWP(torch.optim.SGD(model.parameters(), lr=0.1), model, gamma=0.01, backend="foreach")
     x, y = batch()
 
     def step(x, y):
