@@ -189,7 +189,7 @@ def check_ddp_global(res):
 
 def check_ddp_local_and_bn(res):
     for sync in ("local", "global"):
-        model = ddp_model(bn=True)
+        model = ddp_model(bn=True, find_unused_parameters=(sync == "global"))
         awp = AWP(torch.optim.SGD(model.parameters(), **OPT), model, gamma=0.01, ascent_sync=sync)
         equal, bn_untouched, counts, dnorm_equal = [], [], [], []
         for s in range(3):
