@@ -290,7 +290,8 @@ def test_is_an_optimizer_sharing_base_state():
     hooks = []
     awp.register_step_post_hook(lambda opt, a, k: hooks.append(1))
     model(torch.rand(2, 3, 8, 8)).sum().backward()
-    awp.step()
+    with pytest.warns(UserWarning, match="without perturb"):
+        awp.step()
     assert hooks == [1]
 
 
