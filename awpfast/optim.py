@@ -80,13 +80,17 @@ class WeightPerturbation(torch.optim.Optimizer):
     Selected parameters: the include rule, intersected with the parameters the base optimizer
     holds, restricted to those that require grad *now* (a ``requires_grad`` change after
     wrapping is followed at the next ``perturb()``).
+
+    ``restore=None`` resolves to ``"after_step"``, or ``"before_step"`` for ``ascent_sync="local"``
+    on several DDP ranks (where ``"after_step"`` is refused). ``store_deltas`` (default: for
+    ``"after_step"``) keeps ``v`` for the reference restore order.
     """
 
     rule_name = "WeightPerturbation"
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *,
                  include: Optional[Callable[[str, nn.Parameter], bool]] = None,
-                 restore: Optional[str] = "after_step", backend: Optional[str] = None,
+                 restore: Optional[str] = None, backend: Optional[str] = None,
                  nonfinite: str = "skip", ascent_sync: str = "global", store_deltas: Optional[bool] = None,
                  extra_defaults: Optional[dict] = None):
         name = type(self).__name__
