@@ -235,6 +235,23 @@ def check_ddp_checkpoint(res, tmp):
                              "perturb_count": awp2.perturb_count}
 
 
+def check_ddp_one_rank_group(res):
+    """DDP over a process group of one rank (as on a 1-GPU machine): no collective, and the
+    same result as a plain model on that rank's batch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    groups = [dist.new_group([r]) for r in range(WORLD)]   # every rank creates every group
+    model = DDP(make_net(), process_group=groups[RANK])
+    plain = make_net()
+    awps = [AWP(torch.optim.SGD(m.parameters(), **OPT), m, gamma=0.01) for m in (model, plain)]
+    with Counter(model) as c:
+        for s in range(2):
+            x, y = local(*data(s))
+            train_step(model, awps[0], x, y)
+            train_step(plain, awps[1], x, y)
+    res["ddp_one_rank"] = {"world_size": awps[0].distributed.world_size, "collectives": dict(c),
+                           "equal_plain": torch.equal(flat_params(model), flat_params(plain))}
+
+
 # ----------------------------------------------------------------------------- FSDP2
 def fsdp_model(bn=False):
     from torch.distributed.fsdp import fully_shard
@@ -386,7 +403,8 @@ def main():
         os.makedirs(tmp, exist_ok=True)
         times["init"] = time.perf_counter() - t0
         for name, fn in [("ddp_global", check_ddp_global), ("ddp_local_and_bn", check_ddp_local_and_bn),
-                         ("ddp_checkpoint", lambda r: check_ddp_checkpoint(r, tmp)), ("fsdp", check_fsdp),
+                         ("ddp_checkpoint", lambda r: check_ddp_checkpoint(r, tmp)),
+                         ("ddp_one_rank", check_ddp_one_rank_group), ("fsdp", check_fsdp),
                          ("fsdp_memory", check_fsdp_memory_and_grads),
                          ("fsdp_checkpoint", lambda r: check_fsdp_checkpoint(r, tmp)),
                          ("errors", check_errors), ("no_group", check_no_group)]:

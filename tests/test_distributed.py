@@ -137,6 +137,12 @@ def test_distributed_checkpoints_resume_bitwise(ranks):
         assert rep["resumed_equal"] is True and rep["awp_gamma_kept"] == 0.01
 
 
+def test_ddp_over_a_one_rank_group_is_single_process(ranks):
+    for rep in _both(ranks, "ddp_one_rank"):
+        assert rep["world_size"] == 1 and rep["equal_plain"] is True
+        assert rep["collectives"]["all_reduce"] == 0
+
+
 def test_bad_distributed_setups_get_clear_errors(ranks):
     errs = ranks[0]["errors"]
     assert "without use_orig_params=True" in errs["fsdp1_False"] and "fully_shard" in errs["fsdp1_False"]
