@@ -1,4 +1,4 @@
-"""The AWP optimizer wrapper: any ``torch.optim`` optimizer becomes an AWP optimizer.
+"""Weight-perturbation optimizer wrappers: any ``torch.optim`` optimizer becomes an AWP optimizer.
 
 Per training step (``x_adv`` already found by an attack)::
 
@@ -15,30 +15,43 @@ or, restoring on any exception (and when ``step()`` is never reached)::
 ``v_l = gamma * ||w_l|| * g_l / (||g_l|| + 1e-20)`` per selected layer (Frobenius norms of
 whole tensors), with ``g`` the gradient of the closure's loss. No proxy model: the ascent
 gradient is taken on the model itself with BatchNorm running statistics frozen.
+
+Structure: :class:`WeightPerturbation` is the engine shared by every rule (sharing
+``param_groups``/``state`` with the base optimizer, step hooks, restore orders, the
+``perturbed()`` context, ``state_dict`` nesting, the ascent gradient with BatchNorm statistics
+frozen, DDP / FSDP2 detection and gradient sync, micro-batch accumulation, non-finite
+handling, following the optimizer's parameters). A rule (here :class:`AWP`) only says how
+big the perturbation is and applies it through the seam.
 """
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from collections import OrderedDict
 from itertools import chain
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.optim.optimizer as _optim_mod
 from torch import nn
 
-from .perturb import PerturbState, default_include, select_parameters
+from .distributed import Setting, all_reduce_mean_flat, detect
+from .perturb import PerturbState, default_include
 
-__all__ = ["AWP"]
+__all__ = ["AWP", "WeightPerturbation", "frozen_batchnorm_stats"]
 
 _RESTORE_MODES = ("after_step", "before_step")
+_STATE_KEY = "awpfast"  # the wrapper's own entry in its state dict, next to the base optimizer's
+
+Closure = Callable[[], torch.Tensor]
 
 
 @contextlib.contextmanager
 def frozen_batchnorm_stats(model: nn.Module):
-    """Inside: BatchNorm layers in train mode normalize with batch statistics as usual but
-    update neither running_mean/var nor num_batches_tracked. Eval-mode layers are unaffected."""
+    """Inside: BatchNorm layers (SyncBatchNorm included) in train mode normalize with batch
+    statistics as usual but update neither running_mean/var nor num_batches_tracked.
+    Eval-mode layers are unaffected."""
     bns = [m for m in model.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     for m in bns:
@@ -50,49 +63,46 @@ def frozen_batchnorm_stats(model: nn.Module):
             m.track_running_stats = True
 
 
-class AWP(torch.optim.Optimizer):
-    """Adversarial Weight Perturbation around a base optimizer.
+class WeightPerturbation(torch.optim.Optimizer):
+    """The engine behind every weight-perturbation rule (AWP now; SAM, ASAM and Box AWP next).
 
-    Args:
-        optimizer: the base ``torch.optim`` optimizer (its ``param_groups`` and ``state`` are shared).
-        model: the module whose weights are perturbed.
-        gamma: relative perturbation size ``||v_l|| / ||w_l||``; the default of each param group's
-            ``awp_gamma`` (change it there for a schedule or warm-up; 0 skips the ascent pass).
-        steps: ascent steps; ``> 1`` is multi-step AWP with projection onto ``||v_l|| <= gamma ||w_l||``.
-        step_size: ascent step size ``eta`` (relative, like gamma); default ``gamma`` for one step and
-            ``2.5 * gamma / steps`` for several.
-        include: ``(name, param) -> bool`` choosing the perturbed parameters; default: the reference
-            rule (``ndim > 1`` and ``"weight"`` in the name).
-        restore: ``"after_step"`` (reference order: step at ``w + v``, then subtract ``v``) or
-            ``"before_step"`` (restore ``w`` bit-exactly from the backup, then step).
-        backend: seam backend (``reference``, ``foreach``, ``triton``, ``native``); default: the
-            ``AWPFAST_BACKEND`` environment variable, else the best for the device.
-        nonfinite: ``"skip"`` (default: a non-finite ascent gradient skips this step's perturbation,
-            with a warning, counted in ``skipped_steps``) or ``"raise"``. Eagerly the check is one
-            host sync per ``perturb()``; inside ``torch.compile`` or a CUDA-graph capture the skip
-            happens on the device (no sync, no graph break, no warning; still counted in
-            ``skipped_steps``).
-        eps: the ``1e-20`` of the reference.
+    It *is* a ``torch.optim.Optimizer`` that shares ``param_groups`` and ``state`` with the
+    base optimizer. Protocol: ``perturb(closure)`` (ascent gradient, then the rule moves the
+    selected weights from ``w`` to ``w + v``), the user's backward at ``w + v``, ``step()``
+    (base step and removal of ``v`` in the configured order).
+
+    A rule subclass sets ``rule_name`` and implements ``_rule_active()`` (False skips the
+    ascent pass), ``_rule_passes()`` (ascent passes per perturb), ``_rule_first(dirs)`` and
+    ``_rule_next(dirs)`` (apply the perturbation from the flat ascent directions; return the
+    direction norms), ``_rule_config()`` (saved in the state dict and compared on load), and
+    may override ``_on_selection_change()``.
+
+    Selected parameters: the include rule, intersected with the parameters the base optimizer
+    holds, restricted to those that require grad *now* (a ``requires_grad`` change after
+    wrapping is followed at the next ``perturb()``).
+
+    ``restore=None`` resolves to ``"after_step"``, or ``"before_step"`` for ``ascent_sync="local"``
+    on several DDP ranks (where ``"after_step"`` is refused). ``store_deltas`` (default: for
+    ``"after_step"``) keeps ``v`` for the reference restore order.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, gamma: float = 0.01, *,
-                 steps: int = 1, step_size: Optional[float] = None,
+    rule_name = "WeightPerturbation"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *,
                  include: Optional[Callable[[str, nn.Parameter], bool]] = None,
-                 restore: str = "after_step", backend: Optional[str] = None,
-                 nonfinite: str = "skip", eps: float = 1e-20):
+                 restore: Optional[str] = None, backend: Optional[str] = None,
+                 nonfinite: str = "skip", ascent_sync: str = "global", store_deltas: Optional[bool] = None,
+                 extra_defaults: Optional[dict] = None):
+        name = type(self).__name__
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"AWP wraps a torch.optim.Optimizer, got {type(optimizer).__name__}; "
-                            "build the base optimizer first, e.g. AWP(torch.optim.SGD(model.parameters(), lr=0.1), model)")
-        if isinstance(optimizer, AWP):
-            raise TypeError("the optimizer is already an AWP wrapper; wrap the base optimizer only once")
+            raise TypeError(f"{name} wraps a torch.optim.Optimizer, got {type(optimizer).__name__}; build the base "
+                            f"optimizer first, e.g. {name}(torch.optim.SGD(model.parameters(), lr=0.1), model)")
+        if isinstance(optimizer, WeightPerturbation):
+            raise TypeError(f"the optimizer is already a {type(optimizer).__name__} wrapper; wrap the base "
+                            "optimizer only once")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        _check_gamma(gamma, "gamma")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}; use steps=1 for the reference AWP")
-        if step_size is not None and not (step_size > 0 and step_size < float("inf")):
-            raise ValueError(f"step_size must be a finite number > 0 (or None for the default), got {step_size!r}")
-        if restore not in _RESTORE_MODES:
+        if restore is not None and restore not in _RESTORE_MODES:
             raise ValueError(f"restore must be one of {_RESTORE_MODES}, got {restore!r}")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
@@ -100,28 +110,37 @@ class AWP(torch.optim.Optimizer):
             from .ops import BACKENDS
             if backend not in BACKENDS:
                 raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or None")
+        setting = detect(model, ascent_sync)
+        local_multi = setting.kind == "ddp" and setting.sync == "local" and setting.world_size > 1
+        if restore is None:
+            restore = "before_step" if local_multi else "after_step"
+        elif restore == "after_step" and local_multi:
+            raise ValueError(
+                "restore='after_step' with ascent_sync='local' under DDP would take the base step at w + v, "
+                "and v differs per rank (weight decay and rounding see each rank's own v): the replicas would "
+                "drift apart. Use restore='before_step' (exact restore, then the step; the default in local "
+                "mode) or ascent_sync='global'")
 
         self.optimizer = optimizer
         self.model = model
-        self.steps, self.step_size, self.restore_mode = steps, step_size, restore
-        self.nonfinite, self.eps = nonfinite, float(eps)
+        self.restore_mode, self.nonfinite = restore, nonfinite
         self.include = include or default_include
-        named = select_parameters(model, self.include)
-        if not named:
-            raise ValueError(
-                "AWP selected no parameters: the include rule matched none of the model's trainable "
-                "parameters (the default takes those with ndim > 1 and 'weight' in the name). Pass "
-                "include=lambda name, p: ... to choose them.")
-        self._sel = PerturbState(named, store_deltas=(restore == "after_step"), backend=backend, model=model)
-        self._default_gamma = float(gamma)
-        for g in optimizer.param_groups:
-            g.setdefault("awp_gamma", float(gamma))
-        self._size_key, self._any_gamma = None, True
+        self._setting: Setting = setting
+        self._group_key = self._param_group_key()
+        named = self._candidates(first=True)
+        self._sel = PerturbState(
+            named, store_deltas=(restore == "after_step") if store_deltas is None else store_deltas,
+            backend=backend, model=None if setting.sharded else setting.module,
+            reduce=setting.all_reduce_sum if setting.sharded else None)
         self._skipped_host = 0
+        self._pending: Optional[List[torch.Tensor]] = None   # accumulated ascent directions
+        self._pending_gen = -1
+        self._perturb_called = False  # perturb() since the last step(); a plain step() warns once
+        self._warned = set()
         self.perturb_count = 0
         self.last_direction_norms: Optional[torch.Tensor] = None
         # torch.optim.Optimizer bookkeeping without re-adding the base's parameters
-        self.defaults = dict(optimizer.defaults, awp_gamma=float(gamma))
+        self.defaults = dict(optimizer.defaults, **(extra_defaults or {}))
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -148,59 +167,93 @@ class AWP(torch.optim.Optimizer):
         self.optimizer.state = value
 
     @property
-    def perturbed_parameters(self):
-        """Names of the parameters AWP perturbs."""
+    def perturbed_parameters(self) -> List[str]:
+        """Names of the parameters currently perturbed (include rule, optimizer's parameters,
+        ``requires_grad``), relative to the unwrapped module (no DDP ``module.`` prefix)."""
+        self._sync_selection()
         return list(self._sel.names)
 
     @property
     def is_perturbed(self) -> bool:
+        """Whether the weights are at ``w + v`` now."""
         return self._sel.active
 
-    def __repr__(self):
-        return (f"AWP(gamma={[g.get('awp_gamma') for g in self.param_groups]}, steps={self.steps}, "
-                f"restore={self.restore_mode!r}, layers={len(self._sel.params)},\n  base={self.optimizer!r})")
+    @property
+    def distributed(self) -> Setting:
+        """The detected setting: ``.kind`` (``plain``, ``ddp``, ``fsdp2``), ``.world_size``, ``.sync``."""
+        return self._setting
 
     def add_param_group(self, param_group):
+        """Add a group to the base optimizer (its parameters join the selection)."""
         self.optimizer.add_param_group(param_group)
-        self.optimizer.param_groups[-1].setdefault("awp_gamma", self._default_gamma)
+        self._on_new_group(self.optimizer.param_groups[-1])
+
+    def _on_new_group(self, group: dict) -> None:
+        pass
 
     def zero_grad(self, set_to_none: bool = True):
+        """The base optimizer's ``zero_grad``."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def set_gamma(self, gamma: float) -> None:
-        """Set ``awp_gamma`` of every param group (e.g. for a warm-up)."""
-        _check_gamma(gamma, "gamma")
-        for g in self.param_groups:
-            g["awp_gamma"] = float(gamma)
+    # ----------------------------------------------------------------- selection
+    def _param_group_key(self):
+        return tuple((id(g), len(g["params"])) for g in self.optimizer.param_groups)
 
-    # ----------------------------------------------------------------- per-layer gamma
-    def _update_sizes(self) -> bool:
-        """Push the per-layer gamma and step size to the perturb state when a param group's
-        ``awp_gamma`` (or the groups themselves) changed; returns whether any gamma is > 0.
-        The steady state is one small tuple comparison per step, no loop over layers."""
-        groups = self.param_groups
-        key = tuple((id(g), g.get("awp_gamma")) for g in groups)
-        if key == self._size_key:
-            return self._any_gamma
-        where = {id(p): g for g in groups for p in g["params"]}
-        per_group = {}
-        for g in groups:
-            val = g.get("awp_gamma", self._default_gamma)
-            _check_gamma(val, "awp_gamma in a param group")
-            per_group[id(g)] = float(val)
-        gammas = [per_group[id(where[id(p)])] if id(p) in where else self._default_gamma for p in self._sel.params]
-        k = self.steps
-        etas = [self.step_size if self.step_size is not None else (g if k == 1 else 2.5 * g / k) for g in gammas]
-        self._sel.set_sizes(gammas, etas)
-        self._size_key, self._any_gamma = key, any(gammas)
-        return self._any_gamma
+    def _candidates(self, first: bool = False):
+        """Include rule ∩ the optimizer's parameters, in model order (frozen ones included:
+        they join when unfrozen)."""
+        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        module = self._setting.module
+        named = list(module.named_parameters())
+        if not any(id(p) in held for _, p in named):
+            raise ValueError(
+                f"the optimizer holds none of the model's parameters: build it on this model's parameters, "
+                f"e.g. {type(self).__name__}(torch.optim.SGD(model.parameters(), lr=0.1), model)"
+                + (" (under FSDP2: after fully_shard)" if self._setting.kind == "fsdp2" else ""))
+        cands = [(n, p) for n, p in named if id(p) in held and self.include(n, p)]
+        if not cands and first:
+            raise ValueError(
+                f"{type(self).__name__} selected no parameters: the include rule matched none of the "
+                "parameters the optimizer holds (the default takes those with ndim > 1 and 'weight' in the "
+                "name). Pass include=lambda name, p: ... to choose them.")
+        return cands
 
-    # ----------------------------------------------------------------- perturb
-    def _ascent_grads(self, closure):
+    def _sync_selection(self) -> None:
+        """Follow the optimizer's param groups, ``requires_grad`` changes and new storage
+        (never inside a perturbed region: the backups belong to the current selection)."""
+        if self._sel.active:
+            return
+        key = self._param_group_key()
+        if key != self._group_key:
+            self._sel.set_candidates(self._candidates())
+            self._group_key = key
+        else:
+            self._sel.refresh()
+
+    # ----------------------------------------------------------------- ascent gradient
+    def _closure_directions(self, closure: Closure) -> List[torch.Tensor]:
+        """Flat ascent directions of one closure (this rank's own; FSDP2's are already averaged
+        over the ranks by its reduce-scatter). BatchNorm statistics and every ``.grad`` untouched."""
         if not callable(closure):
             raise TypeError(f"perturb() needs a closure returning the ascent loss, got {type(closure).__name__}")
-        with torch.enable_grad(), frozen_batchnorm_stats(self.model):
+        s = self._setting
+        params = self._sel.params
+        grads = None
+        with torch.enable_grad(), frozen_batchnorm_stats(self.model), s.ascent_context():
             loss = closure()
+            self._check_loss(loss)
+            if s.kind == "fsdp2":
+                grads = self._fsdp2_grads(loss)
+        if grads is None:
+            grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+        if all(g is None for g in grads):
+            raise ValueError(
+                "the ascent closure's loss is not connected to any selected parameter: compute the loss "
+                "with the model passed to the wrapper, or change include=")
+        return self._sel.flat_directions(grads)
+
+    @staticmethod
+    def _check_loss(loss) -> None:
         if not isinstance(loss, torch.Tensor):
             raise TypeError(
                 f"the AWP closure returned {type(loss).__name__}, not a tensor; return the ascent loss, "
@@ -212,17 +265,82 @@ class AWP(torch.optim.Optimizer):
             raise ValueError(
                 "the AWP closure's loss does not depend on the selected parameters (it has no grad_fn): "
                 "compute it with gradients enabled and without .detach()")
-        grads = torch.autograd.grad(loss.reshape(()), self._sel.params, allow_unused=True)
-        if all(g is None for g in grads):
-            raise ValueError(
-                "the AWP closure's loss is not connected to any selected parameter: compute the loss "
-                "with the model passed to AWP, or change include=")
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self._sel.params)]
 
+    def _fsdp2_grads(self, loss: torch.Tensor):
+        """FSDP2: autograd.grad cannot reach the sharded parameters, so run an ordinary backward
+        (FSDP2 reduce-scatters the mean gradient into each rank's shard of ``.grad``), take the
+        selected local shards, and put every parameter's ``.grad`` back as it was."""
+        self._setting.check_group()
+        from .distributed import local_data
+        ps = [p for p in self.model.parameters()]
+        saved = [p.grad for p in ps]
+        for p in ps:
+            p.grad = None
+        try:
+            loss.reshape(()).backward()
+            return [None if p.grad is None else local_data(p.grad) for p in self._sel.params]
+        finally:
+            for p, g in zip(ps, saved):
+                p.grad = g
+
+    def _directions(self, closures: Sequence[Closure]) -> List[torch.Tensor]:
+        if len(closures) == 1:  # no loop around autograd.grad's graph break under torch.compile
+            return self._closure_directions(closures[0])
+        dirs = None
+        for c in closures:
+            d = self._closure_directions(c)
+            if dirs is None:
+                dirs = d
+            else:
+                torch._foreach_add_(dirs, d)
+        return dirs
+
+    def _synced(self, dirs: List[torch.Tensor]) -> List[torch.Tensor]:
+        """``ascent_sync='global'`` under DDP: the ranks' mean, one all-reduce of one flat buffer."""
+        if self._setting.averages_ascent:
+            return all_reduce_mean_flat(dirs, self._setting)
+        return dirs
+
+    def accumulate(self, closure: Closure) -> None:
+        """Micro-batched ascent: add the ascent gradient of ``closure()``'s loss to a pending
+        direction (no collective, weights untouched); the next ``perturb()`` called without a
+        closure applies the sum. Give each micro-batch loss its weight in the full batch (e.g.
+        ``loss / n_micro`` for equal sizes) if the sum should equal the full-batch gradient;
+        the per-layer rule only uses its direction."""
+        if self._sel.active:
+            raise RuntimeError(f"{type(self).__name__}.accumulate() called while the weights are perturbed: "
+                               "call step() or restore() first")
+        self._sync_selection()
+        if not self._sel.params:
+            raise RuntimeError(f"{type(self).__name__}.accumulate(): no selected parameter requires grad")
+        d = self._closure_directions(closure)
+        if self._pending is None or self._pending_gen != self._sel.generation:
+            self._pending, self._pending_gen = d, self._sel.generation
+        else:
+            torch._foreach_add_(self._pending, d)
+
+    # ----------------------------------------------------------------- rule interface
+    def _rule_active(self) -> bool:
+        raise NotImplementedError
+
+    def _rule_passes(self) -> int:
+        return 1
+
+    def _rule_first(self, dirs: List[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _rule_next(self, dirs: List[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _rule_config(self) -> dict:
+        return {}
+
+    # ----------------------------------------------------------------- non-finite
     @property
     def skipped_steps(self) -> int:
         """Steps whose perturbation was skipped for a non-finite ascent gradient."""
-        return self._skipped_host + int(self._sel.skipped_device)
+        dev = self._sel.skipped_device
+        return self._skipped_host + (0 if dev is None else int(dev))
 
     def _finite_or_handle(self, dnorms: torch.Tensor) -> bool:
         if self.nonfinite == "skip" and (torch.compiler.is_compiling() or _capturing(dnorms)):
@@ -244,26 +362,61 @@ class AWP(torch.optim.Optimizer):
                       RuntimeWarning, stacklevel=3)
         return False
 
-    def perturb(self, closure: Callable[[], torch.Tensor]) -> bool:
-        """Compute the ascent direction from ``closure()`` and perturb the selected weights.
+    # ----------------------------------------------------------------- perturb
+    def perturb(self, closure: Union[Closure, Sequence[Closure], None] = None) -> bool:
+        """Compute the ascent direction and perturb the selected weights (``w <- w + v``).
 
-        Returns True when the weights are now perturbed, False when the step was skipped
-        (all gammas 0, or a non-finite ascent gradient with ``nonfinite="skip"``).
+        ``closure``: a callable returning the ascent loss; or a list of callables (micro-batches:
+        the direction is the gradient of the sum of their losses, and multi-step ascent re-runs
+        them all); or None to apply the direction gathered by ``accumulate()``.
+
+        Returns True when the weights are now perturbed, False when this step's perturbation was
+        skipped (rule inactive, e.g. gamma 0; a non-finite ascent gradient with
+        ``nonfinite="skip"``; no selected parameter requires grad).
         """
+        name = type(self).__name__
         if self._sel.active:
             raise RuntimeError(
-                "AWP.perturb() called while the weights are already perturbed: call step() or "
+                f"{name}.perturb() called while the weights are already perturbed: call step() or "
                 "restore() first (or use `with awp.perturbed(closure):`)")
-        if not self._update_sizes():
-            return False  # gamma 0: no ascent pass at all
-        grads = self._ascent_grads(closure)
-        dn = self._sel.perturb(grads, self.eps)
+        self._perturb_called = True
+        self._sync_selection()
+        if self._setting.averages_ascent or self._setting.sharded:
+            self._setting.check_group()  # before the closure runs: nothing changes on this error
+        if closure is None:
+            closures = None
+        elif callable(closure):
+            closures = (closure,)
+        elif isinstance(closure, (list, tuple)) and closure and all(callable(c) for c in closure):
+            closures = tuple(closure)
+        else:
+            raise TypeError(f"perturb() needs a closure returning the ascent loss (or a list of them, or "
+                            f"nothing after accumulate()), got {type(closure).__name__}")
+        pending = self._pending if self._pending_gen == self._sel.generation else None
+        self._pending = None
+        if closures is None and pending is None:
+            raise TypeError(f"{name}.perturb() without a closure applies the direction gathered by "
+                            "accumulate(closure), and nothing was accumulated; pass the ascent closure")
+        if closures is not None and pending is not None:
+            raise RuntimeError(f"{name}.perturb(closure) after accumulate(): the accumulated direction would be "
+                               "lost; call perturb() without a closure to apply it")
+        if not self._sel.params:
+            self._warn_once("nosel", f"{name}: no selected parameter requires grad (all frozen?); nothing is "
+                                     "perturbed this step")
+            return False
+        if not self._rule_active():
+            return False  # e.g. gamma 0: no ascent pass at all
+        passes = self._rule_passes()
+        if closures is None and passes > 1:
+            raise ValueError(f"{name} with {passes} ascent steps re-evaluates the loss at w + v: pass the "
+                             "micro-batch closures as a list, perturb([c1, c2, ...]), instead of accumulate()")
+        dirs = pending if closures is None else self._directions(closures)
+        dn = self._rule_first(self._synced(dirs))
         if not self._finite_or_handle(dn):
             return False
         try:
-            for _ in range(self.steps - 1):
-                grads = self._ascent_grads(closure)
-                dn = self._sel.ascent_step(grads, self.eps)
+            for _ in range(passes - 1):
+                dn = self._rule_next(self._synced(self._directions(closures)))
                 if not self._finite_or_handle(dn):
                     return False
         except BaseException:
@@ -281,7 +434,7 @@ class AWP(torch.optim.Optimizer):
         return True
 
     @contextlib.contextmanager
-    def perturbed(self, closure: Callable[[], torch.Tensor]):
+    def perturbed(self, closure: Union[Closure, Sequence[Closure], None] = None):
         """``perturb(closure)`` on entry; on an exception inside, or on exit without ``step()``
         (e.g. a GradScaler-skipped step), the weights are restored exactly."""
         self.perturb(closure)
@@ -295,8 +448,15 @@ class AWP(torch.optim.Optimizer):
     def step(self, closure=None):
         """The base optimizer's step, with the perturbation removed in the configured order.
 
+        Without a ``perturb()`` since the last step this is a plain base step (warned once);
+        ``step(closure)`` hands the closure to the base optimizer (it does not perturb: this is
+        not SAM's two-pass ``step(closure)``).
+
         Runs the ``torch.optim`` step hooks itself (instead of torch's profiling wrapper, which
         Dynamo does not trace), so a compiled training step inlines it."""
+        if not self._perturb_called:
+            self._warn_plain_step(closure is not None)
+        self._perturb_called = False
         args, kwargs = (self,) if closure is None else (self, closure), {}
         for hook in chain(_optim_mod._global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
             result = hook(self, args, kwargs)
@@ -310,6 +470,24 @@ class AWP(torch.optim.Optimizer):
         for hook in chain(self._optimizer_step_post_hooks.values(), _optim_mod._global_optimizer_post_hooks.values()):
             hook(self, args, kwargs)
         return out
+
+    def _warn_plain_step(self, with_closure: bool) -> None:
+        name = type(self).__name__
+        if with_closure:
+            self._warn_once("closure", f"{name}.step(closure) without perturb(): the closure goes to the base "
+                                       "optimizer and the step is a plain one, with no weight perturbation. The "
+                                       "protocol is perturb(ascent_closure) -> backward at w + v -> step() (not "
+                                       "SAM's step(closure)). This warning is shown once.")
+        else:
+            self._warn_once("plain", f"{name}.step() without perturb() since the last step: a plain base-optimizer "
+                                     "step, with no weight perturbation. Call perturb(closure) before the backward "
+                                     "(gamma 0 is the way to switch the perturbation off). This warning is shown "
+                                     "once.")
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, UserWarning, stacklevel=4)
 
     def _step(self, closure=None):
         base_step = (lambda: self.optimizer.step(closure)) if closure is not None else self.optimizer.step
@@ -327,45 +505,193 @@ class AWP(torch.optim.Optimizer):
         return ret
 
     # ----------------------------------------------------------------- checkpoints
+    def _meta(self) -> dict:
+        return {"rule": self.rule_name, "format": 2, "skipped_steps": self.skipped_steps,
+                "perturb_count": self.perturb_count, "restore": self.restore_mode,
+                "ascent_sync": self._setting.sync, **self._rule_config()}
+
     def state_dict(self):
+        """The base optimizer's state dict (``state``, ``param_groups``, loadable by the base
+        optimizer class itself) plus one ``"awpfast"`` entry with the wrapper's counters and
+        settings."""
         if self._sel.active:
-            raise RuntimeError("AWP.state_dict() called while the weights are perturbed: the model holds "
-                               "w + v. Call step() or restore() first, then save.")
-        return {"base_optimizer": self.optimizer.state_dict(),
-                "awp": {"skipped_steps": self.skipped_steps, "perturb_count": self.perturb_count,
-                        "default_gamma": self._default_gamma, "steps": self.steps,
-                        "step_size": self.step_size, "restore": self.restore_mode}}
+            raise RuntimeError(f"{type(self).__name__}.state_dict() called while the weights are perturbed: the "
+                               "model holds w + v. Call step() or restore() first, then save.")
+        sd = dict(self.optimizer.state_dict())
+        if _STATE_KEY in sd:
+            raise RuntimeError(f"the base optimizer's state dict already has a {_STATE_KEY!r} entry")
+        sd[_STATE_KEY] = self._meta()
+        return sd
 
     def load_state_dict(self, state_dict):
+        """Load ``state_dict()`` output, an older awpfast checkpoint (``{"base_optimizer", "awp"}``)
+        or a plain base-optimizer state dict. Settings that differ from the checkpoint's
+        (``steps``, ``restore``...) are kept as constructed, with a warning naming them."""
+        name = type(self).__name__
         if self._sel.active:
-            raise RuntimeError("AWP.load_state_dict() called while the weights are perturbed: call step() "
+            raise RuntimeError(f"{name}.load_state_dict() called while the weights are perturbed: call step() "
                                "or restore() first.")
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        if "base_optimizer" in state_dict:
-            self.optimizer.load_state_dict(state_dict["base_optimizer"])
-            awp = state_dict.get("awp", {})
-            self._skipped_host = int(awp.get("skipped_steps", 0))
-            self._sel.skipped_device.zero_()
-            self.perturb_count = int(awp.get("perturb_count", 0))
-        elif "state" in state_dict and "param_groups" in state_dict:  # a plain base-optimizer checkpoint
-            self.optimizer.load_state_dict(state_dict)
+        if "base_optimizer" in state_dict:  # awpfast <= 0.1 layout
+            base, meta = state_dict["base_optimizer"], dict(state_dict.get("awp", {}), rule="AWP")
+        elif "state" in state_dict and "param_groups" in state_dict:
+            base = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
+            meta = state_dict.get(_STATE_KEY)
         else:
             raise ValueError("not an optimizer state dict: expected AWP.state_dict() output or a plain "
                              "torch.optim state dict with 'state' and 'param_groups'")
+        self.optimizer.load_state_dict(base)
+        if meta is not None:
+            self._check_meta(meta)
+            self._skipped_host = int(meta.get("skipped_steps", 0))
+            if self._sel.skipped_device is not None:
+                self._sel.skipped_device.zero_()
+            self.perturb_count = int(meta.get("perturb_count", 0))
         for g in self.optimizer.param_groups:
-            g.setdefault("awp_gamma", self._default_gamma)
+            self._on_new_group(g)
+        self._after_load()
+
+    def _after_load(self) -> None:
+        pass
+
+    def _check_meta(self, meta: dict) -> None:
+        mine = self._meta()
+        keys = ["rule", "restore", "ascent_sync", *self._rule_config().keys()]
+        diff = [k for k in keys if k in meta and meta[k] != mine[k]]
+        if diff:
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict: the checkpoint was saved with "
+                + ", ".join(f"{k}={meta[k]!r}" for k in diff) + "; this wrapper has "
+                + ", ".join(f"{k}={mine[k]!r}" for k in diff)
+                + ". Continuing with the current settings (build the wrapper with the checkpoint's settings "
+                "to resume the same training).", UserWarning, stacklevel=3)
+
+
+class AWP(WeightPerturbation):
+    """Adversarial Weight Perturbation around a base optimizer.
+
+    Args:
+        optimizer: the base ``torch.optim`` optimizer (its ``param_groups`` and ``state`` are shared).
+        model: the module whose weights are perturbed: a plain module, a ``DistributedDataParallel``
+            wrapper, or a module whose blocks were ``fully_shard``-ed (FSDP2); detected automatically.
+        gamma: relative perturbation size ``||v_l|| / ||w_l||``; the default of each param group's
+            ``awp_gamma`` (change it there for a schedule or warm-up; 0 skips the ascent pass).
+        steps: ascent steps; ``> 1`` is multi-step AWP with projection onto ``||v_l|| <= gamma ||w_l||``.
+        step_size: ascent step size ``eta`` (relative, like gamma); default ``gamma`` for one step and
+            ``2.5 * gamma / steps`` for several.
+        include: ``(name, param) -> bool`` choosing the perturbed parameters; default: the reference
+            rule (``ndim > 1`` and ``"weight"`` in the name). Only parameters the optimizer holds and
+            that require grad are perturbed.
+        restore: ``"after_step"`` (reference order: step at ``w + v``, then subtract ``v``) or
+            ``"before_step"`` (restore ``w`` bit-exactly from the backup, then step). Default
+            ``"after_step"``, except ``"before_step"`` for ``ascent_sync="local"`` on several DDP ranks
+            (where ``"after_step"`` is refused: the replicas would drift apart).
+        backend: seam backend (``reference``, ``foreach``, ``triton``, ``native``); default: the
+            ``AWPFAST_BACKEND`` environment variable, else the best for the device.
+        nonfinite: ``"skip"`` (default: a non-finite ascent gradient skips this step's perturbation,
+            with a warning, counted in ``skipped_steps``) or ``"raise"``. Eagerly the check is one
+            host sync per ``perturb()``; inside ``torch.compile`` or a CUDA-graph capture the skip
+            happens on the device (no sync, no graph break, no warning; still counted in
+            ``skipped_steps``).
+        ascent_sync: ``"global"`` (default: the ascent gradient of the global batch, averaged over the
+            ranks with one all-reduce under DDP, so the perturbation equals single-process AWP on the
+            whole batch and is identical on every rank) or ``"local"`` (each DDP rank uses its own
+            batch's gradient, no collective). FSDP2 is always global. Without DDP/FSDP2: no effect.
+        eps: the ``1e-20`` of the reference.
+    """
+
+    rule_name = "AWP"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, gamma: float = 0.01, *,
+                 steps: int = 1, step_size: Optional[float] = None,
+                 include: Optional[Callable[[str, nn.Parameter], bool]] = None,
+                 restore: Optional[str] = None, backend: Optional[str] = None,
+                 nonfinite: str = "skip", ascent_sync: str = "global", eps: float = 1e-20):
+        _check_gamma(gamma, "gamma")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}; use steps=1 for the reference AWP")
+        if step_size is not None and not (_is_number(step_size) and 0 < step_size < float("inf")):
+            raise ValueError(f"step_size must be a finite number > 0 (or None for the default), got {step_size!r}")
+        if not (_is_number(eps) and 0 <= eps < float("inf")):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        self.steps, self.step_size, self.eps = steps, step_size, float(eps)
+        self._default_gamma = float(gamma)
+        super().__init__(optimizer, model, include=include, restore=restore, backend=backend,
+                         nonfinite=nonfinite, ascent_sync=ascent_sync, extra_defaults={"awp_gamma": float(gamma)})
+        for g in optimizer.param_groups:
+            g.setdefault("awp_gamma", float(gamma))
+        self._size_key, self._any_gamma = None, True
+
+    def __repr__(self):
+        return (f"AWP(gamma={[g.get('awp_gamma') for g in self.param_groups]}, steps={self.steps}, "
+                f"restore={self.restore_mode!r}, layers={len(self._sel.params)}, "
+                f"setting={self._setting.kind}/{self._setting.sync},\n  base={self.optimizer!r})")
+
+    def _on_new_group(self, group: dict) -> None:
+        group.setdefault("awp_gamma", self._default_gamma)
+
+    def _after_load(self) -> None:
         self._size_key = None
+
+    def set_gamma(self, gamma: float) -> None:
+        """Set ``awp_gamma`` of every param group (e.g. for a warm-up)."""
+        _check_gamma(gamma, "gamma")
+        for g in self.param_groups:
+            g["awp_gamma"] = float(gamma)
+
+    def _rule_config(self) -> dict:
+        return {"steps": self.steps, "step_size": self.step_size, "default_gamma": self._default_gamma}
+
+    def _check_meta(self, meta: dict) -> None:
+        meta = {k: v for k, v in meta.items() if k != "default_gamma"}  # param groups carry the gammas
+        super()._check_meta(meta)
+
+    # ----------------------------------------------------------------- per-layer gamma
+    def _update_sizes(self) -> bool:
+        """Push the per-layer gamma and step size to the perturb state when a param group's
+        ``awp_gamma``, the groups themselves or the selection changed; returns whether any gamma
+        is > 0. The steady state is one small tuple comparison per step, no loop over layers."""
+        groups = self.param_groups
+        key = (tuple((id(g), g.get("awp_gamma")) for g in groups), self._sel.generation)
+        if key == self._size_key:
+            return self._any_gamma
+        where = {id(p): g for g in groups for p in g["params"]}
+        per_group = {}
+        for g in groups:
+            val = g.get("awp_gamma", self._default_gamma)
+            _check_gamma(val, "awp_gamma in a param group")
+            per_group[id(g)] = float(val)
+        gammas = [per_group[id(where[id(p)])] if id(p) in where else self._default_gamma for p in self._sel.params]
+        k = self.steps
+        etas = [self.step_size if self.step_size is not None else (g if k == 1 else 2.5 * g / k) for g in gammas]
+        self._sel.set_sizes(gammas, etas)
+        self._size_key, self._any_gamma = key, any(gammas)
+        return self._any_gamma
+
+    def _rule_active(self) -> bool:
+        return self._update_sizes()
+
+    def _rule_passes(self) -> int:
+        return self.steps
+
+    def _rule_first(self, dirs):
+        return self._sel.perturb(dirs, self.eps)
+
+    def _rule_next(self, dirs):
+        return self._sel.ascent_step(dirs, self.eps)
 
 
 def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _check_gamma(gamma, what):
-    try:
-        ok = float(gamma) >= 0 and float(gamma) < float("inf")
-    except (TypeError, ValueError):
-        ok = False
+    ok = _is_number(gamma) and 0 <= float(gamma) < float("inf")
     if not ok:
-        raise ValueError(f"{what} must be a finite number >= 0 (0 disables AWP), got {gamma!r}")
+        raise ValueError(f"{what} must be a finite number >= 0 (0 disables AWP), got {gamma!r}"
+                         + (" (a string: pass a float, e.g. 0.01)" if isinstance(gamma, str) else ""))

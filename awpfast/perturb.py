@@ -1,9 +1,14 @@
-"""Parameter selection and the perturb/restore state behind the AWP wrapper.
+"""Parameter selection and the perturb/restore state behind the weight-perturbation wrappers.
 
 Everything per-layer is prepared once: the selected parameters are grouped by (device,
 dtype), flattened to 1-D views of their storage (so channels_last weights work with every
 backend), and given persistent backup (and, for the reference restore order, delta)
 buffers. On the hot path each (device, dtype) group is one backend call.
+
+For FSDP2 the "storage" of a parameter is the rank's local shard: the views, backups and
+deltas are shard-sized, per-layer norms are all-reduced partial sums (one all-reduce for
+every layer), and the scaled update goes through ``ops.add_scaled_`` with the per-layer
+scales as a device tensor (no host sync).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 from torch import nn
 
 from . import ops as _ops
+from .distributed import local_data
 
 Include = Callable[[str, nn.Parameter], bool]
 
@@ -24,7 +30,8 @@ def default_include(name: str, param: torch.Tensor) -> bool:
 
 
 def select_parameters(model: nn.Module, include: Optional[Include] = None) -> List[Tuple[str, nn.Parameter]]:
-    """(name, parameter) pairs AWP perturbs, in model order; frozen parameters are skipped."""
+    """(name, parameter) pairs the include rule picks, in model order; frozen parameters are
+    skipped. (The wrappers further intersect this with the optimizer's parameters.)"""
     rule = include or default_include
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and rule(n, p)]
 
@@ -70,61 +77,99 @@ class _Group:
     device: torch.device
     dtype: torch.dtype
     index: List[int]                       # positions in the selected list
-    params: List[torch.Tensor]             # flat views of the parameters
+    params: List[torch.Tensor]             # flat views of the parameters (local shards for FSDP2)
     backups: List[torch.Tensor] = field(default_factory=list)
     deltas: List[torch.Tensor] = field(default_factory=list)
     gammas: List[float] = field(default_factory=list)     # radius gamma_l of each layer
     etas: List[float] = field(default_factory=list)       # ascent step size of each layer
     project_first: bool = False                           # first step larger than a radius
+    gammas_t: Optional[torch.Tensor] = None               # the same on the device (sharded path)
+    etas_t: Optional[torch.Tensor] = None
+    wnorms: Optional[torch.Tensor] = None                 # global ||w_l|| of the backups (sharded)
 
 
 class PerturbState:
-    """Holds the selected parameters, their buffers, and whether they are perturbed."""
+    """The selected parameters, their buffers, and whether they are perturbed.
+
+    ``named`` are the candidates (include rule and optimizer already applied); the *selected*
+    parameters (``names``/``params``) are the candidates that currently require grad: a
+    ``requires_grad`` change is followed at the next ``refresh()`` (``generation`` counts the
+    changes of the selected set). ``reduce`` (FSDP2) sums a float64 vector over the ranks:
+    given, the parameters are shards and every per-layer norm is all-reduced.
+    """
 
     def __init__(self, named: Sequence[Tuple[str, nn.Parameter]], store_deltas: bool, backend: Optional[str],
-                 model: Optional[nn.Module] = None):
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        # (module, attribute) owning each parameter, to notice a parameter swapped in the model
-        self.owners = None
-        if model is not None:
-            self.owners = []
-            for n in self.names:
-                mod, _, attr = n.rpartition(".")
-                self.owners.append((model.get_submodule(mod) if mod else model, attr))
+                 model: Optional[nn.Module] = None, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.store_deltas = store_deltas
         self.backend = backend
+        self.reduce = reduce
         self.active = False
-        self._layout = None
+        self.generation = 0
         self.groups: List[_Group] = []
-        self._built = None
+        self._model = model
+        self._layout = None
+        self._built = self._built_ptrs = None
         self._sizes = None
+        self.names: List[str] = []
+        self.params: List[torch.Tensor] = []
+        self.local: List[torch.Tensor] = []
         # steps skipped for non-finite gradients inside compiled code (counted on the device)
         self.skipped_device: Optional[torch.Tensor] = None
+        self.set_candidates(named)
+
+    def set_candidates(self, named: Sequence[Tuple[str, nn.Parameter]]) -> None:
+        """New candidate list (the optimizer's parameter groups changed)."""
+        if self.active:
+            raise RuntimeError("AWP: the selection cannot change while the weights are perturbed")
+        self.cand_names = [n for n, _ in named]
+        self.cand_params = [p for _, p in named]
+        # (module, attribute) owning each parameter, to notice a parameter swapped in the model
+        self.owners = None
+        if self._model is not None:
+            self.owners = []
+            for n in self.cand_names:
+                mod, _, attr = n.rpartition(".")
+                self.owners.append((self._model.get_submodule(mod) if mod else self._model, attr))
+        self._built = None
+        self._sel_key = None
         self.refresh()
 
     def refresh(self) -> None:
-        """(Re)build the groups and flat views when parameter storage changed since the last
-        build (``model.to(...)``, ``.half()``, a loaded checkpoint with ``assign=True``...).
-        A parameter object swapped out of the model cannot be followed: that raises."""
-        now = self.layout()
-        if now == self._built:
+        """Follow the model: re-select when a candidate's ``requires_grad`` changed, and
+        rebuild the groups and flat views when parameter storage changed (``model.to(...)``,
+        ``.half()``...). A parameter object swapped out of the model cannot be followed (the
+        optimizer holds the old one): that raises, naming it."""
+        now, ptrs = self.layout(), self._pointers()
+        if now == self._built and (ptrs is None or ptrs == self._built_ptrs):
             return
         if self.owners is not None:
-            gone = [n for n, p, (m, a) in zip(self.names, self.params, self.owners) if getattr(m, a, None) is not p]
+            gone = [n for n, p, (m, a) in zip(self.cand_names, self.cand_params, self.owners)
+                    if getattr(m, a, None) is not p]
             if gone:
                 raise RuntimeError(
-                    f"AWP: parameter(s) {gone} of the model are no longer the objects AWP (and the base "
-                    "optimizer) were built with; build the optimizer and the AWP wrapper again after "
-                    "replacing parameters")
-        self.groups = [_Group(dev, dt, idx, [flat(self.params[i].data) for i in idx])
-                       for (dev, dt), idx in _ops.group_indices(self.params).items()]
-        self._built = now
-        dev = self.params[0].device
-        if self.skipped_device is None:
-            self.skipped_device = torch.zeros((), dtype=torch.int64, device=dev)
-        elif self.skipped_device.device != dev:
-            self.skipped_device = self.skipped_device.to(dev)
+                    f"AWP: parameter(s) {gone} were replaced in the model by new Parameter objects after the "
+                    "optimizer and AWP were built (e.g. model.load_state_dict(..., assign=True), or "
+                    "module.weight = nn.Parameter(...)); the optimizer still holds the old tensors and would "
+                    "train parameters the model no longer uses. Load with assign=False (the default copies "
+                    "into the existing parameters), or build the optimizer and AWP again after replacing them")
+        sel_key = tuple(e[-1] for e in now)
+        if sel_key != self._sel_key:
+            keep = [i for i, p in enumerate(self.cand_params) if p.requires_grad]
+            self.names = [self.cand_names[i] for i in keep]
+            self.params = [self.cand_params[i] for i in keep]
+            self._sel_key = sel_key
+            self.generation += 1
+            self._sizes = None
+        self.local = [local_data(p) if self.reduce is not None else p.data for p in self.params]
+        self.groups = [_Group(dev, dt, idx, [flat(self.local[i]) for i in idx])
+                       for (dev, dt), idx in _ops.group_indices(self.local).items()]
+        self._built, self._built_ptrs = now, ptrs
+        if self.params:
+            dev = self.params[0].device
+            if self.skipped_device is None:
+                self.skipped_device = torch.zeros((), dtype=torch.int64, device=dev)
+            elif self.skipped_device.device != dev:
+                self.skipped_device = self.skipped_device.to(dev)
         if self._sizes is not None:
             self.set_sizes(*self._sizes)
 
@@ -135,16 +180,34 @@ class PerturbState:
             g.gammas = [gammas[i] for i in g.index]
             g.etas = [etas[i] for i in g.index]
             g.project_first = any(e > r for e, r in zip(g.etas, g.gammas))
+            if self.reduce is not None:
+                g.gammas_t = torch.tensor(g.gammas, dtype=torch.float64, device=g.device)
+                g.etas_t = torch.tensor(g.etas, dtype=torch.float64, device=g.device)
 
     # ------------------------------------------------------------------ helpers
     def _backend(self, g: _Group):
         return _ops.get_backend(self.backend, g.device, g.dtype)
 
     def layout(self):
+        """Per candidate: shape, strides, dtype and device of its storage (the local shard under
+        FSDP2), whether the model still owns it, and ``requires_grad`` (last). Data pointers
+        are compared separately (``_pointers``): Dynamo cannot trace that comparison, so inside
+        a compiled step only this part is checked."""
+        if self.reduce is not None:  # FSDP2 swaps unsharded parameters in during forward: no owner check
+            return [(t.shape, t.stride(), t.dtype, t.device, p.requires_grad)
+                    for p, t in ((p, local_data(p)) for p in self.cand_params)]
         if self.owners is None:
-            return [(p.data_ptr(), p.shape, p.stride()) for p in self.params]
-        return [(p.data_ptr(), p.shape, p.stride(), getattr(m, a, None) is p)
-                for p, (m, a) in zip(self.params, self.owners)]
+            return [(p.shape, p.stride(), p.dtype, p.device, p.requires_grad) for p in self.cand_params]
+        return [(p.shape, p.stride(), p.dtype, p.device, getattr(m, a, None) is p, p.requires_grad)
+                for p, (m, a) in zip(self.cand_params, self.owners)]
+
+    def _pointers(self):
+        """Data pointers of the candidates' storage; None inside torch.compile."""
+        if torch.compiler.is_compiling():
+            return None
+        if self.reduce is not None:
+            return [local_data(p).data_ptr() for p in self.cand_params]
+        return [p.data_ptr() for p in self.cand_params]
 
     def _ensure_buffers(self, g: _Group) -> None:
         if len(g.backups) != len(g.params):
@@ -158,22 +221,98 @@ class PerturbState:
             torch._foreach_copy_(g.deltas, g.params)
             torch._foreach_sub_(g.deltas, g.backups)
 
-    def directions(self, grads: Sequence[torch.Tensor], g: _Group) -> List[torch.Tensor]:
-        return [flat_like(grads[i], self.params[i]) for i in g.index]
+    def flat_directions(self, grads: Sequence[Optional[torch.Tensor]]) -> List[torch.Tensor]:
+        """Gradients (one per selected parameter, shaped like its local data; None = unused)
+        as 1-D tensors in the element order of the parameter views."""
+        return [torch.zeros(t.numel(), dtype=t.dtype, device=t.device) if d is None else flat_like(d, t)
+                for d, t in zip(grads, self.local)]
+
+    def buffer_numel(self) -> int:
+        """Elements held in backups and deltas (the wrapper's own weight-sized memory)."""
+        return sum(t.numel() for g in self.groups for t in (*g.backups, *g.deltas))
+
+    # ------------------------------------------------------------------ sharded (FSDP2) helpers
+    def _global_norms(self, lists: Sequence[Sequence[Sequence[torch.Tensor]]]) -> List[List[torch.Tensor]]:
+        """``lists[k][gi]`` is the k-th tensor list of group gi. Returns the global per-layer
+        norms ``out[k][gi]`` (float64) from local partial sums: one all-reduce for all."""
+        parts = []
+        for per_group in lists:
+            for g, ts in zip(self.groups, per_group):
+                parts.append(self._backend(g).norms(list(ts)).to(device=self.groups[0].device,
+                                                                 dtype=torch.float64).square())
+        vec = self.reduce(torch.cat(parts)).sqrt()
+        out, o = [], 0
+        for _ in lists:
+            row = []
+            for g in self.groups:
+                row.append(vec[o:o + len(g.index)].to(g.device))
+                o += len(g.index)
+            out.append(row)
+        return out
+
+    def _dirs(self, dirs, g: _Group) -> List[torch.Tensor]:
+        return [dirs[i] for i in g.index]
+
+    def _project_sharded(self) -> None:
+        """params <- w + v * min(1, gamma_l ||w_l|| / ||v_l||), v = params - w (global norms)."""
+        vs = [torch._foreach_sub(g.params, g.backups) for g in self.groups]
+        (vn,) = self._global_norms([vs])
+        for g, v, n in zip(self.groups, vs, vn):
+            radius = g.gammas_t * g.wnorms
+            factor = torch.where(n > radius, radius / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
+            _ops.add_scaled_(g.params, v, factor.to(_acc(g.dtype)), base=g.backups,
+                             deltas=g.deltas if self.store_deltas else None, backend=self.backend)
+
+    def _perturb_sharded(self, dirs, eps) -> torch.Tensor:
+        ds = [self._dirs(dirs, g) for g in self.groups]
+        wn, dn = self._global_norms([[g.params for g in self.groups], ds])
+        done = []
+        try:
+            for g, d, w, n in zip(self.groups, ds, wn, dn):
+                self._ensure_buffers(g)
+                g.wnorms = w
+                scale = (g.etas_t * w / (n + eps)).to(_acc(g.dtype))
+                _ops.add_scaled_(g.params, d, scale, backups=g.backups,
+                                 deltas=g.deltas if self.store_deltas else None, backend=self.backend)
+                done.append(g)
+        except BaseException:
+            for g in done:
+                self._backend(g).restore_(g.params, g.backups)
+            raise
+        self.active = True
+        if any(g.project_first for g in self.groups):
+            self._project_sharded()
+        return _join_norms(dn)
+
+    def _ascent_step_sharded(self, dirs, eps) -> torch.Tensor:
+        ds = [self._dirs(dirs, g) for g in self.groups]
+        (dn,) = self._global_norms([ds])
+        for g, d, n in zip(self.groups, ds, dn):
+            scale = (g.etas_t * g.wnorms / (n + eps)).to(_acc(g.dtype))
+            _ops.add_scaled_(g.params, d, scale, backend=self.backend)
+        self._project_sharded()
+        return _join_norms(dn)
 
     # ------------------------------------------------------------------ ops
-    def perturb(self, grads, eps) -> torch.Tensor:
-        """First ascent step: backups <- w, w += step * ||w|| g / (||g|| + eps); for a first step
-        larger than the radius, project. Returns all direction norms (one vector)."""
-        self.refresh()
-        self._layout = self._built
+    def perturb(self, dirs, eps) -> torch.Tensor:
+        """First ascent step: backups <- w, w += step * ||w|| d / (||d|| + eps) per layer
+        (``dirs``: flat directions from ``flat_directions``); for a first step larger than the
+        radius, project. Returns all direction norms (one vector). The caller has run
+        ``refresh()`` since the parameters last changed."""
+        self._layout = (self._built, self._built_ptrs)
+        if self.reduce is not None:
+            try:
+                return self._perturb_sharded(dirs, eps)
+            except BaseException:
+                self.restore()  # after a failed projection; a no-op when nothing is perturbed
+                raise
         done, norms = [], []
         try:
             for g in self.groups:
                 self._ensure_buffers(g)
                 be = self._backend(g)
                 deltas = g.deltas if self.store_deltas else None
-                norms.append(be.perturb_(g.params, self.directions(grads, g), g.etas, eps, g.backups, deltas))
+                norms.append(be.perturb_(g.params, self._dirs(dirs, g), g.etas, eps, g.backups, deltas))
                 done.append(g)
                 if g.project_first:
                     be.project_(g.params, g.backups, g.gammas)
@@ -185,13 +324,15 @@ class PerturbState:
         self.active = True
         return _join_norms(norms)
 
-    def ascent_step(self, grads, eps) -> torch.Tensor:
+    def ascent_step(self, dirs, eps) -> torch.Tensor:
         """A later multi-step ascent step around the backed-up weights, with projection."""
-        norms = []
         try:
+            if self.reduce is not None:
+                return self._ascent_step_sharded(dirs, eps)
+            norms = []
             for g in self.groups:
                 be = self._backend(g)
-                norms.append(be.ascent_step_(g.params, g.backups, self.directions(grads, g), g.etas, g.gammas, eps))
+                norms.append(be.ascent_step_(g.params, g.backups, self._dirs(dirs, g), g.etas, g.gammas, eps))
                 self._refresh_deltas(g)
         except BaseException:
             self.restore()
@@ -210,11 +351,17 @@ class PerturbState:
                     g.deltas[i].copy_(torch.where(ok, g.deltas[i], torch.zeros_like(g.deltas[i])))
 
     def check_layout(self) -> List[str]:
-        """Names of parameters whose storage was replaced or resized since perturb()."""
-        now = self.layout()
-        if now == self._layout:
+        """Names of selected parameters whose storage was replaced or resized since perturb()."""
+        now, ptrs = self.layout(), self._pointers()
+        built, built_ptrs = self._layout
+        if now == built and (ptrs is None or ptrs == built_ptrs):
             return []
-        return [n for n, a, b in zip(self.names, now, self._layout) if a != b]
+        sel = set(self.names)
+        ptrs = ptrs if ptrs is not None and built_ptrs is not None else [0] * len(now)
+        built_ptrs = built_ptrs if built_ptrs is not None else [0] * len(now)
+        # compare everything but requires_grad: a layer frozen inside the region is still restored
+        return [n for n, a, b, pa, pb in zip(self.cand_names, now, built, ptrs, built_ptrs)
+                if n in sel and (a[:-1] != b[:-1] or pa != pb)]
 
     def restore(self) -> None:
         """Exact restore from the backups (bit for bit). Skips parameters whose storage was
@@ -244,3 +391,7 @@ class PerturbState:
         for g in self.groups:
             self._backend(g).unperturb_(g.params, g.deltas)
         self.active = False
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32

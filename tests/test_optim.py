@@ -290,7 +290,8 @@ def test_is_an_optimizer_sharing_base_state():
     hooks = []
     awp.register_step_post_hook(lambda opt, a, k: hooks.append(1))
     model(torch.rand(2, 3, 8, 8)).sum().backward()
-    awp.step()
+    with pytest.warns(UserWarning, match="without perturb"):
+        awp.step()
     assert hooks == [1]
 
 
@@ -455,5 +456,241 @@ def test_follows_model_conversion_after_construction():
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), w0[n])
     model[0].weight = nn.Parameter(torch.randn(8, 3, 3, 3, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match=r"\['0.weight'\] of the model are no longer the objects"):
+    with pytest.raises(RuntimeError, match=r"\[.0.weight.\] were replaced in the model by new Parameter objects"):
         awp.perturb(lambda: F.cross_entropy(model(x), y))
+
+
+# ----------------------------------------------------------------------------- issue 13: wrapper points
+def test_selection_is_include_rule_and_optimizer_params():
+    """Only what the optimizer trains is perturbed (the old code perturbed every conv weight)."""
+    torch.manual_seed(11)
+    model = small_net().train()
+    x, y = batch()
+    awp = AWP(torch.optim.SGD(model[7].parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), model, gamma=0.01)
+    assert awp.perturbed_parameters == ["7.weight"]
+    w0 = snapshot(model)
+    _train(model, awp, 2, seed=3)
+    for n in ("0.weight", "3.weight", "3.bias"):
+        assert torch.equal(model.state_dict()[n], w0[n]), n      # never trained, never touched
+    assert not torch.equal(model.state_dict()["7.weight"], w0["7.weight"])
+
+
+def test_optimizer_of_another_model_is_refused():
+    model, other = small_net(), small_net()
+    with pytest.raises(ValueError, match="optimizer holds none of the model's parameters"):
+        AWP(torch.optim.SGD(other.parameters(), lr=0.1), model)
+
+
+def test_requires_grad_changes_after_wrapping_are_followed():
+    torch.manual_seed(12)
+    model = small_net(torch.float64).train()
+    x, y = batch(torch.float64)
+    awp = AWP(torch.optim.SGD(model.parameters(), lr=0.1), model, gamma=0.01)
+    model[0].weight.requires_grad_(False)               # frozen after wrapping
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert awp.perturb(lambda: F.cross_entropy(model(x), y))   # old code: torch's raw error
+    assert torch.equal(model[0].weight, w0["0.weight"])
+    assert awp.perturbed_parameters == ["3.weight", "7.weight"]
+    model[0].weight.requires_grad_(True)                # unfrozen inside the region: still restored
+    awp.restore()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, w0[n]), n
+    assert awp.perturb(lambda: F.cross_entropy(model(x), y))   # now followed: perturbed again
+    rel = (model[0].weight - w0["0.weight"]).norm() / w0["0.weight"].norm()
+    assert abs(rel.item() - 0.01) < 1e-12               # old code left it silently unperturbed
+    awp.restore()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.warns(UserWarning, match="no selected parameter requires grad"):
+        assert awp.perturb(lambda: F.cross_entropy(model(x), y)) is False
+
+
+def test_load_state_dict_assign_true_after_wrapping_says_what_happened():
+    model, awp, x, y = _setup()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(sd, assign=True)              # new Parameter objects in the model
+    w0 = snapshot(model)
+    calls = []
+    with pytest.raises(RuntimeError, match=r"replaced in the model by new Parameter objects.*assign=True"):
+        awp.perturb(lambda: (calls.append(1), F.cross_entropy(model(x), y))[1])
+    assert calls == []                                  # raised before the ascent pass
+    assert_same(model, w0) and not awp.is_perturbed
+
+
+def test_plain_steps_warn_once():
+    model, awp, x, y = _setup()
+    model(x).sum().backward()
+    with pytest.warns(UserWarning, match=r"step\(closure\) without perturb\(\).*not SAM's"):
+        awp.step(lambda: F.cross_entropy(model(x), y))
+    with pytest.warns(UserWarning, match=r"step\(\) without perturb\(\) since the last step"):
+        awp.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        awp.step()                                      # once only
+        awp.perturb(lambda: F.cross_entropy(model(x), y))
+        awp.step()
+        awp.set_gamma(0.0)                              # a warm-up: perturb() returns False, no warning
+        assert awp.perturb(lambda: F.cross_entropy(model(x), y)) is False
+        awp.step()
+
+
+def test_state_dict_loads_into_the_plain_base_optimizer():
+    model, awp, x, y = _setup()
+    awp = AWP(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, gamma=0.01)
+    _train(model, awp, 2, seed=4)
+    sd = copy.deepcopy(awp.state_dict())
+    plain = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    plain.load_state_dict(sd)                           # old code: KeyError: 'param_groups'
+    assert plain.param_groups[0]["lr"] == 0.05
+    for p in model.parameters():
+        assert torch.equal(plain.state[p]["momentum_buffer"], awp.state[p]["momentum_buffer"])
+    assert sd["awpfast"]["rule"] == "AWP" and sd["awpfast"]["perturb_count"] == 2
+
+
+def test_checkpoint_settings_mismatch_warns_and_legacy_loads():
+    model, awp, x, y = _setup()
+    _train(model, awp, 1, seed=5)
+    sd = copy.deepcopy(awp.state_dict())
+    other = AWP(torch.optim.SGD(model.parameters(), lr=0.1), model, gamma=0.01, steps=3, restore="before_step")
+    with pytest.warns(UserWarning, match=r"saved with restore='after_step', steps=1.*restore='before_step', steps=3"):
+        other.load_state_dict(sd)
+    assert other.steps == 3 and other.perturb_count == 1
+    same = AWP(torch.optim.SGD(model.parameters(), lr=0.1), model, gamma=0.02)  # gammas live in param groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(sd)
+    assert same.param_groups[0]["awp_gamma"] == 0.01
+    legacy = {"base_optimizer": {"state": sd["state"], "param_groups": sd["param_groups"]},
+              "awp": {"skipped_steps": 0, "perturb_count": 7, "steps": 1, "restore": "after_step"}}
+    same.load_state_dict(legacy)                        # checkpoints written by awpfast 0.1
+    assert same.perturb_count == 7
+
+
+@pytest.mark.parametrize("bad", ["0.01", None, True, float("nan"), -1.0, [0.01]])
+def test_gamma_must_be_a_number(bad):
+    model = small_net()
+    with pytest.raises(ValueError, match="gamma must be a finite number >= 0"):
+        AWP(torch.optim.SGD(model.parameters(), lr=0.1), model, gamma=bad)
+    awp = AWP(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with pytest.raises(ValueError, match="gamma must be a finite number >= 0"):
+        awp.set_gamma(bad)
+    awp.param_groups[0]["awp_gamma"] = bad
+    x, y = batch()
+    with pytest.raises(ValueError, match="awp_gamma in a param group must be a finite number"):
+        awp.perturb(lambda: F.cross_entropy(model(x), y))
+
+
+# ----------------------------------------------------------------------------- micro-batched ascent
+@pytest.mark.parametrize("restore", ["after_step", "before_step"])
+def test_micro_batches_equal_one_big_batch(restore):
+    torch.manual_seed(13)
+    model = small_net(torch.float64).eval()            # eval: BN identical for halves and the whole batch
+    x, y = batch(torch.float64, n=8)
+    results = []
+    for mode in ("one", "accumulate", "list"):
+        m = copy.deepcopy(model)
+        awp = AWP(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), m, gamma=0.01,
+                  restore=restore)
+        halves = [lambda a=a, b=b: F.cross_entropy(m(a), b) / 2 for a, b in zip(x.chunk(2), y.chunk(2))]
+        if mode == "one":
+            awp.perturb(lambda: F.cross_entropy(m(x), y))
+        elif mode == "accumulate":
+            for c in halves:
+                awp.accumulate(c)
+            assert not awp.is_perturbed
+            awp.perturb()
+        else:
+            awp.perturb(halves)
+        awp.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        awp.step()
+        results.append([p.detach().clone() for p in m.parameters()])
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            assert rel(a, b) < 1e-12
+
+
+def rel(a, b):
+    d = (a - b).norm() / b.norm() if b.norm() > 0 else (a - b).norm()
+    return float("inf") if not torch.isfinite(a).all() else d.item()
+
+
+def test_micro_batch_multistep_and_misuse():
+    torch.manual_seed(14)
+    model = small_net(torch.float64).eval()
+    x, y = batch(torch.float64, n=8)
+    halves = [lambda a=a, b=b: F.cross_entropy(model(a), b) / 2 for a, b in zip(x.chunk(2), y.chunk(2))]
+    ref = copy.deepcopy(model)
+    a1 = AWP(torch.optim.SGD(ref.parameters(), lr=0.1), ref, gamma=0.01, steps=3)
+    a1.perturb(lambda: F.cross_entropy(ref(x), y))
+    a2 = AWP(torch.optim.SGD(model.parameters(), lr=0.1), model, gamma=0.01, steps=3)
+    a2.perturb(halves)                                   # each ascent step re-runs both micro-batches
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert rel(p.detach(), q.detach()) < 1e-12
+    a2.restore()
+    a2.accumulate(halves[0])
+    with pytest.raises(ValueError, match="3 ascent steps.*perturb\\(\\[c1, c2"):
+        a2.perturb()
+    a2.accumulate(halves[0])
+    with pytest.raises(RuntimeError, match="after accumulate\\(\\)"):
+        a2.perturb(halves[0])
+    with pytest.raises(TypeError, match="nothing was accumulated"):
+        a2.perturb()
+    with pytest.raises(TypeError, match="needs a closure"):
+        a2.perturb([1, 2])
+
+
+def test_syncbatchnorm_stats_untouched_single_process():
+    """SyncBatchNorm is a _BatchNorm: its running stats are frozen by the ascent pass too (with
+    no process group it normalizes like BatchNorm; torch supports its synced path on GPUs only)."""
+    torch.manual_seed(15)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(small_net()).train()
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    x, y = batch()
+    bufs = {n: b.clone() for n, b in model.named_buffers()}
+    awp = AWP(torch.optim.SGD(model.parameters(), lr=0.1), model, gamma=0.01)
+    assert awp.perturb(lambda: F.cross_entropy(model(x), y))
+    for n, b in model.named_buffers():
+        assert torch.equal(b, bufs[n]), n
+
+
+# ----------------------------------------------------------------------------- torch.compile
+def test_compiled_step_breaks_graph_in_awpfast_only_at_autograd_grad():
+    """Every graph break Dynamo logs (not only those torch._dynamo.explain reports) inside
+    awpfast's files: only at torch.autograd.grad (and the base optimizer's zero_grad, which torch
+    marks as never traced). The old code also broke at a data-pointer comparison in perturb.py."""
+    import logging
+    import os
+    import torch._dynamo.symbolic_convert as sc
+    torch._dynamo.reset()
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    awp = AWP(torch.optim.SGD(model.parameters(), lr=0.1), model, gamma=0.01, backend="foreach")
+    x, y = batch()
+
+    def step(x, y):
+        awp.perturb(lambda: F.cross_entropy(model(x), y))
+        awp.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        awp.step()
+        return loss
+
+    step(x, y)                                           # eager warm-up (lazy backend import)
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    torch._logging.set_logs(graph_breaks=True)
+    sc.graph_break_log.addHandler(handler)
+    try:
+        torch.compile(step, backend="eager")(x, y)
+    finally:
+        sc.graph_break_log.removeHandler(handler)
+        torch._logging.set_logs()
+        torch._dynamo.reset()
+    pkg = os.path.dirname(awpfast.__file__)
+    ours = [r for r in records if f"{pkg}{os.sep}" in r.split("\n")[0]]
+    assert ours, "expected the torch.autograd.grad break to be logged"
+    bad = [r.split("\n")[:5] for r in ours if "torch.autograd.grad" not in r and "Optimizer.zero_grad" not in r]
+    assert not bad, bad
+    assert not awp.is_perturbed and all(torch.isfinite(p).all() for p in model.parameters())

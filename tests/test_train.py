@@ -44,7 +44,7 @@ def test_one_epoch_cli_writes_everything(tmp_path):
     ck = torch.load(os.path.join(out, "last.pt"), weights_only=False)
     assert ck["epoch"] == 1 and ck["format"] == T.CKPT_FORMAT
     assert {"torch", "numpy", "python", "loader"} <= set(ck["rng"])
-    assert "base_optimizer" in ck["optimizer"]
+    assert "awpfast" in ck["optimizer"] and "state" in ck["optimizer"]  # AWP.state_dict(): the base optimizer's + an "awpfast" entry
 
 
 def test_resume_continues_identically(tmp_path):
@@ -62,7 +62,7 @@ def test_resume_continues_identically(tmp_path):
     cb = torch.load(os.path.join(b, "last.pt"), weights_only=False)
     for k, v in ca["model"].items():
         assert torch.equal(v, cb["model"][k]), k
-    sa, sb = ca["optimizer"]["base_optimizer"]["state"], cb["optimizer"]["base_optimizer"]["state"]
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
     for i in sa:
         assert torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"])
     assert ca["scheduler"] == cb["scheduler"]
