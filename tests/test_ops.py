@@ -207,11 +207,17 @@ def _bias(out, ref):
 @pytest.mark.parametrize("backend,device", backend_device_params(["reference", "foreach"] +
                                                                (["native"] if "native" in CPU_BACKENDS else [])))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_scale_is_not_rounded(backend, device, dtype):
+@pytest.mark.parametrize("expand", [None, True])
+def test_low_precision_scale_is_not_rounded(backend, device, dtype, expand, monkeypatch):
     """bf16/fp16: the fp32 per-layer scale multiplies in fp32. Rounding it to the tensor dtype
     (what PyTorch's type promotion does for ``bf16 * fp32 0-dim``) biases every v_l by the
     scale's rounding error (here 0.23 % in bf16, 0.012 % in fp16); the measured bias must stay
-    at the level of the elementwise rounding noise (< 3e-4 bf16, < 3e-5 fp16, n = 50 000)."""
+    at the level of the elementwise rounding noise (< 3e-4 bf16, < 3e-5 fp16, n = 50 000).
+    ``expand=True`` runs the foreach backend's CUDA code path (per-element scales) here too."""
+    if expand and backend != "foreach":
+        pytest.skip("EXPAND_SCALES only concerns the foreach backend")
+    import awpfast.ops.foreach as F
+    monkeypatch.setattr(F, "EXPAND_SCALES", expand)
     torch.manual_seed(3)
     n = 50000
     limit = 3e-4 if dtype == torch.bfloat16 else 3e-5
@@ -246,6 +252,7 @@ def test_foreach_calls_keep_the_multi_tensor_fast_path(monkeypatch):
     strides (and dtype, except in copies): PyTorch's multi-tensor fast path. A list of 0-dim
     per-tensor scales would send each call down the per-tensor slow path on CUDA."""
     import awpfast.ops.foreach as F
+    monkeypatch.setattr(F, "EXPAND_SCALES", True)  # the CUDA code path
     seen = []
 
     def wrap(name, fn):
@@ -265,20 +272,37 @@ def test_foreach_calls_keep_the_multi_tensor_fast_path(monkeypatch):
         if name.startswith("_foreach_") and name != "_foreach_norm":
             monkeypatch.setattr(torch, name, wrap(name, getattr(torch, name)))
     shapes = [(6, 3, 3, 3), (40,), (0,), (1,), (10, 6)]
+    import awpfast.ops.reference as R
+
+    def sequence(M, ps, ds, cl):
+        bs, vs = [torch.empty_like(p) for p in ps], [torch.empty_like(p) for p in ps]
+        out = [M.perturb_(ps, ds, [0.01, 0.02, 0.03, 0.04, 0.05], 1e-20, bs, vs)]
+        out.append(M.perturb_(cl, [d.contiguous() for d in ds], [0.01] * 5, 1e-20, None, None))
+        out += [p.clone() for p in ps] + [v.clone() for v in vs] + [c.clone() for c in cl]
+        M.unperturb_(ps, vs)
+        out += [p.clone() for p in ps]
+        out.append(M.ascent_step_(ps, bs, ds, [0.01] * 5, [0.02, 0.01, 0.02, 0.01, 0.02], 1e-20))
+        out += [p.clone() for p in ps]
+        M.project_(ps, bs, [0.005] * 5)
+        out += [p.clone() for p in ps]
+        M.add_scaled_(ps, ds, torch.rand(5, generator=torch.Generator().manual_seed(0)), 0.5, None, bs, vs)
+        out += [p.clone() for p in ps] + [v.clone() for v in vs]
+        M.add_scaled_(ps, ds, [0.1, 0.2, 0.3, 0.4, 0.5], None, bs, None, None)
+        out += [p.clone() for p in ps]
+        M.restore_(ps, bs)
+        out += [p.clone() for p in ps]
+        return out
+
     for dt in (torch.float32, torch.bfloat16):
         ps, ds = _rand(shapes, dt), _rand(shapes, dt, 1e-2)
-        cl = [p.clone() for p in ps]
         ps[0] = ps[0].contiguous(memory_format=torch.channels_last)
         ds[0] = ds[0].contiguous(memory_format=torch.channels_last)
-        bs, vs = [torch.empty_like(p) for p in ps], [torch.empty_like(p) for p in ps]
-        F.perturb_(ps, ds, [0.01, 0.02, 0.03, 0.04, 0.05], 1e-20, bs, vs)
-        F.perturb_(cl, [d.contiguous() for d in ds], 0.01, 1e-20, None, None)
-        F.unperturb_(ps, vs)
-        F.ascent_step_(ps, bs, ds, [0.01] * 5, [0.02, 0.01, 0.02, 0.01, 0.02], 1e-20)
-        F.project_(ps, bs, 0.005)
-        F.add_scaled_(ps, ds, torch.rand(5), 0.5, None, bs, vs)
-        F.add_scaled_(ps, ds, [0.1, 0.2, 0.3, 0.4, 0.5], None, bs, None, None)
-        F.restore_(ps, bs)
+        got = sequence(F, [p.clone() for p in ps], ds, [p.contiguous().clone() for p in ps])
+        seen_now = len(seen)
+        want = sequence(R, [p.clone() for p in ps], ds, [p.contiguous().clone() for p in ps])
+        del seen[seen_now:]
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert rel_err(a, b) <= (2e-6 if dt == torch.float32 else 1e-2), (dt, i)
     assert "_foreach_addcmul_" in seen and "_foreach_mul_" in seen
 
 

@@ -1,11 +1,12 @@
 """Foreach backend: ``torch._foreach_*`` over a whole (device, dtype) group.
 
 No per-layer host sync and no per-layer launch. The per-layer scales are computed on the
-device as one small 1-D tensor; ``torch._foreach_*`` ops whose second operand is a list of
-0-dim tensors leave PyTorch's multi-tensor fast path (one launch per tensor), so the scales
-are expanded once into a flat per-element buffer (``repeat_interleave``, one launch) whose
-views have the shapes and strides of the tensors: every following ``_foreach_*`` call takes
-the fast path (one launch per ~tens of tensors on CUDA).
+device as one small 1-D tensor; on CUDA, ``torch._foreach_*`` ops whose second operand is a
+list of 0-dim tensors leave PyTorch's multi-tensor fast path (one launch per tensor), so
+there the scales are expanded once into a flat per-element buffer (``repeat_interleave``,
+one launch) whose views have the shapes and strides of the tensors: every following
+``_foreach_*`` call takes the fast path. (On the CPU, foreach ops loop over the tensors in
+any case and the 0-dim scales are kept.)
 
 Precision: the math runs in float32 (float64 for float64 tensors), and each result is
 rounded once to the tensor dtype. For bf16/fp16 groups the directions and weights are
@@ -128,9 +129,20 @@ def _copy_in(ts, dtype):
     return out
 
 
+# Expand per-tensor scales into a per-element buffer (None: on CUDA only, where it keeps the
+# multi-tensor fast path; CPU foreach ops loop over tensors anyway, so 0-dim scales cost
+# nothing there). Tests set True to check the CUDA code path on the CPU.
+EXPAND_SCALES = None
+
+
 def _per_element(scale, ts):
-    """Views shaped like ``ts`` of one flat buffer holding ``scale[i]`` over tensor i's elements
-    (``scale``: 1-D, one value per tensor, on the device; no host sync)."""
+    """Per-tensor ``scale`` (1-D, on the device; no host sync) as operands for a foreach op
+    with ``ts`` (always in the accumulation dtype here, so the scale is never rounded to a
+    low precision): views shaped like ``ts`` of one flat buffer holding ``scale[i]`` over
+    tensor i's elements (CUDA), or a list of 0-dim tensors (CPU)."""
+    expand = EXPAND_SCALES if EXPAND_SCALES is not None else scale.device.type == "cuda"
+    if not expand:
+        return list(scale.unbind(0))
     sizes = [t.numel() for t in ts]
     counts = _table(sizes, torch.int64, scale.device)
     flat = torch.repeat_interleave(scale, counts, output_size=sum(sizes))
