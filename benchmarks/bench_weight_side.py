@@ -35,10 +35,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import awpfast.ops as ops  # noqa: E402
-from awpfast.models import PreActResNet18, WideResNet  # noqa: E402
+from awpfast.models import PreActResNet18, WideResNet, create_model  # noqa: E402
 from awpfast.perturb import select_parameters  # noqa: E402
 
-MODELS = {"preact18": lambda: PreActResNet18(), "wrn34-10": lambda: WideResNet(34, 10)}
+MODELS = {"preact18": lambda: PreActResNet18(), "wrn34-10": lambda: WideResNet(34, 10),
+          "small-cnn": lambda: create_model("small-cnn", num_classes=10)}  # small-cnn: plumbing checks
 GAMMA, EPS = 0.01, 1e-20
 
 
