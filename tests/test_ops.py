@@ -196,6 +196,23 @@ def test_deterministic(backend, device):
         assert torch.equal(n, outs[0][1])
 
 
+@pytest.mark.parametrize("backend,device", backend_device_params(
+    ["foreach"] + (["native"] if "native" in CPU_BACKENDS else [])))
+@pytest.mark.parametrize("dnorm", [1e-25, 3e-20])
+def test_tiny_direction_norms(backend, device, dnorm):
+    """||g|| far below the fp32 square's underflow: exact norms and v as in float64. (The
+    reference backend, an fp32 oracle by design, flushes these to 0; not tested here.)"""
+    ps = _rand([(300,), (7, 3)], torch.float32, device=device)
+    ds = [(t / t.norm() * dnorm).float().to(device) for t in _rand([(300,), (7, 3)], torch.float64)]
+    vs = _poison(ps)
+    ref, ref_v = _ref_perturb([p.cpu() for p in ps], [d.cpu() for d in ds], [0.01, 0.01])
+    dn = ops.perturb_([p.clone() for p in ps], ds, 0.01, deltas=vs, backend=backend)
+    assert rel_err(dn, torch.tensor([dnorm, dnorm], dtype=torch.float64)) < 1e-6
+    for v, r in zip(vs, ref_v):
+        assert rel_err(v, r) < 1e-6
+    assert rel_err(ops.norms(ds, backend=backend), torch.tensor([dnorm, dnorm], dtype=torch.float64)) < 1e-6
+
+
 def _bias(out, ref):
     """Relative systematic error of ``out`` along ``ref``: <out - ref, ref> / ||ref||^2 (the
     part of the error that a mis-rounded per-tensor scale produces; element rounding noise

@@ -594,3 +594,39 @@ def test_empty_lists():
     T.restore_([], [])
     T.unperturb_([], [])
     T.project_([], [], [])
+
+
+def test_awp_steps_with_tables_built_as_in_a_capture(monkeypatch):
+    """Whole AWP steps (ascent gradients from autograd.grad at fresh addresses every step)
+    with the capture path on: tables built by the fill kernel, nothing cached; the weights
+    equal a normal run bit for bit."""
+    import copy
+
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    import awpfast
+    T.set_config(**PROD)  # few programs: the interpreter is slow
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 10)).to(DEV)
+    x, y = torch.rand(4, 3, 6, 6, device=DEV), torch.randint(0, 10, (4,), device=DEV)
+
+    def run(simulate):
+        m = copy.deepcopy(base)
+        awp = awpfast.AWP(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m, gamma=0.02, steps=2,
+                          backend="triton")
+        for i in range(3):
+            monkeypatch.setattr(T, "SIMULATE_CAPTURE", simulate and i > 0)  # eager warm-up first
+            awp.perturb(lambda: F.cross_entropy(m(x), y))
+            awp.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            awp.step()
+        monkeypatch.setattr(T, "SIMULATE_CAPTURE", False)
+        return [p.detach().clone() for p in m.parameters()]
+
+    T.clear_cache()
+    want = run(False)
+    T.clear_cache()
+    got = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

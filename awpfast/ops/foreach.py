@@ -8,8 +8,9 @@ one launch) whose views have the shapes and strides of the tensors: every follow
 ``_foreach_*`` call takes the fast path. (On the CPU, foreach ops loop over the tensors in
 any case and the 0-dim scales are kept.)
 
-Precision: the math runs in float32 (float64 for float64 tensors), and each result is
-rounded once to the tensor dtype. For bf16/fp16 groups the directions and weights are
+Precision: norms and per-tensor scalars in float64 (no underflow of tiny norms); the
+element-wise math in float32 (float64 for float64 tensors), each result rounded once to the
+tensor dtype. For bf16/fp16 groups the directions and weights are
 converted into float32 buffers first: a float32 scale multiplied into a bf16 tensor would
 otherwise be rounded to bf16 (a ~0.2 % error in v) by type promotion.
 
@@ -189,30 +190,31 @@ def _add_scaled(params, start, directions, scale, deltas, acc):
 
 
 # --------------------------------------------------------------------------- the ops
+def _norms64(tensors):
+    """Per-tensor norms computed in float64 (a float32 sum of squares underflows for
+    ||x|| below ~1e-19, so a tiny direction would get norm 0), as one 1-D tensor."""
+    return torch.stack(torch._foreach_norm(tensors, dtype=torch.float64))
+
+
 def norms(tensors):
-    acc = _acc_dtype(tensors[0].dtype)
-    if acc == tensors[0].dtype:
-        ns = torch._foreach_norm(tensors)
-    else:
-        ns = torch._foreach_norm(tensors, dtype=acc)
-    return torch.stack(ns).to(acc)
+    return _norms64(tensors).to(_acc_dtype(tensors[0].dtype))
 
 
-def _scale(gammas, wn, dn, eps, acc):
-    """gamma_i * ||w_i|| / (||d_i|| + eps) as a 1-D device tensor."""
-    ratio = wn / (dn + eps)
-    g = _floats_on(gammas, acc, wn.device)
-    return ratio * g
+def _scale(gammas, wn64, dn64, eps, acc):
+    """gamma_i * ||w_i|| / (||d_i|| + eps), in float64, as a 1-D device tensor in ``acc``."""
+    ratio = wn64 / (dn64 + eps)
+    g = _floats_on(gammas, torch.float64, wn64.device)
+    return (ratio * g).to(acc)
 
 
 def perturb_(params, directions, gammas, eps, backups, deltas):
     acc = _acc_dtype(params[0].dtype)
-    wn = norms(params)
-    dn = norms(directions)
+    wn = _norms64(params)
+    dn = _norms64(directions)
     if backups is not None:
         torch._foreach_copy_(backups, params)
     _add_scaled(params, params, directions, _scale(gammas, wn, dn, eps, acc), deltas, acc)
-    return dn
+    return dn.to(acc)
 
 
 def restore_(params, backups):
@@ -231,12 +233,12 @@ def unperturb_(params, deltas):
 
 def _project_into(params, backups, v, gammas, acc):
     """params <- w + v * min(1, gamma * ||w|| / ||v||), with v (mutated) in the accumulation dtype."""
-    wn = norms(backups)
-    vn = torch.stack(torch._foreach_norm(v)).to(acc)
-    radius = wn * _floats_on(gammas, acc, wn.device)
+    wn = _norms64(backups)
+    vn = _norms64(v)
+    radius = wn * _floats_on(gammas, torch.float64, wn.device)
     factor = torch.where(vn > radius, radius / torch.where(vn > 0, vn, torch.ones_like(vn)),
                          torch.ones_like(vn))
-    torch._foreach_mul_(v, _per_element(factor, v))
+    torch._foreach_mul_(v, _per_element(factor.to(acc), v))
     w = _in_acc(backups, acc)
     torch._foreach_add_(v, w)
     torch._foreach_copy_(params, v)
@@ -244,15 +246,15 @@ def _project_into(params, backups, v, gammas, acc):
 
 def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
     acc = _acc_dtype(params[0].dtype)
-    wn = norms(backups)
-    dn = norms(directions)
+    wn = _norms64(backups)
+    dn = _norms64(directions)
     scale = _scale(step_sizes, wn, dn, eps, acc)
     v = _buffer_like(params, acc)
     torch._foreach_copy_(v, params)
     torch._foreach_sub_(v, _in_acc(backups, acc))
     torch._foreach_addcmul_(v, _in_acc(directions, acc), _per_element(scale, v))
     _project_into(params, backups, v, gammas, acc)
-    return dn
+    return dn.to(acc)
 
 
 def project_(params, backups, gammas):

@@ -203,6 +203,7 @@ class _Table:
 
     def __init__(self, values, ctx):
         if ctx.cuda:
+            _warm_fill(ctx)
             host = torch.tensor(values, dtype=torch.int64).pin_memory()
             self.t = host.to(ctx.device, non_blocking=True)
             self.event = torch.cuda.Event()
@@ -219,6 +220,19 @@ class _Table:
             self.t.record_stream(cur)
             self.streams.add(ctx.stream)
         return self.t
+
+
+_fill_ready: set = set()
+
+
+def _warm_fill(ctx):
+    """Compile and load ``fill_i64_kernel`` on this device outside any capture (its first
+    use is usually inside one, where loading a module is not allowed): one tiny launch,
+    once per process and device."""
+    if ctx.device in _fill_ready:
+        return
+    _fill_ready.add(ctx.device)
+    _device_table([0], ctx)
 
 
 def _device_table(values, ctx):
