@@ -362,3 +362,15 @@ def test_env_variable_picks_backend(monkeypatch):
     monkeypatch.setenv("AWPFAST_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="unknown awpfast backend 'nonsense'"):
         ops.restore_(p, [torch.randn(3)])
+
+
+def test_public_functions_have_docstrings():
+    """help(awpfast.ops.perturb_) and friends say what they do (issue 13)."""
+    import inspect
+    for name in ops.__all__:
+        obj = getattr(ops, name)
+        if callable(obj):
+            doc = inspect.getdoc(obj) or ""
+            assert len(doc) > 40, name
+            if name.endswith("_") or name == "norms":
+                assert "backend" in doc, name
