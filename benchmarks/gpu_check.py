@@ -355,7 +355,7 @@ class Check:
             env["AWPFAST_CUDA"] = "1"
             env.setdefault("AWPFAST_CUDA_ARCHS", "90")
             res["cuda_archs"] = env["AWPFAST_CUDA_ARCHS"]
-            rc, sec = self.sub([self.py, "setup.py", "build_ext", "--inplace"], max(10, timeout - 20), env)
+            rc, sec = self.sub([self.py, "setup.py", "build_ext", "--inplace", "-j", "8"], max(10, timeout - 20), env)
             res.update(build_rc=rc, build_seconds=round(sec, 1))
             ok_build = rc == 0
             if not ok_build:
