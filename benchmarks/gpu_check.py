@@ -15,24 +15,25 @@ subprocess, so a crash, a hang or a CUDA error in one of them cannot take the ot
   tests_kernels pytest over tests/test_ops.py, test_ops_add_scaled.py, test_native.py,
                 test_triton.py with ``-k "not cpu"`` (every backend on CUDA against float64)
   tests_cuda    pytest over tests/test_cuda_*.py (full AWP step under CUDA-graph capture,
-                streams, attacks, AWP on CUDA) and tests/test_compile.py
+                streams, attacks, AWP on CUDA)
   ddp_smoke     benchmarks/ddp_smoke.py: a 1-rank NCCL DDP model through ``awpfast.AWP``
   bench_weight  benchmarks/bench_weight_side.py: perturb+restore, PreActResNet-18 and
                 WRN-34-10, fp32 and bf16, every backend, verified against float64 first
   bench_pgd     benchmarks/bench_pgd.py: one PGD step, batch 128x3x32x32, verified
   bench_train   benchmarks/bench_train_step.py: AT-AWP training step, WRN-34-10, batch 128
+  tests_compile pytest over tests/test_compile.py on CUDA (Inductor compiles: slow, so last)
 
 Tests run without ``-x``, with a per-test timeout (AWPFAST_TEST_TIMEOUT, see
 tests/conftest.py) and, where pytest-xdist is installed, 4 worker processes.
 
-Everything goes into OUTDIR (at most 4 files, so that a device call can bring all back):
+Everything goes into OUTDIR (at most 5 files, so that a device call can bring all back):
 
   gpu_check.json   rewritten atomically at the start and end of every section: top-level
                    ``device``, per-section ``ok``/``status``/``seconds``/``result``, the
                    issue-8 targets met or missed, a text summary. A run killed at any point
                    leaves every finished section in it (the running one says "running").
   gpu_check.log    the full output of every subprocess, appended section by section
-  pytest_tests_kernels.xml, pytest_tests_cuda.xml   JUnit XML of the two pytest sections
+  pytest_<section>.xml   JUnit XML of the three pytest sections
 
 ``--quick`` reads OUTDIR/gpu_check.json and reruns the sections whose ``ok`` is not true
 (failed, timed out, skipped for lack of time, or missing), keeping the others.
@@ -68,6 +69,7 @@ SECTIONS = [
     ("bench_weight", 100, 30),
     ("bench_pgd", 45, 15),
     ("bench_train", 100, 30),
+    ("tests_compile", 90, 20),
 ]
 NAMES = [n for n, _, _ in SECTIONS]
 TESTS_KERNELS = ["tests/test_ops.py", "tests/test_ops_add_scaled.py", "tests/test_native.py", "tests/test_triton.py"]
@@ -193,8 +195,8 @@ def parse_junit(path):
     return {"counts": counts, "failures": failures[:60], "skip_reasons": skips, "outcomes": outcomes}
 
 
-_LINE = re.compile(r"(tests/\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)|"
-                   r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(tests/\S+::\S+)")
+_LINE = re.compile(r"(\S+\.py::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b|"
+                   r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(\S+\.py::\S+)")
 
 
 def parse_pytest_log(text):
@@ -421,7 +423,10 @@ class Check:
         files = sorted(os.path.relpath(os.path.join(ROOT, "tests", f), ROOT)
                        for f in os.listdir(os.path.join(ROOT, "tests"))
                        if f.startswith("test_cuda_") and f.endswith(".py") and f != "test_cuda_compile.py")
-        return self._pytest("tests_cuda", files + ["tests/test_compile.py"], None, timeout)
+        return self._pytest("tests_cuda", files, None, timeout)
+
+    def sec_tests_compile(self, timeout):
+        return self._pytest("tests_compile", ["tests/test_compile.py"], None, timeout)
 
     def _script(self, args, timeout, json_name):
         path = os.path.join(self.tmp, json_name)

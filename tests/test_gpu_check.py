@@ -88,7 +88,7 @@ def test_quick_selects_sections_not_ok(tmp_path):
     chk.data = {"sections": {"env": {"ok": True}, "build": {"ok": False}, "tests_kernels": {"ok": True},
                              "tests_cuda": {"status": "running", "ok": False}, "bench_pgd": {"status": "skipped"}}}
     wanted = [n for n in gc.NAMES if chk.wanted(n)]
-    assert wanted == ["build", "tests_cuda", "ddp_smoke", "bench_weight", "bench_pgd", "bench_train"]
+    assert wanted == ["build", "tests_cuda", "ddp_smoke", "bench_weight", "bench_pgd", "bench_train", "tests_compile"]
     chk.only = ["build", "env"]
     assert [n for n in gc.NAMES if chk.wanted(n)] == ["build"]
 
@@ -197,3 +197,37 @@ def test_per_test_timeout(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120, cwd=str(tmp_path))
     assert "1 failed, 1 passed" in r.stdout, r.stdout[-2000:]
     assert "exceeded AWPFAST_TEST_TIMEOUT=1 s" in r.stdout
+
+
+def test_pytest_section_outside_dry_run(tmp_path):
+    """The real (non-dry) pytest section: -v, JUnit XML in the results folder, counts,
+    failures and per-test outcomes; a section killed at its cap keeps the log's results."""
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_some.py").write_text(textwrap.dedent("""\
+        import time, pytest
+        def test_ok():
+            assert True
+        def test_bad():
+            assert 1 == 2, "planted"
+        @pytest.mark.skip(reason="planted skip")
+        def test_skip():
+            pass
+        def test_slow():
+            time.sleep(float(__import__("os").environ.get("SLOW", "0")))
+        """))
+    out = tmp_path / "out"
+    out.mkdir()
+    chk = gc.Check(str(out), False, 100, False, None)
+    chk.data = {"sections": {}, "versions": {"pytest_xdist": False}}
+    open(chk.log_path, "w").close()
+    res, ok, status = chk._pytest("tests_x", [str(tests / "test_some.py")], None, 120)
+    assert (ok, status) == (False, "failed")
+    assert res["counts"]["passed"] == 2 and res["counts"]["failed"] == 1 and res["counts"]["skipped"] == 1
+    assert "planted" in res["failures"][0]["message"] and (out / "pytest_tests_x.xml").exists()
+    assert res["skip_reasons"] == {"planted skip": 1}
+    chk.env["SLOW"] = "60"
+    res, ok, status = chk._pytest("tests_x", [str(tests / "test_some.py")], None, 8)
+    assert (ok, status) == (False, "timeout") and res["rc"] is None
+    assert res["counts"]["passed"] >= 1 and res["counts"]["failed"] == 1, res
+    assert "TIMEOUT after 8 s" in (out / "gpu_check.log").read_text()
