@@ -197,11 +197,10 @@ def test_deterministic(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params(
-    ["foreach"] + (["native"] if "native" in CPU_BACKENDS else [])))
+    ["reference", "foreach"] + (["native"] if "native" in CPU_BACKENDS else [])))
 @pytest.mark.parametrize("dnorm", [1e-25, 3e-20])
 def test_tiny_direction_norms(backend, device, dnorm):
-    """||g|| far below the fp32 square's underflow: exact norms and v as in float64. (The
-    reference backend, an fp32 oracle by design, flushes these to 0; not tested here.)"""
+    """||g|| far below the fp32 square's underflow: exact norms and v as in float64."""
     ps = _rand([(300,), (7, 3)], torch.float32, device=device)
     ds = [(t / t.norm() * dnorm).float().to(device) for t in _rand([(300,), (7, 3)], torch.float64)]
     vs = _poison(ps)
