@@ -559,9 +559,19 @@ def evaluate_split(model, split, batch_size: int, eps: float, alpha: float, step
     """Clean and PGD-``steps`` accuracy (and mean CE) on a split, in eval mode.
 
     With ``world_size > 1`` each process evaluates every ``world_size``-th example of the first
-    ``limit`` and the sums are all-reduced: every process returns the same numbers."""
+    ``limit`` and the sums are all-reduced: every process returns the same numbers. The shards
+    are padded to equal length (padding examples are not counted), so that every process runs
+    the same number of forwards, as FSDP needs."""
     device = torch.device(device)
-    split = split.subset(limit).shard(rank, world_size)
+    split = split.subset(limit)
+    real = None
+    if world_size > 1:
+        from .data import Split
+        total = len(split)
+        per = -(-total // world_size)
+        pos = (torch.arange(per * world_size) % max(total, 1))[rank::world_size] if total else torch.arange(0)
+        real = (torch.arange(per * world_size) < total)[rank::world_size].to(device)
+        split = Split(split.x[pos], split.y[pos])
     attack = PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start, norm=norm, backend=backend)
     was = model.training
     model.eval()
@@ -577,12 +587,16 @@ def evaluate_split(model, split, batch_size: int, eps: float, alpha: float, step
                 x_adv = attack(x, y) if steps > 0 else x
                 with torch.no_grad():
                     lr_ = model(x_adv).float()
+            w = torch.ones(len(y), dtype=torch.float64, device=device) if real is None \
+                else real[n:n + len(y)].double()
             n += len(y)
-            sums += torch.stack([(lc.argmax(1) == y).sum().double(), (lr_.argmax(1) == y).sum().double(),
-                                 F.cross_entropy(lc, y, reduction="sum").double(),
-                                 F.cross_entropy(lr_, y, reduction="sum").double()])
+            sums += torch.stack([((lc.argmax(1) == y).double() * w).sum(), ((lr_.argmax(1) == y).double() * w).sum(),
+                                 (F.cross_entropy(lc, y, reduction="none").double() * w).sum(),
+                                 (F.cross_entropy(lr_, y, reduction="none").double() * w).sum()])
     finally:
         model.train(was)
+    if real is not None:
+        n = int(real.sum())
     c_ok, r_ok, c_loss, r_loss, n = _dist_sum(sums.tolist() + [float(n)], device, world_size)
     n = int(n)
     d = max(n, 1)
@@ -748,7 +762,7 @@ def setup(cfg: RunConfig) -> Trainer:
     inner = torch.compile(model) if args.compile else model
     wrapped = _wrap(inner, cfg)
     fwd = wrapped
-    eval_fwd = inner
+    eval_fwd = wrapped if dist.mode == "fsdp" else inner  # FSDP: every forward goes through the sharded module
     params = model.parameters()
     base = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     awp = AWP(base, wrapped, gamma=args.awp_gamma, steps=args.awp_steps, restore=args.awp_restore,
@@ -764,7 +778,7 @@ def setup(cfg: RunConfig) -> Trainer:
                 attack=make_attack(eval_fwd, args, args.attack_steps, train=True), batches=batches, n_iter=n_iter,
                 best={"epoch": None, "selected_on": "val" if len(val) else "test"})
     if ckpt is not None:
-        awp.load_state_dict(ckpt["optimizer"])
+        _load_optimizer(awp, model, ckpt["optimizer"], dist)
         sched.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -860,7 +874,7 @@ def evaluate_epoch(t: Trainer) -> dict:
     """Clean and PGD accuracy on the validation split, the test split and a training subset."""
     args, cfg = t.cfg.args, t.cfg
     t1 = time.perf_counter()
-    if cfg.dist.enabled and cfg.dist.mode == "ddp":
+    if cfg.dist.enabled:
         import torch.distributed as dist
         for b in t.model.buffers():  # evaluate (and save) rank 0's BatchNorm statistics everywhere
             dist.broadcast(b, 0)
@@ -882,6 +896,47 @@ def evaluate_epoch(t: Trainer) -> dict:
     return rec
 
 
+def _param_names(model: torch.nn.Module) -> List[str]:
+    return [n for n, _ in model.named_parameters()]
+
+
+def _full_state_dicts(t: Trainer):
+    """The model's and the optimizer's state dicts in the one-process layout (FSDP: gathered on rank 0),
+    so that any checkpoint resumes on any number of processes."""
+    if t.cfg.dist.mode != "fsdp":
+        return t.model.state_dict(), t.awp.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(t.model, options=opts)
+    osd = get_optimizer_state_dict(t.model, t.awp.optimizer, options=opts)  # keyed by parameter names
+    awp_sd = t.awp.state_dict()
+    if not t.cfg.dist.is_main:
+        return msd, awp_sd
+    ids = {}
+    for g in osd["param_groups"]:
+        for name in g["params"]:
+            ids.setdefault(name, len(ids))
+    awp_sd["base_optimizer"] = {"state": {ids[k]: v for k, v in osd["state"].items()},
+                                "param_groups": [dict(g, params=[ids[n] for n in g["params"]])
+                                                 for g in osd["param_groups"]]}
+    return msd, awp_sd
+
+
+def _load_optimizer(awp: AWP, model: torch.nn.Module, sd: dict, dist: DistInfo) -> None:
+    """Load a one-process-layout AWP state dict (FSDP: sharded onto this rank's parameters)."""
+    if dist.mode != "fsdp":
+        awp.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = _param_names(model)
+    base = sd["base_optimizer"]
+    by_name = {"state": {names[i]: v for i, v in base["state"].items()},
+               "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in base["param_groups"]]}
+    set_optimizer_state_dict(model, awp.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    awp.load_state_dict({"base_optimizer": awp.optimizer.state_dict(), "awp": sd.get("awp", {})})
+
+
 def save_checkpoint(t: Trainer, epoch: int, is_best: bool) -> None:
     """``last.pt`` (and ``best.pt``), ``metrics.jsonl`` and the plot; written by rank 0 only."""
     cfg, args = t.cfg, t.cfg.args
@@ -891,10 +946,11 @@ def save_checkpoint(t: Trainer, epoch: int, is_best: bool) -> None:
         import torch.distributed as dist
         rng_ranks = [None] * cfg.dist.world_size
         dist.all_gather_object(rng_ranks, rng)
+    model_sd, optim_sd = _full_state_dicts(t)  # collective under FSDP
     if not cfg.dist.is_main:
         return
-    state = {"format": CKPT_FORMAT, "epoch": epoch + 1, "model": t.model.state_dict(),
-             "optimizer": t.awp.state_dict(), "scheduler": t.sched.state_dict(),
+    state = {"format": CKPT_FORMAT, "epoch": epoch + 1, "model": model_sd,
+             "optimizer": optim_sd, "scheduler": t.sched.state_dict(),
              "scaler": t.scaler.state_dict() if t.scaler is not None else None,
              "rng": rng, "rng_ranks": rng_ranks, "world_size": cfg.dist.world_size,
              "history": t.history, "best": t.best, "args": vars(args),
