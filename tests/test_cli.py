@@ -393,3 +393,25 @@ def test_old_checkpoints_still_load_and_resume(finished, tmp_path, capsys):
     js = str(tmp_path / "e.json")
     assert E.main([str(out / "last.pt"), "--steps", "1", "--samples", "8", "--autoattack", "off", "--json", js]) == 0
     assert json.load(open(js))["input_norm"] == "none"
+
+
+def test_demo_replaces_its_own_output_and_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
+    from awpfast import demo
+    seen = {}
+
+    def fake_run(args):
+        seen["args"] = args
+        rec = {"epoch": 25, "test_clean_acc": 0.9, "test_robust_acc": 0.5}
+        return {"out": args.out, "last": rec, "best": dict(rec, epoch=20)}
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    assert demo.main([str(tmp_path / "d")]) == 0
+    assert seen["args"].overwrite and seen["args"].out == str(tmp_path / "d")  # `make demo` twice works
+    assert "best epoch by validation 20" in capsys.readouterr().out
+
+    def failing(args):
+        raise T.UsageError("--out x is an existing file, not a folder: choose another --out")
+
+    monkeypatch.setattr(demo, "run", failing)
+    assert demo.main([str(tmp_path / "d")]) == 2
+    assert "awpfast demo: error: --out x is an existing file" in _err_line(capsys)
