@@ -25,8 +25,8 @@ import torch
 
 from .data import DATASETS, load_dataset, to_float
 from .models import MODEL_NAMES
-from .train import (INPUT_NORMS, ArgumentParser, HelpFormatter, UsageError, build_model, cli_main, evaluate_split, parse_float,
-                    read_checkpoint, resolve_device)
+from .train import (INPUT_NORMS, ArgumentParser, HelpFormatter, UsageError, build_model, cli_main, evaluate_split,
+                    parse_float, read_checkpoint, resolve_device)
 
 __all__ = ["main", "load_checkpoint", "evaluate_checkpoint", "autoattack_accuracy", "autoattack_backend",
            "guess_model", "make_eval_config"]
@@ -144,8 +144,8 @@ def autoattack_backend(choice: str = "auto") -> Optional[str]:
     if choice == "auto":
         return found[0] if found else None
     if choice not in found:
-        raise UsageError(f"--autoattack {choice}: the {choice} package is not installed "
-                         f"(pip install {'torchattacks' if choice == 'torchattacks' else 'git+https://github.com/fra31/auto-attack'})")
+        how = "torchattacks" if choice == "torchattacks" else "git+https://github.com/fra31/auto-attack"
+        raise UsageError(f"--autoattack {choice}: the {choice} package is not installed (pip install {how})")
     return choice
 
 
@@ -224,7 +224,8 @@ def make_eval_config(args) -> EvalConfig:
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
         if os.path.isdir(args.json):
-            raise UsageError(f"--json {args.json} is a folder; give a file name, e.g. {os.path.join(args.json, 'eval.json')}")
+            raise UsageError(f"--json {args.json} is a folder; give a file name, e.g. "
+                             f"{os.path.join(args.json, 'eval.json')}")
         if not os.path.isdir(folder):
             raise UsageError(f"--json {args.json}: the folder {folder} does not exist; create it first")
         if not os.access(folder, os.W_OK):
