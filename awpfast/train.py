@@ -910,16 +910,19 @@ def _full_state_dicts(t: Trainer):
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd = get_model_state_dict(t.model, options=opts)
     osd = get_optimizer_state_dict(t.model, t.awp.optimizer, options=opts)  # keyed by parameter names
-    awp_sd = t.awp.state_dict()
+    awp_sd = t.awp.state_dict()  # the base optimizer's (sharded) state dict plus the wrapper's own entries
     if not t.cfg.dist.is_main:
         return msd, awp_sd
     ids = {}
     for g in osd["param_groups"]:
         for name in g["params"]:
             ids.setdefault(name, len(ids))
-    awp_sd["base_optimizer"] = {"state": {ids[k]: v for k, v in osd["state"].items()},
-                                "param_groups": [dict(g, params=[ids[n] for n in g["params"]])
-                                                 for g in osd["param_groups"]]}
+    full = {"state": {ids[k]: v for k, v in osd["state"].items()},
+            "param_groups": [dict(g, params=[ids[n] for n in g["params"]]) for g in osd["param_groups"]]}
+    if "base_optimizer" in awp_sd:  # the {"base_optimizer", "awp"} layout of older awpfast versions
+        awp_sd["base_optimizer"] = full
+    else:
+        awp_sd.update(full)
     return msd, awp_sd
 
 
@@ -930,11 +933,16 @@ def _load_optimizer(awp: AWP, model: torch.nn.Module, sd: dict, dist: DistInfo) 
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     names = _param_names(model)
-    base = sd["base_optimizer"]
+    base = sd["base_optimizer"] if "base_optimizer" in sd else {"state": sd["state"],
+                                                                 "param_groups": sd["param_groups"]}
     by_name = {"state": {names[i]: v for i, v in base["state"].items()},
                "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in base["param_groups"]]}
     set_optimizer_state_dict(model, awp.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
-    awp.load_state_dict({"base_optimizer": awp.optimizer.state_dict(), "awp": sd.get("awp", {})})
+    sharded = awp.optimizer.state_dict()
+    if "base_optimizer" in sd:
+        awp.load_state_dict({"base_optimizer": sharded, "awp": sd.get("awp", {})})
+    else:
+        awp.load_state_dict(dict(sharded, **{k: v for k, v in sd.items() if k not in ("state", "param_groups")}))
 
 
 def save_checkpoint(t: Trainer, epoch: int, is_best: bool) -> None:

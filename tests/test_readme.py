@@ -4,7 +4,10 @@ Every ```python block of README.md runs as printed, in order, in one shared name
 reader pasting the blocks into one Python session would run them (a later block may use names
 an earlier block defined, never names the README does not define). There is no hidden prelude.
 A block preceded by the line ``<!-- readme-test: skip REASON -->`` is skipped with that reason
-(for snippets that need hardware or several processes); none is today.
+(for snippets that need hardware or several processes); none is today. The blocks run with the
+environment ``torchrun --nproc_per_node 1`` would set (``RANK=0``, ``WORLD_SIZE=1``,
+``MASTER_ADDR``/``MASTER_PORT``), so that the Multi-GPU block's ``init_process_group`` works on
+one process; the process group is destroyed afterwards.
 
 The ``awpfast-train`` / ``python -m awpfast.evaluate`` command lines of the ```sh blocks are
 parsed by the real argument parsers, so that every option the README shows exists.
@@ -39,6 +42,21 @@ def _blocks(lang):
 
 PY_BLOCKS = _blocks("python")
 _state = {"ns": {"__name__": "__readme__"}, "done": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_process_torchrun_env():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                     ("MASTER_PORT", str(port))):
+            mp.setenv(k, v)
+        yield
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def test_readme_has_the_usage_snippets():
@@ -92,6 +110,8 @@ def _commands():
             if not ln:
                 continue
             words = shlex.split(ln)
+            if len(words) > 1 and words[-1] == "..." and not words[-2].startswith("-"):
+                words.pop()  # "..." standing for more options (not the value of an option)
             for i, w in enumerate(words):
                 if w.endswith("awpfast-train") or (w == "awpfast.train" and words[i - 1] == "-m"):
                     cmds.append((line, "train", words[i + 1:]))
