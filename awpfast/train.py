@@ -58,7 +58,7 @@ from .losses import METHODS, get_loss
 from .models import MODEL_NAMES
 
 __all__ = ["build_parser", "main", "run", "make_config", "RunConfig", "UsageError", "evaluate_split",
-           "build_model", "lr_factor", "plot_metrics", "parse_float", "read_checkpoint", "resolve_device"]
+           "training_splits", "build_model", "lr_factor", "plot_metrics", "parse_float", "read_checkpoint", "resolve_device"]
 
 MODELS = MODEL_NAMES
 DEFAULT_GAMMA = {"at": 0.01, "mart": 0.01, "trades": 0.005}
@@ -82,9 +82,14 @@ class UsageError(ValueError):
     """A problem with the command line or its files, reported as one line (no traceback)."""
 
 
+class NumberError(argparse.ArgumentTypeError, ValueError):
+    """A command-line value that is not a number: argparse prints its message as a one-line error;
+    callers outside argparse can catch it as a ``ValueError``."""
+
+
 def parse_float(s) -> float:
-    """``"8/255"`` -> 0.0313...; ``"0.5"`` -> 0.5. Raises ``argparse.ArgumentTypeError`` on
-    anything else (argparse then prints a one-line error)."""
+    """``"8/255"`` -> 0.0313...; ``"0.5"`` -> 0.5. Raises :class:`NumberError` (an
+    ``argparse.ArgumentTypeError`` and a ``ValueError``) on anything else."""
     if isinstance(s, (int, float)) and not isinstance(s, bool):
         return float(s)
     text = str(s).strip()
@@ -94,9 +99,9 @@ def parse_float(s) -> float:
             return float(a) / float(b)
         return float(text)
     except ZeroDivisionError:
-        raise argparse.ArgumentTypeError(f"{text!r} divides by zero") from None
+        raise NumberError(f"{text!r} divides by zero") from None
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.03 or 8/255)") from None
+        raise NumberError(f"{text!r} is not a number (e.g. 0.03 or 8/255)") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -729,6 +734,19 @@ def _shard_units(model: torch.nn.Module) -> list:
     return units
 
 
+def training_splits(ds, val_samples: Optional[int], train_samples: Optional[int] = None):
+    """``(train, val)``: the images a run trained on and its held-out validation images, from the
+    dataset and the run's ``val_samples`` / ``train_samples`` (``checkpoint["args"]``; a checkpoint
+    without ``val_samples`` held none out)."""
+    try:
+        train, val = split_validation(ds.train, int(val_samples or 0))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if train_samples is not None:
+        train = train.subset(train_samples)
+    return train, val
+
+
 def setup(cfg: RunConfig) -> Trainer:
     """Data, model, optimizer with AWP, schedule, attack and loader; loads the ``--resume`` state.
     Writes nothing."""
@@ -741,12 +759,7 @@ def setup(cfg: RunConfig) -> Trainer:
     torch.manual_seed(seed)
 
     ds = load_dataset(args.data, args.data_dir, args.image_size)
-    try:
-        train, val = split_validation(ds.train, args.val_samples)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if args.train_samples is not None:
-        train = train.subset(args.train_samples)
+    train, val = training_splits(ds, args.val_samples, args.train_samples)
     augment = ds.augment if args.augment == "auto" else args.augment
     model = build_model(args.model, ds.num_classes, ds.in_channels, args.width, args.input_norm).to(device)
     ckpt = cfg.checkpoint
@@ -765,8 +778,8 @@ def setup(cfg: RunConfig) -> Trainer:
     params = model.parameters()
     base = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     # the DDP / FSDP-wrapped model under torchrun (AWP detects it); one process: the plain module
-    awp = AWP(base, wrapped if dist.enabled else model, gamma=args.awp_gamma, steps=args.awp_steps, restore=args.awp_restore,
-              backend=args.backend)
+    awp = AWP(base, wrapped if dist.enabled else model, gamma=args.awp_gamma, steps=args.awp_steps,
+              restore=args.awp_restore, backend=args.backend)
     batches = Batches(train, args.batch_size, shuffle=True, augment=augment, seed=args.seed, drop_last=False,
                       device=device, pad_mode=args.pad_mode, rank=dist.rank, world_size=dist.world_size)
     n_iter = len(batches)
