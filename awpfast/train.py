@@ -58,7 +58,8 @@ from .losses import METHODS, get_loss
 from .models import MODEL_NAMES
 
 __all__ = ["build_parser", "main", "run", "make_config", "RunConfig", "UsageError", "evaluate_split",
-           "training_splits", "build_model", "lr_factor", "plot_metrics", "parse_float", "read_checkpoint", "resolve_device"]
+           "training_splits", "build_model", "lr_factor", "plot_metrics", "parse_float", "read_checkpoint",
+           "resolve_device"]
 
 MODELS = MODEL_NAMES
 DEFAULT_GAMMA = {"at": 0.01, "mart": 0.01, "trades": 0.005}
