@@ -27,6 +27,9 @@ setup(
     extras_require={
         "triton": ["triton"],
         "train": ["tqdm", "matplotlib", "scikit-learn"],
+        # AutoAttack for `python -m awpfast.evaluate` (the official `autoattack` package is used
+        # instead when it is installed; it is not on PyPI)
+        "autoattack": ["torchattacks"],
         "dev": ["pytest", "pytest-benchmark", "tqdm", "matplotlib", "scikit-learn", "triton", "pybind11"],
     },
     entry_points={"console_scripts": ["awpfast-train=awpfast.train:main"]},

@@ -516,7 +516,8 @@ def run(args) -> dict:
         for ck, path, label in zip(cks, args.checkpoints, labels):
             a = ck["args"]
             try:
-                model = build_model(a["model"], ck["num_classes"] or ds.num_classes, ck["in_channels"], a.get("width"))
+                model = build_model(a["model"], ck["num_classes"] or ds.num_classes, ck["in_channels"], a.get("width"),
+                                    a.get("input_norm", "none"))
                 model.load_state_dict(ck["model"])
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 msg = str(e).strip().splitlines()[0][:200]
