@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .losses import _wide
 
 __all__ = ["PGD", "TRADESAttack", "pgd", "trades_attack", "attack_mode"]
 
@@ -191,13 +192,13 @@ class TRADESAttack:
         x = x.detach()
         with attack_mode(self.model, self.bn_train):
             with torch.no_grad():
-                p_nat = F.softmax(self.model(x).float(), dim=1)
+                p_nat = F.softmax(_wide(self.model(x)), dim=1)
             x_adv = x + 0.001 * torch.randn_like(x) if self.random_start else x.clone()
             # (the reference does not clamp the start; the first step clamps to [0, 1])
             with torch.enable_grad():
                 for _ in range(self.steps):
                     x_adv.requires_grad_(True)
-                    logp_adv = F.log_softmax(self.model(x_adv).float(), dim=1)
+                    logp_adv = F.log_softmax(_wide(self.model(x_adv)), dim=1)
                     loss = F.kl_div(logp_adv, p_nat, reduction="sum")
                     g = _input_grad(loss, x_adv)
                     x_adv = x_adv.detach()
