@@ -74,7 +74,13 @@ def _import(name: str):
     return _import_first(name)
 
 
-@torch.compiler.disable
+# Kept out of compiled graphs. ``torch._disable_dynamo`` imports Dynamo only when the function
+# is first called (``torch.compiler.disable`` imports it at decoration time: ~3 s on every
+# ``import awpfast``, CLI ``--help`` and error paths included).
+_no_dynamo = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
+
+@_no_dynamo
 def _import_first(name: str):
     if name not in _MODULES:
         raise ValueError(
