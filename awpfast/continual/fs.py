@@ -17,9 +17,9 @@ The first-order path perturbs the model's own parameters with the seam's fused
 absolute-step op (``ops.add_scaled_``: clip, scale and the backup in one call), evaluates
 the meta loss on the model as it is, and puts ``w`` back bit-exactly with ``ops.restore_``
 (also on an exception). No functional copy of the model is made. ``d loss / d lam`` has a
-closed form there: with ``A_j = g_j M`` and ``m_j`` the mask of entries the clamp let
-through, ``d loss / d lam_r = eta1/K * sum_{j<=k} sum_a A_j[a, r] * ((m_j * G_k) M)[a, r]``,
-``G_k = grad L(w~_k; B)``.
+closed form there: with ``A_j = g_j M``, ``m_j`` the mask of entries the clamp let
+through and ``G_k = grad L(w~_k; B)``,
+``d loss / d lam_r = eta1/K * sum_j sum_a A_j[a, r] * ((m_j * sum_{k>=j} G_k) M)[a, r]``.
 
 ``second_order=True`` differentiates through ``g_k`` as well (Hessian-vector terms); that
 path builds the perturbed weights functionally (``torch.func.functional_call``).
@@ -78,22 +78,20 @@ def fs_step(model: nn.Module, params: Sequence[torch.Tensor], criterion: Callabl
     pidx = memory.param_index if project else []
     lam_g = [None if M is None else M.new_zeros(M.shape[1]) for M in bases] if want_lam else None
     records = []  # per chunk: [(A = g M, clamp mask) or None per protected layer]
+    metas = []    # per chunk: the meta-loss gradients of the protected layers
     losses = []
     perturbed = False
     mx, my = meta_batch
     try:
         for k, (xc, yc) in enumerate(chunks):
             g = _fill(torch.autograd.grad(criterion(model(xc), yc), params, allow_unused=True), params)
-            d = memory.project_onto(g, lambdas) if project else g
+            coeffs = [] if want_lam else None
+            d = memory.project_onto(g, lambdas, coeffs) if project else g
             if want_lam:
                 rec = []
-                for j, (pi, M) in enumerate(zip(pidx, bases)):
-                    if M is None:
-                        rec.append(None)
-                        continue
-                    A = g[pi].reshape(g[pi].shape[0], -1) @ M
-                    mask = None if clip is None else d[pi].reshape(A.shape[0], -1).abs() <= clip
-                    rec.append((A, mask))
+                for pi, A in zip(pidx, coeffs):
+                    mask = None if (A is None or clip is None) else d[pi].reshape(A.shape[0], -1).abs() <= clip
+                    rec.append(None if A is None else (A, mask))
                 records.append(rec)
             with torch.no_grad():
                 ops.add_scaled_(params, d, float(eta1), clip=clip, backups=backups if k == 0 else None,
@@ -103,19 +101,24 @@ def fs_step(model: nn.Module, params: Sequence[torch.Tensor], criterion: Callabl
             G = _fill(torch.autograd.grad(meta, params, allow_unused=True), params)
             torch._foreach_add_(acc, G, alpha=1.0 / K)
             if want_lam:
-                for j, (pi, M) in enumerate(zip(pidx, bases)):
-                    if M is None:
-                        continue
-                    G2 = G[pi].reshape(G[pi].shape[0], -1)
-                    for rec in records:
-                        A, mask = rec[j]
-                        GM = (G2 if mask is None else G2 * mask) @ M
-                        lam_g[j].add_((A * GM).sum(0), alpha=float(eta1) / K)
+                metas.append([G[pi] for pi in pidx])
             losses.append(meta.detach())
     finally:
         if perturbed:
             with torch.no_grad():
                 ops.restore_(params, backups, backend=backend)
+    if want_lam:
+        # d loss/d lam = eta1/K sum_j rowsum(A_j * ((m_j * H_j) M)),  H_j = sum_{k>=j} G_k:
+        # one matmul per chunk and layer (suffix sums instead of every (j, k) pair)
+        for j, M in enumerate(bases):
+            if M is None:
+                continue
+            H = None
+            for rec, Gs in zip(reversed(records), reversed(metas)):
+                G2 = Gs[j].reshape(Gs[j].shape[0], -1)
+                H = G2 if H is None else H + G2
+                A, mask = rec[j]
+                lam_g[j].add_((A * ((H if mask is None else H * mask) @ M)).sum(0), alpha=float(eta1) / K)
     return FSResult(acc, lam_g, torch.stack(losses).mean())
 
 

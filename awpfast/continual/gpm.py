@@ -210,19 +210,25 @@ class GPMMemory:
         return grads
 
     def project_onto(self, grads: Sequence[Optional[torch.Tensor]],
-                     lambdas: Optional[Sequence[Optional[torch.Tensor]]] = None) -> List[Optional[torch.Tensor]]:
+                     lambdas: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                     coeffs: Optional[list] = None) -> List[Optional[torch.Tensor]]:
         """A new list: ``(g M) diag(lam) M^T`` for protected layers (zero where a layer has
         no basis yet), ``g`` unchanged for parameters that are not protected.
-        Differentiable in ``g`` and ``lambdas``."""
+        Differentiable in ``g`` and ``lambdas``. If ``coeffs`` is a list, the coefficients
+        ``g M`` (``out x k``, before ``lam``) of each protected layer are appended to it
+        (``None`` for a layer without a basis)."""
         out = list(grads)
         for j, (pi, M) in enumerate(zip(self.param_index, self.bases)):
             g = grads[pi]
-            if g is None:
-                continue
-            if M is None:
-                out[pi] = torch.zeros_like(g)
+            if g is None or M is None:
+                if g is not None:
+                    out[pi] = torch.zeros_like(g)
+                if coeffs is not None:
+                    coeffs.append(None)
                 continue
             c = self._matrix(g) @ M
+            if coeffs is not None:
+                coeffs.append(c)
             if lambdas is not None and lambdas[j] is not None:
                 c = c * lambdas[j].to(c.dtype)
             out[pi] = (c @ M.t()).reshape(g.shape)
