@@ -365,6 +365,24 @@ def test_soft_weights_are_learned():
     assert all(torch.isfinite(t).all() for t in lr.theta if t is not None)
 
 
+def test_fixed_soft_weights_stay_put():
+    """learn_lambda=False: lam = sigmoid(tau * lam_init) throughout, what the official code's
+    update amounts to."""
+    gen = torch.Generator().manual_seed(8)
+    torch.manual_seed(8)
+    cfg = Config(method="fs-dgpm", glances=1, tau=1.0, lam_init=0.0, eta2=0.5, memory_size=20, learn_lambda=False)
+    lr = ContinualLearner(mlp(16, 12, 4), cfg, gen)
+    x, y = torch.rand(40, 16, generator=gen), torch.randint(0, 4, (40,), generator=gen)
+    for t in range(2):
+        lr.begin_task(t)
+        for i in range(0, 40, 10):
+            lr.observe(x[i:i + 10], y[i:i + 10])
+        if t == 1:
+            assert lr.theta is not None and any(th is not None for th in lr.theta)
+            assert all(torch.equal(th, torch.zeros_like(th)) for th in lr.theta if th is not None)
+        lr.end_task(x)
+
+
 def test_reservoir_is_uniform_and_bounded():
     gen = torch.Generator().manual_seed(9)
     counts = torch.zeros(60)

@@ -65,6 +65,7 @@ class Config:
     inner_steps: int = 2        #: FS inner chunks per batch
     tau: float = 10.0           #: sigmoid temperature, lam = sigmoid(tau * theta)
     lam_init: float = 1.0       #: initial theta of each task
+    learn_lambda: bool = True   #: False: lam stays sigmoid(tau * lam_init), the official code's effective behaviour
     second_order: bool = False  #: FS through the inner gradients (functional path)
     backend: Optional[str] = None  #: seam backend for the perturb/restore ops
 
@@ -219,7 +220,7 @@ class ContinualLearner:
             chunks = [(x[i:i + size], y[i:i + size]) for i in range(0, n, size)]
             lambdas = self.lambdas()
             res = fs_step(self.model, self.params, self._loss, chunks, (mx, my), eta1=cfg.eta1, clip=cfg.grad_clip,
-                          memory=self.memory, lambdas=lambdas, lambda_grad=self.theta is not None,
+                          memory=self.memory, lambdas=lambdas, lambda_grad=self.theta is not None and cfg.learn_lambda,
                           backups=self.backups, second_order=cfg.second_order, backend=cfg.backend)
             grads, lam_grads, loss = res.grads, res.lambda_grads, res.loss
             for p, g in zip(self.params, grads):

@@ -152,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
                       ("lam_init", float), ("basis", str), ("memory_size", int)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=f"override Config.{name}")
     p.add_argument("--second-order", action="store_true", help="FS through the inner gradients")
+    p.add_argument("--fixed-lambda", action="store_true",
+                   help="keep lam = sigmoid(tau * lam_init) (what the official code's update amounts to)")
     return p
 
 
@@ -170,6 +172,8 @@ def main(argv=None) -> int:
                                                     "memory_size") if getattr(args, k) is not None}
         if args.second_order:
             overrides["second_order"] = True
+        if args.fixed_lambda:
+            overrides["learn_lambda"] = False
         res = run_experiment(args.method, args.preset, args.seed, dataset=args.dataset, n_tasks=args.tasks,
                              samples_per_task=args.samples_per_task, mnist_path=args.mnist_csv,
                              progress=not args.quiet, **overrides)

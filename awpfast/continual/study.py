@@ -114,12 +114,15 @@ def main(argv=None) -> int:
     p.add_argument("--lam-init", type=float)
     p.add_argument("--tau", type=float)
     p.add_argument("--basis")
+    p.add_argument("--fixed-lambda", action="store_true")
     args = p.parse_args(argv)
     if not os.path.isdir(args.out):
         print(f"error: folder {args.out!r} does not exist; create it first", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     overrides = {k: getattr(args, k) for k in ("lam_init", "tau", "basis") if getattr(args, k) is not None}
+    if args.fixed_lambda:
+        overrides["learn_lambda"] = False
     try:
         res = run_study(args.preset, args.seeds, args.methods, args.out, args.dataset, args.mnist_csv,
                         args.overwrite, args.tag, **overrides)
