@@ -17,6 +17,14 @@ from awpfast.continual.run import main
 from conftest import rel_err
 
 
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
 def _orthonormal(d, k, gen, dtype=torch.float64):
     q = torch.linalg.qr(torch.randn(d, max(k, 1), generator=gen, dtype=torch.float64)).Q[:, :k]
     return q.to(dtype).contiguous()
@@ -340,7 +348,7 @@ def test_fs_step_restores_weights_on_exception():
     assert all(torch.equal(p, b) for p, b in zip(params, before))
 
 
-def test_soft_weights_are_learned():
+def test_soft_weights_are_learned(one_thread):
     """The official code re-creates lam every step so it never learns; here theta moves
     with the FS loss and lam follows sigmoid(tau * theta)."""
     gen = torch.Generator().manual_seed(8)
@@ -365,7 +373,7 @@ def test_soft_weights_are_learned():
     assert all(torch.isfinite(t).all() for t in lr.theta if t is not None)
 
 
-def test_fixed_soft_weights_stay_put():
+def test_fixed_soft_weights_stay_put(one_thread):
     """learn_lambda=False: lam = sigmoid(tau * lam_init) throughout, what the official code's
     update amounts to."""
     gen = torch.Generator().manual_seed(8)
@@ -413,14 +421,6 @@ def test_acc_bwt():
     assert acc == pytest.approx((70 + 75 + 95) / 3)
     assert bwt == pytest.approx(((70 - 90) + (75 - 85)) / 2)
     assert acc_bwt([[50.0]]) == (50.0, 0.0)
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(n)
 
 
 def test_gpm_forgets_less_than_sgd(one_thread):
