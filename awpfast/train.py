@@ -28,6 +28,13 @@ The training step is the reference recipe (Wu et al. 2020) without its proxy mod
         awp.step()                                         # SGD step at w + v, then w -= v
     scheduler.step()                                       # piecewise LR, per iteration
 
+``--recipe at-awp-reference`` / ``trades-awp-reference`` (and ``at-reference`` / ``trades-reference``)
+set the options of the reference scripts instead of ours, including the train-mode AT attack and the
+order in which their forwards feed BatchNorm (``--forward-order reference``); docs/recipes.md lists
+both side by side. ``--track-flatness`` logs the flatness of the adversarial weight loss landscape
+each epoch (:func:`flatness_epoch`) without changing the trajectory; ``--label-noise P`` flips a
+fixed fraction of the training labels.
+
 Under ``torchrun --nproc_per_node N``, ``--batch-size`` is the global batch: each process trains
 on ``batch_size / N`` examples per step (the split must be even), the model is wrapped in
 ``DistributedDataParallel`` (or ``fully_shard`` with ``--fsdp``) and passed wrapped to

@@ -298,3 +298,32 @@ def test_track_flatness_bad_values(tmp_path, capsys):
         err = capsys.readouterr().err
         assert bad[0] in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "x")
+
+
+needs_dist = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available in this torch build")
+
+
+@needs_dist
+def test_track_flatness_under_torchrun_ddp(tmp_path):
+    """Rank 0 computes the number on its replica (rank 0's BN statistics, as the evaluation) and
+    broadcasts it; the run finishes (no rank waits forever) and the logged number is the one-process
+    flatness of the saved weights. One torchrun launch (about 20 s on the loaded 2-core machine)."""
+    from test_train_distributed import _torchrun
+    out = tmp_path / "run"
+    args = ["--data", "synthetic", "--image-size", "8", "--model", "small-cnn", "--width", "4", "--batch-size", "32",
+            "--attack-steps", "1", "--eval-steps", "1", "--eval-samples", "16", "--train-eval-samples", "16",
+            "--train-samples", "64", "--val-samples", "16", "--no-plot", "--epochs", "2", "--out", str(out),
+            "--track-flatness", "--flatness-samples", "24", "--flatness-directions", "2", "--flatness-steps", "1"]
+    p, _ = _torchrun(args, tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "x 2 (ddp)" in p.stdout and p.stdout.count("flatness ") == 2  # rank 0 prints each epoch once
+    rows = _metrics(str(out))
+    ck = torch.load(out / "last.pt", weights_only=False)
+    model = T.build_model("small-cnn", 10, 3, 4)
+    model.load_state_dict(ck["model"])
+    train, _ = T.training_splits(load_dataset("synthetic", image_size=8), 16, 64)
+    from awpfast.attacks import PGD
+    want = L.flatness(model, train.x[:24], train.y[:24], 0.5, 2, PGD(model, eps=8 / 255, alpha=2 / 255, steps=1),
+                      seed=T.FLATNESS_SEED)
+    assert rows[-1]["flatness"] == pytest.approx(want, abs=1e-9)
