@@ -139,7 +139,7 @@ Values may be callables of the partly resolved options (eps and alpha depend on 
 
 
 def recipe_overrides(args) -> dict:
-    """``{option: (value, the recipe's value)}`` for the options of ``args`` that differ from its ``--recipe``."""
+    """``{option: [value, the recipe's value]}`` for the options of ``args`` that differ from its ``--recipe``."""
     if not getattr(args, "recipe", None) or args.recipe not in RECIPES:
         return {}
     probe = argparse.Namespace(**vars(args))
