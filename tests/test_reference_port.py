@@ -19,8 +19,9 @@ with both sides seeded identically before each attack and feeding BatchNorm in t
   restart move the running statistics), then the forward at ``w + v``, then, after the restore, a
   clean train-mode forward for logging. TRADES-AWP: eval-mode attack, then at ``w + v`` the
   forwards adversarial, clean (KL target), clean (CE). awpfast reproduces these with
-  ``PGD(bn_train=True)`` and extra forwards written in the test: what a
-  ``--recipe ...-reference`` preset has to do.
+  ``PGD(bn_train=True)`` and extra forwards written in the test: what the
+  ``--recipe at-awp-reference`` / ``trades-awp-reference`` presets do; ``test_recipes.py`` runs
+  this port against ``awpfast.train``'s own loop under those presets.
 """
 import copy
 
