@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from . import ops
 from .losses import _wide
 
-__all__ = ["PGD", "TRADESAttack", "pgd", "trades_attack", "attack_mode"]
+__all__ = ["PGD", "TRADESAttack", "pgd", "trades_attack", "attack_mode", "L2_ORDERS"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+L2_ORDERS = ("renorm-clamp", "clamp-renorm")
 
 
 @contextlib.contextmanager
@@ -163,13 +164,23 @@ class TRADESAttack:
     ``x + 0.001*N(0, 1)``, L-inf steps through the seam's PGD step op.
 
     ``y`` is accepted (and ignored) so that it is interchangeable with :class:`PGD`.
+
+    ``l2_order`` (L2 only): ``"renorm-clamp"`` (default, the order of :class:`PGD` and of the
+    seam's step op: step along ``g/(||g||+1e-10)``, rescale ``delta`` into the eps-ball, clamp
+    to [0, 1]) or ``"clamp-renorm"``, the TRADES reference's order: step along ``g/||g||``
+    (a zero gradient gives no step instead of the reference's NaN), clamp ``x + delta`` to
+    [0, 1], then rescale ``delta`` into the eps-ball (``Tensor.renorm``, as the reference).
+    The reference's own L2 step size is ``2 * eps / steps`` (its SGD learning rate on ``delta``).
     """
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
                  random_start: bool = True, norm: str = "Linf", bn_train: bool = False,
-                 backend: Optional[str] = None, check_range: bool = True):
+                 backend: Optional[str] = None, check_range: bool = True, l2_order: str = "renorm-clamp"):
         if norm not in ("Linf", "L2"):
             raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+        if l2_order not in L2_ORDERS:
+            raise ValueError(f"l2_order must be one of {', '.join(L2_ORDERS)}, got {l2_order!r}")
+        self.l2_order = l2_order
         if eps < 0 or alpha < 0 or steps < 0:
             raise ValueError(f"eps, alpha and steps must be >= 0 (got {eps}, {alpha}, {steps})")
         self.check_range = bool(check_range)
@@ -180,8 +191,9 @@ class TRADESAttack:
         self.backend = backend
 
     def __repr__(self) -> str:
+        extra = f", l2_order={self.l2_order!r}" if self.norm == "L2" else ""
         return (f"TRADESAttack(eps={self.eps:.5g}, alpha={self.alpha:.5g}, steps={self.steps}, "
-                f"norm={self.norm!r}, bn_train={self.bn_train})")
+                f"norm={self.norm!r}, bn_train={self.bn_train}{extra})")
 
     def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.forward(x, y)
@@ -202,11 +214,27 @@ class TRADESAttack:
                     loss = F.kl_div(logp_adv, p_nat, reduction="sum")
                     g = _input_grad(loss, x_adv)
                     x_adv = x_adv.detach()
-                    ops.pgd_step_(x_adv, g.to(x_adv.dtype), x, self.alpha, self.eps, self.norm,
-                                  backend=self.backend)
+                    if self.norm == "L2" and self.l2_order == "clamp-renorm":
+                        x_adv = _l2_step_clamp_renorm(x_adv, g.to(x_adv.dtype), x, self.alpha, self.eps)
+                    else:
+                        ops.pgd_step_(x_adv, g.to(x_adv.dtype), x, self.alpha, self.eps, self.norm,
+                                      backend=self.backend)
         if self.steps == 0:
             x_adv = x_adv.clamp(0.0, 1.0)
         return x_adv.detach()
+
+
+def _l2_step_clamp_renorm(x_adv: torch.Tensor, g: torch.Tensor, x: torch.Tensor, alpha: float,
+                          eps: float) -> torch.Tensor:
+    """One L2 step in the TRADES reference's order (batched over samples, no per-sample loop):
+    ``delta += alpha * g/||g||``, ``delta = clamp(x + delta, 0, 1) - x``, ``delta.renorm(eps)``."""
+    b = x.shape[0]
+    gn = torch.linalg.vector_norm(g.reshape(b, -1), dim=1).view(-1, *([1] * (x.dim() - 1)))
+    step = torch.where(gn > 0, g / torch.where(gn > 0, gn, torch.ones_like(gn)), torch.zeros_like(g))
+    delta = (x_adv - x) + alpha * step
+    delta = (x + delta).clamp_(0.0, 1.0) - x
+    delta = delta.renorm(p=2, dim=0, maxnorm=eps)
+    return x + delta
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> torch.Tensor:

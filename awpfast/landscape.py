@@ -289,7 +289,8 @@ def weight_landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alphas:
 
 def flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float,
              directions: Union[int, Direction, Sequence[Direction]], attack: Optional[Callable],
-             *, seed: int = 0, batch_size: int = 256, backend: Optional[str] = None) -> float:
+             *, seed: int = 0, batch_size: int = 256, backend: Optional[str] = None,
+             details: bool = False) -> Union[float, dict]:
     """Flatness of the (adversarial) weight loss landscape at ``alpha``: a sharpness number.
 
     Definition::
@@ -309,13 +310,17 @@ def flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float,
     The attack's random start is seeded with ``seed`` for every evaluation (common random
     numbers between ``g(alpha)`` and ``g(0)``). Weights, buffers, modes and the RNG state
     are restored exactly, as in :func:`weight_landscape`.
+
+    With ``details=True`` it returns ``{"flatness": ..., "loss0": g(0), "rises": [g_d(alpha) - g(0)
+    per direction]}`` instead of the number.
     """
     a = _check_alphas([alpha])[0]
     dirs = _directions(model, directions, seed)
     kw = dict(attack=attack, seed=seed, batch_size=batch_size, backend=backend)
     g0 = weight_landscape(model, x, y, [0.0], direction=dirs[0], **kw)["loss"][0]
     rises = [weight_landscape(model, x, y, [a], direction=d, **kw)["loss"][0] - g0 for d in dirs]
-    return float(sum(rises) / len(rises))
+    value = float(sum(rises) / len(rises))
+    return {"flatness": value, "loss0": float(g0), "rises": rises} if details else value
 
 
 # ============================================================================ command line
@@ -361,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--directions", type=int, default=3, help="random directions (seeds SEED, SEED+1, ...)")
     p.add_argument("--samples", type=int, default=1000, help="first N images of the split (0: all)")
     p.add_argument("--split", choices=("test", "train"), default="test",
-                   help="train: the checkpoint's own training images (its --train-samples)")
+                   help="train: the checkpoint's own training images (its --train-samples, with its "
+                        "--label-noise labels)")
     p.add_argument("--attack-steps", type=int, default=10, help="PGD steps (0: the clean loss)")
     p.add_argument("--eps", default=None, help="attack radius (default: the checkpoints'); '8/255' works")
     p.add_argument("--attack-step", default=None, help="PGD step size (default: eps/4)")
@@ -527,7 +533,8 @@ def run(args) -> dict:
                 split = ds.test
             else:  # the images this run trained on (its validation hold-out excluded)
                 try:
-                    split = training_splits(ds, a.get("val_samples"), a.get("train_samples"))[0]
+                    split = training_splits(ds, a.get("val_samples"), a.get("train_samples"),
+                                            a.get("label_noise") or 0.0)[0]
                 except ValueError as e:
                     raise CLIError(f"{path}: {e}") from None
             split = split.subset(args.samples or None)

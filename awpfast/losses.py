@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "at_loss_from_logits", "trades_loss_from_logits", "mart_loss_from_logits",
-    "ATLoss", "TRADESLoss", "MARTLoss", "get_loss", "METHODS",
+    "ATLoss", "TRADESLoss", "MARTLoss", "get_loss", "METHODS", "FORWARD_ORDERS",
 ]
 
 METHODS = ("at", "trades", "mart")
@@ -95,23 +95,43 @@ class ATLoss:
         return "ATLoss()"
 
 
+FORWARD_ORDERS = ("ours", "reference")
+
+
 class _PairLoss:
+    """``order="ours"``: the forwards clean, then adversarial. ``order="reference"``: the BatchNorm
+    feeding order of the TRADES-AWP reference script: adversarial, clean (the KL target), clean
+    again (its cross-entropy). In train mode the second clean forward returns the same logits as
+    the first, so it runs without gradient and only feeds BN's running statistics once more: the
+    loss and its gradient are those of one clean forward, the statistics those of the reference.
+    In eval mode (or with BN statistics frozen) the two orders give the same result."""
     needs_clean = True
 
-    def __init__(self, beta: float = 6.0):
+    def __init__(self, beta: float = 6.0, order: str = "ours"):
+        if order not in FORWARD_ORDERS:
+            raise ValueError(f"order must be one of {', '.join(FORWARD_ORDERS)}, got {order!r}")
         self.beta = float(beta)
+        self.order = order
 
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
                  return_logits: bool = False):
         # One forward over the concatenated batch would mix BN statistics of clean and
-        # adversarial inputs; the references run two forwards, and so do we.
-        logits_nat = model(x)
-        logits_adv = model(x_adv)
+        # adversarial inputs; the references run separate forwards, and so do we.
+        if self.order == "reference":
+            logits_adv = model(x_adv)
+            logits_nat = model(x)
+            if model.training:
+                with torch.no_grad():
+                    model(x)
+        else:
+            logits_nat = model(x)
+            logits_adv = model(x_adv)
         loss = self._formula(logits_nat, logits_adv, y, self.beta)
         return (loss, logits_adv) if return_logits else loss
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(beta={self.beta})"
+        extra = "" if self.order == "ours" else f", order={self.order!r}"
+        return f"{type(self).__name__}(beta={self.beta}{extra})"
 
 
 class TRADESLoss(_PairLoss):
@@ -126,13 +146,14 @@ class MARTLoss(_PairLoss):
     _formula = staticmethod(mart_loss_from_logits)
 
 
-def get_loss(method: str, beta: float = 6.0):
-    """The loss object for ``--method at|trades|mart``."""
+def get_loss(method: str, beta: float = 6.0, order: str = "ours"):
+    """The loss object for ``--method at|trades|mart``; ``order``: the forward order of the
+    two-forward losses (see :class:`TRADESLoss`; AT runs one forward either way)."""
     method = method.lower()
     if method == "at":
         return ATLoss()
     if method == "trades":
-        return TRADESLoss(beta)
+        return TRADESLoss(beta, order)
     if method == "mart":
-        return MARTLoss(beta)
+        return MARTLoss(beta, order)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

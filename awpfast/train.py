@@ -28,6 +28,13 @@ The training step is the reference recipe (Wu et al. 2020) without its proxy mod
         awp.step()                                         # SGD step at w + v, then w -= v
     scheduler.step()                                       # piecewise LR, per iteration
 
+``--recipe at-awp-reference`` / ``trades-awp-reference`` (and ``at-reference`` / ``trades-reference``)
+set the options of the reference scripts instead of ours, including the train-mode AT attack and the
+order in which their forwards feed BatchNorm (``--forward-order reference``); docs/recipes.md lists
+both side by side. ``--track-flatness`` logs the flatness of the adversarial weight loss landscape
+each epoch (:func:`flatness_epoch`) without changing the trajectory; ``--label-noise P`` flips a
+fixed fraction of the training labels.
+
 Under ``torchrun --nproc_per_node N``, ``--batch-size`` is the global batch: each process trains
 on ``batch_size / N`` examples per step (the split must be even), the model is wrapped in
 ``DistributedDataParallel`` (or ``fully_shard`` with ``--fsdp``) and passed wrapped to
@@ -52,20 +59,25 @@ import torch
 import torch.nn.functional as F
 
 from . import AWP
-from .attacks import PGD, TRADESAttack
-from .data import CIFAR10_MEAN, CIFAR10_STD, DATASETS, PAD_MODES, Batches, load_dataset, split_validation
-from .losses import METHODS, get_loss
+from .attacks import L2_ORDERS, PGD, TRADESAttack
+from .data import CIFAR10_MEAN, CIFAR10_STD, DATASETS, PAD_MODES, Batches, Split, load_dataset, split_validation
+from .losses import FORWARD_ORDERS, METHODS, get_loss
 from .models import MODEL_NAMES
 
 __all__ = ["build_parser", "main", "run", "make_config", "RunConfig", "UsageError", "evaluate_split",
            "training_splits", "build_model", "lr_factor", "plot_metrics", "parse_float", "read_checkpoint",
-           "resolve_device"]
+           "resolve_device", "RECIPES", "apply_recipe", "symmetric_label_noise", "train_epoch", "setup",
+           "flatness_epoch"]
 
 MODELS = MODEL_NAMES
 DEFAULT_GAMMA = {"at": 0.01, "mart": 0.01, "trades": 0.005}
 DEFAULT_WARMUP = {"at": 0, "mart": 0, "trades": 10}
 DEFAULT_VAL = {"cifar10": 1000, "digits": 100, "synthetic": 100}
 INPUT_NORMS = {"none": (None, None), "cifar10": (CIFAR10_MEAN, CIFAR10_STD)}
+LR_SCHEDULES = ("piecewise", "piecewise-epoch", "cosine", "constant")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+LABEL_NOISE_SEED = 20200303   # fixed: the noisy labels never depend on --seed
+FLATNESS_SEED = 0             # the directions and PGD starts of --track-flatness (the same every epoch)
 CKPT_FORMAT = "awpfast-train/1"
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.png", "args.json")
 # options that define the run: taken from the checkpoint on --resume
@@ -73,10 +85,96 @@ _RUN_KEYS = ("method", "beta", "awp_gamma", "awp_warmup", "awp_steps", "model", 
              "image_size", "batch_size", "lr", "lr_schedule", "momentum", "weight_decay", "norm", "eps",
              "alpha", "attack_steps", "attack_bn", "eval_steps", "eval_samples", "train_eval_samples",
              "amp", "channels_last", "seed", "augment", "awp_restore", "train_samples", "val_samples",
-             "input_norm", "pad_mode")
+             "input_norm", "pad_mode", "recipe", "forward_order", "trades_l2_order", "label_noise", "dtype",
+             "track_flatness", "flatness_alpha", "flatness_directions", "flatness_samples", "flatness_steps")
 # what checkpoints written before an option existed did (they stay loadable and resume as they ran)
-_OLD_RUN_DEFAULTS = {"val_samples": 0, "input_norm": "none", "pad_mode": "zeros"}
+_OLD_RUN_DEFAULTS = {"val_samples": 0, "input_norm": "none", "pad_mode": "zeros", "recipe": None,
+                     "forward_order": "ours", "trades_l2_order": "renorm-clamp", "label_noise": 0.0,
+                     "dtype": "float32", "track_flatness": False, "flatness_alpha": 0.5, "flatness_directions": 3,
+                     "flatness_samples": 200, "flatness_steps": 10}
+# options a programmatic Namespace may lack (older callers), with the parser's defaults
+_NEW_OPTION_DEFAULTS = {"overwrite": False, "ddp": False, "fsdp": False, "val_samples": None, "input_norm": "auto",
+                        "pad_mode": "auto", "recipe": None, "forward_order": "ours", "trades_l2_order": "renorm-clamp",
+                        "label_noise": 0.0, "dtype": "float32", "track_flatness": False, "flatness_alpha": 0.5,
+                        "flatness_directions": 3, "flatness_samples": 200, "flatness_steps": 10}
 _DEBUG_ENV = "AWPFAST_DEBUG"
+
+
+# ----------------------------------------------------------------------------- recipes
+def _at_eps(a):
+    return 8 / 255 if a.norm == "Linf" else 128 / 255
+
+
+def _at_alpha(a):
+    return 2 / 255 if a.norm == "Linf" else 15 / 255
+
+
+def _trades_alpha(a):
+    # L2: the TRADES reference steps with SGD on delta at lr = 2 * eps / steps (its --step-size is L-inf only)
+    return 2 / 255 if a.norm == "Linf" else 2 * a.eps / max(a.attack_steps, 1)
+
+
+_AT_REFERENCE = {  # csdongxian/AWP AT_AWP/train_cifar10.py, built on Rice et al.'s train_cifar.py
+    "method": "at", "awp_gamma": 0.01, "awp_warmup": 0, "awp_steps": 1, "awp_restore": "after_step",
+    "model": "preact18", "data": "cifar10", "augment": "crop+flip", "pad_mode": "reflect", "input_norm": "cifar10",
+    "epochs": 200, "batch_size": 128, "lr": 0.1, "lr_schedule": "piecewise", "momentum": 0.9,
+    "weight_decay": 5e-4, "attack_steps": 10, "attack_bn": "train", "eval_steps": 20, "forward_order": "reference",
+    "eps": _at_eps, "alpha": _at_alpha,
+}
+_TRADES_REFERENCE = {  # csdongxian/AWP TRADES_AWP/train_trades_cifar10.py, built on Zhang et al.'s TRADES
+    "method": "trades", "beta": 6.0, "awp_gamma": 0.005, "awp_warmup": 9, "awp_steps": 1,
+    "awp_restore": "after_step", "model": "wrn34-10", "data": "cifar10", "augment": "crop+flip", "pad_mode": "zeros",
+    "input_norm": "none", "epochs": 200, "batch_size": 128, "lr": 0.1, "lr_schedule": "piecewise-epoch",
+    "momentum": 0.9, "weight_decay": 5e-4, "attack_steps": 10, "attack_bn": "eval", "eval_steps": 20,
+    "forward_order": "reference", "trades_l2_order": "clamp-renorm", "eps": _at_eps, "alpha": _trades_alpha,
+}
+RECIPES = {
+    "at-awp-reference": _AT_REFERENCE,
+    "at-reference": dict(_AT_REFERENCE, awp_gamma=0.0),
+    "trades-awp-reference": _TRADES_REFERENCE,
+    "trades-reference": dict(_TRADES_REFERENCE, awp_gamma=0.0),
+}
+"""``--recipe NAME``: the option values that reproduce a reference script (see docs/recipes.md).
+Values may be callables of the partly resolved options (eps and alpha depend on ``--norm``)."""
+
+
+def recipe_overrides(args) -> dict:
+    """``{option: [value, the recipe's value]}`` for the options of ``args`` that differ from its ``--recipe``."""
+    if not getattr(args, "recipe", None) or args.recipe not in RECIPES:
+        return {}
+    probe = argparse.Namespace(**vars(args))
+    out = {}
+    for key, val in RECIPES[args.recipe].items():
+        want = val(probe) if callable(val) else val
+        have = getattr(args, key, None)
+        same = have == want or (isinstance(want, float) and isinstance(have, (int, float))
+                                and math.isclose(have, want, rel_tol=1e-12, abs_tol=0.0))
+        if not same:
+            out[key] = [have, want]
+    return out
+
+
+def apply_recipe(args, explicit: set) -> List[str]:
+    """Set the options of ``RECIPES[args.recipe]`` that were not given explicitly (in place).
+    Returns the options it set; raises :class:`UsageError` when ``--method`` contradicts the recipe."""
+    name = getattr(args, "recipe", None)
+    if not name:
+        return []
+    if name not in RECIPES:
+        raise UsageError(f"--recipe {name!r} is unknown: choose one of {', '.join(RECIPES)}")
+    values = RECIPES[name]
+    if "method" in explicit and args.method != values["method"]:
+        other = [n for n, v in RECIPES.items() if v["method"] == args.method]
+        hint = f"use --recipe {other[0]}" if other else "drop --recipe"
+        raise UsageError(f"--recipe {name} is a {values['method']} recipe but --method is {args.method}: drop "
+                         f"--method or {hint}")
+    done = []
+    for key, val in sorted(values.items(), key=lambda kv: callable(kv[1])):  # plain values first, then eps, alpha
+        if key in explicit:
+            continue
+        setattr(args, key, val(args) if callable(val) else val)
+        done.append(key)
+    return done
 
 
 class UsageError(ValueError):
@@ -129,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="awpfast-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     a = p.add_argument_group("method")
+    a.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                   help="preset: the options of a reference script (the AT-AWP / TRADES-AWP code of Wu et al., "
+                        "or its AT / TRADES without AWP); options given explicitly override it, args.json records "
+                        "the resolved values (see docs/recipes.md) (default: none, i.e. our own settings)")
     a.add_argument("--method", choices=METHODS, default="at", help="AT (Madry), TRADES or MART")
     a.add_argument("--beta", type=float, default=6.0, help="TRADES / MART trade-off")
     a.add_argument("--awp-gamma", type=float, default=None,
@@ -139,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--awp-restore", choices=("after_step", "before_step"), default="after_step",
                    help="after_step: step at w+v then subtract v (the reference); before_step: restore w exactly, "
                         "then step")
+    a.add_argument("--forward-order", choices=FORWARD_ORDERS, default="ours",
+                   help="how BatchNorm's running statistics are fed; reference: as the reference scripts: AT: the "
+                        "train-mode attack's extra loss forward on x_adv and a clean train-mode forward after the "
+                        "restore; TRADES: at w+v the forwards adversarial, clean, clean (ours: clean, adversarial)")
     a.add_argument("--backend", default=None,
                    help="awpfast seam backend: reference, foreach, triton or native (default: $AWPFAST_BACKEND, "
                         "else the best available)")
@@ -164,16 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--input-norm", choices=("auto",) + tuple(INPUT_NORMS), default="auto",
                    help="per-channel normalization inside the model (inputs stay in [0, 1]); auto: the CIFAR-10 "
                         "mean/std for at on cifar10 (the AT reference), none otherwise")
+    m.add_argument("--label-noise", type=parse_float, default=0.0, metavar="P",
+                   help="symmetric label noise: a fixed fraction P of the training images (not the validation or "
+                        "test images) gets a label drawn uniformly from the other classes, once, seeded "
+                        "independently of --seed (the same noisy labels in every epoch, seed and arm)")
     o = p.add_argument_group("optimization")
     o.add_argument("--epochs", type=int, default=None, help="epochs (default: 30; on --resume: the checkpoint's)")
     o.add_argument("--batch-size", type=int, default=128,
                    help="global batch size; under torchrun it is split evenly over the processes")
     o.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    o.add_argument("--lr-schedule", choices=("piecewise", "cosine", "constant"), default="piecewise",
-                   help="piecewise: the reference's x0.1 at 50%% and x0.01 at 75%% of the epochs, per iteration")
+    o.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="piecewise",
+                   help="piecewise: x0.1 at 50%% and x0.01 at 75%% of the epochs, per iteration (the AT reference); "
+                        "piecewise-epoch: the same per epoch, x0.1 from 1-based epoch E/2 and x0.01 from 3E/4 "
+                        "(the TRADES reference: epochs 100 and 150 of 200)")
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     o.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     o.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast precision (default: fp32)")
+    o.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="parameter and input dtype; float64 is for exactness checks against a float64 reference "
+                        "(slow; not with --amp)")
     o.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     o.add_argument("--compile", action="store_true",
                    help="torch.compile the model (compiling costs tens of seconds up front: measured 46 s against "
@@ -186,10 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--attack-steps", type=int, default=10, help="PGD steps in training")
     k.add_argument("--attack-bn", choices=("eval", "train"), default="eval",
                    help="model mode during the training attack (train: the reference AT recipe)")
+    k.add_argument("--trades-l2-order", choices=L2_ORDERS, default="renorm-clamp",
+                   help="L2 TRADES attack: renorm-clamp projects onto the eps-ball, then clamps to [0, 1] (as PGD); "
+                        "clamp-renorm clamps, then projects (the TRADES reference)")
     k.add_argument("--eval-steps", type=int, default=20, help="PGD steps of the per-epoch evaluation")
     k.add_argument("--eval-samples", type=int, default=None, help="test images evaluated per epoch (default: all)")
     k.add_argument("--train-eval-samples", type=int, default=500,
                    help="training images (a fixed subset) evaluated per epoch, for the generalization gap; 0 skips")
+    f = p.add_argument_group("flatness")
+    f.add_argument("--track-flatness", action="store_true",
+                   help="log the flatness of the adversarial weight loss landscape each epoch (metrics.jsonl "
+                        "'flatness', plotted against the robust generalization gap): the mean over fixed "
+                        "filter-normalized directions d of L(w + alpha d) - L(w), L the PGD cross-entropy on a "
+                        "fixed training subset, eval mode, PGD regenerated at each point; the training trajectory "
+                        "is unchanged")
+    f.add_argument("--flatness-alpha", type=parse_float, default=0.5,
+                   help="step along each direction, in filter norms")
+    f.add_argument("--flatness-directions", type=int, default=3, help="random directions (the same every epoch)")
+    f.add_argument("--flatness-samples", type=int, default=200,
+                   help="training images (the first N of the training split, the same every epoch)")
+    f.add_argument("--flatness-steps", type=int, default=10,
+                   help="PGD steps of the flatness attack (--eps, --alpha and --norm of the run; 0: clean loss)")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="random seed")
     r.add_argument("--out", default=None,
@@ -278,6 +410,9 @@ def resolve_defaults(args) -> argparse.Namespace:
         args.input_norm = "cifar10" if (args.method == "at" and args.data == "cifar10") else "none"
     if getattr(args, "pad_mode", "auto") in (None, "auto"):
         args.pad_mode = "reflect" if args.method == "at" else "zeros"
+    for key, val in _NEW_OPTION_DEFAULTS.items():
+        if getattr(args, key, None) is None and val is not None:
+            setattr(args, key, val)
     if args.out is None:
         tag = f"{args.method}{'-awp' if args.awp_gamma > 0 else ''}-{args.model}-{args.data}-s{args.seed}"
         args.out = os.path.join("runs", tag)
@@ -339,6 +474,27 @@ def validate_args(args) -> None:
                          "(cifar-10-python.tar.gz, extracted)")
     if args.model != "small-cnn" and args.width is not None:
         raise UsageError(f"--width applies to small-cnn only, not to {args.model}: drop it")
+    _need_float(args, "label_noise", 0, hi=0.99, what=" (a fraction of the training labels)")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if args.dtype != "float32" and args.amp:
+        raise UsageError(f"--dtype {args.dtype} and --amp {args.amp} contradict each other: drop one of them")
+    if args.lr_schedule not in LR_SCHEDULES:
+        raise UsageError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {args.lr_schedule!r}")
+    if args.forward_order not in FORWARD_ORDERS:
+        raise UsageError(f"--forward-order must be one of {', '.join(FORWARD_ORDERS)}, got {args.forward_order!r}")
+    if args.forward_order == "reference" and args.method not in ("at", "trades"):
+        raise UsageError(f"--forward-order reference follows the AT and TRADES reference scripts; --method "
+                         f"{args.method} has none: drop --forward-order")
+    if args.trades_l2_order not in L2_ORDERS:
+        raise UsageError(f"--trades-l2-order must be one of {', '.join(L2_ORDERS)}, got {args.trades_l2_order!r}")
+    if args.track_flatness:
+        _need_float(args, "flatness_alpha", -math.inf)
+        if args.flatness_alpha == 0:
+            raise UsageError("--flatness-alpha 0 makes the flatness 0 by definition: give a step such as 0.5")
+        for key in ("flatness_directions", "flatness_samples"):
+            _need_int(args, key, 1)
+        _need_int(args, "flatness_steps", 0)
     if args.backend is not None:
         from .ops import BACKENDS
         if args.backend not in BACKENDS:
@@ -459,8 +615,7 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
     args = copy.copy(args)
     if hasattr(args, "_explicit"):
         del args._explicit
-    for key, val in (("overwrite", False), ("ddp", False), ("fsdp", False), ("val_samples", None),
-                     ("input_norm", "auto"), ("pad_mode", "auto")):
+    for key, val in _NEW_OPTION_DEFAULTS.items():
         if not hasattr(args, key):
             setattr(args, key, val)
     defaults = vars(build_parser().parse_args([]))
@@ -489,6 +644,8 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
         elif args.epochs != saved["epochs"] and args.lr_schedule != "constant":
             notes.append(f"--resume: --epochs {args.epochs} (the checkpoint planned {saved['epochs']}) also "
                          f"stretches the {args.lr_schedule} LR schedule to {args.epochs} epochs")
+    else:
+        apply_recipe(args, explicit)
     resolve_defaults(args)
     validate_args(args)
     if dist.enabled and args.batch_size % dist.world_size:
@@ -496,6 +653,9 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
                          f"{dist.world_size} processes")
     if dist.mode == "fsdp" and args.compile:
         raise UsageError("--fsdp with --compile is not supported yet: drop one of them")
+    if dist.mode == "fsdp" and args.track_flatness:
+        raise UsageError("--track-flatness is not supported with --fsdp yet (the landscape moves whole weights): "
+                         "use DDP (the default under torchrun) or drop --track-flatness")
     device = resolve_device(args.device, dist)
     _check_out(args, resume_path)
     if ckpt is not None:
@@ -508,11 +668,20 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
 
 # ----------------------------------------------------------------------------- pieces
 def lr_factor(schedule: str, t: float, epochs: int) -> float:
-    """LR multiplier at (fractional) epoch ``t``."""
+    """LR multiplier at (fractional) epoch ``t``: the step of iteration ``i`` (0-based) of 0-based
+    epoch ``e`` out of ``n`` uses ``t = e + (i + 1) / n`` (the AT reference's convention).
+
+    ``piecewise``: x0.1 once ``t >= epochs / 2``, x0.01 once ``t >= 3 epochs / 4`` (per iteration).
+    ``piecewise-epoch``: the same by whole epochs: the 1-based epoch ``ceil(t)`` runs at x0.1 from
+    ``epochs / 2`` on and at x0.01 from ``3 epochs / 4`` on (the TRADES reference's epochs 100 and
+    150 of 200, for all of their iterations)."""
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(t, epochs) / epochs))
+    if schedule == "piecewise-epoch":
+        epoch = math.ceil(t - 1e-9)  # 1-based
+        return 1.0 if epoch < 0.5 * epochs else (0.1 if epoch < 0.75 * epochs else 0.01)
     if t / epochs < 0.5:
         return 1.0
     if t / epochs < 0.75:
@@ -543,9 +712,11 @@ def _autocast(device: torch.device, amp: Optional[str]):
 
 def make_attack(model, args, steps: int, train: bool):
     """The training (TRADES KL or PGD) or evaluation (PGD) attack of a run."""
-    cls = TRADESAttack if (train and args.method == "trades") else PGD
-    return cls(model, eps=args.eps, alpha=args.alpha, steps=steps, random_start=True, norm=args.norm,
-               bn_train=(train and args.attack_bn == "train"), backend=args.backend)
+    kw = dict(eps=args.eps, alpha=args.alpha, steps=steps, random_start=True, norm=args.norm,
+              bn_train=(train and args.attack_bn == "train"), backend=args.backend)
+    if train and args.method == "trades":
+        return TRADESAttack(model, l2_order=getattr(args, "trades_l2_order", "renorm-clamp"), **kw)
+    return PGD(model, **kw)
 
 
 def _dist_sum(values: List[float], device, world_size: int) -> List[float]:
@@ -578,12 +749,15 @@ def evaluate_split(model, split, batch_size: int, eps: float, alpha: float, step
         real = (torch.arange(per * world_size) < total)[rank::world_size].to(device)
         split = Split(split.x[pos], split.y[pos])
     attack = PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start, norm=norm, backend=backend)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     was = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     n = 0
     try:
         for x, y in Batches(split, batch_size, device=device):
+            if x.dtype != dtype and dtype == torch.float64:
+                x = x.to(dtype)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, amp):
@@ -610,7 +784,9 @@ def evaluate_split(model, split, batch_size: int, eps: float, alpha: float, step
 
 
 def plot_metrics(history, path: str, title: str = "") -> Optional[str]:
-    """Train/test clean and robust accuracy per epoch (and train loss) to a PNG."""
+    """Train/test clean and robust accuracy per epoch (and train loss) to a PNG; with
+    ``--track-flatness`` a third panel shows the flatness next to the robust generalization gap
+    (train PGD accuracy - test PGD accuracy, in points)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -619,7 +795,9 @@ def plot_metrics(history, path: str, title: str = "") -> Optional[str]:
         _note("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
     ep = [h["epoch"] for h in history]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    flat = [h for h in history if h.get("flatness") is not None]
+    fig, axes = plt.subplots(1, 3 if flat else 2, figsize=(16.5 if flat else 11, 4))
+    ax, ax2 = axes[0], axes[1]
     curves = (("train_clean_acc", "train clean", "C0--"), ("train_robust_acc", "train PGD", "C1--"),
               ("test_clean_acc", "test clean", "C0-"), ("test_robust_acc", "test PGD", "C1-"),
               ("val_robust_acc", "val PGD", "C2:"))
@@ -635,6 +813,22 @@ def plot_metrics(history, path: str, title: str = "") -> Optional[str]:
     ax.set_title(title or "accuracy")
     ax2.plot(ep, [h["train_loss"] for h in history], "C2-", label="train loss")
     ax2.set_xlabel("epoch"), ax2.set_ylabel("loss"), ax2.grid(alpha=0.3), ax2.legend()
+    if flat:
+        ax3 = axes[2]
+        ax3.plot([h["epoch"] for h in flat], [h["flatness"] for h in flat], "C3-o", ms=3,
+                 label="flatness: PGD loss rise at alpha")
+        ax3.set_xlabel("epoch"), ax3.set_ylabel("flatness (loss increase)", color="C3"), ax3.grid(alpha=0.3)
+        gap = [(h["epoch"], 100 * (h["train_robust_acc"] - h["test_robust_acc"])) for h in history
+               if h.get("train_robust_acc") is not None and h.get("test_robust_acc") is not None]
+        lines, labels = ax3.get_legend_handles_labels()
+        if gap:
+            ax4 = ax3.twinx()
+            ax4.plot([g[0] for g in gap], [g[1] for g in gap], "C4--", label="robust gap: train - test PGD")
+            ax4.set_ylabel("robust generalization gap (points)", color="C4")
+            more = ax4.get_legend_handles_labels()
+            lines, labels = lines + more[0], labels + more[1]
+        ax3.legend(lines, labels, loc="upper left", fontsize=8)
+        ax3.set_title("flatness and robust generalization gap")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -690,10 +884,12 @@ class Trainer:
     awp: AWP
     sched: object
     scaler: object
-    loss_fn: object
+    loss_fn: object                 # the descent loss at w + v (in the run's forward order)
     attack: object
     batches: Batches
     n_iter: int
+    ascent_loss_fn: object = None   # the AWP ascent loss (BN statistics frozen there: the order is moot)
+    dtype: torch.dtype = torch.float32
     start: int = 0
     history: list = field(default_factory=list)
     best: dict = field(default_factory=dict)
@@ -735,16 +931,35 @@ def _shard_units(model: torch.nn.Module) -> list:
     return units
 
 
-def training_splits(ds, val_samples: Optional[int], train_samples: Optional[int] = None):
+def symmetric_label_noise(split: Split, p: float, num_classes: int, seed: int = LABEL_NOISE_SEED) -> Split:
+    """``split`` with symmetric label noise: exactly ``round(p * len(split))`` examples, chosen by a
+    seeded permutation, get a label drawn uniformly from the ``num_classes - 1`` other classes.
+    The images are shared, the labels copied; the same arguments give the same labels."""
+    n = len(split)
+    k = int(round(float(p) * n))
+    if k == 0 or num_classes < 2:
+        return split
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(n, generator=g)[:k]
+    shift = torch.randint(1, num_classes, (k,), generator=g)  # 1..K-1: never the original class
+    y = split.y.clone()
+    y[idx] = (y[idx] + shift) % num_classes
+    return Split(split.x, y)
+
+
+def training_splits(ds, val_samples: Optional[int], train_samples: Optional[int] = None, label_noise: float = 0.0):
     """``(train, val)``: the images a run trained on and its held-out validation images, from the
-    dataset and the run's ``val_samples`` / ``train_samples`` (``checkpoint["args"]``; a checkpoint
-    without ``val_samples`` held none out)."""
+    dataset and the run's ``val_samples`` / ``train_samples`` / ``label_noise`` (``checkpoint["args"]``;
+    a checkpoint without ``val_samples`` held none out). Label noise applies to the training
+    images only (after the hold-out and the ``train_samples`` cut), never to ``val``."""
     try:
         train, val = split_validation(ds.train, int(val_samples or 0))
     except ValueError as e:
         raise UsageError(str(e)) from None
     if train_samples is not None:
         train = train.subset(train_samples)
+    if label_noise:
+        train = symmetric_label_noise(train, label_noise, ds.num_classes)
     return train, val
 
 
@@ -760,9 +975,10 @@ def setup(cfg: RunConfig) -> Trainer:
     torch.manual_seed(seed)
 
     ds = load_dataset(args.data, args.data_dir, args.image_size)
-    train, val = training_splits(ds, args.val_samples, args.train_samples)
+    train, val = training_splits(ds, args.val_samples, args.train_samples, args.label_noise)
     augment = ds.augment if args.augment == "auto" else args.augment
-    model = build_model(args.model, ds.num_classes, ds.in_channels, args.width, args.input_norm).to(device)
+    dtype = DTYPES[args.dtype]
+    model = build_model(args.model, ds.num_classes, ds.in_channels, args.width, args.input_norm).to(device, dtype)
     ckpt = cfg.checkpoint
     if ckpt is not None:
         try:
@@ -788,9 +1004,11 @@ def setup(cfg: RunConfig) -> Trainer:
     sched = torch.optim.lr_scheduler.LambdaLR(awp, lambda k: lr_factor(args.lr_schedule, (k + 1) / n_iter, epochs))
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     t = Trainer(cfg=cfg, ds=ds, train_split=train, val_split=val, model=model, wrapped=wrapped, fwd=fwd,
-                eval_fwd=eval_fwd, awp=awp, sched=sched, scaler=scaler, loss_fn=get_loss(args.method, args.beta),
+                eval_fwd=eval_fwd, awp=awp, sched=sched, scaler=scaler,
+                loss_fn=get_loss(args.method, args.beta, args.forward_order),
+                ascent_loss_fn=get_loss(args.method, args.beta),
                 attack=make_attack(eval_fwd, args, args.attack_steps, train=True), batches=batches, n_iter=n_iter,
-                best={"epoch": None, "selected_on": "val" if len(val) else "test"})
+                dtype=dtype, best={"epoch": None, "selected_on": "val" if len(val) else "test"})
     if ckpt is not None:
         _load_optimizer(awp, model, ckpt["optimizer"], dist)
         sched.load_state_dict(ckpt["scheduler"])
@@ -822,14 +1040,67 @@ def prepare_out(t: Trainer) -> None:
                 os.remove(p)
     rec = {k: v for k, v in vars(cfg.args).items()}
     rec["world_size"] = cfg.dist.world_size
+    if cfg.args.recipe:  # the options given explicitly that moved the run away from its recipe
+        rec["recipe_overrides"] = recipe_overrides(cfg.args)
     with open(os.path.join(out, "args.json"), "w") as f:
         json.dump(rec, f, indent=1, sort_keys=True)
 
 
-def train_epoch(t: Trainer, epoch: int) -> dict:
-    """One pass of adversarial training with AWP; returns loss / accuracy / timing (global under torchrun)."""
+def epoch_gamma(args, epoch: int) -> float:
+    """The AWP gamma of 0-based ``epoch``: 0 during the first ``awp_warmup`` epochs."""
+    return args.awp_gamma if epoch >= args.awp_warmup else 0.0
+
+
+def train_step(t: Trainer, x: torch.Tensor, y: torch.Tensor):
+    """One training step on the batch ``(x, y)``: attack, AWP ascent, descent at ``w + v``, restore,
+    LR schedule; returns ``(loss, logits_adv)`` of the descent pass at ``w + v``.
+
+    With ``--forward-order reference`` BatchNorm is fed as in the reference scripts: AT runs,
+    after a train-mode attack, the extra loss forward on ``x_adv`` that the reference attack makes
+    to keep its best restart, and after the restore a clean train-mode forward (the reference logs
+    its accuracy); TRADES runs its forwards at ``w + v`` adversarial, clean, clean (see
+    :class:`awpfast.losses.TRADESLoss`). These extra forwards run without gradient."""
     args, device = t.cfg.args, t.cfg.device
-    t.awp.set_gamma(args.awp_gamma if epoch >= args.awp_warmup else 0.0)
+    reference_at = args.forward_order == "reference" and args.method == "at"
+    if x.dtype != t.dtype:
+        x = x.to(t.dtype)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(device, args.amp):
+        x_adv = t.attack(x, y)
+    t.model.train()
+    if reference_at and args.attack_bn == "train":
+        with torch.no_grad(), _autocast(device, args.amp):
+            t.eval_fwd(x_adv)
+    scale = t.scaler.get_scale() if t.scaler is not None else 1.0
+
+    def closure():
+        with _autocast(device, args.amp):
+            return t.ascent_loss_fn(t.fwd, x, x_adv, y) * scale
+
+    with t.awp.perturbed(closure):
+        t.awp.zero_grad(set_to_none=True)
+        with _autocast(device, args.amp):
+            loss, logits_adv = t.loss_fn(t.fwd, x, x_adv, y, return_logits=True)
+        if t.scaler is not None:
+            t.scaler.scale(loss).backward()
+            t.scaler.step(t.awp)
+            t.scaler.update()
+        else:
+            loss.backward()
+            t.awp.step()
+    if reference_at:
+        with torch.no_grad(), _autocast(device, args.amp):
+            t.eval_fwd(x)
+    t.sched.step()
+    return loss, logits_adv
+
+
+def train_epoch(t: Trainer, epoch: int) -> dict:
+    """One pass of adversarial training with AWP (:func:`train_step` per batch); returns loss /
+    accuracy / timing (global under torchrun)."""
+    args, device = t.cfg.args, t.cfg.device
+    t.awp.set_gamma(epoch_gamma(args, epoch))
     t.model.train()
     t0 = time.perf_counter()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, correct: no host sync per step
@@ -842,29 +1113,7 @@ def train_epoch(t: Trainer, epoch: int) -> dict:
         except ImportError:  # pragma: no cover
             bar = None
     for x, y in t.batches:
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, args.amp):
-            x_adv = t.attack(x, y)
-        t.model.train()
-        scale = t.scaler.get_scale() if t.scaler is not None else 1.0
-
-        def closure():
-            with _autocast(device, args.amp):
-                return t.loss_fn(t.fwd, x, x_adv, y) * scale
-
-        with t.awp.perturbed(closure):
-            t.awp.zero_grad(set_to_none=True)
-            with _autocast(device, args.amp):
-                loss, logits_adv = t.loss_fn(t.fwd, x, x_adv, y, return_logits=True)
-            if t.scaler is not None:
-                t.scaler.scale(loss).backward()
-                t.scaler.step(t.awp)
-                t.scaler.update()
-            else:
-                loss.backward()
-                t.awp.step()
-        t.sched.step()
+        loss, logits_adv = train_step(t, x, y)
         sums += torch.stack([loss.detach().double() * len(y), (logits_adv.detach().argmax(1) == y).sum().double()])
         n_local += len(y)
         if bar is not None:
@@ -907,7 +1156,42 @@ def evaluate_epoch(t: Trainer) -> dict:
     rec["train_robust_acc"] = tr["robust_acc"] if tr else None
     rec.update(test_clean_acc=te["clean_acc"], test_robust_acc=te["robust_acc"], test_clean_loss=te["clean_loss"],
                test_robust_loss=te["robust_loss"], eval_time_s=time.perf_counter() - t1)
+    if args.track_flatness:
+        rec.update(flatness_epoch(t))
     return rec
+
+
+def flatness_epoch(t: Trainer) -> dict:
+    """``--track-flatness``: the flatness of the adversarial weight loss landscape at the current weights.
+
+    ``flatness = mean over d of [L(w + alpha d) - L(w)]``: ``L`` the mean cross-entropy on PGD
+    examples (``--flatness-steps`` steps, the run's ``--eps`` / ``--alpha`` / ``--norm``; regenerated
+    against the perturbed weights) of the first ``--flatness-samples`` training images, eval mode;
+    ``d`` the ``--flatness-directions`` filter-normalized directions of :func:`awpfast.landscape.flatness`
+    drawn with fixed seeds (the same Gaussian draws every epoch, rescaled to the current filter norms);
+    ``alpha`` = ``--flatness-alpha``. Weights, buffers, modes and RNG states are restored bitwise, so
+    the training trajectory does not change. Under torchrun (DDP) rank 0 computes it on its replica and
+    broadcasts the numbers: every process records the same values. Returns ``{"flatness",
+    "flatness_loss0", "flatness_time_s"}``."""
+    from .landscape import flatness
+    args, cfg = t.cfg.args, t.cfg
+    t0 = time.perf_counter()
+    vals = torch.zeros(2, dtype=torch.float64)
+    if cfg.dist.is_main:
+        sub = t.train_split.subset(args.flatness_samples)
+        attack = PGD(t.model, eps=args.eps, alpha=args.alpha, steps=args.flatness_steps, norm=args.norm,
+                     random_start=True, backend=args.backend) if args.flatness_steps > 0 else None
+        res = flatness(t.model, sub.x, sub.y, args.flatness_alpha, args.flatness_directions, attack,
+                       seed=FLATNESS_SEED, batch_size=max(args.batch_size // cfg.dist.world_size, 128),
+                       backend=args.backend, details=True)
+        vals = torch.tensor([res["flatness"], res["loss0"]], dtype=torch.float64)
+    if cfg.dist.enabled:
+        import torch.distributed as dist
+        buf = vals.to(cfg.device)
+        dist.broadcast(buf, 0)
+        vals = buf.cpu()
+    return {"flatness": float(vals[0]), "flatness_loss0": float(vals[1]),
+            "flatness_time_s": time.perf_counter() - t0}
 
 
 def _param_names(model: torch.nn.Module) -> List[str]:
@@ -984,7 +1268,8 @@ def save_checkpoint(t: Trainer, epoch: int, is_best: bool) -> None:
     if not args.no_plot:
         plot_metrics(t.history, os.path.join(args.out, "metrics.png"),
                      title=f"{args.method}{'-AWP' if args.awp_gamma > 0 else ''} {args.model} {args.data} "
-                           f"seed {args.seed}")
+                           f"seed {args.seed}" + (f" ({args.recipe})" if args.recipe else "")
+                           + (f" noise {args.label_noise:g}" if args.label_noise else ""))
 
 
 def _pct(v) -> str:
@@ -1020,7 +1305,9 @@ def _train_loop(t: Trainer) -> dict:
     if cfg.checkpoint is not None:
         t.say(f"resumed from epoch {t.start} ({cfg.resume_path})")
     ds = t.ds
-    t.say(f"awpfast-train: {args.method}{' + AWP(gamma=%g)' % args.awp_gamma if args.awp_gamma > 0 else ''} | "
+    t.say(f"awpfast-train: {args.method}{' + AWP(gamma=%g)' % args.awp_gamma if args.awp_gamma > 0 else ''}"
+          + (f" [recipe {args.recipe}]" if args.recipe else "")
+          + (f" [label noise {args.label_noise:g}]" if args.label_noise else "") + " | "
           f"{args.model} on {args.data} ({len(t.train_split)} train / {len(t.val_split)} val / {len(ds.test)} test, "
           f"{ds.image_size}px) | {args.norm} eps={args.eps:.4g} alpha={args.alpha:.4g} | {cfg.device}"
           + (f" x {cfg.dist.world_size} ({cfg.dist.mode})" if cfg.dist.enabled else "") + f" | out={args.out}")
@@ -1043,7 +1330,8 @@ def _train_loop(t: Trainer) -> dict:
               f"val PGD-{args.eval_steps} {_pct(rec['val_robust_acc'])} | "
               f"train clean {_pct(rec['train_clean_acc'])} PGD {_pct(rec['train_robust_acc'])} | "
               f"test clean {_pct(rec['test_clean_acc'])} PGD {_pct(rec['test_robust_acc'])} | "
-              f"{rec['img_per_s']:.0f} img/s, {rec['train_time_s']:.1f}s + eval {rec['eval_time_s']:.1f}s"
+              + (f"flatness {rec['flatness']:.4f} ({rec['flatness_time_s']:.1f}s) | " if "flatness" in rec else "")
+              + f"{rec['img_per_s']:.0f} img/s, {rec['train_time_s']:.1f}s + eval {rec['eval_time_s']:.1f}s"
               + ("  *best" if is_best else ""))
     history, best = t.history, t.best
     summary = {"out": args.out, "epochs_done": len(history), "best": best, "last": history[-1] if history else None}

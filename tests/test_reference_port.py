@@ -19,8 +19,9 @@ with both sides seeded identically before each attack and feeding BatchNorm in t
   restart move the running statistics), then the forward at ``w + v``, then, after the restore, a
   clean train-mode forward for logging. TRADES-AWP: eval-mode attack, then at ``w + v`` the
   forwards adversarial, clean (KL target), clean (CE). awpfast reproduces these with
-  ``PGD(bn_train=True)`` and extra forwards written in the test: what a
-  ``--recipe ...-reference`` preset has to do.
+  ``PGD(bn_train=True)`` and extra forwards written in the test: what the
+  ``--recipe at-awp-reference`` / ``trades-awp-reference`` presets do; ``test_recipes.py`` runs
+  this port against ``awpfast.train``'s own loop under those presets.
 """
 import copy
 
@@ -112,14 +113,18 @@ def ref_trades_attack(model, x, eps, step, steps):
     return x_adv
 
 
-def port_at(model, batches, gamma, order):
+def port_at(model, batches, gamma, order, *, eps=EPS, alpha=STEP, steps=ATTACK_STEPS, reseed=True):
+    """The reference AT(-AWP) loop on ``batches``. ``reseed``: seed the global RNG with ``100 + k``
+    before the attack of step ``k`` (both sides do); ``False``: draw from the RNG as it is (to follow
+    a training loop that seeds once)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     adv = ReferenceAWP(model, gamma, proxy_lr=0.01)
     xs = []
     for k, (x, y) in enumerate(batches):
         model.train(order == "reference")
-        torch.manual_seed(100 + k)
-        x_adv = ref_pgd(model, x, y, EPS, STEP, ATTACK_STEPS, final_forward=True)
+        if reseed:
+            torch.manual_seed(100 + k)
+        x_adv = ref_pgd(model, x, y, eps, alpha, steps, final_forward=True)
         xs.append(x_adv)
         model.train()
         diff = adv.calc(lambda net: F.cross_entropy(net(x_adv), y))
@@ -134,10 +139,12 @@ def port_at(model, batches, gamma, order):
     return xs
 
 
-def port_trades(model, batches, gamma, order, beta=6.0, attack="reference"):
+def port_trades(model, batches, gamma, order, beta=6.0, attack="reference", *, eps=EPS, alpha=STEP,
+                steps=ATTACK_STEPS, reseed=True):
     """``attack="reference"``: the port's own float64 TRADES attack; ``"awpfast"``: awpfast's
-    ``TRADESAttack`` built on the port's model (the same attack on both sides)."""
-    theirs = TRADESAttack(model, eps=EPS, alpha=STEP, steps=ATTACK_STEPS) if attack == "awpfast" else None
+    ``TRADESAttack`` built on the port's model (the same attack on both sides). ``reseed``: as
+    :func:`port_at`."""
+    theirs = TRADESAttack(model, eps=eps, alpha=alpha, steps=steps) if attack == "awpfast" else None
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     adv = ReferenceAWP(model, gamma, proxy_lr=LR)
 
@@ -155,8 +162,9 @@ def port_trades(model, batches, gamma, order, beta=6.0, attack="reference"):
 
     xs = []
     for k, (x, y) in enumerate(batches):
-        torch.manual_seed(100 + k)
-        x_adv = theirs(x) if theirs is not None else ref_trades_attack(model, x, EPS, STEP, ATTACK_STEPS)
+        if reseed:
+            torch.manual_seed(100 + k)
+        x_adv = theirs(x) if theirs is not None else ref_trades_attack(model, x, eps, alpha, steps)
         xs.append(x_adv)
         model.train()
         diff = adv.calc(lambda net: objective(net, x, x_adv, y))
