@@ -164,19 +164,17 @@ def asam_apply_(params, directions, scales, eta, backups):
     dev = params[0].device
     scale = scales.to(device=dev, dtype=acc) if isinstance(scales, torch.Tensor) else \
         torch.tensor(scales, dtype=acc, device=dev)
-    p = _in_acc(params, acc)
+    p = _in_acc(params, acc)            # (a new fp32 copy for low-precision weights)
     v = torch._foreach_abs(p)           # T = |w| + eta, from the weights before the write
     if eta:
         torch._foreach_add_(v, eta)
     torch._foreach_mul_(v, v)           # T^2
-    torch._foreach_mul_(v, _in_acc(directions, acc))
     torch._foreach_mul_(v, list(scale.unbind(0)))
     if backups is not None:
         torch._foreach_copy_(backups, params)
-    if params[0].dtype == acc:
-        torch._foreach_add_(params, v)
-    else:
-        torch._foreach_copy_(params, torch._foreach_add(p, v))
+    torch._foreach_addcmul_(p, v, _in_acc(directions, acc))
+    if p is not params:
+        torch._foreach_copy_(params, p)
 
 
 def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, pre_norms):
@@ -199,7 +197,8 @@ def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, pre
     r = torch._foreach_abs(o)
     torch._foreach_mul_(r, adv_epss)
     torch._foreach_maximum_(cand, torch._foreach_sub(o, r))
-    torch._foreach_minimum_(cand, torch._foreach_add(o, r))
+    torch._foreach_add_(r, o)           # the upper bound, in place
+    torch._foreach_minimum_(cand, r)
     # Skipped tensors keep their values. A non-finite direction makes NaN in its candidate
     # (0 * inf) and no torch._foreach op selects per tensor without a host sync, so the
     # select is one torch.where per tensor (the fused kernels skip such tensors instead).
