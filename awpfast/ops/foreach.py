@@ -202,6 +202,8 @@ def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, pre
     # Skipped tensors keep their values. A non-finite direction makes NaN in its candidate
     # (0 * inf) and no torch._foreach op selects per tensor without a host sync, so the
     # select is one torch.where per tensor (the fused kernels skip such tensors instead).
-    okl = ok.unbind(0)
-    torch._foreach_copy_(params, [torch.where(k, c, q) for k, c, q in zip(okl, cand, p)])
+    for k, c, q in zip(ok.unbind(0), cand, p):
+        torch.where(k, c, q, out=q)     # elementwise, in place (q: the weights, or their fp32 copy)
+    if p is not params:
+        torch._foreach_copy_(params, p)
     return dn
