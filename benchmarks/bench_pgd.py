@@ -8,7 +8,12 @@ onto the eps-ball, box clamp: 6 to 12 small kernels). Each awpfast backend runs
 Inputs rotate over enough (x_adv, grad, x) sets to exceed the GPU's L2 cache, so cached
 re-reads do not flatter the numbers. GPU timing: CUDA events around ``--inner`` calls,
 median over ``--reps`` samples. The bytes floor is 4 * N * b per step (read x_adv, grad, x;
-write x_adv). On CUDA the kernels launched per step are counted with the profiler.
+write x_adv). On CUDA the kernels launched per step are counted with the profiler, and
+each row has three timings: ``median_us`` (``--inner`` calls back to back per event pair:
+the GPU queue stays full), ``single_us`` (one call per event pair after a synchronize:
+launch included, what one isolated step costs) and ``graph_us`` (CUDA-graph replay: kernel
+time alone); ``launch_us`` = single - graph. Every row is first checked against the float64
+reference on the benchmark's own tensors (``err``, ``verified_ok``).
 
 Prints a table; ``--json PATH`` writes the results.
 """
@@ -89,6 +94,66 @@ def _time(fn, sets, device, reps, inner):
     return statistics.median(samples), samples
 
 
+def _time_single(fn, sets, reps):
+    """CUDA: median us of ONE call per event pair after a synchronize (launch included)."""
+    samples = []
+    for i in range(reps):
+        xa, g, x = sets[i % len(sets)]
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(xa, g, x)
+        b.record()
+        b.synchronize()
+        samples.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(samples)
+
+
+def _time_graph(fn, sets, reps):
+    """CUDA: median us per call replaying one CUDA graph per input set (no launch overhead)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for xa, g, x in sets[:2]:
+            fn(xa, g, x)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graphs = []
+    for xa, g, x in sets:
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            fn(xa, g, x)
+        graphs.append(gr)
+    samples = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for gr in graphs:
+            gr.replay()
+        b.record()
+        b.synchronize()
+        samples.append(a.elapsed_time(b) * 1e3 / len(graphs))
+    return statistics.median(samples)
+
+
+def _verify(fn, sets, norm):
+    """Relative error of one step against the float64 reference on the benchmark's tensors,
+    and whether the result stays in the box and the eps-ball."""
+    alpha, eps = PARAMS[norm]
+    xa, g, x = sets[0]
+    out = xa.clone()
+    fn(out, g, x)
+    ref = xa.double().cpu().clone()
+    ops.pgd_step_(ref, g.double().cpu(), x.double().cpu(), alpha, eps, norm, backend="reference")
+    o = out.double().cpu()
+    err = float((o - ref).norm() / ref.norm()) if torch.isfinite(o).all() else float("inf")
+    d = (o - x.double().cpu()).reshape(o.shape[0], -1)
+    size = float(d.abs().max()) if norm == "Linf" else float(d.norm(dim=1).max())
+    lim = 1e-6 if out.dtype == torch.float32 else 2e-2
+    ok = err < lim and float(o.min()) >= 0 and float(o.max()) <= 1 and size <= eps * (1 + 1e-3) + 1e-2 * (lim > 1e-6)
+    return {"err": err, "verified_ok": bool(ok)}
+
+
 def _count_kernels(fn, sets):
     """Kernels launched by one call (CUDA profiler); None when the profiler is unavailable."""
     try:
@@ -121,16 +186,17 @@ def _backend_usable(name, device):
     return True, ""
 
 
-def run(device, dtypes, batch, shape, reps, inner, backends=None):
+def run(device, dtypes, batch, shape, reps, inner, backends=None, on_row=None, graph=True):
     device = torch.device(device)
     names = ["eager"] + [b for b in (backends or ["foreach", "triton", "native"])]
     rows, skipped = [], {}
+    cuda = device.type == "cuda"
     for dtn in dtypes:
         dtype = getattr(torch, dtn)
         numel = batch * shape[0] * shape[1] * shape[2]
         bytes_step = 4 * numel * torch.empty((), dtype=dtype).element_size()
-        nsets = 16 if device.type == "cuda" else 2
-        if device.type == "cuda":  # enough sets to exceed L2 (~50 MB on an H100)
+        nsets = 16 if cuda else 2
+        if cuda:  # enough sets to exceed L2 (~50 MB on an H100)
             l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) or (50 << 20)
             nsets = max(4, min(64, int(3 * l2 // bytes_step) + 1))
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -149,31 +215,48 @@ def run(device, dtypes, batch, shape, reps, inner, backends=None):
                         skipped[name] = why
                         continue
                 fn = _impl(name, norm)
+                row = {"norm": norm, "dtype": dtn, "impl": name}
                 try:
+                    row.update(_verify(fn, sets, norm))
                     med, samples = _time(fn, sets, device, reps, inner)
+                    row.update(median_us=med, min_us=min(samples), GBps=bytes_step / (med * 1e-6) / 1e9)
+                    if cuda:
+                        row["single_us"] = _time_single(fn, sets, reps)
+                        if graph:
+                            try:
+                                row["graph_us"] = _time_graph(fn, sets, max(5, reps // 3))
+                            except Exception as e:  # pragma: no cover - depends on the GPU stack
+                                row["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                                torch.cuda.synchronize()
+                        row["kernels"] = _count_kernels(fn, sets)
+                        row["launch_us"] = row["single_us"] - row.get("graph_us", med)
+                    else:
+                        row["kernels"] = None
                 except Exception as e:  # a backend failing must not hide the others
                     skipped[f"{name}/{norm}/{dtn}"] = f"{type(e).__name__}: {e}"
                     continue
                 if name == "eager":
-                    base = med
-                rows.append({
-                    "norm": norm, "dtype": dtn, "impl": name, "median_us": med,
-                    "min_us": min(samples), "speedup_vs_eager": (base / med) if base else None,
-                    "GBps": bytes_step / (med * 1e-6) / 1e9,
-                    "kernels": _count_kernels(fn, sets) if device.type == "cuda" else None,
-                })
+                    base = row
+                for key, src in (("speedup_vs_eager", "median_us"), ("speedup_vs_eager_single", "single_us"),
+                                 ("speedup_vs_eager_graph", "graph_us")):
+                    row[key] = (base[src] / row[src]) if base and src in base and src in row else None
+                rows.append(row)
+                if on_row:
+                    on_row(rows, skipped)
     return rows, skipped
 
 
 def print_table(rows, skipped=None, file=sys.stdout):
-    hdr = f"{'norm':5} {'dtype':9} {'impl':8} {'median us':>10} {'vs eager':>9} {'GB/s':>8} {'kernels':>8}"
+    hdr = (f"{'norm':5} {'dtype':9} {'impl':8} {'loop us':>9} {'single':>8} {'graph':>8} {'vs eager':>9} "
+           f"{'GB/s':>8} {'kernels':>8} {'err':>8}")
     print(hdr, file=file)
     print("-" * len(hdr), file=file)
+    nan = float("nan")
     for r in rows:
-        sp = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-"
-        k = "-" if r["kernels"] is None else str(r["kernels"])
-        print(f"{r['norm']:5} {r['dtype']:9} {r['impl']:8} {r['median_us']:10.1f} {sp:>9} {r['GBps']:8.1f} {k:>8}",
-              file=file)
+        sp = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-"
+        k = "-" if r.get("kernels") is None else str(r["kernels"])
+        print(f"{r['norm']:5} {r['dtype']:9} {r['impl']:8} {r['median_us']:9.1f} {r.get('single_us', nan):8.1f} "
+              f"{r.get('graph_us', nan):8.1f} {sp:>9} {r['GBps']:8.1f} {k:>8} {r.get('err', nan):8.1e}", file=file)
     for k, v in (skipped or {}).items():
         print(f"  skipped {k}: {v}", file=file)
 
@@ -187,7 +270,8 @@ def main(argv=None):
     ap.add_argument("--backends", default=None, help="comma list (default foreach,triton,native)")
     ap.add_argument("--reps", type=int, default=None, help="timed samples (default 50 on CUDA, 5 on CPU)")
     ap.add_argument("--inner", type=int, default=None, help="calls per sample (default 20 on CUDA, 3 on CPU)")
-    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--no-graph", action="store_true", help="CUDA: skip the CUDA-graph replay timing")
+    ap.add_argument("--json", default=None, help="write the results here (rewritten after every row)")
     a = ap.parse_args(argv)
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -195,17 +279,22 @@ def main(argv=None):
     reps = a.reps or (50 if dev.type == "cuda" else 5)
     inner = a.inner or (20 if dev.type == "cuda" else 3)
     shape = tuple(int(s) for s in a.shape.split(","))
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__, "batch": a.batch, "shape": shape, "reps": reps, "inner": inner}
+
+    def save(rows, skipped, complete=False):
+        if a.json:
+            tmp = a.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(dict(meta, rows=rows, skipped=skipped, complete=complete), f, indent=1)
+            os.replace(tmp, a.json)
+
     rows, skipped = run(dev, a.dtypes.split(","), a.batch, shape, reps, inner,
-                        a.backends.split(",") if a.backends else None)
+                        a.backends.split(",") if a.backends else None, on_row=save, graph=not a.no_graph)
+    save(rows, skipped, complete=True)
     print(f"PGD step, batch {a.batch}x{'x'.join(map(str, shape))}, device "
           f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu'}")
     print_table(rows, skipped)
-    if a.json:
-        out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-               "torch": torch.__version__, "batch": a.batch, "shape": shape, "rows": rows,
-               "skipped": skipped, "reps": reps, "inner": inner}
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
     return rows
 
 

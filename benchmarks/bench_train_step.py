@@ -11,7 +11,11 @@ awpfast:
     * ``awpfast.AWP`` around the same SGD (no proxy, seam ops);
     * optionally bf16 autocast and channels_last.
 
-Each configuration also runs without AWP (plain AT) to give the AT-AWP / AT overhead.
+Each configuration also runs without AWP (plain AT) to give the AT-AWP / AT overhead, and
+one plain forward+backward of the same model and batch: AWP's extra time divided by it
+(``awp_extra_over_fwd_bwd``) is the cost in the unit the ascent pass cannot beat (its floor
+is 1.0). The AWP/AT ratio alone misleads: a cheaper attack (input gradients only) makes the
+same AWP cost look larger.
 Steps of all configurations are interleaved (round-robin) so that a noisy, shared machine
 biases them alike; the median per configuration is reported.
 
@@ -90,6 +94,14 @@ class ReferenceStep:
                 if name in diff:
                     p.add_(coeff * diff[name])
 
+    def fwd_bwd(self, x, y):
+        """One plain forward + backward of the same model and batch (the unit of AWP's cost)."""
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        return loss.detach()
+
     def __call__(self, x, y, awp: bool):
         x_adv = self.attack(x, y)
         self.model.train()
@@ -121,6 +133,17 @@ class AwpfastStep:
         if self.amp is None:
             return torch.autocast(self.device_type, enabled=False)
         return torch.autocast(self.device_type, dtype=self.amp)
+
+    def fwd_bwd(self, x, y):
+        """One plain forward + backward of the same model, batch, precision and layout."""
+        if self.cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.model.train()
+        self.awp.zero_grad(set_to_none=True)
+        with self._ac():
+            loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        return loss.detach()
 
     def __call__(self, x, y, awp: bool):
         model = self.model
@@ -192,13 +215,17 @@ def main(argv=None):
             m = copy.deepcopy(base_model).to(memory_format=torch.channels_last)
             runners[("awpfast bf16+cl", awp)] = AwpfastStep(m, g, args.attack_steps, amp=torch.bfloat16,
                                                             channels_last=True, backend=args.backend)
-    configs = [(name, awp) for name in names for awp in (True, False)]
+    # (name, True): AT-AWP step, (name, False): AT step, (name, None): one plain forward+backward
+    configs = [(name, awp) for name in names for awp in (True, False, None)]
     times = {c: [] for c in configs}
     for it in range(args.warmup + args.repeats):
         for name, awp in configs:
             _sync(device)
             t0 = time.perf_counter()
-            loss = runners[(name, awp)](x, y, awp)
+            if awp is None:
+                loss = runners[(name, False)].fwd_bwd(x, y)
+            else:
+                loss = runners[(name, awp)](x, y, awp)
             _sync(device)
             dt = time.perf_counter() - t0
             if not torch.isfinite(loss):
@@ -208,29 +235,40 @@ def main(argv=None):
         print(f"  round {it + 1}/{args.warmup + args.repeats}" + (" (warm-up)" if it < args.warmup else ""),
               file=sys.stderr, flush=True)
 
-    med = {f"{name} {'AT-AWP' if awp else 'AT'}": statistics.median(ts) for (name, awp), ts in times.items()}
-    mins = {f"{name} {'AT-AWP' if awp else 'AT'}": min(ts) for (name, awp), ts in times.items()}
+    def label(name, awp):
+        return f"{name} {'AT-AWP' if awp else ('AT' if awp is False else 'fwd+bwd')}"
+
+    med = {label(name, awp): statistics.median(ts) for (name, awp), ts in times.items()}
+    mins = {label(name, awp): min(ts) for (name, awp), ts in times.items()}
     ref_awp = med["reference AT-AWP"]
     rows = []
     for name in names:
-        a, b = med[f"{name} AT-AWP"], med[f"{name} AT"]
+        a, b, fb = med[f"{name} AT-AWP"], med[f"{name} AT"], med[f"{name} fwd+bwd"]
         rows.append({"config": name, "at_awp_ms": 1e3 * a, "at_ms": 1e3 * b, "awp_overhead": a / b,
+                     "fwd_bwd_ms": 1e3 * fb, "awp_extra_ms": 1e3 * (a - b),
+                     # AWP's extra cost in units of one plain forward+backward of the same model and
+                     # batch: the ascent pass's physical floor is 1.0 (one forward, one backward)
+                     "awp_extra_over_fwd_bwd": (a - b) / fb,
                      "speedup_vs_reference_at_awp": ref_awp / a,
                      "at_awp_min_ms": 1e3 * mins[f"{name} AT-AWP"], "at_min_ms": 1e3 * mins[f"{name} AT"],
+                     "fwd_bwd_min_ms": 1e3 * mins[f"{name} fwd+bwd"],
                      "speedup_vs_reference_at_awp_min": mins["reference AT-AWP"] / mins[f"{name} AT-AWP"]})
     print(f"\nOne training step, {args.model}, batch {args.batch}, {args.image_size}px, PGD-{args.attack_steps}, "
           f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
           f"median of {args.repeats}")
-    print(f"{'config':<18} {'AT-AWP ms':>10} {'AT ms':>10} {'AWP/AT':>8} {'speed-up vs ref AT-AWP':>24}"
-          f" {'(min-based)':>12}")
+    print(f"{'config':<18} {'AT-AWP ms':>10} {'AT ms':>10} {'AWP/AT':>8} {'fwd+bwd ms':>11} {'AWP extra/fb':>13}"
+          f" {'speed-up vs ref AT-AWP':>24} {'(min-based)':>12}")
     for r in rows:
         print(f"{r['config']:<18} {r['at_awp_ms']:10.1f} {r['at_ms']:10.1f} {r['awp_overhead']:8.3f}"
+              f" {r['fwd_bwd_ms']:11.1f} {r['awp_extra_over_fwd_bwd']:13.3f}"
               f" {r['speedup_vs_reference_at_awp']:23.2f}x {r['speedup_vs_reference_at_awp_min']:11.2f}x")
+    print("(AWP extra/fb: (AT-AWP - AT) / one plain forward+backward of the same model and batch; the "
+          "ascent pass's floor is 1.0)")
     result = {"benchmark": "train_step", "model": args.model, "batch": args.batch, "image_size": args.image_size,
               "attack_steps": args.attack_steps, "gamma": args.gamma, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": args.repeats,
-              "rows": rows, "raw_s": {f"{n} {'AT-AWP' if a else 'AT'}": ts for (n, a), ts in times.items()}}
+              "rows": rows, "raw_s": {label(n, a): ts for (n, a), ts in times.items()}}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

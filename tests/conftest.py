@@ -1,4 +1,7 @@
+import faulthandler
 import os
+import signal
+import threading
 
 import pytest
 import torch
@@ -10,8 +13,8 @@ if not torch.cuda.is_available():
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; NaN never passes (returns inf)."""
-    out64, ref64 = out.double(), ref.double()
+    """||out - ref|| / ||ref|| in float64 on the CPU; NaN never passes (returns inf)."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
     if not torch.isfinite(out64).all():
         return float("inf")
     den = ref64.norm().item()
@@ -23,8 +26,90 @@ def tol(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2}[dtype]
 
 
+def cuda_reason(backend: str) -> str:
+    """'' when seam backend ``backend`` runs its own code on CUDA here, else why not."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    import awpfast.ops as ops
+    mod, ok, why = ops._import(backend)
+    if not ok:
+        return f"backend {backend!r} unavailable: {why}"
+    if not mod.supports_device(torch.device("cuda")):
+        return f"backend {backend!r} does not support CUDA here"
+    return ""
+
+
+def backend_device_params(cpu_backends):
+    """pytest params ``(backend, device)``: ``cpu_backends`` on the CPU, then every seam
+    backend on CUDA (each skipped with its reason where it cannot run): the GPU run of the
+    seam tests compares foreach, triton and native on CUDA with float64 on the CPU."""
+    import awpfast.ops as ops
+    out = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in cpu_backends]
+    for b in ops.BACKENDS:
+        why = cuda_reason(b)
+        out.append(pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.skipif(bool(why), reason=why)))
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _no_backend_env(monkeypatch):
     """Tests choose backends explicitly; a developer's AWPFAST_BACKEND must not leak in."""
     if os.environ.get("AWPFAST_TEST_KEEP_BACKEND") != "1":
         monkeypatch.delenv("AWPFAST_BACKEND", raising=False)
+
+
+# --------------------------------------------------------------------------- per-test timeout
+# AWPFAST_TEST_TIMEOUT=SECONDS (unset or 0: off) bounds every test, for one-shot runs such as
+# benchmarks/gpu_check.py where a hung test must not eat the whole session (pytest-timeout is
+# not a dependency). Two layers:
+#   * SIGALRM raises TestTimeout inside the test after SECONDS: the test fails with that
+#     message and the run goes on (works while Python code runs, e.g. a slow loop);
+#   * faulthandler dumps every thread's stack and exits the process after 2*SECONDS + 30 s,
+#     for a hang inside C/CUDA code where no Python signal handler can run. The caller's log
+#     (run pytest with -v) then names the test that hung.
+class TestTimeout(Exception):
+    """A test ran longer than AWPFAST_TEST_TIMEOUT."""
+
+    __test__ = False  # not a test class
+
+
+def _timeout_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get("AWPFAST_TEST_TIMEOUT", "0") or 0))
+    except ValueError:
+        return 0.0
+
+
+def _can_alarm() -> bool:
+    return hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    limit = _timeout_s()
+    if limit > 0:
+        faulthandler.dump_traceback_later(2 * limit + 30, exit=True)
+    try:
+        yield
+    finally:
+        if limit > 0:
+            faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    limit = _timeout_s()
+    if limit <= 0 or not _can_alarm():
+        yield
+        return
+
+    def _alarm(signum, frame):
+        raise TestTimeout(f"{item.nodeid} exceeded AWPFAST_TEST_TIMEOUT={limit:g} s")
+
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

@@ -1,7 +1,11 @@
 """Compile-only check of the CUDA sources (csrc/cuda/*.cu) for sm_90, so that a CUDA build
-break fails CI on machines without a GPU. Skipped only when nvcc is absent."""
+break fails CI on machines without a GPU, and a check of the generated PTX for approximate
+or flush-to-zero square roots and divisions (a tiny norm must not become 0). Skipped only
+when nvcc is absent."""
+import glob
 import importlib.util
 import os
+import re
 import subprocess
 
 import pytest
@@ -35,12 +39,28 @@ def test_arch_list_parsing():
         build.cuda_arch_flags("ampere")
 
 
+def test_no_fast_math_flags():
+    """--use_fast_math (or -ftz=true, -prec-div/-prec-sqrt=false) would flush subnormals and
+    use approximate sqrt/division in the norms and scales."""
+    flags = " ".join(build.NVCC_FLAGS + build.CXX_FLAGS)
+    for bad in ("fast_math", "fast-math", "-ftz=true", "-prec-div=false", "-prec-sqrt=false", "-ffast-math"):
+        assert bad not in flags, bad
+
+
+BAD_PTX = re.compile(r"\b(sqrt|div)\.(approx|full)[a-z0-9.]*|\b[a-z]+\.ftz\.f32\b")
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
 @pytest.mark.parametrize("src", build.CUDA_CU_SOURCES)
 def test_nvcc_compiles_for_sm90(src, tmp_path):
     obj = tmp_path / (os.path.basename(src) + ".o")
     cmd = build.nvcc_compile_cmd(NVCC, os.path.join(ROOT, src), str(obj), ["-arch=sm_90"],
-                                 ["-I", os.path.join(ROOT, "csrc"), "-Werror", "all-warnings"])
+                                 ["-I", os.path.join(ROOT, "csrc"), "-Werror", "all-warnings",
+                                  "--keep", "--keep-dir", str(tmp_path)])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
     assert obj.exists() and obj.stat().st_size > 0
+    ptx = "".join(open(f).read() for f in glob.glob(str(tmp_path / "*.ptx")))
+    assert "sqrt.rn.f64" in ptx, "the norms' square roots should be IEEE float64"
+    bad = sorted(set(m.group(0) for m in BAD_PTX.finditer(ptx)))
+    assert not bad, f"approximate / flush-to-zero math in the CUDA kernels: {bad}"

@@ -1,18 +1,24 @@
-"""``ops.add_scaled_``, the general apply op, against an independent float64 formula."""
+"""``ops.add_scaled_``, the general apply op, against an independent float64 formula, on
+every CPU backend and (on a CUDA machine) every backend on CUDA."""
 
 import pytest
 import torch
 
 import awpfast.ops as ops
-from conftest import rel_err, tol
+from conftest import backend_device_params, rel_err, tol
 
 BACKENDS = [b for b in ops.BACKENDS if b in ops.available_backends()]
+BD = backend_device_params(BACKENDS)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 ODD_SHAPES = [(3, 5), (1,), (0,), (7, 3, 3, 3), (1023,), (1025,), (4097,), (2, 1, 1)]
 
 
-def _rand(shapes, dtype, scale=1.0):
-    return [(torch.randn(s, dtype=torch.float64) * scale).to(dtype) for s in shapes]
+def _rand(shapes, dtype, scale=1.0, device="cpu"):
+    return [(torch.randn(s, dtype=torch.float64) * scale).to(dtype).to(device) for s in shapes]
+
+
+def _dev(ts, device):
+    return [t.to(device, copy=True) for t in ts]
 
 
 def _poison(ts):
@@ -31,46 +37,49 @@ def _ref(ps, ds, scales, clip=None, base=None):
     return out, vs
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BD)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("clip", [None, 0.7])
-def test_add_scaled_matches_float64(backend, dtype, clip):
+def test_add_scaled_matches_float64(backend, device, dtype, clip):
     ps = _rand(ODD_SHAPES, dtype)
     ds = _rand(ODD_SHAPES, dtype)
     scales = (torch.rand(len(ps), dtype=torch.float64) * 0.1 - 0.05).to(
         torch.float64 if dtype == torch.float64 else torch.float32)
     ref, ref_v = _ref(ps, ds, scales.tolist(), clip)
-    work = [p.clone() for p in ps]
-    backups, deltas = _poison(ps), _poison(ps)
-    ops.add_scaled_(work, ds, scales, clip=clip, backups=backups, deltas=deltas, backend=backend)
+    work = _dev(ps, device)
+    backups, deltas = _poison(work), _poison(work)
+    ds_dev = _dev(ds, device)
+    ops.add_scaled_(work, ds_dev, scales.to(device), clip=clip, backups=backups, deltas=deltas, backend=backend)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(ds_dev, ds)), "directions must not be written"
     for i, p in enumerate(ps):
-        assert torch.equal(backups[i], p), "backup must be a bit-exact copy"
+        assert torch.equal(backups[i].cpu(), p), "backup must be a bit-exact copy"
         assert rel_err(work[i], ref[i]) <= tol(dtype), (i, rel_err(work[i], ref[i]))
         if p.numel():
             assert rel_err(deltas[i], ref_v[i]) <= max(tol(dtype), 1e-6), i
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_add_scaled_from_base_with_float_and_list_scales(backend):
+@pytest.mark.parametrize("backend,device", BD)
+def test_add_scaled_from_base_with_float_and_list_scales(backend, device):
     ps = _rand(ODD_SHAPES, torch.float32)
     base = _rand(ODD_SHAPES, torch.float32)
     ds = _rand(ODD_SHAPES, torch.float32)
     for scale in (-0.3, [0.1 * i for i in range(len(ps))], torch.tensor(0.25)):
         s_list = [float(scale)] * len(ps) if not isinstance(scale, list) else scale
         ref, _ = _ref(ps, ds, s_list, base=base)
-        work = _poison(ps)  # every element must be written from the base
-        ops.add_scaled_(work, ds, scale, base=base, backend=backend)
+        work = _poison(_dev(ps, device))  # every element must be written from the base
+        sc = scale.to(device) if isinstance(scale, torch.Tensor) else scale
+        ops.add_scaled_(work, _dev(ds, device), sc, base=_dev(base, device), backend=backend)
         for w, r in zip(work, ref):
             assert rel_err(w, r) <= 1e-6
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_add_scaled_zero_scale_from_base_is_bitwise_base(backend):
+@pytest.mark.parametrize("backend,device", BD)
+def test_add_scaled_zero_scale_from_base_is_bitwise_base(backend, device):
     base = _rand(ODD_SHAPES, torch.float32)
     ds = _rand(ODD_SHAPES, torch.float32)
-    work = _poison(base)
-    ops.add_scaled_(work, ds, 0.0, base=base, backend=backend)
-    assert all(torch.equal(w, b) for w, b in zip(work, base))
+    work = _poison(_dev(base, device))
+    ops.add_scaled_(work, _dev(ds, device), 0.0, base=_dev(base, device), backend=backend)
+    assert all(torch.equal(w.cpu(), b) for w, b in zip(work, base))
 
 
 def test_add_scaled_many_tensors_mixed_dtypes_and_deterministic():

@@ -226,6 +226,132 @@ def test_deterministic():
     assert all(torch.equal(x, y) for x, y in zip(p, p2))
 
 
+# --------------------------------------------------------------------------- tiny and huge norms
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dnorm", [1e-25, 3e-20, 1e-12])
+def test_tiny_direction_norms(dtype, dnorm):
+    """||g|| far below the fp32 square's underflow (~1e-19) and near eps = 1e-20: the norm
+    must be exact (not flushed to 0) and v = gamma ||w|| g / (||g|| + eps) as in float64."""
+    shapes = [(64, 3, 3), (1000,), (7,)]
+    ps = _rand(shapes, dtype)
+    ds = [(torch.randn(s, dtype=torch.float64) / (torch.tensor(s).prod().item() ** 0.5) * dnorm).to(DEV, dtype)
+          for s in shapes]
+    orig = [p.clone() for p in ps]
+    vs = _nan(ps)
+    dn = T.perturb_(ps, ds, [0.01] * 3, 1e-20, None, vs)
+    rp, rv = _up(orig), [torch.empty(s, dtype=torch.float64) for s in shapes]
+    rdn = R.perturb_(rp, _up(ds), [0.01] * 3, 1e-20, None, rv)
+    assert (dn > 0).all() and rel_err(dn, rdn) < 1e-6, (dn, rdn)
+    assert rel_err(T.norms(ds), rdn) < 1e-6
+    assert rel_err(_cat(vs), _cat(rv)) < tol(dtype)
+    for v, w, d in zip(vs, orig, ds):  # ||v|| follows the formula (about 0.75 gamma ||w|| at 3e-20)
+        g = d.double().norm()
+        want = 0.01 * w.double().norm() * g / (g + 1e-20)
+        assert abs(v.double().norm() / want - 1) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # the multi-step ascent: tiny directions too
+    w = _rand(shapes, torch.float32)
+    q = [x.clone() for x in w]
+    dn2 = T.ascent_step_(q, w, [d.float() for d in ds], 0.004, 0.01, 1e-20)
+    rq = _up(w)
+    rdn2 = R.ascent_step_(rq, _up(w), _up(ds), [0.004] * 3, [0.01] * 3, 1e-20)
+    assert rel_err(dn2, rdn2) < 1e-6
+    if dnorm >= 3e-20:  # below, v is under half an fp32 ulp of w and w + v rounds to w
+        assert rel_err(_cat(q) - _cat(w), _cat(rq) - _cat(w)) < 1e-4
+
+
+def test_huge_values_do_not_overflow_the_squares():
+    """Elements of 1e20 (squares overflow fp32) still give finite, exact norms."""
+    xs = [torch.randn(300, dtype=torch.float64).mul(1e20).float().to(DEV), torch.randn(5).mul(1e30).to(DEV)]
+    out = T.norms(xs)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, R.norms(_up(xs))) < 1e-6
+
+
+# --------------------------------------------------------------------------- capture and tables
+@pytest.fixture
+def simulate_capture(monkeypatch):
+    """Run the launch path as inside a CUDA-graph capture (on the interpreter too)."""
+    monkeypatch.setattr(T, "SIMULATE_CAPTURE", True)
+
+
+def _cache_sizes():
+    return len(T._ptr_tables.d), len(T._float_tables.d)
+
+
+def test_fill_kernel_builds_any_int64_table():
+    """The capture-time table builder writes exactly the values (pointers, negative numbers,
+    float64 bit patterns, more than one launch's worth)."""
+    vals = [0, 1, -1, 2 ** 63 - 1, -(2 ** 63), 0x7F12_3456_7890, 12345] + T._f64_bits([0.01, -3.5e-300, 1e300])
+    vals += list(range(100, 113))  # 23 values: 3 launches of 8
+    ctx = T._Ctx(DEV)
+    got = T._device_table(vals, ctx)
+    assert got.dtype == torch.int64 and got.cpu().tolist() == vals
+
+
+def test_capture_path_builds_tables_without_caching(simulate_capture):
+    """Tensors never seen before (as autograd.grad outputs inside a capture): the tables are
+    built by kernels for this call only; results equal the reference; nothing is cached."""
+    T.clear_cache()
+    ps, ds = _rand(ODD, torch.float32), _rand(ODD, torch.float32, 1e-3)
+    orig = [p.clone() for p in ps]
+    gam = _gammas(len(ps), True)
+    bs = _nan(ps)
+    before = _cache_sizes()
+    dn = T.perturb_(ps, ds, gam, 1e-20, bs, None)
+    assert _cache_sizes() == before, "tables built during a capture must not enter the caches"
+    rp = _up(orig)
+    rdn = R.perturb_(rp, _up(ds), gam, 1e-20, None, None)
+    assert rel_err(dn, rdn) < 1e-6 and rel_err(_cat(ps) - _cat(orig), _cat(rp) - _cat(orig)) < 1e-4
+    assert all(torch.equal(b, o) for b, o in zip(bs, orig))
+    w = [p.clone() for p in orig]
+    T.ascent_step_(ps, w, ds, [0.001] * len(ps), gam, 1e-20)
+    T.restore_(ps, bs)
+    assert all(torch.equal(p, o) for p, o in zip(ps, orig))
+
+
+def test_capture_reuses_and_pins_warm_tables(monkeypatch):
+    """Warm-up eagerly, then "capture": the parameters' cached tables are reused (and kept
+    alive even through clear_cache), only the new directions' table is built in the capture."""
+    T.clear_cache()
+    T._captured.clear()
+    ps = _rand(ODD, torch.float32)
+    bs = [torch.empty_like(p) for p in ps]
+    T.perturb_(ps, _rand(ODD, torch.float32), 0.01, 1e-20, bs, None)  # eager warm-up
+    T.restore_(ps, bs)
+    warm = _cache_sizes()
+    monkeypatch.setattr(T, "SIMULATE_CAPTURE", True)
+    built = []
+    orig_dev = T._device_table
+    monkeypatch.setattr(T, "_device_table", lambda v, ctx: (built.append(len(v)), orig_dev(v, ctx))[1])
+    fresh = _rand(ODD, torch.float32, 1e-3)
+    orig = [p.clone() for p in ps]
+    T.perturb_(ps, fresh, 0.01, 1e-20, bs, None)
+    assert built == [len(ps)], f"only the new directions' pointer table may be built, got {built}"
+    assert _cache_sizes() == warm
+    pinned = set(T._captured)
+    assert len(pinned) >= 3  # layout, params, backups
+    T.clear_cache()
+    assert set(T._captured) == pinned
+    rp = _up(orig)
+    R.perturb_(rp, _up(fresh), [0.01] * len(ps), 1e-20, None, None)
+    assert rel_err(_cat(ps) - _cat(orig), _cat(rp) - _cat(orig)) < 1e-4
+    T._captured.clear()
+
+
+def test_scratch_is_per_stream_and_per_call_in_capture(monkeypatch):
+    ps = _rand([(40,), (7,)], torch.float32)
+    ctx = T._Ctx(DEV)
+    a, b = T._Launch(ps, ctx).part, T._Launch(ps, ctx).part
+    assert a is b, "eager calls on one stream share the layout's scratch"
+    other = T._Ctx(DEV)
+    other.stream = ctx.stream + 1  # another stream
+    assert T._Launch(ps, other).part is not a
+    monkeypatch.setattr(T, "SIMULATE_CAPTURE", True)
+    c1 = T._Launch(ps, T._Ctx(DEV)).part
+    c2 = T._Launch(ps, T._Ctx(DEV)).part
+    assert c1 is not a and c1 is not c2 and c1.dtype == torch.float64
+
+
 # --------------------------------------------------------------------------- PGD
 PGD_SHAPES = [(5, 3, 7, 7), (1, 1, 1, 1), (3, 33), (2, 65)]
 
@@ -354,7 +480,9 @@ def test_custom_ops_registered_and_opcheck():
 def test_kernels_compile_for_sm90_with_vector_accesses():
     """Compile the kernels ahead of time for an H100 (no GPU needed; a fresh process, since
     this one interprets them) and check that the full-block paths use 128-bit accesses,
-    i.e. the alignment hints took effect."""
+    i.e. the alignment hints took effect, and that no kernel uses an approximate or
+    subnormal-flushing square root or division (``sqrt.approx``, ``div.full``, ``.ftz``
+    on a sqrt/div), which would turn a tiny direction norm into 0."""
     import subprocess
     import sys
     code = r'''
@@ -366,29 +494,38 @@ from triton.backends.compiler import GPUTarget
 from awpfast.ops import _triton_kernels as K
 tgt = GPUTarget("cuda", 90, 32)
 div = lambda n: {(i,): [["tt.divisibility", 16]] for i in range(n)}
+BAD = re.compile(r"(sqrt|div|rcp)\.(approx|full)|(sqrt|div|rcp)[a-z.]*\.ftz")
 def ptx(fn, sig, const, attrs):
-    return triton.compile(ASTSource(fn, sig, const, attrs), target=tgt, options={"num_warps": 4}).asm["ptx"]
+    s = triton.compile(ASTSource(fn, sig, const, attrs), target=tgt, options={"num_warps": 4}).asm["ptx"]
+    bad = sorted(set(m.group(0) for m in BAD.finditer(s)))
+    assert not bad, (fn.__name__, const, bad)
+    return s
 P = "*i64"
 for dt in ("fp32", "bf16"):
     for mode in range(4):
-        sig = dict(P0=P, P1=P, P2=P, PROTO="*" + dt, TINFO=P, CTAB=P, PART="*fp32", C="i32",
+        sig = dict(P0=P, P1=P, P2=P, PROTO="*" + dt, TINFO=P, CTAB=P, PART="*fp64", C="i32",
                    MODE="constexpr", BLOCK="constexpr", ALIGNED="constexpr")
         s = ptx(K.mt_reduce_kernel, sig, dict(MODE=mode, BLOCK=1024, ALIGNED=True), div(7))
         assert "ld.global.v4" in s, ("reduce", dt, mode)
     for mode in range(5):
-        sig = dict(P0=P, P1=P, P2=P, P3=P, PROTO="*" + dt, TINFO=P, CTAB=P, PART="*fp32", C="i32",
-                   S0="*fp32", S1="*fp32", s0="fp32", s1="fp32", eps="fp32", OUT="*fp32",
+        sig = dict(P0=P, P1=P, P2=P, P3=P, PROTO="*" + dt, TINFO=P, CTAB=P, PART="*fp64", C="i32",
+                   S0="*fp64", S1="*fp64", s0="fp32", s1="fp32", eps="fp32", OUT="*fp32",
                    MODE="constexpr", PER_TENSOR="constexpr", HAS_B="constexpr", HAS_D="constexpr",
                    BLOCK="constexpr", KB="constexpr", ALIGNED="constexpr")
         s = ptx(K.mt_apply_kernel, sig, dict(MODE=mode, PER_TENSOR=mode % 2 == 1, HAS_B=True, HAS_D=True,
                                              BLOCK=1024, KB=1024, ALIGNED=True), div(8))
         assert "ld.global.v4" in s and "st.global.v4" in s, ("apply", dt, mode)
+        if mode in (0, 3, 4):
+            assert "sqrt.rn.f64" in s, ("apply", dt, mode)
     sig = dict(XA="*" + dt, G="*" + dt, X="*" + dt, N="i32", alpha="fp32", eps="fp32", BLOCK="constexpr")
     assert "st.global.v4" in ptx(K.pgd_linf_kernel, sig, dict(BLOCK=1024), div(4))
     sig = dict(XA="*" + dt, G="*" + dt, X="*" + dt, R="i32", alpha="fp32", eps="fp32", BLOCK="constexpr")
-    assert "st.global.v4" in ptx(K.pgd_l2_kernel, sig, dict(BLOCK=1024), div(4))
-sig = dict(PART="*fp32", TINFO=P, OUT="*fp32", C="i32", KB="constexpr")
-ptx(K.mt_norms_finalize_kernel, sig, dict(KB=1024), {})
+    s = ptx(K.pgd_l2_kernel, sig, dict(BLOCK=1024), div(4))
+    assert "st.global.v4" in s and "div.rn.f32" in s and "sqrt.rn.f64" in s
+sig = dict(PART="*fp64", TINFO=P, OUT="*fp32", C="i32", KB="constexpr")
+assert "sqrt.rn.f64" in ptx(K.mt_norms_finalize_kernel, sig, dict(KB=1024), {})
+sig = dict(OUT=P, start="i64", n="i64", **{f"{c}{k}": "i64" for k in range(8) for c in "hl"})
+ptx(K.fill_i64_kernel, sig, {}, {})
 print("OK")
 '''
     env = dict(os.environ)
@@ -459,43 +596,37 @@ def test_empty_lists():
     T.project_([], [], [])
 
 
-# --------------------------------------------------------------------------- gpu_check plumbing
-def _gpu_check():
-    import importlib.util
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("awpfast_gpu_check", os.path.join(root, "benchmarks", "gpu_check.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def test_awp_steps_with_tables_built_as_in_a_capture(monkeypatch):
+    """Whole AWP steps (ascent gradients from autograd.grad at fresh addresses every step)
+    with the capture path on: tables built by the fill kernel, nothing cached; the weights
+    equal a normal run bit for bit."""
+    import copy
 
+    import torch.nn as nn
+    import torch.nn.functional as F
 
-def test_gpu_check_targets_and_summary(tmp_path):
-    gc = _gpu_check()
-    n = 46_100_000
-    weight = {"copy_bandwidth_gbs": 3000.0, "rows": [
-        {"model": "wrn34-10", "dtype": "float32", "variant": "reference-eager", "median_ms": 20.0,
-         "elements": n, "x_floor": 40.0, "speedup_vs_reference": 1.0},
-        {"model": "wrn34-10", "dtype": "float32", "variant": "foreach", "median_ms": 1.5,
-         "elements": n, "x_floor": 3.0, "speedup_vs_reference": 13.3},
-        {"model": "wrn34-10", "dtype": "float32", "variant": "triton", "median_ms": 0.6,
-         "elements": n, "x_floor": 1.2, "speedup_vs_reference": 33.3},
-        {"model": "wrn34-10", "dtype": "float32", "variant": "native", "error": "RuntimeError()"}]}
-    pgd = {"batch": 128, "shape": [3, 32, 32], "rows": [
-        {"norm": "Linf", "dtype": "float32", "impl": "eager", "median_us": 30.0, "speedup_vs_eager": 1.0,
-         "GBps": 100.0, "kernels": 7},
-        {"norm": "Linf", "dtype": "float32", "impl": "triton", "median_us": 12.0, "speedup_vs_eager": 2.5,
-         "GBps": 400.0, "kernels": 1}]}
-    t = gc.targets(weight, pgd, {"gbps": 3000.0})
-    assert t["wrn_fp32_x_floor"]["ok"] and t["wrn_fp32_vs_foreach"]["ok"] and t["wrn_fp32_vs_reference_eager"]["ok"]
-    assert abs(t["wrn_fp32_vs_foreach"]["value"] - 2.5) < 1e-9
-    assert not t["pgd_linf_vs_eager"]["ok"] and t["pgd_linf_launches"]["ok"]
-    res = {"versions": {"device": "X"}, "steps": [{"name": "tests", "status": "ok", "seconds": 1.0}],
-           "pytest": gc.parse_pytest({"stdout_tail": "3 failed, 10 passed, 2 skipped in 1.0s"}),
-           "copy_bandwidth": {"device": "cuda", "bytes_per_buffer": 1 << 30, "gbps": 3000.0, "best_gbps": 3100.0},
-           "weight_side": weight, "pgd": pgd, "targets": t}
-    assert res["pytest"]["counts"] == {"failed": 3, "passed": 10, "skipped": 2}
-    text = gc.summary(res)
-    assert "MISSED" in text and "batch 128x3x32x32" in text and "error" in text
-    if not CUDA:
-        assert gc.main([str(tmp_path / "o.json")]) == 2  # no CUDA, no --dry-run: clear refusal
-        assert "error" in __import__("json").load(open(tmp_path / "o.json"))
+    import awpfast
+    T.set_config(**PROD)  # few programs: the interpreter is slow
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 10)).to(DEV)
+    x, y = torch.rand(4, 3, 6, 6, device=DEV), torch.randint(0, 10, (4,), device=DEV)
+
+    def run(simulate):
+        m = copy.deepcopy(base)
+        awp = awpfast.AWP(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m, gamma=0.02, steps=2,
+                          backend="triton")
+        for i in range(3):
+            monkeypatch.setattr(T, "SIMULATE_CAPTURE", simulate and i > 0)  # eager warm-up first
+            awp.perturb(lambda: F.cross_entropy(m(x), y))
+            awp.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            awp.step()
+        monkeypatch.setattr(T, "SIMULATE_CAPTURE", False)
+        return [p.detach().clone() for p in m.parameters()]
+
+    T.clear_cache()
+    want = run(False)
+    T.clear_cache()
+    got = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

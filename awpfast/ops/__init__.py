@@ -74,7 +74,13 @@ def _import(name: str):
     return _import_first(name)
 
 
-@torch.compiler.disable
+# Kept out of compiled graphs. ``torch._disable_dynamo`` imports Dynamo only when the function
+# is first called (``torch.compiler.disable`` imports it at decoration time: ~3 s on every
+# ``import awpfast``, CLI ``--help`` and error paths included).
+_no_dynamo = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
+
+@_no_dynamo
 def _import_first(name: str):
     if name not in _MODULES:
         raise ValueError(
@@ -214,12 +220,40 @@ def _per_group(ps, backend, call, returns_norms=False):
 
 # --------------------------------------------------------------------------- the ops
 def norms(tensors, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Frobenius norm of each whole tensor.
+
+    Args:
+        tensors: a list of floating-point tensors (any shapes, devices, dtypes).
+        backend: ``"reference"``, ``"foreach"``, ``"triton"``, ``"native"`` or None (the
+            ``AWPFAST_BACKEND`` environment variable, else the best for each device).
+
+    Returns:
+        A 1-D tensor with one norm per tensor, in input order: float32 (float64 when a
+        float64 tensor is present), with fp32-or-wider accumulation. No host sync.
+    """
     ts = _check_list("tensors", tensors)
     return _per_group(ts, backend, lambda be, idx, dt: be.norms(_pick(ts, idx)), returns_norms=True)
 
 
 def perturb_(params, directions, gamma: Floats, eps: float = 1e-20, backups=None, deltas=None,
              *, backend: Optional[str] = None) -> torch.Tensor:
+    """The AWP perturbation, in place: ``params[i] += gamma_i * ||params[i]|| /
+    (||directions[i]|| + eps) * directions[i]`` (norms of whole tensors).
+
+    Args:
+        params: the weights to perturb (modified in place).
+        directions: one ascent direction per weight, same shapes (cast to each weight's
+            dtype); not modified.
+        gamma: relative size ``||v_i|| / ||w_i||``: one float, or one per tensor (>= 0).
+        eps: added to the direction norm (the reference's 1e-20).
+        backups: optional tensors receiving a bit-exact copy of ``params`` before the write.
+        deltas: optional tensors receiving ``v_i``.
+        backend: see ``norms``.
+
+    Returns:
+        The direction norms (as ``norms``). No host sync; the per-tensor scales are
+        computed on the device.
+    """
     ps = _check_list("params", params)
     ds = _check_list("directions", directions)
     _check_pair("params", ps, "directions", ds, same_dtype=False)
@@ -236,6 +270,13 @@ def perturb_(params, directions, gamma: Floats, eps: float = 1e-20, backups=None
 
 
 def restore_(params, backups, *, backend: Optional[str] = None) -> None:
+    """Copy ``backups[i]`` into ``params[i]`` (bit-exact), one call for every tensor.
+
+    Args:
+        params: tensors to overwrite in place.
+        backups: tensors of the same shapes, devices and dtypes.
+        backend: see ``norms``.
+    """
     ps = _check_list("params", params)
     bs = _check_list("backups", backups)
     _check_pair("params", ps, "backups", bs)
@@ -243,6 +284,14 @@ def restore_(params, backups, *, backend: Optional[str] = None) -> None:
 
 
 def unperturb_(params, deltas, *, backend: Optional[str] = None) -> None:
+    """``params[i] -= deltas[i]`` in place: the reference restore order (remove v after the
+    optimizer stepped at ``w + v``; not bit-exact, unlike ``restore_``).
+
+    Args:
+        params: tensors to modify in place.
+        deltas: the perturbations ``v_i`` (e.g. written by ``perturb_(..., deltas=...)``).
+        backend: see ``norms``.
+    """
     ps = _check_list("params", params)
     vs = _check_list("deltas", deltas)
     _check_pair("params", ps, "deltas", vs)
@@ -251,6 +300,22 @@ def unperturb_(params, deltas, *, backend: Optional[str] = None) -> None:
 
 def ascent_step_(params, backups, directions, step_size: Floats, gamma: Floats, eps: float = 1e-20,
                  *, backend: Optional[str] = None) -> torch.Tensor:
+    """One later step of multi-step AWP, in place, around the base weights ``w = backups``:
+    ``v = params - w``; ``v += step_size_i * ||w|| / (||d|| + eps) * d``; then ``v`` is
+    projected onto ``||v|| <= gamma_i ||w||`` and ``params <- w + v``.
+
+    Args:
+        params: the currently perturbed weights (modified in place).
+        backups: the unperturbed weights ``w`` (read only).
+        directions: the new ascent directions ``d`` (read only).
+        step_size: relative step size: one float or one per tensor (>= 0).
+        gamma: relative radius of the ball: one float or one per tensor (>= 0).
+        eps: added to the direction norm.
+        backend: see ``norms``.
+
+    Returns:
+        The direction norms (as ``norms``).
+    """
     ps = _check_list("params", params)
     bs = _check_list("backups", backups)
     ds = _check_list("directions", directions)
@@ -264,6 +329,15 @@ def ascent_step_(params, backups, directions, step_size: Floats, gamma: Floats, 
 
 
 def project_(params, backups, gamma: Floats, *, backend: Optional[str] = None) -> None:
+    """Project the perturbation onto the ball, in place: with ``v = params - backups``,
+    ``params <- backups + v * min(1, gamma_i * ||backups|| / ||v||)``.
+
+    Args:
+        params: the perturbed weights (modified in place).
+        backups: the unperturbed weights (read only).
+        gamma: relative radius: one float or one per tensor (>= 0).
+        backend: see ``norms``.
+    """
     ps = _check_list("params", params)
     bs = _check_list("backups", backups)
     _check_pair("params", ps, "backups", bs)
@@ -312,7 +386,19 @@ def add_scaled_(params, directions, scale, *, clip: Optional[float] = None, base
                 deltas=None, backend: Optional[str] = None) -> None:
     """``params[i] <- (base[i] or params[i]) + scale_i * clamp(directions[i], -clip, clip)``,
     writing the old ``params[i]`` to ``backups[i]`` and the added term to ``deltas[i]`` in
-    the same pass (see the module docstring)."""
+    the same pass.
+
+    Args:
+        params: tensors to write in place.
+        directions: one direction per tensor (read only; cast to each tensor's dtype).
+        scale: a float, one float per tensor, or a float tensor on the params' device
+            (0-dim for all, or 1-D with one value per tensor; read on the device, no sync).
+        clip: clamp the directions to [-clip, clip] first (None: no clamp).
+        base: start from these tensors instead of ``params`` (e.g. the unperturbed weights).
+        backups: receive a bit-exact copy of ``params`` before the write.
+        deltas: receive ``scale_i * clamp(directions[i])``.
+        backend: see ``norms`` (kernel backends without an own kernel use ``foreach``).
+    """
     ps = _check_list("params", params)
     ds = _check_list("directions", directions)
     _check_pair("params", ps, "directions", ds, same_dtype=False)
@@ -333,6 +419,24 @@ def add_scaled_(params, directions, scale, *, clip: Optional[float] = None, base
 
 def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float,
               norm: str = "Linf", *, backend: Optional[str] = None) -> torch.Tensor:
+    """One PGD step on an adversarial batch, in place (one fused launch on GPU backends).
+
+    L-inf: ``x_adv <- clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), 0, 1)``.
+    L2: ``x_adv + alpha * grad / (||grad|| + 1e-10)`` per sample, the difference to ``x``
+    rescaled into the eps-ball, then clamped to [0, 1].
+
+    Args:
+        x_adv: the adversarial batch (modified in place).
+        grad: the loss gradient with respect to ``x_adv``.
+        x: the clean batch (centre of the ball). All three share shape, dtype and device.
+        alpha: step size (>= 0).
+        eps: radius (>= 0).
+        norm: ``"Linf"`` or ``"L2"``.
+        backend: see ``norms``.
+
+    Returns:
+        ``x_adv``.
+    """
     for name, t in (("x_adv", x_adv), ("grad", grad), ("x", x)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")

@@ -26,10 +26,18 @@ most ``MAXK`` chunks (larger tensors get longer chunks). Offsets are int64 throu
 tensors beyond 2**31 elements are addressed correctly.
 
 Reductions are deterministic two-stage sums without atomics: the reduce pass writes one
-fp32 partial per (quantity, chunk); every consumer sums the partials of a tensor in the
+float64 partial per (quantity, chunk); every consumer sums the partials of a tensor in the
 same fixed order (``_tensor_sum``), so each program of the apply pass recomputes the
-same per-tensor norms bit for bit and derives the layer's scale on the device. All math is
-fp32 (the interpreter has no bf16 arithmetic; fp32 is also the accuracy contract).
+same per-tensor norms bit for bit and derives the layer's scale on the device.
+
+Precision. Element-wise math is fp32 (the interpreter has no bf16 arithmetic; fp32 is
+also the accuracy contract). Squares are formed and summed in float64: a float32 square
+underflows below ~1e-19 (and overflows above ~1.8e19), so a direction with ||g|| ~ 1e-20
+would get norm 0 and a perturbation several times gamma ||w||. The per-tensor scalars
+(norms, scale, projection factor) are computed in float64 too, where sqrt and division are
+IEEE round-to-nearest (``tl.sqrt``/``/`` on fp32 compile to ``sqrt.approx.ftz.f32`` and
+``div.full.f32``, which flush subnormals); the PGD L2 kernel uses ``tl.sqrt_rn`` and
+``tl.div_rn`` for its fp32 per-element division. Per-tensor float tables hold float64.
 Accumulators use ``tl.full`` rather than ``tl.zeros`` (a ``@jit`` helper of Triton's
 standard library that cannot be re-decorated for the interpreter after Triton is imported);
 for the same reason sums are ``tl.reduce(x, 0, _ADD)`` (exactly what ``tl.sum`` expands to).
@@ -102,27 +110,33 @@ def _st(ptr, offs, val, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _ld64(ptr, offs, mask, MASKED: tl.constexpr):
+    return _ld(ptr, offs, mask, MASKED).to(tl.float64)
+
+
+@triton.jit
 def _reduce_block(a, b, c, offs, mask, acc0, acc1, acc2, acc3, MODE: tl.constexpr, MASKED: tl.constexpr):
+    # squares and products in float64: no underflow/overflow of fp32 squares (see the module doc)
     if MODE == 0:
-        x = _ld(a, offs, mask, MASKED)
+        x = _ld64(a, offs, mask, MASKED)
         acc0 += x * x
     elif MODE == 1:
-        x = _ld(a, offs, mask, MASKED)
-        d = _ld(b, offs, mask, MASKED)
+        x = _ld64(a, offs, mask, MASKED)
+        d = _ld64(b, offs, mask, MASKED)
         acc0 += x * x
         acc1 += d * d
     elif MODE == 2:
-        p = _ld(a, offs, mask, MASKED)
-        w = _ld(b, offs, mask, MASKED)
-        d = _ld(c, offs, mask, MASKED)
+        p = _ld64(a, offs, mask, MASKED)
+        w = _ld64(b, offs, mask, MASKED)
+        d = _ld64(c, offs, mask, MASKED)
         u = p - w
         acc0 += w * w
         acc1 += d * d
         acc2 += u * u
         acc3 += u * d
     else:
-        p = _ld(a, offs, mask, MASKED)
-        w = _ld(b, offs, mask, MASKED)
+        p = _ld64(a, offs, mask, MASKED)
+        w = _ld64(b, offs, mask, MASKED)
         u = p - w
         acc0 += w * w
         acc1 += u * u
@@ -132,7 +146,7 @@ def _reduce_block(a, b, c, offs, mask, acc0, acc1, acc2, acc3, MODE: tl.constexp
 @triton.jit
 def mt_reduce_kernel(P0, P1, P2, PROTO, TINFO, CTAB, PART, C,
                      MODE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """Stage 1: per-chunk fp32 partial sums, written to PART[q * C + c]."""
+    """Stage 1: per-chunk float64 partial sums, written to PART[q * C + c]."""
     c, t, start, n = _chunk(TINFO, CTAB, BLOCK)
     a = _base(P0, t, start, PROTO, ALIGNED)
     b = a
@@ -142,10 +156,10 @@ def mt_reduce_kernel(P0, P1, P2, PROTO, TINFO, CTAB, PART, C,
     if MODE == 2:
         cc = _base(P2, t, start, PROTO, ALIGNED)
     ar = tl.arange(0, BLOCK)
-    acc0 = tl.full([BLOCK], 0.0, tl.float32)
-    acc1 = tl.full([BLOCK], 0.0, tl.float32)
-    acc2 = tl.full([BLOCK], 0.0, tl.float32)
-    acc3 = tl.full([BLOCK], 0.0, tl.float32)
+    acc0 = tl.full([BLOCK], 0.0, tl.float64)
+    acc1 = tl.full([BLOCK], 0.0, tl.float64)
+    acc2 = tl.full([BLOCK], 0.0, tl.float64)
+    acc3 = tl.full([BLOCK], 0.0, tl.float64)
     nfull = (n // BLOCK) * BLOCK
     for o in range(0, nfull, BLOCK):
         offs = tl.max_contiguous(tl.multiple_of(o + ar, BLOCK), BLOCK)
@@ -164,7 +178,7 @@ def mt_reduce_kernel(P0, P1, P2, PROTO, TINFO, CTAB, PART, C,
 @triton.jit
 def _tensor_sum(PART, q, C, first, nck, KB: tl.constexpr):
     """Sum of the partials of one tensor, always in the same order (deterministic)."""
-    acc = tl.full([KB], 0.0, tl.float32)
+    acc = tl.full([KB], 0.0, tl.float64)
     for k in range(0, nck, KB):
         idx = k + tl.arange(0, KB)
         acc += tl.load(PART + q * C + first + idx, mask=idx < nck, other=0.0)
@@ -173,11 +187,12 @@ def _tensor_sum(PART, q, C, first, nck, KB: tl.constexpr):
 
 @triton.jit
 def mt_norms_finalize_kernel(PART, TINFO, OUT, C, KB: tl.constexpr):
-    """Stage 2 of ``norms``: one program per tensor, OUT[t] = sqrt(sum of partials)."""
+    """Stage 2 of ``norms``: one program per tensor, OUT[t] = sqrt(sum of partials) (float64
+    sqrt, IEEE round-to-nearest; rounded once to OUT's dtype)."""
     t = tl.program_id(0).to(tl.int64)
     first = tl.load(TINFO + 4 * t + 2)
     nck = tl.load(TINFO + 4 * t + 3)
-    tl.store(OUT + t, tl.sqrt(_tensor_sum(PART, 0, C, first, nck, KB)))
+    tl.store(OUT + t, tl.sqrt(_tensor_sum(PART, 0, C, first, nck, KB)).to(OUT.dtype.element_ty))
 
 
 @triton.jit
@@ -221,18 +236,19 @@ def mt_apply_kernel(P0, P1, P2, P3, PROTO, TINFO, CTAB, PART, C, S0, S1, s0, s1,
     """One elementwise pass; the per-layer scale is derived on the device from PART.
 
     ``s0``/``s1`` are the per-tensor floats (gamma; step_size and gamma for ascent), as
-    scalars or, with PER_TENSOR, read from S0[t]/S1[t]. Programs whose chunk starts at 0
+    scalars or, with PER_TENSOR, read from the float64 tables S0[t]/S1[t]. Programs whose chunk starts at 0
     write the direction norm of their tensor to OUT[t] (perturb and ascent).
     """
     c, t, start, n = _chunk(TINFO, CTAB, BLOCK)
-    g0 = s0
-    g1 = s1
+    # per-tensor scalars in float64 (IEEE sqrt and division; see the module doc)
+    g0 = tl.cast(s0, tl.float64)
+    g1 = tl.cast(s1, tl.float64)
     if PER_TENSOR:
         g0 = tl.load(S0 + t)
         if MODE == 3:
             g1 = tl.load(S1 + t)
-    s = 0.0
-    f = 1.0
+    s64 = tl.full([], 0.0, tl.float64)
+    f64 = tl.full([], 1.0, tl.float64)
     if MODE == 0 or MODE == 3 or MODE == 4:
         first = tl.load(TINFO + 4 * t + 2)
         nck = tl.load(TINFO + 4 * t + 3)
@@ -240,22 +256,24 @@ def mt_apply_kernel(P0, P1, P2, P3, PROTO, TINFO, CTAB, PART, C, S0, S1, s0, s1,
         q1 = _tensor_sum(PART, 1, C, first, nck, KB)
         if MODE == 0:
             dn = tl.sqrt(q1)
-            s = g0 * wn / (dn + eps)
+            s64 = g0 * wn / (dn + tl.cast(eps, tl.float64))
             if start == 0:
-                tl.store(OUT + t, dn)
+                tl.store(OUT + t, dn.to(OUT.dtype.element_ty))
         elif MODE == 3:
             dn = tl.sqrt(q1)
-            s = g0 * wn / (dn + eps)
+            s64 = g0 * wn / (dn + tl.cast(eps, tl.float64))
             # ||u + s d||^2 from the sums of the reduce pass (u = p - w)
-            vn2 = _tensor_sum(PART, 2, C, first, nck, KB) + 2.0 * s * _tensor_sum(PART, 3, C, first, nck, KB) \
-                + s * s * q1
+            vn2 = _tensor_sum(PART, 2, C, first, nck, KB) + 2.0 * s64 * _tensor_sum(PART, 3, C, first, nck, KB) \
+                + s64 * s64 * q1
             vn = tl.sqrt(tl.maximum(vn2, 0.0))
-            f = tl.where(vn > 0.0, tl.minimum((g1 * wn) / tl.where(vn > 0.0, vn, 1.0), 1.0), 1.0)
+            f64 = tl.where(vn > 0.0, tl.minimum((g1 * wn) / tl.where(vn > 0.0, vn, 1.0), 1.0), 1.0)
             if start == 0:
-                tl.store(OUT + t, dn)
+                tl.store(OUT + t, dn.to(OUT.dtype.element_ty))
         else:
             vn = tl.sqrt(q1)
-            f = tl.where(vn > 0.0, tl.minimum((g0 * wn) / tl.where(vn > 0.0, vn, 1.0), 1.0), 1.0)
+            f64 = tl.where(vn > 0.0, tl.minimum((g0 * wn) / tl.where(vn > 0.0, vn, 1.0), 1.0), 1.0)
+    s = s64.to(tl.float32)
+    f = f64.to(tl.float32)
     a = _base(P0, t, start, PROTO, ALIGNED)
     b = _base(P1, t, start, PROTO, ALIGNED)
     cc = a
@@ -295,34 +313,70 @@ def pgd_l2_kernel(XA, G, X, R, alpha, eps, BLOCK: tl.constexpr):
     """One program per sample (row of R elements), three sweeps over the row in one launch:
     ||g||; ||delta|| of the stepped point; the renormalized, box-clamped write. The second
     and third sweeps mostly hit cache; the result matches the eager sequence exactly in
-    structure (no algebraic expansion of ||delta||)."""
+    structure (no algebraic expansion of ||delta||). Squares are summed in float64 and the
+    norms are float64 IEEE square roots; the per-element division ``alpha * g / ||g||`` is
+    ``tl.div_rn`` (round-to-nearest, no flush of subnormals, like the eager division)."""
     row = tl.program_id(0).to(tl.int64)
     base = row * R
     ar = tl.arange(0, BLOCK)
-    acc = tl.full([BLOCK], 0.0, tl.float32)
+    acc = tl.full([BLOCK], 0.0, tl.float64)
     for o in range(0, R, BLOCK):
         offs = base + o + ar
         m = (o + ar) < R
-        g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=m, other=0.0).to(tl.float64)
         acc += g * g
-    gn = tl.sqrt(tl.reduce(acc, 0, _ADD)) + 1e-10
-    acc = tl.full([BLOCK], 0.0, tl.float32)
+    gn = (tl.sqrt(tl.reduce(acc, 0, _ADD)) + 1e-10).to(tl.float32)
+    acc = tl.full([BLOCK], 0.0, tl.float64)
     for o in range(0, R, BLOCK):
         offs = base + o + ar
         m = (o + ar) < R
         xa = tl.load(XA + offs, mask=m, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
         x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-        d = (xa + (alpha * g) / gn) - x
+        d = ((xa + tl.div_rn(alpha * g, gn)) - x).to(tl.float64)
         acc += d * d
     dn = tl.sqrt(tl.reduce(acc, 0, _ADD))
-    f = tl.minimum(eps / dn, 1.0)
+    f = tl.minimum(tl.cast(eps, tl.float64) / dn, 1.0).to(tl.float32)  # dn == 0 -> inf -> 1
     for o in range(0, R, BLOCK):
         offs = base + o + ar
         m = (o + ar) < R
         xa = tl.load(XA + offs, mask=m, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
         x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-        d = (xa + (alpha * g) / gn) - x
+        d = (xa + tl.div_rn(alpha * g, gn)) - x
         out = tl.minimum(tl.maximum(x + d * f, 0.0), 1.0)
         tl.store(XA + offs, out.to(XA.dtype.element_ty), mask=m)
+
+
+_BIAS32 = 4294967296  # 2**32
+
+
+@triton.jit(do_not_specialize=["start", "n", "h0", "l0", "h1", "l1", "h2", "l2", "h3", "l3", "h4", "l4", "h5",
+                               "l5", "h6", "l6", "h7", "l7"])
+def fill_i64_kernel(OUT, start, n, h0, l0, h1, l1, h2, l2, h3, l3, h4, l4, h5, l5, h6, l6, h7, l7):
+    """OUT[start + k] <- value k for k < n (up to 8 values per launch), each int64 value passed
+    as its two 32-bit halves plus 2**32 (so every argument is an int64 of one fixed type and
+    no value triggers a new specialization). Builds launch tables from kernel arguments
+    alone - no host-to-device copy - so it can run inside a CUDA-graph capture, where the
+    values become part of the graph."""
+    o = OUT + start
+    tl.store(o + 0, ((h0 - 4294967296) << 32) | (l0 - 4294967296), mask=n > 0)
+    tl.store(o + 1, ((h1 - 4294967296) << 32) | (l1 - 4294967296), mask=n > 1)
+    tl.store(o + 2, ((h2 - 4294967296) << 32) | (l2 - 4294967296), mask=n > 2)
+    tl.store(o + 3, ((h3 - 4294967296) << 32) | (l3 - 4294967296), mask=n > 3)
+    tl.store(o + 4, ((h4 - 4294967296) << 32) | (l4 - 4294967296), mask=n > 4)
+    tl.store(o + 5, ((h5 - 4294967296) << 32) | (l5 - 4294967296), mask=n > 5)
+    tl.store(o + 6, ((h6 - 4294967296) << 32) | (l6 - 4294967296), mask=n > 6)
+    tl.store(o + 7, ((h7 - 4294967296) << 32) | (l7 - 4294967296), mask=n > 7)
+
+
+FILL_PER_LAUNCH = 8
+
+
+def fill_args(values):
+    """The (h, l) argument pairs of ``fill_i64_kernel`` for up to 8 int64 values."""
+    out = []
+    for v in list(values) + [0] * (FILL_PER_LAUNCH - len(values)):
+        u = int(v) & 0xFFFFFFFFFFFFFFFF
+        out += [(u >> 32) + _BIAS32, (u & 0xFFFFFFFF) + _BIAS32]
+    return out

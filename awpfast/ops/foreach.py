@@ -1,9 +1,26 @@
 """Foreach backend: ``torch._foreach_*`` over a whole (device, dtype) group.
 
-No per-layer host sync: the per-layer scales are computed on the device as one small
-tensor and applied with ``_foreach_mul``/``_foreach_add_``. Low-precision parameters are
-handled with fp32 math (the scaled direction is formed in fp32, then cast once).
+No per-layer host sync and no per-layer launch. The per-layer scales are computed on the
+device as one small 1-D tensor; on CUDA, ``torch._foreach_*`` ops whose second operand is a
+list of 0-dim tensors leave PyTorch's multi-tensor fast path (one launch per tensor), so
+there the scales are expanded once into a flat per-element buffer (``repeat_interleave``,
+one launch) whose views have the shapes and strides of the tensors: every following
+``_foreach_*`` call takes the fast path. (On the CPU, foreach ops loop over the tensors in
+any case and the 0-dim scales are kept.)
+
+Precision: norms and per-tensor scalars in float64 (no underflow of tiny norms); the
+element-wise math in float32 (float64 for float64 tensors), each result rounded once to the
+tensor dtype. For bf16/fp16 groups the directions and weights are
+converted into float32 buffers first: a float32 scale multiplied into a bf16 tensor would
+otherwise be rounded to bf16 (a ~0.2 % error in v) by type promotion.
+
+Per-tensor floats and element counts become small cached device tables (one host-to-device
+copy the first time); inside a CUDA-graph capture a missing table is built from kernel
+arguments (``torch.full``), so the backend is capturable after one eager warm-up.
 """
+import collections
+import threading
+
 import torch
 
 from .reference import available, supports, supports_device  # noqa: F401  (any device, float dtypes)
@@ -13,45 +30,191 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def norms(tensors):
-    acc = _acc_dtype(tensors[0].dtype)
-    if acc == tensors[0].dtype:
-        ns = torch._foreach_norm(tensors)
+# --------------------------------------------------------------------------- small device tables
+_lock = threading.Lock()
+_tables: "collections.OrderedDict" = collections.OrderedDict()
+_TABLE_CAP = 256
+_pinned: dict = {}  # id -> table read by a captured CUDA graph: kept alive forever
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _table(values, dtype, device):
+    """``torch.tensor(values, dtype, device)``, cached by value, safe under CUDA-graph capture
+    and on any stream (an event and ``record_stream`` for streams other than the builder's).
+    While Dynamo traces, a plain constant tensor (the compiled graph owns it)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(list(values), dtype=dtype, device=device)
+    key = (device, dtype, tuple(values))
+    cuda = device.type == "cuda"
+    with _lock:
+        hit = _tables.get(key)
+        if hit is not None:
+            _tables.move_to_end(key)
+    if hit is not None:
+        t, ev, streams = hit
+        if cuda:
+            if _capturing(device):
+                _pinned[id(t)] = hit
+            else:
+                cur = torch.cuda.current_stream(device)
+                if cur.cuda_stream not in streams:
+                    cur.wait_event(ev)
+                    t.record_stream(cur)
+                    streams.add(cur.cuda_stream)
+        return t
+    if cuda and _capturing(device):  # built from kernel arguments inside the graph, not cached
+        if not values:
+            return torch.empty(0, dtype=dtype, device=device)
+        return torch.stack([torch.full((), v, dtype=dtype, device=device) for v in values])
+    if cuda:
+        t = torch.tensor(list(values), dtype=dtype).pin_memory().to(device, non_blocking=True)
+        cur = torch.cuda.current_stream(device)
+        ev = torch.cuda.Event()
+        ev.record(cur)
+        entry = (t, ev, {cur.cuda_stream})
     else:
-        ns = torch._foreach_norm(tensors, dtype=acc)
-    return torch.stack(ns).to(acc)
+        t = torch.tensor(list(values), dtype=dtype, device=device)
+        entry = (t, None, set())
+    with _lock:
+        _tables[key] = entry
+        while len(_tables) > _TABLE_CAP:
+            _tables.popitem(last=False)
+    return t
 
 
-def _scaled(directions, scale, acc):
-    """[scale[i] * d_i] in the accumulation dtype, as a list of new tensors."""
-    if directions[0].dtype != acc:
-        directions = [d.to(acc) for d in directions]
-    return torch._foreach_mul(directions, list(scale.unbind(0)))
+# --------------------------------------------------------------------------- flat helpers
+def _dense(t):
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for s, n in dims:
+        if s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _views_like(flat, ts):
+    """Views of the flat buffer ``flat`` with the shapes (and, for dense tensors, the strides)
+    of ``ts``, so that foreach ops pairing them with ``ts`` keep the fast path."""
+    out = []
+    for seg, t in zip(flat.split([t.numel() for t in ts]), ts):
+        if t.is_contiguous() or not _dense(t):
+            out.append(seg.view(t.shape))
+        else:
+            out.append(seg.as_strided(t.shape, t.stride()))
+    return out
+
+
+def _buffer_like(ts, dtype):
+    n = sum(t.numel() for t in ts)
+    return _views_like(torch.empty(n, dtype=dtype, device=ts[0].device), ts)
+
+
+def _in_acc(ts, acc):
+    """``ts`` themselves when already in the accumulation dtype, else float copies (one
+    multi-tensor copy into one flat buffer)."""
+    if ts[0].dtype == acc:
+        return list(ts)
+    out = _buffer_like(ts, acc)
+    torch._foreach_copy_(out, ts)
+    return out
+
+
+def _copy_in(ts, dtype):
+    """A copy of ``ts`` in ``dtype`` (one flat buffer, one multi-tensor copy)."""
+    out = _buffer_like(ts, dtype)
+    torch._foreach_copy_(out, ts)
+    return out
+
+
+# Expand per-tensor scales into a per-element buffer (None: on CUDA only, where it keeps the
+# multi-tensor fast path; CPU foreach ops loop over tensors anyway, so 0-dim scales cost
+# nothing there). Tests set True to check the CUDA code path on the CPU.
+EXPAND_SCALES = None
+
+
+def _per_element(scale, ts):
+    """Per-tensor ``scale`` (1-D, on the device; no host sync) as operands for a foreach op
+    with ``ts`` (always in the accumulation dtype here, so the scale is never rounded to a
+    low precision): views shaped like ``ts`` of one flat buffer holding ``scale[i]`` over
+    tensor i's elements (CUDA), or a list of 0-dim tensors (CPU)."""
+    expand = EXPAND_SCALES if EXPAND_SCALES is not None else scale.device.type == "cuda"
+    if not expand:
+        return list(scale.unbind(0))
+    sizes = [t.numel() for t in ts]
+    counts = _table(sizes, torch.int64, scale.device)
+    flat = torch.repeat_interleave(scale, counts, output_size=sum(sizes))
+    return _views_like(flat, ts)
+
+
+def _floats_on(vals, dtype, device):
+    """A Python float (uniform values) or a cached 1-D device tensor of per-tensor floats."""
+    if isinstance(vals, (int, float)):
+        return float(vals)
+    vals = [float(v) for v in vals]
+    if all(v == vals[0] for v in vals):
+        return vals[0]
+    return _table(vals, dtype, device)
+
+
+def _write(params, result):
+    if result is not params:
+        torch._foreach_copy_(params, result)
+
+
+def _add_scaled(params, start, directions, scale, deltas, acc):
+    """params <- start + scale_i * directions (scale: 1-D device tensor in ``acc``), the
+    product and sum in ``acc`` and each result rounded once; deltas <- scale_i * directions."""
+    S = _per_element(scale, params)
+    if params[0].dtype == acc:
+        if deltas is None and start is params:
+            torch._foreach_addcmul_(params, directions, S)
+            return
+        v = deltas if deltas is not None else _buffer_like(params, acc)
+        torch._foreach_copy_(v, directions)
+        torch._foreach_mul_(v, S)
+        if start is not params:
+            torch._foreach_copy_(params, start)
+        torch._foreach_add_(params, v)
+        return
+    d32 = _copy_in(directions, acc)
+    torch._foreach_mul_(d32, S)                 # v in fp32
+    p32 = _copy_in(start, acc)
+    torch._foreach_add_(p32, d32)
+    torch._foreach_copy_(params, p32)           # one rounding to the parameter dtype
+    if deltas is not None:
+        torch._foreach_copy_(deltas, d32)
+
+
+# --------------------------------------------------------------------------- the ops
+def _norms64(tensors):
+    """Per-tensor norms computed in float64 (a float32 sum of squares underflows for
+    ||x|| below ~1e-19, so a tiny direction would get norm 0), as one 1-D tensor."""
+    return torch.stack(torch._foreach_norm(tensors, dtype=torch.float64))
+
+
+def norms(tensors):
+    return _norms64(tensors).to(_acc_dtype(tensors[0].dtype))
+
+
+def _scale(gammas, wn64, dn64, eps, acc):
+    """gamma_i * ||w_i|| / (||d_i|| + eps), in float64, as a 1-D device tensor in ``acc``."""
+    ratio = wn64 / (dn64 + eps)
+    g = _floats_on(gammas, torch.float64, wn64.device)
+    return (ratio * g).to(acc)
 
 
 def perturb_(params, directions, gammas, eps, backups, deltas):
     acc = _acc_dtype(params[0].dtype)
-    wn = norms(params)
-    dn = norms(directions)
+    wn = _norms64(params)
+    dn = _norms64(directions)
     if backups is not None:
         torch._foreach_copy_(backups, params)
-    scale = torch.tensor(gammas, dtype=acc, device=wn.device) * wn / (dn + eps)
-    scales = list(scale.unbind(0))
-    if deltas is None:
-        # p += d * s_l in one pass, no temporaries; the 0-dim fp32 scale keeps fp32 math
-        # (one rounding) for low-precision parameters
-        torch._foreach_addcmul_(params, directions, scales)
-    elif params[0].dtype == acc:
-        torch._foreach_copy_(deltas, directions)
-        torch._foreach_mul_(deltas, scales)
-        torch._foreach_add_(params, deltas)
-    else:
-        v = _scaled(directions, scale, acc)
-        p32 = [p.to(acc) for p in params]
-        torch._foreach_add_(p32, v)
-        torch._foreach_copy_(params, p32)
-        torch._foreach_copy_(deltas, v)
-    return dn
+    _add_scaled(params, params, directions, _scale(gammas, wn, dn, eps, acc), deltas, acc)
+    return dn.to(acc)
 
 
 def restore_(params, backups):
@@ -62,64 +225,72 @@ def unperturb_(params, deltas):
     acc = _acc_dtype(params[0].dtype)
     if params[0].dtype == acc:
         torch._foreach_sub_(params, deltas)
-    else:
-        p32 = [p.to(acc) for p in params]
-        torch._foreach_sub_(p32, [v.to(acc) for v in deltas])
-        torch._foreach_copy_(params, p32)
+        return
+    p32 = _in_acc(params, acc)
+    torch._foreach_sub_(p32, _in_acc(deltas, acc))
+    torch._foreach_copy_(params, p32)
 
 
 def _project_into(params, backups, v, gammas, acc):
-    """params <- w + v * min(1, gamma * ||w|| / ||v||), with v in the accumulation dtype."""
-    wn = norms(backups)
-    vn = torch.stack(torch._foreach_norm(v)).to(acc)
-    radius = torch.tensor(gammas, dtype=acc, device=wn.device) * wn
+    """params <- w + v * min(1, gamma * ||w|| / ||v||), with v (mutated) in the accumulation dtype."""
+    wn = _norms64(backups)
+    vn = _norms64(v)
+    radius = wn * _floats_on(gammas, torch.float64, wn.device)
     factor = torch.where(vn > radius, radius / torch.where(vn > 0, vn, torch.ones_like(vn)),
                          torch.ones_like(vn))
-    torch._foreach_mul_(v, list(factor.unbind(0)))
-    w = backups if backups[0].dtype == acc else [b.to(acc) for b in backups]
-    out = torch._foreach_add(w, v)
-    torch._foreach_copy_(params, out)
+    torch._foreach_mul_(v, _per_element(factor.to(acc), v))
+    w = _in_acc(backups, acc)
+    torch._foreach_add_(v, w)
+    torch._foreach_copy_(params, v)
 
 
 def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
     acc = _acc_dtype(params[0].dtype)
-    wn = norms(backups)
-    dn = norms(directions)
-    scale = torch.tensor(step_sizes, dtype=acc, device=wn.device) * wn / (dn + eps)
-    p = params if params[0].dtype == acc else [t.to(acc) for t in params]
-    w = backups if backups[0].dtype == acc else [t.to(acc) for t in backups]
-    v = torch._foreach_sub(p, w)
-    torch._foreach_add_(v, _scaled(directions, scale, acc))
+    wn = _norms64(backups)
+    dn = _norms64(directions)
+    scale = _scale(step_sizes, wn, dn, eps, acc)
+    v = _buffer_like(params, acc)
+    torch._foreach_copy_(v, params)
+    torch._foreach_sub_(v, _in_acc(backups, acc))
+    torch._foreach_addcmul_(v, _in_acc(directions, acc), _per_element(scale, v))
     _project_into(params, backups, v, gammas, acc)
-    return dn
+    return dn.to(acc)
 
 
 def project_(params, backups, gammas):
     acc = _acc_dtype(params[0].dtype)
-    p = params if params[0].dtype == acc else [t.to(acc) for t in params]
-    w = backups if backups[0].dtype == acc else [t.to(acc) for t in backups]
-    _project_into(params, backups, torch._foreach_sub(p, w), gammas, acc)
+    v = _buffer_like(params, acc)
+    torch._foreach_copy_(v, params)
+    torch._foreach_sub_(v, _in_acc(backups, acc))
+    _project_into(params, backups, v, gammas, acc)
 
 
 def add_scaled_(params, directions, scales, clip, base, backups, deltas):
     acc = _acc_dtype(params[0].dtype)
+    dev = params[0].device
     if isinstance(scales, torch.Tensor):
-        scale = scales.to(acc)
+        scale = scales.to(device=dev, dtype=acc)
     else:
-        scale = torch.tensor(scales, dtype=acc, device=params[0].device)
-    d = directions if directions[0].dtype == acc else [t.to(acc) for t in directions]
-    if clip is not None:
-        d = torch._foreach_clamp_max(torch._foreach_clamp_min(d, -clip), clip)
-    v = torch._foreach_mul(d, list(scale.unbind(0)))
+        s = _floats_on(scales, acc, dev)
+        scale = s if isinstance(s, torch.Tensor) else torch.full((len(params),), s, dtype=acc, device=dev)
+    d = directions
+    if clip is not None:  # clamp a copy (the caller's directions are never written)
+        d = _copy_in(directions, acc)
+        torch._foreach_clamp_min_(d, -clip)
+        torch._foreach_clamp_max_(d, clip)
     if backups is not None:
         torch._foreach_copy_(backups, params)
-    if deltas is not None:
-        torch._foreach_copy_(deltas, v)
-    start = base if base is not None else params
-    if start[0].dtype != acc:
-        start = [t.to(acc) for t in start]
-    out = torch._foreach_add(start, v)
-    torch._foreach_copy_(params, out)
+    start = params if base is None else base
+    if d[0].dtype != params[0].dtype:  # clipped low-precision directions, already an fp32 copy
+        S = _per_element(scale, params)
+        torch._foreach_mul_(d, S)
+        p32 = _in_acc(start, acc)
+        torch._foreach_add_(p32, d)
+        torch._foreach_copy_(params, p32)
+        if deltas is not None:
+            torch._foreach_copy_(deltas, d)
+        return
+    _add_scaled(params, start, d, scale, deltas, acc)
 
 
 def pgd_step_(x_adv, grad, x, alpha, eps, norm):

@@ -24,7 +24,12 @@ def _acc(t):
 
 
 def _norm(t):
-    return torch.linalg.vector_norm(_acc(t).reshape(-1)) if t.numel() else _acc(t).new_zeros(())
+    """Frobenius norm accumulated in float64 (a float32 sum of squares flushes norms below
+    ~1e-19 to 0), returned in the accumulation dtype."""
+    a = _acc(t)
+    if not t.numel():
+        return a.new_zeros(())
+    return torch.linalg.vector_norm(a.reshape(-1), dtype=torch.float64).to(a.dtype)
 
 
 def norms(tensors):
@@ -57,7 +62,7 @@ def unperturb_(params, deltas):
 
 def _project(w, v, gamma):
     radius = gamma * _norm(w)
-    vn = torch.linalg.vector_norm(v.reshape(-1)) if v.numel() else v.new_zeros(())
+    vn = _norm(v)
     factor = torch.clamp(radius / vn, max=1.0) if float(vn) > 0 else torch.ones_like(vn)
     return v * factor
 

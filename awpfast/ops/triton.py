@@ -18,14 +18,27 @@ implementation); the group functions call it while Dynamo traces, so ``torch.com
 sees one opaque op (no graph break inside awpfast), and call the implementation directly
 in eager mode (same kernels, without the dispatcher's overhead).
 
-Launch metadata (pointer tables, chunk tables, scratch for partial sums, per-tensor float
-tables) is built with one host-to-device copy the first time a list of tensors is seen
-and cached: pointer tables are keyed on the tensors' ``data_ptr``s, layouts on their
-sizes. The steady state only looks the tables up, so the ops can be captured in a CUDA
-graph once they have run eagerly (a warm-up run, as ``torch.compile(mode="reduce-overhead")``
-and ``torch.cuda.make_graphed_callables`` do). A table used during capture is never
-evicted. The scratch buffer of a layout is shared by consecutive calls on one stream:
-do not run two awpfast ops on the same tensor sizes concurrently on different streams.
+fp32 math for the elements; float64 for the sums of squares and the per-tensor scalars
+(denormal-safe: a direction norm of 1e-25 is computed exactly, not flushed to 0).
+
+Launch metadata (pointer tables, chunk tables, per-tensor float tables) is built with one
+pinned host-to-device copy the first time a list of tensors is seen and cached: pointer
+tables are keyed on the tensors' ``data_ptr``s, layouts on their sizes. The steady state
+only looks the tables up.
+
+CUDA graphs. Inside a capture, a table that is not cached yet (the gradients that
+``torch.autograd.grad`` returns inside the capture live at new addresses of the graph's
+memory pool) is built by a small kernel that takes the values as arguments
+(``fill_i64_kernel``): no host-to-device copy, the values become part of the graph, the
+memory comes from the graph's pool, and nothing is cached. Cached tables read by a capture
+are never evicted or changed. So a whole AWP step (ascent gradients included) can be
+captured after one eager warm-up step, as ``torch.cuda.graph`` and
+``torch.compile(mode="reduce-overhead")`` require anyway.
+
+Streams. A cached table is built on one stream; another stream that reads it first waits
+for the build (an event) and records itself on the table (``record_stream``), so an LRU
+eviction cannot recycle the memory under a running kernel. Scratch for the partial sums is
+one buffer per (layout, stream), and a fresh one from the graph's pool inside a capture.
 
 On the CPU the kernels only run under the Triton interpreter: ``TRITON_INTERPRET=1``
 must be in the environment before Triton (and this module) is imported.
@@ -35,6 +48,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import struct
 import threading
 
 import torch
@@ -141,7 +155,12 @@ _lock = threading.Lock()
 _layouts = _LRU(64)
 _ptr_tables = _LRU(1024)
 _float_tables = _LRU(256)
-_captured = {}  # id -> entry used while a CUDA graph was being captured: kept alive forever
+_captured = {}  # id -> cached table read by a captured CUDA graph: kept alive (and unchanged) forever
+
+# Test hook: treat every call as if a CUDA graph were being captured (tables missing from
+# the caches are then built by kernels and not cached, scratch is per call), so that the
+# capture path runs on the CPU interpreter too.
+SIMULATE_CAPTURE = False
 
 
 def clear_cache():
@@ -152,37 +171,106 @@ def clear_cache():
         _float_tables.d.clear()
 
 
-def _capturing(device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+class _Ctx:
+    """Where one op call runs: device, current stream (raw handle) and whether that stream is
+    being captured into a CUDA graph. Computed once per call (a few host microseconds)."""
+
+    __slots__ = ("device", "cuda", "stream", "capturing")
+
+    def __init__(self, device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            idx = device.index if device.index is not None else torch.cuda.current_device()
+            self.stream = torch._C._cuda_getCurrentRawStream(idx)
+            self.capturing = bool(torch.cuda.is_current_stream_capturing()) or SIMULATE_CAPTURE
+        else:
+            self.stream = 0
+            self.capturing = SIMULATE_CAPTURE
 
 
-def _upload(values, dtype, device):
-    """A small table on ``device`` (pinned + non_blocking for CUDA: no host stall)."""
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "awpfast triton backend: launch tables for these tensors were not built before "
-                "CUDA graph capture; run the step once eagerly (warm-up) before capturing")
-        host = torch.tensor(values, dtype=dtype).pin_memory()
-        return host.to(device, non_blocking=True), host
-    return torch.tensor(values, dtype=dtype, device=device), None
+class _Table:
+    """A cached read-only int64 table on the device, safe to read from any stream.
+
+    Built on one stream (a pinned host-to-device copy). The first time another stream reads
+    it, that stream waits for the build (an event) and the table is recorded as used by it
+    (``record_stream``), so an LRU eviction cannot hand the memory to a new allocation while
+    that stream's kernels still read it. Tables read inside a CUDA-graph capture are kept
+    alive forever (``_captured``); ``torch.cuda.graph`` synchronizes the device before it
+    starts capturing, so the build has finished by then."""
+
+    __slots__ = ("t", "event", "streams")
+
+    def __init__(self, values, ctx):
+        if ctx.cuda:
+            _warm_fill(ctx)
+            host = torch.tensor(values, dtype=torch.int64).pin_memory()
+            self.t = host.to(ctx.device, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(ctx.device))
+        else:
+            self.t = torch.tensor(values, dtype=torch.int64, device=ctx.device)
+            self.event = None
+        self.streams = {ctx.stream}
+
+    def ready(self, ctx):
+        if ctx.stream not in self.streams and ctx.cuda and not ctx.capturing:
+            cur = torch.cuda.current_stream(ctx.device)
+            cur.wait_event(self.event)
+            self.t.record_stream(cur)
+            self.streams.add(ctx.stream)
+        return self.t
 
 
-def _cached(cache, key, build, device):
+_fill_ready: set = set()
+
+
+def _warm_fill(ctx):
+    """Compile and load ``fill_i64_kernel`` on this device outside any capture (its first
+    use is usually inside one, where loading a module is not allowed): one tiny launch,
+    once per process and device."""
+    if ctx.device in _fill_ready:
+        return
+    _fill_ready.add(ctx.device)
+    _device_table([0], ctx)
+
+
+def _device_table(values, ctx):
+    """An int64 table built by kernels from their arguments (no host-to-device copy), for a
+    call inside a CUDA-graph capture: the values become part of the graph and the memory comes
+    from the graph's pool. Not cached."""
+    t = torch.empty(max(len(values), 1), dtype=torch.int64, device=ctx.device)
+    per = K.FILL_PER_LAUNCH
+    for i in range(0, len(values), per):
+        part = values[i:i + per]
+        K.fill_i64_kernel[(1,)](t, i, len(part), *K.fill_args(part), num_warps=1)
+    return t
+
+
+def _lookup(cache, key, values, ctx):
+    """The device table of ``values`` (a callable) cached under ``key``, ready to be read on
+    the current stream. During a capture a missing table is built for this call only."""
     with _lock:
         e = cache.get(key)
-        if e is None:
-            e = build()
-            cache.put(key, e)
-        if _capturing(device):
-            _captured[id(e)] = e
-    return e
+        if e is not None:
+            if ctx.capturing:
+                _captured[id(e)] = e
+            return e.ready(ctx)
+    if ctx.capturing:
+        return _device_table(values(), ctx)
+    e = _Table(values(), ctx)
+    with _lock:
+        cache.put(key, e)
+    return e.t
 
 
 class _Layout:
-    __slots__ = ("tinfo", "ctab", "part", "T", "C", "_host")
+    """Chunk layout of one list of tensor sizes (host side; the device table is cached
+    separately) and its scratch buffers for the per-chunk partial sums, one per stream."""
 
-    def __init__(self, device, sizes):
+    __slots__ = ("T", "C", "values", "key", "scratch")
+
+    def __init__(self, key, sizes):
         B, CH, MK = CONFIG["BLOCK"], CONFIG["CHUNK"], CONFIG["MAXK"]
         tinfo, ctab = [], []
         for t, n in enumerate(sizes):
@@ -192,40 +280,66 @@ class _Layout:
             for j in range(k):
                 ctab += [t, j * clen]
         self.T, self.C = len(sizes), len(ctab) // 2
-        table, self._host = _upload(tinfo + ctab, torch.int64, device)
-        self.tinfo = table[: 4 * self.T]
-        self.ctab = table[4 * self.T:]
-        self.part = torch.empty(4 * self.C, dtype=torch.float32, device=device)
+        self.values = tinfo + ctab
+        self.key = key
+        self.scratch = {}
+
+    def part(self, ctx):
+        """float64 scratch for 4 partial sums per chunk. One buffer per stream (two streams
+        never share one); inside a capture a fresh buffer from the graph's pool per call."""
+        if ctx.capturing:
+            return torch.empty(4 * self.C, dtype=torch.float64, device=ctx.device)
+        buf = self.scratch.get(ctx.stream)
+        if buf is None:
+            buf = torch.empty(4 * self.C, dtype=torch.float64, device=ctx.device)
+            self.scratch[ctx.stream] = buf
+        return buf
 
 
-def _layout(tensors) -> _Layout:
-    dev = tensors[0].device
-    sizes = tuple(t.numel() for t in tensors)
-    key = (dev, sizes, CONFIG["BLOCK"], CONFIG["CHUNK"], CONFIG["MAXK"])
-    return _cached(_layouts, key, lambda: _Layout(dev, sizes), dev)
+class _Launch:
+    """Everything one op call launches with: layout sizes, its table views and scratch."""
+
+    __slots__ = ("T", "C", "tinfo", "ctab", "part")
+
+    def __init__(self, tensors, ctx):
+        sizes = tuple(t.numel() for t in tensors)
+        key = (ctx.device, sizes, CONFIG["BLOCK"], CONFIG["CHUNK"], CONFIG["MAXK"])
+        with _lock:
+            lay = _layouts.get(key)
+            if lay is None:
+                lay = _Layout(key, sizes)
+                _layouts.put(key, lay)
+        tab = _lookup(_ptr_tables, ("layout",) + key, lambda: lay.values, ctx)
+        self.T, self.C = lay.T, lay.C
+        self.tinfo = tab[: 4 * lay.T]
+        self.ctab = tab[4 * lay.T:]
+        self.part = lay.part(ctx)
 
 
-def _ptrs(tensors):
+def _ptrs(tensors, ctx):
     """(int64 device table of data pointers, all 16-byte aligned?)."""
-    dev = tensors[0].device
     ptrs = tuple(t.data_ptr() for t in tensors)
-
-    def build():
-        tab, host = _upload(list(ptrs), torch.int64, dev)
-        aligned = all(p % 16 == 0 or t.numel() == 0 for p, t in zip(ptrs, tensors))
-        return (tab, aligned, host)
-
-    e = _cached(_ptr_tables, (dev, ptrs), build, dev)
-    return e[0], e[1]
+    aligned = all(p % 16 == 0 or t.numel() == 0 for p, t in zip(ptrs, tensors))
+    return _lookup(_ptr_tables, (ctx.device, ptrs), lambda: list(ptrs), ctx), aligned
 
 
-def _floats(vals, device):
-    """(scalar, table or None): a uniform value goes as a kernel scalar, else a cached table."""
+def _f64_bits(vals):
+    return [struct.unpack("<q", struct.pack("<d", v))[0] for v in vals]
+
+
+def _floats_table(vals, ctx):
+    """Per-tensor floats as a float64 table (cached by value)."""
+    vals = tuple(float(v) for v in vals)
+    t = _lookup(_float_tables, (ctx.device, vals), lambda: _f64_bits(vals), ctx)
+    return t.view(torch.float64)
+
+
+def _floats(vals, ctx):
+    """(scalar, table or None): a uniform value goes as a kernel scalar, else a table."""
     vals = tuple(float(v) for v in vals)
     if all(v == vals[0] for v in vals):
         return vals[0], None
-    e = _cached(_float_tables, (device, vals), lambda: _upload(list(vals), torch.float32, device), device)
-    return 0.0, e[0]
+    return 0.0, _floats_table(vals, ctx)
 
 
 def _device_ctx(device):
@@ -234,13 +348,13 @@ def _device_ctx(device):
     return contextlib.nullcontext()
 
 
-def _tables(*lists):
+def _tables(ctx, *lists):
     """Pointer tables of the given lists (None for an absent/empty list) and whether every
     base pointer is 16-byte aligned (the kernels then add divisibility hints)."""
     tabs, aligned = [], True
     for ts in lists:
         if ts:
-            tab, al = _ptrs(ts)
+            tab, al = _ptrs(ts, ctx)
             tabs.append(tab)
             aligned = aligned and al
         else:
@@ -275,8 +389,9 @@ def _norms_impl(ts):
     dev = ts[0].device
     out = torch.empty(len(ts), dtype=torch.float32, device=dev)
     with _device_ctx(dev):
-        lay = _layout(ts)
-        tabs, al = _tables(ts)
+        ctx = _Ctx(dev)
+        lay = _Launch(ts, ctx)
+        tabs, al = _tables(ctx, ts)
         _reduce(K.R_NORM, tabs, ts[0], lay, al)
         K.mt_norms_finalize_kernel[(lay.T,)](lay.part, lay.tinfo, out, lay.C, KB=CONFIG["KB"])
     return out
@@ -286,10 +401,11 @@ def _perturb_impl(params, directions, gammas, eps, backups, deltas):
     dev = params[0].device
     out = torch.empty(len(params), dtype=torch.float32, device=dev)
     with _device_ctx(dev):
-        lay = _layout(params)
-        tabs, al = _tables(params, directions, backups, deltas)
+        ctx = _Ctx(dev)
+        lay = _Launch(params, ctx)
+        tabs, al = _tables(ctx, params, directions, backups, deltas)
         _reduce(K.R_PERTURB, tabs[:2], params[0], lay, al)
-        g, gt = _floats(gammas, dev)
+        g, gt = _floats(gammas, ctx)
         _apply(K.A_PERTURB, tabs, params[0], lay, al, s0=g, t0=gt, eps=eps, out=out)
     return out
 
@@ -305,8 +421,9 @@ def _unperturb_impl(params, deltas):
 def _copy_like_impl(mode, params, others):
     dev = params[0].device
     with _device_ctx(dev):
-        lay = _layout(params)
-        tabs, al = _tables(params, others)
+        ctx = _Ctx(dev)
+        lay = _Launch(params, ctx)
+        tabs, al = _tables(ctx, params, others)
         _apply(mode, tabs, params[0], lay, al)
 
 
@@ -314,30 +431,26 @@ def _ascent_impl(params, backups, directions, step_sizes, gammas, eps):
     dev = params[0].device
     out = torch.empty(len(params), dtype=torch.float32, device=dev)
     with _device_ctx(dev):
-        lay = _layout(params)
-        tabs, al = _tables(params, backups, directions)
+        ctx = _Ctx(dev)
+        lay = _Launch(params, ctx)
+        tabs, al = _tables(ctx, params, backups, directions)
         _reduce(K.R_ASCENT, tabs, params[0], lay, al)
-        s, st = _floats(step_sizes, dev)
-        g, gt = _floats(gammas, dev)
+        s, st = _floats(step_sizes, ctx)
+        g, gt = _floats(gammas, ctx)
         if (st is None) != (gt is None):  # per-tensor for one means tables for both
-            st, gt = _floats_table(step_sizes, dev), _floats_table(gammas, dev)
+            st, gt = _floats_table(step_sizes, ctx), _floats_table(gammas, ctx)
         _apply(K.A_ASCENT, tabs, params[0], lay, al, s0=s, s1=g, t0=st, t1=gt, eps=eps, out=out)
     return out
-
-
-def _floats_table(vals, device):
-    vals = tuple(float(v) for v in vals)
-    return _cached(_float_tables, (device, vals), lambda: _upload(list(vals), torch.float32, device),
-                   device)[0]
 
 
 def _project_impl(params, backups, gammas):
     dev = params[0].device
     with _device_ctx(dev):
-        lay = _layout(params)
-        tabs, al = _tables(params, backups)
+        ctx = _Ctx(dev)
+        lay = _Launch(params, ctx)
+        tabs, al = _tables(ctx, params, backups)
         _reduce(K.R_PROJECT, tabs, params[0], lay, al)
-        g, gt = _floats(gammas, dev)
+        g, gt = _floats(gammas, ctx)
         _apply(K.A_PROJECT, tabs, params[0], lay, al, s0=g, t0=gt)
 
 

@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Smoke test of AWP under DistributedDataParallel in ONE process (the GPU machine has one GPU).
+
+Initializes a 1-rank process group (NCCL on CUDA, gloo on the CPU), wraps a small CNN in
+``DistributedDataParallel`` and runs a few AWP training steps through
+``awpfast.AWP(optimizer, ddp_model)``; the same steps on an identical plain model (no DDP)
+give the expected weights. With one rank, DDP's gradient all-reduce is a mean over one
+replica, so both runs must agree (bitwise here; the check allows 1e-6 relative for
+reduction-order effects). Deterministic kernels, TF32 off.
+
+    python benchmarks/ddp_smoke.py --device cuda --json out.json
+
+Exit status 0 when the weights agree, 1 otherwise (the JSON says why), 2 on a setup error.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _steps(model, opt_model, x, y, steps, awp_cls, gamma):
+    """``steps`` AWP steps (perturb with the closure, descent at w + v, base step)."""
+    opt = torch.optim.SGD(model.parameters() if opt_model is None else opt_model.parameters(), lr=0.05,
+                          momentum=0.9, weight_decay=5e-4)
+    awp = awp_cls(opt, model, gamma=gamma)
+    losses = []
+    for i in range(steps):
+        xb, yb = x[i], y[i]
+        awp.perturb(lambda: F.cross_entropy(model(xb), yb))
+        awp.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        awp.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def run(device: str, steps: int, batch: int, gamma: float) -> dict:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import awpfast
+    from awpfast.models import create_model
+
+    dev = torch.device(device)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "backend": backend,
+           "steps": steps, "batch": batch, "gamma": gamma, "torch": torch.__version__}
+    t0 = time.time()
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        base = create_model("small-cnn", num_classes=10).to(dev)
+        g = torch.Generator().manual_seed(1)
+        x = torch.rand(steps, batch, 3, 32, 32, generator=g).to(dev)
+        y = torch.randint(0, 10, (steps, batch), generator=g).to(dev)
+
+        plain = copy.deepcopy(base)
+        res["plain_losses"] = _steps(plain, None, x, y, steps, awpfast.AWP, gamma)
+
+        inner = copy.deepcopy(base)
+        ddp = DDP(inner, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
+        res["ddp_losses"] = _steps(ddp, ddp, x, y, steps, awpfast.AWP, gamma)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+        diffs = []
+        for (n, a), (_, b) in zip(plain.named_parameters(), inner.named_parameters()):
+            d = float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
+            scale = float(a.detach().double().abs().max()) if a.numel() else 1.0
+            diffs.append((n, d, d / max(scale, 1e-30)))
+        worst = max(diffs, key=lambda t: t[2])
+        moved = max(float((a.detach().double() - b.detach().double()).abs().max())
+                    for a, b in zip(plain.parameters(), base.parameters()) if a.numel())
+        res.update(max_abs_diff=max(d for _, d, _ in diffs), max_rel_diff=worst[2], worst_param=worst[0],
+                   bitwise_equal=all(d == 0 for _, d, _ in diffs), weights_moved=moved)
+        res["ok"] = bool(worst[2] <= 1e-6 and moved > 0 and all(map(lambda v: v == v, res["ddp_losses"])))
+        if not res["ok"]:
+            res["why"] = (f"DDP run differs from the plain run: max relative difference {worst[2]:.3g} "
+                          f"at {worst[0]}" if worst[2] > 1e-6 else "the weights did not move")
+    finally:
+        dist.destroy_process_group()
+    res["seconds"] = round(time.time() - t0, 2)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--gamma", type=float, default=0.01)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        print("ddp_smoke: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    try:
+        res = run(a.device, a.steps, a.batch, a.gamma)
+    except Exception as e:  # report, do not hide: this is what the smoke test is for
+        res = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    print(json.dumps({k: v for k, v in res.items() if k != "traceback"}, indent=1))
+    if "traceback" in res:
+        print(res["traceback"], file=sys.stderr)
+    return 0 if res.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
