@@ -313,12 +313,21 @@ def pgd_step_(x_adv, grad, x, alpha, eps, norm):
 
 
 # --------------------------------------------------------------------------- family ops (issue 11)
-def _flat_copy(ts, dtype):
-    """(flat buffer, views shaped like ``ts``) holding a copy of ``ts`` in ``dtype``."""
-    flat = torch.empty(sum(t.numel() for t in ts), dtype=dtype, device=ts[0].device)
-    views = _views_like(flat, ts)
-    torch._foreach_copy_(views, ts)
-    return flat, views
+# Scratch space: on CUDA one flat buffer per list (the multi-tensor fast path, and the box
+# select as one torch.where); on the CPU per-tensor temporaries, which the allocator reuses
+# from step to step (a flat buffer of a whole model is a fresh mapping, page-faulted on every
+# call: several times slower there), and the select as one in-place torch.where per tensor.
+def _flat(device) -> bool:
+    return EXPAND_SCALES if EXPAND_SCALES is not None else device.type == "cuda"
+
+
+def _abs_scratch(ts, acc):
+    """|ts| in ``acc``, as new tensors."""
+    if _flat(ts[0].device) or ts[0].dtype != acc:
+        out = _copy_in(ts, acc)
+        torch._foreach_abs_(out)
+        return out
+    return list(torch._foreach_abs(ts))
 
 
 def _mul_per_tensor(ts, scale):
@@ -334,8 +343,7 @@ def global_sqnorm(tensors, weights, eta):
     if weights is None:
         ns = _norms64(tensors)
     else:
-        t = _copy_in(weights, acc)          # T = |w| + eta, then T * x, in one scratch buffer
-        torch._foreach_abs_(t)
+        t = _abs_scratch(weights, acc)      # T = |w| + eta, then T * x, in one scratch list
         if eta:
             torch._foreach_add_(t, eta)
         torch._foreach_mul_(t, _in_acc(tensors, acc))
@@ -347,8 +355,7 @@ def asam_apply_(params, directions, scales, eta, backups):
     acc = _acc_dtype(params[0].dtype)
     dev = params[0].device
     scale = scales.to(device=dev, dtype=acc) if isinstance(scales, torch.Tensor) else _floats_on(scales, acc, dev)
-    v = _copy_in(params, acc)               # T = |w| + eta, from the weights before the write
-    torch._foreach_abs_(v)
+    v = _abs_scratch(params, acc)           # T = |w| + eta, from the weights before the write
     if eta:
         torch._foreach_add_(v, eta)
     torch._foreach_mul_(v, v)               # T^2
@@ -366,6 +373,7 @@ def asam_apply_(params, directions, scales, eta, backups):
 def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, pre_norms):
     acc = _acc_dtype(params[0].dtype)
     dev = params[0].device
+    flat = _flat(dev)
     if first:
         torch._foreach_copy_(origins, params)
     if pre_norms is None:
@@ -376,14 +384,21 @@ def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, pre
     lr = _floats_on(adv_lrs, torch.float64, dev)
     scale = torch.where(ok, lr * (wn + eps) / torch.where(ok, dn + eps, torch.ones_like(dn)),
                         torch.zeros_like(dn)).to(acc)
-    cand_flat, cand = _flat_copy(directions, acc)
-    _mul_per_tensor(cand, scale)
-    p_flat, p = _flat_copy(params, acc)
+    if flat:
+        n = sum(t.numel() for t in params)
+        cand_flat, p_flat = (torch.empty(n, dtype=acc, device=dev) for _ in range(2))
+        cand, p = _views_like(cand_flat, params), _views_like(p_flat, params)
+        torch._foreach_copy_(cand, directions)
+        _mul_per_tensor(cand, scale)
+        torch._foreach_copy_(p, params)
+    else:
+        d = _in_acc(directions, acc)
+        cand = list(torch._foreach_mul(d, list(scale.unbind(0))))
+        p = _in_acc(params, acc)            # the weights themselves (or a float32 copy)
     torch._foreach_add_(cand, p)            # p + adv_lr * (||w|| + eps) / (||g|| + eps) * g
     o = _in_acc(origins, acc)
     ae = _floats_on(adv_epss, acc, dev)
-    r = _copy_in(origins, acc)              # one scratch buffer for both bounds:
-    torch._foreach_abs_(r)
+    r = _abs_scratch(origins, acc)          # one scratch list for both bounds:
     _mul_per_tensor(r, ae)
     torch._foreach_neg_(r)
     torch._foreach_add_(r, o)               # w0 + (-adv_eps*|w0|) == w0 - adv_eps*|w0|
@@ -394,10 +409,15 @@ def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, pre
     torch._foreach_add_(r, o)               # w0 + adv_eps*|w0|
     torch._foreach_minimum_(cand, r)
     # A skipped tensor (||g|| zero or not finite) keeps its values: a non-finite direction
-    # makes NaN in its candidate (0 * inf) and no foreach op selects per tensor, so the select
-    # is one torch.where over the flat buffers with the per-tensor flag expanded per element.
-    sizes = [t.numel() for t in params]
-    mask = torch.repeat_interleave(ok, _table(sizes, torch.int64, dev), output_size=sum(sizes))
-    torch.where(mask, cand_flat, p_flat, out=cand_flat)
-    torch._foreach_copy_(params, cand)      # one rounding to the parameter dtype
+    # makes NaN in its candidate (0 * inf), and no foreach op selects per tensor.
+    if flat:  # one torch.where over the flat buffer, the per-tensor flag expanded per element
+        sizes = [t.numel() for t in params]
+        mask = torch.repeat_interleave(ok, _table(sizes, torch.int64, dev), output_size=sum(sizes))
+        torch.where(mask, cand_flat, p_flat, out=cand_flat)
+        torch._foreach_copy_(params, cand)  # one rounding to the parameter dtype
+    else:     # CPU: one in-place torch.where per tensor
+        for k, c, q in zip(ok.unbind(0), cand, p):
+            torch.where(k, c, q, out=q)
+        if params[0].dtype != acc:
+            torch._foreach_copy_(params, p)
     return dn.to(acc)
