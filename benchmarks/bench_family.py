@@ -13,7 +13,8 @@ Times one perturbation + restore of the selected weights, the gradients already 
 * one row per awpfast backend: the wrapper's ``perturb()`` from ``.grad`` + ``restore()``
   (engine overhead included: selection check, one finiteness host sync for SAM).
 
-Rules: ``sam`` (rho 0.05, every parameter), ``asam`` (adaptive, eta 0.01, every parameter),
+Rules: ``sam`` (rho 0.05, every parameter), ``asam`` (adaptive, eta 0 as the davda54 loop computes
+it, every parameter),
 ``box`` (adv_lr 1, adv_eps 0.2, parameters named ``*weight*``).
 Bytes floor (N selected elements, b bytes each) at the copy bandwidth measured in the same
 run: SAM 7*N*b (norm reads g; apply reads w, g, writes w and the backup; restore reads the
@@ -43,7 +44,7 @@ import awpfast.ops as ops  # noqa: E402
 from awpfast import SAM, BoxAWP  # noqa: E402
 from awpfast.models import WideResNet  # noqa: E402
 
-RHO, ETA, ADV_LR, ADV_EPS = 0.05, 0.01, 1.0, 0.2
+RHO, ADV_LR, ADV_EPS = 0.05, 1.0, 0.2
 
 
 # --------------------------------------------------------------------------- parameter sets
@@ -173,7 +174,7 @@ def awpfast_rule(model, rule, backend):
     if rule == "box":
         w = BoxAWP(opt, model, adv_lr=ADV_LR, adv_eps=ADV_EPS, backend=backend)
     else:
-        w = SAM(opt, model, rho=RHO, adaptive=rule == "asam", eta=ETA if rule == "asam" else 0.0, backend=backend)
+        w = SAM(opt, model, rho=RHO, adaptive=rule == "asam", backend=backend)  # eta 0: davda54's adaptive SAM
 
     def run():
         w.perturb()

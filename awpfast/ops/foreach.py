@@ -384,21 +384,27 @@ def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, pre
     lr = _floats_on(adv_lrs, torch.float64, dev)
     scale = torch.where(ok, lr * (wn + eps) / torch.where(ok, dn + eps, torch.ones_like(dn)),
                         torch.zeros_like(dn)).to(acc)
-    if flat:
+    o = _in_acc(origins, acc)
+    # cand <- p + adv_lr * (||w|| + eps) / (||g|| + eps) * g
+    if flat:  # CUDA: flat scratch buffers (multi-tensor fast path, one select)
         n = sum(t.numel() for t in params)
         cand_flat, p_flat = (torch.empty(n, dtype=acc, device=dev) for _ in range(2))
         cand, p = _views_like(cand_flat, params), _views_like(p_flat, params)
         torch._foreach_copy_(cand, directions)
         _mul_per_tensor(cand, scale)
         torch._foreach_copy_(p, params)
-    else:
-        d = _in_acc(directions, acc)
-        cand = list(torch._foreach_mul(d, list(scale.unbind(0))))
+        torch._foreach_add_(cand, p)
+    else:     # CPU: fresh model-sized scratch costs more than a pass here (page faults)
         p = _in_acc(params, acc)            # the weights themselves (or a float32 copy)
-    torch._foreach_add_(cand, p)            # p + adv_lr * (||w|| + eps) / (||g|| + eps) * g
-    o = _in_acc(origins, acc)
+        d = _in_acc(directions, acc)
+        if first:  # in place: the skipped tensors' old values are the origins
+            torch._foreach_addcmul_(p, d, list(scale.unbind(0)))
+            cand, keep = p, o
+        else:
+            cand, keep = list(torch._foreach_addcmul(p, d, list(scale.unbind(0)))), p
+    # the box, with one scratch list for both bounds
     ae = _floats_on(adv_epss, acc, dev)
-    r = _abs_scratch(origins, acc)          # one scratch list for both bounds:
+    r = _abs_scratch(origins, acc)
     _mul_per_tensor(r, ae)
     torch._foreach_neg_(r)
     torch._foreach_add_(r, o)               # w0 + (-adv_eps*|w0|) == w0 - adv_eps*|w0|
@@ -415,9 +421,9 @@ def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, pre
         mask = torch.repeat_interleave(ok, _table(sizes, torch.int64, dev), output_size=sum(sizes))
         torch.where(mask, cand_flat, p_flat, out=cand_flat)
         torch._foreach_copy_(params, cand)  # one rounding to the parameter dtype
-    else:     # CPU: one in-place torch.where per tensor
-        for k, c, q in zip(ok.unbind(0), cand, p):
-            torch.where(k, c, q, out=q)
-        if params[0].dtype != acc:
-            torch._foreach_copy_(params, p)
+        return dn.to(acc)
+    for k, c, q, t in zip(ok.unbind(0), cand, keep, p):  # CPU: one in-place torch.where per tensor
+        torch.where(k, c, q, out=t)
+    if params[0].dtype != acc:
+        torch._foreach_copy_(params, p)     # one rounding to the parameter dtype
     return dn.to(acc)
