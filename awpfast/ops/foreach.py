@@ -310,3 +310,120 @@ def pgd_step_(x_adv, grad, x, alpha, eps, norm):
     factor = torch.clamp(eps / dn, max=1.0)
     delta.mul_(factor.to(delta.dtype).view(shape))
     torch.clamp_(delta.add_(x), min=0.0, max=1.0)
+
+
+# --------------------------------------------------------------------------- family ops (issue 11)
+# Scratch space: on CUDA one flat buffer per list (the multi-tensor fast path, and the box
+# select as one torch.where); on the CPU per-tensor temporaries, which the allocator reuses
+# from step to step (a flat buffer of a whole model is a fresh mapping, page-faulted on every
+# call: several times slower there), and the select as one in-place torch.where per tensor.
+def _flat(device) -> bool:
+    return EXPAND_SCALES if EXPAND_SCALES is not None else device.type == "cuda"
+
+
+def _abs_scratch(ts, acc):
+    """|ts| in ``acc``, as new tensors."""
+    if _flat(ts[0].device) or ts[0].dtype != acc:
+        out = _copy_in(ts, acc)
+        torch._foreach_abs_(out)
+        return out
+    return list(torch._foreach_abs(ts))
+
+
+def _mul_per_tensor(ts, scale):
+    """ts[i] *= scale[i] (``scale``: a float, or a 1-D device tensor in the dtype of ``ts``)."""
+    if isinstance(scale, float):
+        torch._foreach_mul_(ts, scale)
+    else:
+        torch._foreach_mul_(ts, _per_element(scale, ts))
+
+
+def global_sqnorm(tensors, weights, eta):
+    acc = _acc_dtype(tensors[0].dtype)
+    if weights is None:
+        ns = _norms64(tensors)
+    else:
+        t = _abs_scratch(weights, acc)      # T = |w| + eta, then T * x, in one scratch list
+        if eta:
+            torch._foreach_add_(t, eta)
+        torch._foreach_mul_(t, _in_acc(tensors, acc))
+        ns = _norms64(t)
+    return (ns * ns).sum().to(acc)          # the sum of squares in float64
+
+
+def asam_apply_(params, directions, scales, eta, backups):
+    acc = _acc_dtype(params[0].dtype)
+    dev = params[0].device
+    scale = scales.to(device=dev, dtype=acc) if isinstance(scales, torch.Tensor) else _floats_on(scales, acc, dev)
+    v = _abs_scratch(params, acc)           # T = |w| + eta, from the weights before the write
+    if eta:
+        torch._foreach_add_(v, eta)
+    torch._foreach_mul_(v, v)               # T^2
+    _mul_per_tensor(v, scale)
+    if backups is not None:
+        torch._foreach_copy_(backups, params)
+    if params[0].dtype == acc:
+        torch._foreach_addcmul_(params, v, directions)
+    else:
+        p32 = _copy_in(params, acc)
+        torch._foreach_addcmul_(p32, v, _in_acc(directions, acc))
+        torch._foreach_copy_(params, p32)   # one rounding to the parameter dtype
+
+
+def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, pre_norms):
+    acc = _acc_dtype(params[0].dtype)
+    dev = params[0].device
+    flat = _flat(dev)
+    if first:
+        torch._foreach_copy_(origins, params)
+    if pre_norms is None:
+        dn, wn = _norms64(directions), _norms64(params)
+    else:
+        dn, wn = (n.to(device=dev, dtype=torch.float64) for n in pre_norms)
+    ok = torch.isfinite(dn) & (dn != 0)
+    lr = _floats_on(adv_lrs, torch.float64, dev)
+    scale = torch.where(ok, lr * (wn + eps) / torch.where(ok, dn + eps, torch.ones_like(dn)),
+                        torch.zeros_like(dn)).to(acc)
+    o = _in_acc(origins, acc)
+    # cand <- p + adv_lr * (||w|| + eps) / (||g|| + eps) * g
+    if flat:  # CUDA: flat scratch buffers (multi-tensor fast path, one select)
+        n = sum(t.numel() for t in params)
+        cand_flat, p_flat = (torch.empty(n, dtype=acc, device=dev) for _ in range(2))
+        cand, p = _views_like(cand_flat, params), _views_like(p_flat, params)
+        torch._foreach_copy_(cand, directions)
+        _mul_per_tensor(cand, scale)
+        torch._foreach_copy_(p, params)
+        torch._foreach_add_(cand, p)
+    else:     # CPU: fresh model-sized scratch costs more than a pass here (page faults)
+        p = _in_acc(params, acc)            # the weights themselves (or a float32 copy)
+        d = _in_acc(directions, acc)
+        if first:  # in place: the skipped tensors' old values are the origins
+            torch._foreach_addcmul_(p, d, list(scale.unbind(0)))
+            cand, keep = p, o
+        else:
+            cand, keep = list(torch._foreach_addcmul(p, d, list(scale.unbind(0)))), p
+    # the box, with one scratch list for both bounds
+    ae = _floats_on(adv_epss, acc, dev)
+    r = _abs_scratch(origins, acc)
+    _mul_per_tensor(r, ae)
+    torch._foreach_neg_(r)
+    torch._foreach_add_(r, o)               # w0 + (-adv_eps*|w0|) == w0 - adv_eps*|w0|
+    torch._foreach_maximum_(cand, r)
+    torch._foreach_copy_(r, o)
+    torch._foreach_abs_(r)
+    _mul_per_tensor(r, ae)
+    torch._foreach_add_(r, o)               # w0 + adv_eps*|w0|
+    torch._foreach_minimum_(cand, r)
+    # A skipped tensor (||g|| zero or not finite) keeps its values: a non-finite direction
+    # makes NaN in its candidate (0 * inf), and no foreach op selects per tensor.
+    if flat:  # one torch.where over the flat buffer, the per-tensor flag expanded per element
+        sizes = [t.numel() for t in params]
+        mask = torch.repeat_interleave(ok, _table(sizes, torch.int64, dev), output_size=sum(sizes))
+        torch.where(mask, cand_flat, p_flat, out=cand_flat)
+        torch._foreach_copy_(params, cand)  # one rounding to the parameter dtype
+        return dn.to(acc)
+    for k, c, q, t in zip(ok.unbind(0), cand, keep, p):  # CPU: one in-place torch.where per tensor
+        torch.where(k, c, q, out=t)
+    if params[0].dtype != acc:
+        torch._foreach_copy_(params, p)     # one rounding to the parameter dtype
+    return dn.to(acc)
