@@ -64,7 +64,8 @@ def frozen_batchnorm_stats(model: nn.Module):
 
 
 class WeightPerturbation(torch.optim.Optimizer):
-    """The engine behind every weight-perturbation rule (AWP now; SAM, ASAM and Box AWP next).
+    """The engine behind every weight-perturbation rule (:class:`AWP`; :class:`awpfast.SAM` with ASAM;
+    :class:`awpfast.BoxAWP`).
 
     It *is* a ``torch.optim.Optimizer`` that shares ``param_groups`` and ``state`` with the
     base optimizer. Protocol: ``perturb(closure)`` (ascent gradient, then the rule moves the
@@ -75,7 +76,12 @@ class WeightPerturbation(torch.optim.Optimizer):
     ascent pass), ``_rule_passes()`` (ascent passes per perturb), ``_rule_first(dirs)`` and
     ``_rule_next(dirs)`` (apply the perturbation from the flat ascent directions; return the
     direction norms), ``_rule_config()`` (saved in the state dict and compared on load), and
-    may override ``_on_selection_change()``.
+    may override ``_rule_check(norms)`` (what the non-finite check looks at; None: no whole-step
+    check, the rule handles non-finite directions itself), ``_later_closures_msg()``,
+    ``_load_rule_meta(meta)`` and ``_on_new_group(group)``. A rule with ``_grad_source = True``
+    takes the direction from the gradients already in ``.grad`` when ``perturb()`` gets no
+    closure and nothing was accumulated (the clean gradient of the batch: no extra pass; under
+    DDP it is already averaged by DDP's own backward, so no further collective runs).
 
     Selected parameters: the include rule, intersected with the parameters the base optimizer
     holds, restricted to those that require grad *now* (a ``requires_grad`` change after
@@ -335,6 +341,34 @@ class WeightPerturbation(torch.optim.Optimizer):
     def _rule_config(self) -> dict:
         return {}
 
+    def _rule_check(self, dnorms: torch.Tensor) -> Optional[torch.Tensor]:
+        """The tensor whose non-finiteness skips the whole step (None: no check)."""
+        return dnorms
+
+    def _later_closures_msg(self, passes: int) -> str:
+        return (f"{type(self).__name__} with {passes} ascent steps re-evaluates the loss at w + v: pass the "
+                "micro-batch closures as a list, perturb([c1, c2, ...]), instead of accumulate()")
+
+    def _load_rule_meta(self, meta: dict) -> None:
+        pass
+
+    _grad_source = False  # perturb() without a closure may use .grad (SAM, Box AWP)
+    _off_hint = "gamma 0"  # how a user switches this rule off (named in the plain-step warning)
+
+    def _grad_directions(self) -> List[torch.Tensor]:
+        """Flat directions from the selected parameters' ``.grad`` (their local shards under
+        FSDP2); used in place, not copied, when the layouts match."""
+        grads = [p.grad for p in self._sel.params]
+        if all(g is None for g in grads):
+            raise ValueError(
+                f"{type(self).__name__}.perturb() without a closure takes the direction from .grad, and no "
+                "selected parameter has a gradient: call loss.backward() first, or pass a closure returning the "
+                "loss")
+        if self._setting.sharded:
+            from .distributed import local_data
+            grads = [None if g is None else local_data(g) for g in grads]
+        return self._sel.flat_directions(grads)
+
     # ----------------------------------------------------------------- non-finite
     @property
     def skipped_steps(self) -> int:
@@ -343,6 +377,9 @@ class WeightPerturbation(torch.optim.Optimizer):
         return self._skipped_host + (0 if dev is None else int(dev))
 
     def _finite_or_handle(self, dnorms: torch.Tensor) -> bool:
+        dnorms = self._rule_check(dnorms)
+        if dnorms is None:
+            return True
         if self.nonfinite == "skip" and (torch.compiler.is_compiling() or _capturing(dnorms)):
             # Inside a compiled step or a CUDA-graph capture: no host sync (it would break the
             # graph). The skip happens on the device: a non-finite step leaves the weights at the
@@ -374,6 +411,11 @@ class WeightPerturbation(torch.optim.Optimizer):
         skipped (rule inactive, e.g. gamma 0; a non-finite ascent gradient with
         ``nonfinite="skip"``; no selected parameter requires grad).
         """
+        return self._perturb(closure)
+
+    def _perturb(self, closure, later=None) -> bool:
+        """``perturb()``; ``later`` (a closure or a list) gives the directions of the ascent passes
+        after the first one (default: ``closure``'s)."""
         name = type(self).__name__
         if self._sel.active:
             raise RuntimeError(
@@ -394,9 +436,19 @@ class WeightPerturbation(torch.optim.Optimizer):
                             f"nothing after accumulate()), got {type(closure).__name__}")
         pending = self._pending if self._pending_gen == self._sel.generation else None
         self._pending = None
-        if closures is None and pending is None:
+        from_grad = closures is None and pending is None
+        if from_grad and not self._grad_source:
             raise TypeError(f"{name}.perturb() without a closure applies the direction gathered by "
                             "accumulate(closure), and nothing was accumulated; pass the ascent closure")
+        if later is None:
+            nexts = closures
+        elif callable(later):
+            nexts = (later,)
+        elif isinstance(later, (list, tuple)) and later and all(callable(c) for c in later):
+            nexts = tuple(later)
+        else:
+            raise TypeError(f"later must be a closure returning the loss (or a list of them), got "
+                            f"{type(later).__name__}")
         if closures is not None and pending is not None:
             raise RuntimeError(f"{name}.perturb(closure) after accumulate(): the accumulated direction would be "
                                "lost; call perturb() without a closure to apply it")
@@ -407,16 +459,18 @@ class WeightPerturbation(torch.optim.Optimizer):
         if not self._rule_active():
             return False  # e.g. gamma 0: no ascent pass at all
         passes = self._rule_passes()
-        if closures is None and passes > 1:
-            raise ValueError(f"{name} with {passes} ascent steps re-evaluates the loss at w + v: pass the "
-                             "micro-batch closures as a list, perturb([c1, c2, ...]), instead of accumulate()")
-        dirs = pending if closures is None else self._directions(closures)
-        dn = self._rule_first(self._synced(dirs))
+        if nexts is None and passes > 1:
+            raise ValueError(self._later_closures_msg(passes))
+        if from_grad:
+            dirs = self._grad_directions()  # already what the user's backward made of it: no sync
+        else:
+            dirs = self._synced(pending if closures is None else self._directions(closures))
+        dn = self._rule_first(dirs)
         if not self._finite_or_handle(dn):
             return False
         try:
             for _ in range(passes - 1):
-                dn = self._rule_next(self._synced(self._directions(closures)))
+                dn = self._rule_next(self._synced(self._directions(nexts)))
                 if not self._finite_or_handle(dn):
                     return False
         except BaseException:
@@ -434,10 +488,10 @@ class WeightPerturbation(torch.optim.Optimizer):
         return True
 
     @contextlib.contextmanager
-    def perturbed(self, closure: Union[Closure, Sequence[Closure], None] = None):
-        """``perturb(closure)`` on entry; on an exception inside, or on exit without ``step()``
-        (e.g. a GradScaler-skipped step), the weights are restored exactly."""
-        self.perturb(closure)
+    def perturbed(self, closure: Union[Closure, Sequence[Closure], None] = None, **kwargs):
+        """``perturb(closure, **kwargs)`` on entry; on an exception inside, or on exit without
+        ``step()`` (e.g. a GradScaler-skipped step), the weights are restored exactly."""
+        self.perturb(closure, **kwargs)
         try:
             yield self
         finally:
@@ -481,8 +535,8 @@ class WeightPerturbation(torch.optim.Optimizer):
         else:
             self._warn_once("plain", f"{name}.step() without perturb() since the last step: a plain base-optimizer "
                                      "step, with no weight perturbation. Call perturb(closure) before the backward "
-                                     "(gamma 0 is the way to switch the perturbation off). This warning is shown "
-                                     "once.")
+                                     f"({self._off_hint} is the way to switch the perturbation off). This warning "
+                                     "is shown once.")
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
@@ -548,6 +602,7 @@ class WeightPerturbation(torch.optim.Optimizer):
             if self._sel.skipped_device is not None:
                 self._sel.skipped_device.zero_()
             self.perturb_count = int(meta.get("perturb_count", 0))
+            self._load_rule_meta(meta)
         for g in self.optimizer.param_groups:
             self._on_new_group(g)
         self._after_load()

@@ -86,6 +86,7 @@ class _Group:
     gammas_t: Optional[torch.Tensor] = None               # the same on the device (sharded path)
     etas_t: Optional[torch.Tensor] = None
     wnorms: Optional[torch.Tensor] = None                 # global ||w_l|| of the backups (sharded)
+    plan: Optional["_SamPlan"] = None                    # SAM/ASAM split of this group (built lazily)
 
 
 class PerturbState:
@@ -115,6 +116,7 @@ class PerturbState:
         self.local: List[torch.Tensor] = []
         # steps skipped for non-finite gradients inside compiled code (counted on the device)
         self.skipped_device: Optional[torch.Tensor] = None
+        self._sam_cfg = None   # (rho per selected parameter, adaptive flag per selected parameter)
         self.set_candidates(named)
 
     def set_candidates(self, named: Sequence[Tuple[str, nn.Parameter]]) -> None:
@@ -391,6 +393,119 @@ class PerturbState:
         for g in self.groups:
             self._backend(g).unperturb_(g.params, g.deltas)
         self.active = False
+
+    # ------------------------------------------------------------------ SAM / ASAM (issue 11)
+    def set_sam(self, rhos: Sequence[float], adaptive: Sequence[bool]) -> None:
+        """Per selected parameter: its rho and whether ASAM's ``T = |w| + eta`` applies to it."""
+        if len(rhos) != len(self.params) or len(adaptive) != len(self.params):
+            raise ValueError("set_sam needs one rho and one adaptive flag per selected parameter")
+        self._sam_cfg = (list(rhos), [bool(a) for a in adaptive])
+        for g in self.groups:
+            g.plan = None
+
+    def _sam_plan(self, g: _Group) -> "_SamPlan":
+        if g.plan is None:
+            rhos, adaptive = self._sam_cfg
+            ad = [k for k, i in enumerate(g.index) if adaptive[i]]
+            pl = [k for k, i in enumerate(g.index) if not adaptive[i]]
+            self._ensure_buffers(g)
+
+            def rho_t(ks):
+                return torch.tensor([rhos[g.index[k]] for k in ks], dtype=torch.float64, device=g.device)
+            g.plan = _SamPlan(ad, pl, [g.params[k] for k in ad], [g.params[k] for k in pl],
+                              [g.backups[k] for k in ad], [g.backups[k] for k in pl], rho_t(ad), rho_t(pl))
+        return g.plan
+
+    def sam_perturb(self, dirs, eta: float, eps: float) -> torch.Tensor:
+        """SAM / ASAM in one pass over the groups: ``n = ||T g||`` over every selected parameter
+        (one fused reduction per group and kind; summed over the ranks under FSDP2), then
+        ``w <- w + rho_l * T^2 * g / (n + eps)`` with ``T = |w| + eta`` on adaptive parameters
+        and ``T = 1`` elsewhere, the backups written in the same pass. Returns ``n`` (0-dim,
+        float64) without a host sync."""
+        if self._sam_cfg is None or len(self._sam_cfg[0]) != len(self.params):
+            raise RuntimeError("SAM: set_sam() must be called for the current selection")
+        self._layout = (self._built, self._built_ptrs)
+        work, parts = [], []
+        for g in self.groups:
+            plan, be = self._sam_plan(g), self._backend(g)
+            ds = self._dirs(dirs, g)
+            d_ad, d_pl = [ds[k] for k in plan.ad], [ds[k] for k in plan.pl]
+            work.append((g, plan, be, d_ad, d_pl))
+            if d_ad:
+                parts.append(_ops._op(be, "global_sqnorm")(d_ad, plan.p_ad, eta))
+            if d_pl:
+                parts.append(_ops._op(be, "global_sqnorm")(d_pl, None, 0.0))
+        dev0 = self.groups[0].device
+        sq = parts[0].to(device=dev0, dtype=torch.float64).reshape(1)
+        for part in parts[1:]:
+            sq = sq + part.to(device=dev0, dtype=torch.float64)
+        if self.reduce is not None:
+            sq = self.reduce(sq)
+        norm = sq.sqrt().reshape(())
+        done = []
+        try:
+            for g, plan, be, d_ad, d_pl in work:
+                inv = 1.0 / (norm.to(g.device) + eps)
+                acc = _acc(g.dtype)
+                if d_ad:
+                    _ops._op(be, "asam_apply_")(plan.p_ad, d_ad, (plan.rho_ad * inv).to(acc), eta, plan.b_ad)
+                if d_pl:
+                    _ops._op(be, "add_scaled_")(plan.p_pl, d_pl, (plan.rho_pl * inv).to(acc), None, None,
+                                                plan.b_pl, None)
+                done.append(g)
+        except BaseException:
+            for g in done:
+                self._backend(g).restore_(g.params, g.backups)
+            raise
+        self.active = True
+        return norm
+
+    # ------------------------------------------------------------------ Box AWP (issue 11)
+    def box_perturb(self, dirs, adv_lr: float, adv_eps: float, first: bool, eps: float) -> torch.Tensor:
+        """Box AWP's clamped step per layer (``ops.box_perturb_``): ``first`` writes the backups
+        (the box's centre ``w0``); later steps move the perturbed weights inside the same box.
+        Under FSDP2 the per-layer norms are all-reduced from the shards' partial sums first.
+        Returns all direction norms (one vector)."""
+        if first:
+            self._layout = (self._built, self._built_ptrs)
+        sharded = self.reduce is not None
+        if sharded:
+            ds_all = [self._dirs(dirs, g) for g in self.groups]
+            wn, dn = self._global_norms([[g.params for g in self.groups], ds_all])
+        norms, done = [], []
+        try:
+            for gi, g in enumerate(self.groups):
+                if first:
+                    self._ensure_buffers(g)
+                n = len(g.params)
+                given = (dn[gi], wn[gi]) if sharded else None
+                ds = ds_all[gi] if sharded else self._dirs(dirs, g)
+                norms.append(_ops._op(self._backend(g), "box_perturb_")(
+                    g.params, ds, [adv_lr] * n, [adv_eps] * n, g.backups, first, eps, given))
+                done.append(g)
+        except BaseException:
+            if first:
+                for g in done:
+                    self._backend(g).restore_(g.params, g.backups)
+            else:
+                self.restore()
+            raise
+        self.active = True
+        return _join_norms(norms)
+
+
+@dataclass
+class _SamPlan:
+    """One group's parameters split into adaptive (ASAM) and plain (SAM) ones, with their
+    backups and rhos (float64, on the device)."""
+    ad: List[int]
+    pl: List[int]
+    p_ad: List[torch.Tensor]
+    p_pl: List[torch.Tensor]
+    b_ad: List[torch.Tensor]
+    b_pl: List[torch.Tensor]
+    rho_ad: torch.Tensor
+    rho_pl: torch.Tensor
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -448,3 +448,121 @@ def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: f
         raise ValueError("pgd_step_: L2 needs a batch dimension")
     get_backend(backend, x.device, x.dtype).pgd_step_(x_adv, grad, x, float(alpha), float(eps), norm)
     return x_adv
+
+
+# --------------------------------------------------------------------------- the family ops
+# (SAM, ASAM and Box AWP; issue 11). Group-level backend signatures, for kernel backends:
+#   global_sqnorm(tensors, weights, eta) -> 0-dim tensor (fp32, fp64 for fp64 groups)
+#       sum_i ||T_i * t_i||^2 with T_i = |weights_i| + eta (weights None: T_i = 1); weights,
+#       when given, are already cast to the group dtype.
+#   asam_apply_(params, directions, scales, eta, backups) -> None
+#       scales: a list of floats or a 1-D float tensor (one value per tensor), as add_scaled_.
+#   box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, norms) -> 1-D norms
+#       adv_lrs / adv_epss: lists of floats (one per tensor); norms: None, or a pair
+#       (direction_norms, param_norms) of 1-D float tensors on the group's device to use
+#       instead of computing them (FSDP2: global norms of sharded tensors).
+# Kernel backends without their own implementation use the foreach one (``_op``).
+__all__ += ["global_sqnorm", "asam_apply_", "box_perturb_"]
+
+__doc__ += """
+Weight-perturbation family ops (SAM, ASAM, Box AWP):
+
+``global_sqnorm(tensors, *, weights=None, eta=0.0)``
+    ``sum_i ||T_i * tensors[i]||^2`` with ``T_i = |weights[i]| + eta`` elementwise (``T_i = 1``
+    without ``weights``): one 0-dim tensor, float32 (float64 if any input is float64) on
+    ``tensors[0]``'s device, fp32-or-wider accumulation, one reduction per (device, dtype)
+    group, no host sync. Its square root is SAM's global gradient norm (``weights=params``:
+    ASAM's ``||T g||``). Under FSDP2 the caller all-reduces it (a sum of local partial sums)
+    before the square root.
+``asam_apply_(params, directions, scale, *, eta=0.0, backups=None)``
+    ``T = |params[i]| + eta`` taken before the write; ``backups[i] <- params[i]`` (bit-exact);
+    ``params[i] += scale_i * T^2 * directions[i]``. ``scale`` as in ``add_scaled_`` (a float,
+    one per tensor, or a device tensor: no host sync). Plain SAM's apply is ``add_scaled_``.
+``box_perturb_(params, directions, adv_lr, adv_eps, origins, *, first, eps=1e-6, norms=None)``
+    Box AWP: if ``first``, ``origins[i] <- params[i]`` (bit-exact). Per tensor, ``gn = ||d||``,
+    ``wn = ||p||`` (the current ``p``); if ``gn == 0`` or ``gn`` is not finite, ``p`` is left
+    unchanged; else ``p <- clamp(p + adv_lr*(wn + eps)/(gn + eps)*d, o - adv_eps*|o|,
+    o + adv_eps*|o|)`` with ``o = origins[i]``. ``adv_lr``/``adv_eps``: a float or one per
+    tensor. ``norms``: optional ``(direction_norms, param_norms)`` 1-D tensors used instead of
+    the local ones (global norms of FSDP2 shards). Returns the direction norms. No host sync.
+"""
+
+
+def _check_finite_nonneg(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if not (0.0 <= v < float("inf")):
+        raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    return v
+
+
+def global_sqnorm(tensors, *, weights=None, eta: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
+    """``sum_i ||T_i * tensors[i]||^2`` with ``T_i = |weights[i]| + eta`` (1 without weights):
+    a 0-dim float32 (float64 if any input is float64) tensor on ``tensors[0]``'s device.
+    One reduction per (device, dtype) group, no host sync (see the module docstring)."""
+    ts = _check_list("tensors", tensors)
+    ws = None
+    if weights is not None:
+        ws = _check_list("weights", weights)
+        _check_pair("tensors", ts, "weights", ws, same_dtype=False)
+    eta = _check_finite_nonneg("eta", eta)
+    if not ts:
+        return torch.zeros((), dtype=torch.float32)
+    dev = ts[0].device
+    out_dt = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+    total = None
+    for (gdev, gdt), idx in group_indices(ts).items():
+        be = get_backend(backend, gdev, gdt)
+        part = _op(be, "global_sqnorm")(_pick(ts, idx), None if ws is None else _pick_as(ws, idx, gdt), eta)
+        part = part.to(device=dev, dtype=out_dt)
+        total = part if total is None else total + part
+    return total
+
+
+def asam_apply_(params, directions, scale, *, eta: float = 0.0, backups=None,
+                backend: Optional[str] = None) -> None:
+    """ASAM's apply: ``T = |params[i]| + eta`` (before the write), ``backups[i] <- params[i]``,
+    ``params[i] += scale_i * T^2 * directions[i]`` (see the module docstring)."""
+    ps = _check_list("params", params)
+    ds = _check_list("directions", directions)
+    _check_pair("params", ps, "directions", ds, same_dtype=False)
+    if backups is not None:
+        backups = _check_list("backups", backups)
+        _check_pair("params", ps, "backups", backups)
+    eta = _check_finite_nonneg("eta", eta)
+    sc = _scales(scale, len(ps), ps[0].device if ps else None)
+    _per_group(ps, backend, lambda be, idx, dt: _op(be, "asam_apply_")(
+        _pick(ps, idx), _pick_as(ds, idx, dt), _pick_scale(sc, idx, ps[idx[0]].device), eta,
+        _pick(backups, idx)))
+
+
+def _pick_norms(norms, idx, device):
+    if norms is None:
+        return None
+    return tuple(_pick_scale(n, idx, device) for n in norms)
+
+
+def box_perturb_(params, directions, adv_lr: Floats, adv_eps: Floats, origins, *, first: bool,
+                 eps: float = 1e-6, norms=None, backend: Optional[str] = None) -> torch.Tensor:
+    """Box AWP's clamped ascent step (see the module docstring). Returns the direction norms
+    (one per tensor, float32; float64 for float64 inputs)."""
+    ps = _check_list("params", params)
+    ds = _check_list("directions", directions)
+    os_ = _check_list("origins", origins)
+    _check_pair("params", ps, "directions", ds, same_dtype=False)
+    _check_pair("params", ps, "origins", os_)
+    if not isinstance(first, bool):
+        raise TypeError(f"first must be True or False, got {type(first).__name__}")
+    lrs = _floats("adv_lr", adv_lr, len(ps))
+    aes = _floats("adv_eps", adv_eps, len(ps))
+    eps = _check_finite_nonneg("eps", eps)
+    if norms is not None:
+        if not (isinstance(norms, (tuple, list)) and len(norms) == 2
+                and all(isinstance(n, torch.Tensor) and n.dim() == 1 and n.numel() == len(ps)
+                        and n.dtype.is_floating_point for n in norms)):
+            raise ValueError(f"norms must be a pair (direction_norms, param_norms) of 1-D float tensors with "
+                             f"{len(ps)} values each, or None")
+    return _per_group(ps, backend, lambda be, idx, dt: _op(be, "box_perturb_")(
+        _pick(ps, idx), _pick_as(ds, idx, dt), _pick(lrs, idx), _pick(aes, idx), _pick(os_, idx), first, eps,
+        _pick_norms(norms, idx, ps[idx[0]].device)), returns_norms=True)

@@ -310,3 +310,69 @@ def pgd_step_(x_adv, grad, x, alpha, eps, norm):
     factor = torch.clamp(eps / dn, max=1.0)
     delta.mul_(factor.to(delta.dtype).view(shape))
     torch.clamp_(delta.add_(x), min=0.0, max=1.0)
+
+
+# --------------------------------------------------------------------------- family ops (issue 11)
+def _in_acc(ts, acc):
+    return ts if ts[0].dtype == acc else [t.to(acc) for t in ts]
+
+
+def global_sqnorm(tensors, weights, eta):
+    acc = _acc_dtype(tensors[0].dtype)
+    if weights is None:
+        ns = norms(tensors)
+    else:
+        t = torch._foreach_abs(_in_acc(weights, acc))
+        if eta:
+            torch._foreach_add_(t, eta)
+        torch._foreach_mul_(t, _in_acc(tensors, acc))
+        ns = torch.stack(torch._foreach_norm(t))
+    return (ns * ns).sum()
+
+
+def asam_apply_(params, directions, scales, eta, backups):
+    acc = _acc_dtype(params[0].dtype)
+    dev = params[0].device
+    scale = scales.to(device=dev, dtype=acc) if isinstance(scales, torch.Tensor) else \
+        torch.tensor(scales, dtype=acc, device=dev)
+    p = _in_acc(params, acc)            # (a new fp32 copy for low-precision weights)
+    v = torch._foreach_abs(p)           # T = |w| + eta, from the weights before the write
+    if eta:
+        torch._foreach_add_(v, eta)
+    torch._foreach_mul_(v, v)           # T^2
+    torch._foreach_mul_(v, list(scale.unbind(0)))
+    if backups is not None:
+        torch._foreach_copy_(backups, params)
+    torch._foreach_addcmul_(p, v, _in_acc(directions, acc))
+    if p is not params:
+        torch._foreach_copy_(params, p)
+
+
+def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, pre_norms):
+    acc = _acc_dtype(params[0].dtype)
+    dev = params[0].device
+    if first:
+        torch._foreach_copy_(origins, params)
+    if pre_norms is None:
+        dn, wn = norms(directions), norms(params)
+    else:
+        dn, wn = (n.to(device=dev, dtype=acc) for n in pre_norms)
+    ok = torch.isfinite(dn) & (dn != 0)
+    lr = torch.tensor(adv_lrs, dtype=acc, device=dev)
+    scale = torch.where(ok, lr * (wn + eps) / torch.where(ok, dn + eps, torch.ones_like(dn)),
+                        torch.zeros_like(dn))
+    p = _in_acc(params, acc)
+    cand = torch._foreach_mul(_in_acc(directions, acc), list(scale.unbind(0)))
+    torch._foreach_add_(cand, p)
+    o = _in_acc(origins, acc)
+    r = torch._foreach_abs(o)
+    torch._foreach_mul_(r, adv_epss)
+    torch._foreach_maximum_(cand, torch._foreach_sub(o, r))
+    torch._foreach_add_(r, o)           # the upper bound, in place
+    torch._foreach_minimum_(cand, r)
+    # Skipped tensors keep their values. A non-finite direction makes NaN in its candidate
+    # (0 * inf) and no torch._foreach op selects per tensor without a host sync, so the
+    # select is one torch.where per tensor (the fused kernels skip such tensors instead).
+    okl = ok.unbind(0)
+    torch._foreach_copy_(params, [torch.where(k, c, q) for k, c, q in zip(okl, cand, p)])
+    return dn

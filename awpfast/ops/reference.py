@@ -112,3 +112,46 @@ def pgd_step_(x_adv, grad, x, alpha, eps, norm):
         factor = torch.clamp(eps / dn, max=1.0)  # dn == 0 -> inf -> 1
         delta = delta * factor.view(-1, *([1] * (g.dim() - 1)))
     x_adv.copy_(torch.clamp(x0 + delta, min=0.0, max=1.0))
+
+
+# --------------------------------------------------------------------------- family ops (issue 11)
+def global_sqnorm(tensors, weights, eta):
+    total = None
+    for i, t in enumerate(tensors):
+        x = _acc(t)
+        if weights is not None:
+            x = (_acc(weights[i]).abs() + eta) * x
+        s = (x * x).sum()
+        total = s if total is None else total + s
+    return total
+
+
+def asam_apply_(params, directions, scales, eta, backups):
+    for i, (p, d) in enumerate(zip(params, directions)):
+        s = scales[i]
+        s = s.to(_acc(p).dtype) if isinstance(s, torch.Tensor) else s
+        w = _acc(p)
+        t = w.abs() + eta
+        if backups is not None:
+            backups[i].copy_(p)
+        p.copy_(w + s * (t * t) * _acc(d))
+
+
+def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, norms):
+    out = []
+    for i, (p, d, o) in enumerate(zip(params, directions, origins)):
+        if first:
+            o.copy_(p)
+        w = _acc(p)
+        if norms is None:
+            gn, wn = _norm(d), _norm(p)
+        else:
+            gn, wn = norms[0][i].to(w.dtype), norms[1][i].to(w.dtype)
+        out.append(gn)
+        if not (bool(torch.isfinite(gn)) and float(gn) != 0.0):
+            continue  # zero or non-finite direction: this tensor is not perturbed
+        new = w + adv_lrs[i] * _acc(d) / (gn + eps) * (wn + eps)
+        o64 = _acc(o)
+        r = adv_epss[i] * o64.abs()
+        p.copy_(torch.minimum(torch.maximum(new, o64 - r), o64 + r))
+    return torch.stack(out) if out else torch.empty(0)

@@ -1,0 +1,89 @@
+"""SAM / ASAM and Box AWP under DDP and FSDP2: 2 gloo processes on the CPU, float64.
+
+One launch of ``tests/_family_dist_worker.py`` on 2 ranks runs every case; each rank reports
+its parameters' distance to a single process on the full global batch, whether the ranks
+hold bitwise-equal parameters, and the collectives awpfast issued in each step.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available in this torch build", allow_module_level=True)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("family_dist")
+    env = dict(os.environ, WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("AWPFAST_BACKEND", None)
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "_family_dist_worker.py"), str(out)],
+                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(WORLD)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=300)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    reports = []
+    for r in range(WORLD):
+        path = out / f"rank{r}.json"
+        if not path.exists():
+            pytest.fail(f"rank {r} wrote no report; its output:\n{logs[r][-4000:]}")
+        rep = json.loads(path.read_text())
+        if "exception" in rep:
+            pytest.fail(f"rank {r} raised:\n{rep['exception']}")
+        reports.append(rep)
+    return reports
+
+
+SAM_CASES = [f"sam_{k}_{f}_{a}" for k in ("ddp", "fsdp") for f in ("closure", "first_step") for a in ("sam", "asam")]
+BOX_CASES = [f"box_{k}_k{n}" for k in ("ddp", "fsdp") for n in (1, 2)]
+
+
+@pytest.mark.parametrize("key", SAM_CASES)
+def test_sam_distributed_equals_single_process_full_batch(ranks, key):
+    for rep in (r[key] for r in ranks):
+        assert rep["kind"] == ("ddp" if "_ddp_" in key else "fsdp2")
+        assert rep["max_rel"] < 1e-10, rep["max_rel"]      # NaN fails this comparison too
+        assert rep["ranks_equal"] is True
+        if "_ddp_" in key:
+            # closure form: one all-reduce of the ascent gradients; first_step on .grad: none (DDP's
+            # own backward already averaged it)
+            expected = 1 if "_closure_" in key else 0
+            assert all(c["all_reduce"] == expected for c in rep["collectives"]), rep["collectives"]
+        else:
+            # FSDP2: one all-reduce of the global squared norm (a single float64)
+            assert all(c["all_reduce"] == 1 and c["bytes"] == 8 for c in rep["collectives"]), rep["collectives"]
+
+
+@pytest.mark.parametrize("key", BOX_CASES)
+def test_box_awp_distributed_equals_single_process_full_batch(ranks, key):
+    for rep in (r[key] for r in ranks):
+        assert rep["max_rel"] < 1e-10, rep["max_rel"]
+        assert rep["ranks_equal"] is True
+        assert rep["names"] == ["conv1.weight", "conv2.weight", "fc.weight", "gate.weight"]
+        later = key.endswith("k2")
+        if "_ddp_" in key:   # step 1 from .grad: no collective; step 2's closure: one all-reduce
+            assert all(c["all_reduce"] == (1 if later else 0) for c in rep["collectives"]), rep["collectives"]
+        else:                # FSDP2: one all-reduce of the per-layer partial sums per ascent step
+            assert all(c["all_reduce"] == (2 if later else 1) for c in rep["collectives"]), rep["collectives"]
