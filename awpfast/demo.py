@@ -3,12 +3,13 @@
 scikit-learn's handwritten digits (8x8, 3-channel), a small CNN, L-inf PGD-10 adversarial
 training with AWP (gamma = 0.01), the reference piecewise LR schedule; then clean and PGD-20
 test accuracy. About a minute on a quiet 2-core CPU (a few when shared). Outputs (metrics, plot, checkpoints) go to
-``runs/demo`` (or the folder given as the first argument).
+``runs/demo`` (or the folder given as the first argument), replacing an earlier demo run there.
 
 The equivalent command line::
 
     awpfast-train --method at --awp-gamma 0.01 --model small-cnn --width 16 --data digits \
-        --image-size 8 --eps 0.15 --alpha 0.0375 --lr 0.05 --epochs 25 --train-eval-samples 300 --out runs/demo
+        --image-size 8 --eps 0.15 --alpha 0.0375 --lr 0.05 --epochs 25 --train-eval-samples 300 --out runs/demo \
+        --overwrite
 """
 from __future__ import annotations
 
@@ -17,31 +18,37 @@ import time
 
 import torch
 
-from .train import build_parser, run
+from .train import build_parser, cli_main, run
 
 
 def main(argv=None) -> int:
+    """``make demo`` / ``python -m awpfast.demo [OUT]``: returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     out = argv[0] if argv else "runs/demo"
     cli = ["--method", "at", "--awp-gamma", "0.01", "--model", "small-cnn", "--width", "16",
            "--data", "digits", "--image-size", "8", "--eps", "0.15", "--alpha", "0.0375",
-           "--lr", "0.05", "--epochs", "25", "--train-eval-samples", "300", "--seed", "0", "--out", out]
+           "--lr", "0.05", "--epochs", "25", "--train-eval-samples", "300", "--seed", "0", "--out", out,
+           "--overwrite"]
     if torch.get_num_threads() > 2:
         cli += ["--threads", "2"]
-    print("awpfast demo: AT-AWP on scikit-learn digits (embedded, offline)")
-    print("  awpfast-train " + " ".join(cli))
-    t0 = time.perf_counter()
-    summary = run(build_parser().parse_args(cli))
-    last, best = summary["last"], summary["best"]
-    print()
-    print(f"test accuracy after {last['epoch']} epochs ({time.perf_counter() - t0:.0f} s), "
-          f"L-inf eps = 0.15, 500 test images:")
-    print(f"  clean           {100 * last['test_clean_acc']:6.2f} %")
-    print(f"  robust (PGD-20) {100 * last['test_robust_acc']:6.2f} %   (best epoch {best['epoch']}: "
-          f"{100 * best['test_robust_acc']:.2f} %)")
-    print(f"metrics, plot and checkpoints in {summary['out']}/ ; evaluate with: "
-          f"python -m awpfast.evaluate {summary['out']}/best.pt")
-    return 0
+
+    def body(args):
+        print("awpfast demo: AT-AWP on scikit-learn digits (embedded, offline)")
+        print("  awpfast-train " + " ".join(cli))
+        t0 = time.perf_counter()
+        summary = run(args)
+        last, best = summary["last"], summary["best"]
+        print()
+        print(f"test accuracy after {last['epoch']} epochs ({time.perf_counter() - t0:.0f} s), "
+              f"L-inf eps = 0.15, 500 test images:")
+        print(f"  clean           {100 * last['test_clean_acc']:6.2f} %")
+        print(f"  robust (PGD-20) {100 * last['test_robust_acc']:6.2f} %   (best epoch by validation "
+              f"{best['epoch']}: {100 * best['test_robust_acc']:.2f} %)")
+        print(f"metrics, plot and checkpoints in {summary['out']}/ ; evaluate with: "
+              f"python -m awpfast.evaluate {summary['out']}/best.pt")
+        return 0
+
+    return cli_main("awpfast demo", lambda: build_parser().parse_args(cli), body)
 
 
 if __name__ == "__main__":

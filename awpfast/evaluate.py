@@ -1,56 +1,79 @@
 """Evaluate a checkpoint: ``python -m awpfast.evaluate CHECKPOINT``.
 
 Reports clean accuracy, PGD-20 and PGD-100 accuracy (L-inf or L2, random start) on the test
-split, and AutoAttack ``version='standard'`` when the ``autoattack`` package is importable
-(a clear message otherwise). The model, data and threat model come from the checkpoint
-(an ``awpfast-train`` ``best.pt`` / ``last.pt``); options override them. A bare
-``state_dict`` (e.g. a reference or RobustBench checkpoint) works with ``--model``.
+split, and AutoAttack ``version='standard'`` through whichever implementation is installed:
+the official ``autoattack`` package, else ``torchattacks`` (``pip install torchattacks``;
+APGD-CE, APGD-T, FAB-T, Square), else a message saying how to get one. The model, data,
+input normalization and threat model come from the checkpoint (an ``awpfast-train``
+``best.pt`` / ``last.pt``); options override them. A bare ``state_dict`` (e.g. a reference
+or RobustBench checkpoint) works with ``--model``.
+
+Every option is checked before the (long) evaluation starts; errors are one line (set
+``AWPFAST_DEBUG=1`` for the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 
 from .data import DATASETS, load_dataset, to_float
-from .train import CKPT_FORMAT, build_model, evaluate_split, parse_float
+from .models import MODEL_NAMES
+from .train import (INPUT_NORMS, ArgumentParser, HelpFormatter, UsageError, build_model, cli_main, evaluate_split,
+                    parse_float, read_checkpoint, resolve_device)
 
-__all__ = ["main", "load_checkpoint", "evaluate_checkpoint", "autoattack_accuracy"]
+__all__ = ["main", "load_checkpoint", "evaluate_checkpoint", "autoattack_accuracy", "autoattack_backend",
+           "guess_model", "make_eval_config"]
 
-AUTOATTACK_HINT = ("AutoAttack: skipped - the `autoattack` package is not installed. Install it with "
-                   "pip install git+https://github.com/fra31/auto-attack (then rerun this command).")
+AUTOATTACK_HINT = ("AutoAttack: skipped - neither `autoattack` nor `torchattacks` is installed. Install one: "
+                   "pip install torchattacks (or pip install git+https://github.com/fra31/auto-attack), then "
+                   "rerun this command.")
+AUTOATTACK_IMPLS = ("auto", "autoattack", "torchattacks", "off")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m awpfast.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint")
-    p.add_argument("--model", default=None, help="architecture (needed for a bare state_dict)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--data", choices=DATASETS, default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--norm", choices=("Linf", "L2"), default=None)
+    """The ``python -m awpfast.evaluate`` argument parser."""
+    p = ArgumentParser(prog="python -m awpfast.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("checkpoint", help="an awpfast-train best.pt / last.pt, or a bare state_dict")
+    p.add_argument("--model", choices=MODEL_NAMES, default=None,
+                   help="architecture (default: the checkpoint's; needed for a bare state_dict)")
+    p.add_argument("--width", type=int, default=None,
+                   help="small-cnn width (default: the checkpoint's, or read off a bare state_dict)")
+    p.add_argument("--data", choices=DATASETS, default=None, help="dataset (default: the checkpoint's, else digits)")
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default: the checkpoint's)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="digits/synthetic input size (default: the checkpoint's, when its dataset is used)")
+    p.add_argument("--input-norm", choices=tuple(INPUT_NORMS), default=None,
+                   help="normalization inside the model (default: the checkpoint's; none for a bare state_dict)")
+    p.add_argument("--norm", choices=("Linf", "L2"), default=None, help="threat model (default: the checkpoint's)")
     p.add_argument("--eps", type=parse_float, default=None, help="default: the checkpoint's (8/255 Linf, 0.5 L2)")
     p.add_argument("--alpha", type=parse_float, default=None, help="default: the checkpoint's (eps/4)")
     p.add_argument("--steps", type=int, nargs="+", default=[20, 100], help="PGD step counts")
-    p.add_argument("--samples", type=int, default=None, help="evaluate the first N test images")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack even if installed")
-    p.add_argument("--amp", choices=("bf16", "fp16"), default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--samples", type=int, default=None, help="evaluate the first N test images (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--autoattack", choices=AUTOATTACK_IMPLS, default="auto",
+                   help="AutoAttack implementation; auto: autoattack if installed, else torchattacks, else skipped")
+    p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (same as --autoattack off)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast precision (default: fp32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=0, help="random seed (PGD random starts, AutoAttack)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     return p
 
 
+# ----------------------------------------------------------------------------- checkpoints
 def load_checkpoint(path: str) -> dict:
-    """``{"model": state_dict, "args": {...} or {}}`` from an awpfast-train checkpoint or a bare state_dict."""
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, dict) and obj.get("format") == CKPT_FORMAT:
+    """``{"model": state_dict, "args": {...} or {}, ...}`` from an awpfast-train checkpoint or a bare
+    state_dict; a one-line :class:`UsageError` for anything else (empty, truncated, not a checkpoint)."""
+    obj = read_checkpoint(path, "checkpoint", require_train=False)
+    if isinstance(obj, dict) and obj.get("format") == "awpfast-train/1":
         return {"model": obj["model"], "args": dict(obj["args"]), "epoch": obj.get("epoch"),
                 "num_classes": obj.get("num_classes", 10), "in_channels": obj.get("in_channels", 3)}
     if isinstance(obj, dict):
@@ -58,97 +81,274 @@ def load_checkpoint(path: str) -> dict:
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
-        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             sd = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
             return {"model": sd, "args": {}, "epoch": None, "num_classes": None, "in_channels": 3}
-    raise ValueError(f"{path}: not an awpfast-train checkpoint nor a model state_dict")
+    raise UsageError(f"{path}: not an awpfast-train checkpoint nor a model state_dict")
 
 
-def autoattack_accuracy(model, x, y, norm: str, eps: float, batch_size: int):
-    """Robust accuracy under AutoAttack standard, or ``None`` when autoattack is not installed."""
+def guess_model(sd: dict) -> Optional[str]:
+    """The awpfast architecture a state_dict's keys belong to (``None`` if none fits)."""
+    keys = set(sd)
+    if "features.0.0.weight" in keys and "fc1.weight" in keys:
+        return "small-cnn"
+    if "layer1.0.conv1.weight" in keys and "linear.weight" in keys:
+        return "preact18"
+    if "block1.layer.0.conv1.weight" in keys and "fc.weight" in keys:
+        n = len({k.split(".")[2] for k in keys if k.startswith("block1.layer.")})
+        return {5: "wrn34-10", 4: "wrn28-10"}.get(n)
+    return None
+
+
+def _num_classes(sd: dict) -> Optional[int]:
+    for k in ("fc2.weight", "linear.weight", "fc.weight"):
+        if k in sd:
+            return int(sd[k].shape[0])
+    return None
+
+
+def _load_weights(model, sd: dict, name: str, path: str) -> None:
+    """``load_state_dict`` with a one-line explanation instead of torch's list of keys."""
+    res = model.load_state_dict(sd, strict=False)
+    missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
+    if missing or unexpected:
+        guess = guess_model(sd)
+        hint = f"; they look like a {guess} checkpoint: pass --model {guess}" if guess and guess != name else \
+            "; pass the checkpoint's architecture with --model"
+        raise UsageError(f"{path}: the weights do not fit {name} ({len(missing)} missing keys, e.g. "
+                         f"{missing[:1]}, {len(unexpected)} unexpected, e.g. {unexpected[:1]}){hint}")
+
+
+# ----------------------------------------------------------------------------- AutoAttack
+def _version(pkg: str) -> str:
     try:
-        from autoattack import AutoAttack
-    except ImportError:
+        from importlib.metadata import version
+        return version(pkg)
+    except Exception:
+        mod = sys.modules.get(pkg)
+        return str(getattr(mod, "__version__", "unknown"))
+
+
+def autoattack_backend(choice: str = "auto") -> Optional[str]:
+    """The AutoAttack implementation to use: ``"autoattack"``, ``"torchattacks"`` or ``None``
+    (not installed / ``off``). Raises :class:`UsageError` when a named one is missing."""
+    if choice == "off":
         return None
-    adversary = AutoAttack(model, norm=norm, eps=eps, version="standard")
-    x_adv = adversary.run_standard_evaluation(x, y, bs=batch_size)
-    with torch.no_grad():
-        ok = sum(int((model(x_adv[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                 for i in range(0, len(y), batch_size))
-    return ok / len(y)
+    found = []
+    for pkg in ("autoattack", "torchattacks"):
+        try:
+            __import__(pkg)
+            found.append(pkg)
+        except ImportError:
+            pass
+    if choice == "auto":
+        return found[0] if found else None
+    if choice not in found:
+        how = "torchattacks" if choice == "torchattacks" else "git+https://github.com/fra31/auto-attack"
+        raise UsageError(f"--autoattack {choice}: the {choice} package is not installed (pip install {how})")
+    return choice
+
+
+def autoattack_accuracy(model, x, y, norm: str, eps: float, batch_size: int, impl: Optional[str] = "auto",
+                        num_classes: int = 10, seed: int = 0) -> Optional[float]:
+    """Robust accuracy under AutoAttack ``standard`` (APGD-CE, APGD-T, FAB-T, Square), or ``None``
+    when no implementation is installed. ``impl``: ``"autoattack"``, ``"torchattacks"`` or ``"auto"``."""
+    impl = autoattack_backend(impl) if impl in ("auto", None) else impl
+    if impl is None:
+        return None
+    was = model.training
+    model.eval()
+    try:
+        if impl == "autoattack":
+            from autoattack import AutoAttack
+            adversary = AutoAttack(model, norm=norm, eps=eps, version="standard", seed=seed, verbose=False,
+                                   device=str(x.device))
+            x_adv = adversary.run_standard_evaluation(x, y, bs=batch_size)
+        else:
+            import torchattacks
+            adversary = torchattacks.AutoAttack(model, norm=norm, eps=eps, version="standard",
+                                                n_classes=num_classes, seed=seed)
+            x_adv = torch.cat([adversary(x[i:i + batch_size], y[i:i + batch_size])
+                               for i in range(0, len(y), batch_size)]) if len(y) else x
+        with torch.no_grad():
+            ok = sum(int((model(x_adv[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                     for i in range(0, len(y), batch_size))
+    finally:
+        model.train(was)
+    return ok / max(len(y), 1)
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class EvalConfig:
+    """A validated evaluation: everything is checked before any attack runs."""
+    args: argparse.Namespace
+    ckpt: dict
+    model_name: str
+    width: Optional[int]
+    data: str
+    data_dir: Optional[str]
+    image_size: Optional[int]
+    input_norm: str
+    norm: str
+    eps: float
+    alpha: float
+    device: torch.device
+    autoattack: Optional[str]
+    notes: List[str] = field(default_factory=list)
+
+
+def _positive(v, what, lo=1):
+    if v is not None and (not isinstance(v, int) or v < lo):
+        raise UsageError(f"{what} must be an integer >= {lo}, got {v!r}")
+
+
+def _finite(v, what, strict=False):
+    import math
+    if v is not None and not (math.isfinite(v) and (v > 0 if strict else v >= 0)):
+        raise UsageError(f"{what} must be a finite number {'>' if strict else '>='} 0, got {v!r}")
+
+
+def make_eval_config(args) -> EvalConfig:
+    """Check the options, the checkpoint and the ``--json`` target; nothing is evaluated yet."""
+    _positive(args.samples, "--samples")
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.width, "--width")
+    _positive(args.image_size, "--image-size", 4)
+    for s in args.steps:
+        _positive(s, "--steps", 0)
+    _finite(args.eps, "--eps")
+    _finite(args.alpha, "--alpha")
+    if args.seed is not None and not (0 <= args.seed < 2 ** 32):
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json):
+            raise UsageError(f"--json {args.json} is a folder; give a file name, e.g. "
+                             f"{os.path.join(args.json, 'eval.json')}")
+        if not os.path.isdir(folder):
+            raise UsageError(f"--json {args.json}: the folder {folder} does not exist; create it first")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"--json {args.json}: the folder {folder} is not writable")
+    aa = autoattack_backend("off" if args.no_autoattack else args.autoattack)
+    ck = load_checkpoint(args.checkpoint)
+    saved = ck["args"]
+    notes = []
+
+    def pick(k, default=None):
+        v = getattr(args, k, None)
+        return v if v is not None else saved.get(k, default)
+
+    model_name = args.model or saved.get("model")
+    if saved.get("model") and args.model and args.model != saved["model"]:
+        raise UsageError(f"{args.checkpoint} holds a {saved['model']} (trained by awpfast-train); --model "
+                         f"{args.model} does not match it: drop --model")
+    if model_name is None:
+        guess = guess_model(ck["model"])
+        raise UsageError("this checkpoint does not say its architecture: pass --model "
+                         f"({', '.join(MODEL_NAMES)})" + (f"; its keys look like {guess}" if guess else ""))
+    width = pick("width")
+    if model_name == "small-cnn" and width is None and "features.0.0.weight" in ck["model"]:
+        width = int(ck["model"]["features.0.0.weight"].shape[0])
+    if model_name != "small-cnn" and args.width is not None:
+        raise UsageError(f"--width applies to small-cnn only, not to {model_name}: drop it")
+    data = pick("data", "digits")
+    if saved.get("data") and data != saved["data"]:
+        notes.append(f"the model was trained on {saved['data']}; evaluating it on {data}")
+    # the image size belongs to the checkpoint's dataset: carry it over only when that is the one used
+    image_size = args.image_size if args.image_size is not None else \
+        (saved.get("image_size") if data == saved.get("data") else None)
+    if data == "cifar10":
+        if args.image_size not in (None, 32):
+            raise UsageError(f"CIFAR-10 images are 32x32: drop --image-size {args.image_size}")
+        image_size = None
+        if not pick("data_dir"):
+            raise UsageError("--data cifar10 needs --data-dir PATH (the folder with the CIFAR-10 python batches)")
+    elif image_size is None:
+        image_size = 16 if model_name == "small-cnn" else 32
+    input_norm = pick("input_norm", "none")
+    norm = pick("norm", "Linf")
+    eps = pick("eps", 8 / 255 if norm == "Linf" else 0.5)
+    if args.alpha is not None:
+        alpha = args.alpha
+    elif args.eps is None and args.norm is None and saved.get("alpha") is not None:
+        alpha = saved["alpha"]
+    else:
+        alpha = eps / 4
+    if norm == "Linf" and eps > 1:
+        raise UsageError(f"--eps {eps} is larger than the whole [0, 1] input range")
+    device = resolve_device(args.device)
+    return EvalConfig(args=args, ckpt=ck, model_name=model_name, width=width, data=data,
+                      data_dir=pick("data_dir"), image_size=image_size, input_norm=input_norm, norm=norm,
+                      eps=float(eps), alpha=float(alpha), device=device, autoattack=aa, notes=notes)
 
 
 def evaluate_checkpoint(args) -> dict:
-    ck = load_checkpoint(args.checkpoint)
-    saved = ck["args"]
-    pick = lambda k, default=None: getattr(args, k) if getattr(args, k, None) is not None else saved.get(k, default)  # noqa: E731
-    model_name = pick("model")
-    if model_name is None:
-        raise ValueError("this checkpoint does not say its architecture: pass --model "
-                         "(preact18, wrn34-10, wrn28-10, small-cnn)")
-    data = pick("data", "digits")
-    norm = pick("norm", "Linf")
-    eps = pick("eps", 8 / 255 if norm == "Linf" else 0.5)
-    alpha = getattr(args, "alpha", None) or (saved.get("alpha") if getattr(args, "eps", None) is None else None) \
-        or eps / 4
-    image_size = pick("image_size")
-    if image_size is None and data != "cifar10":
-        image_size = 16 if model_name == "small-cnn" else 32
-    ds = load_dataset(data, pick("data_dir"), image_size)
-    width = pick("width")
-    model = build_model(model_name, ck["num_classes"] or ds.num_classes, ds.in_channels, width)
-    model.load_state_dict(ck["model"])
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available())
-                          else ("cpu" if args.device == "auto" else args.device))
+    """Evaluate (``args`` from :func:`build_parser`, or an :class:`EvalConfig`); returns the results dict."""
+    cfg = args if isinstance(args, EvalConfig) else make_eval_config(args)
+    args, ck = cfg.args, cfg.ckpt
+    for n in cfg.notes:
+        print(f"awpfast.evaluate: note: {n}", file=sys.stderr)
+    ds = load_dataset(cfg.data, cfg.data_dir, cfg.image_size)
+    num_classes = ck["num_classes"] or _num_classes(ck["model"]) or ds.num_classes
+    model = build_model(cfg.model_name, num_classes, ds.in_channels, cfg.width, cfg.input_norm)
+    _load_weights(model, ck["model"], cfg.model_name, args.checkpoint)
+    device = cfg.device
     model.to(device).eval()
     torch.manual_seed(args.seed)
-    res = {"checkpoint": args.checkpoint, "epoch": ck["epoch"], "model": model_name, "data": data,
-           "norm": norm, "eps": eps, "alpha": alpha, "n": None}
+    res = {"checkpoint": args.checkpoint, "epoch": ck["epoch"], "model": cfg.model_name, "data": cfg.data,
+           "input_norm": cfg.input_norm, "norm": cfg.norm, "eps": cfg.eps, "alpha": cfg.alpha, "n": None}
     t0 = time.perf_counter()
     clean = None
     for steps in args.steps:
-        r = evaluate_split(model, ds.test, args.batch_size, eps, alpha, steps, norm, device=device, amp=args.amp,
-                           limit=args.samples)
+        r = evaluate_split(model, ds.test, args.batch_size, cfg.eps, cfg.alpha, steps, cfg.norm, device=device,
+                           amp=args.amp, limit=args.samples)
         res["n"] = r["n"]
         clean = r["clean_acc"]
         res[f"pgd{steps}_acc"] = r["robust_acc"]
     if clean is None:
-        clean = evaluate_split(model, ds.test, args.batch_size, eps, alpha, 0, norm, device=device,
-                               limit=args.samples)["clean_acc"]
+        r = evaluate_split(model, ds.test, args.batch_size, cfg.eps, cfg.alpha, 0, cfg.norm, device=device,
+                           limit=args.samples)
+        res["n"], clean = r["n"], r["clean_acc"]
     res["clean_acc"] = clean
-    if args.no_autoattack:
+    res["versions"] = {"torch": torch.__version__, "awpfast": _version("awpfast")}
+    if cfg.autoattack is None:
         res["autoattack_acc"] = None
-        res["autoattack"] = "skipped (--no-autoattack)"
+        res["autoattack"] = "skipped (--autoattack off)" if (args.no_autoattack or args.autoattack == "off") \
+            else AUTOATTACK_HINT
     else:
         split = ds.test.subset(args.samples)
         x, y = to_float(split.x).to(device), split.y.to(device)
-        aa = autoattack_accuracy(model, x, y, norm, eps, args.batch_size)
-        res["autoattack_acc"] = aa
-        res["autoattack"] = "standard" if aa is not None else AUTOATTACK_HINT
+        res["autoattack_acc"] = autoattack_accuracy(model, x, y, cfg.norm, cfg.eps, args.batch_size,
+                                                    impl=cfg.autoattack, num_classes=num_classes, seed=args.seed)
+        res["autoattack"] = f"standard ({cfg.autoattack} {_version(cfg.autoattack)})"
+        res["versions"][cfg.autoattack] = _version(cfg.autoattack)
     res["time_s"] = time.perf_counter() - t0
     return res
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    """``python -m awpfast.evaluate``: returns the exit status (0 ok, 2 bad input, 1 failure)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def body(args):
         res = evaluate_checkpoint(args)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"awpfast.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{res['checkpoint']} (epoch {res['epoch']}): {res['model']} on {res['data']}, {res['n']} test images, "
-          f"{res['norm']} eps={res['eps']:.4g} alpha={res['alpha']:.4g}")
-    print(f"  clean        {100 * res['clean_acc']:6.2f} %")
-    for s in args.steps:
-        print(f"  PGD-{s:<8d} {100 * res[f'pgd{s}_acc']:6.2f} %")
-    if res["autoattack_acc"] is not None:
-        print(f"  AutoAttack   {100 * res['autoattack_acc']:6.2f} %")
-    else:
-        print(f"  {res['autoattack']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+        print(f"{res['checkpoint']} (epoch {res['epoch']}): {res['model']} on {res['data']}, {res['n']} test images, "
+              f"{res['norm']} eps={res['eps']:.4g} alpha={res['alpha']:.4g}")
+        print(f"  clean        {100 * res['clean_acc']:6.2f} %")
+        for s in args.steps:
+            print(f"  PGD-{s:<8d} {100 * res[f'pgd{s}_acc']:6.2f} %")
+        if res["autoattack_acc"] is not None:
+            print(f"  AutoAttack   {100 * res['autoattack_acc']:6.2f} %   ({res['autoattack']})")
+        else:
+            print(f"  {res['autoattack']}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
+
+    return cli_main("awpfast.evaluate", lambda: parser.parse_args(argv), body)
 
 
 if __name__ == "__main__":

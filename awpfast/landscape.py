@@ -473,7 +473,7 @@ def run(args) -> dict:
     """Compute the landscapes for parsed ``args`` (see :func:`build_parser`), write the outputs."""
     from .attacks import PGD
     from .data import load_dataset
-    from .train import build_model
+    from .train import build_model, training_splits
 
     alphas = _check_args(args)
     paths = _outputs(args)
@@ -516,13 +516,20 @@ def run(args) -> dict:
         for ck, path, label in zip(cks, args.checkpoints, labels):
             a = ck["args"]
             try:
-                model = build_model(a["model"], ck["num_classes"] or ds.num_classes, ck["in_channels"], a.get("width"))
+                model = build_model(a["model"], ck["num_classes"] or ds.num_classes, ck["in_channels"], a.get("width"),
+                                    a.get("input_norm", "none"))
                 model.load_state_dict(ck["model"])
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 msg = str(e).strip().splitlines()[0][:200]
                 raise CLIError(f"{path}: the weights do not fit a {a['model']} model ({msg})") from None
             model.to(device).eval()
-            split = ds.test if args.split == "test" else ds.train.subset(a.get("train_samples"))
+            if args.split == "test":
+                split = ds.test
+            else:  # the images this run trained on (its validation hold-out excluded)
+                try:
+                    split = training_splits(ds, a.get("val_samples"), a.get("train_samples"))[0]
+                except ValueError as e:
+                    raise CLIError(f"{path}: {e}") from None
             split = split.subset(args.samples or None)
             x, y = split.x, split.y
             attack = PGD(model, eps=eps, alpha=step, steps=args.attack_steps, norm=norm, random_start=True,

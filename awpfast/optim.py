@@ -434,12 +434,7 @@ class WeightPerturbation(torch.optim.Optimizer):
         else:
             raise TypeError(f"perturb() needs a closure returning the ascent loss (or a list of them, or "
                             f"nothing after accumulate()), got {type(closure).__name__}")
-        pending = self._pending if self._pending_gen == self._sel.generation else None
-        self._pending = None
-        from_grad = closures is None and pending is None
-        if from_grad and not self._grad_source:
-            raise TypeError(f"{name}.perturb() without a closure applies the direction gathered by "
-                            "accumulate(closure), and nothing was accumulated; pass the ascent closure")
+        # the later passes' closures, validated before an accumulated direction is consumed
         if later is None:
             nexts = closures
         elif callable(later):
@@ -449,6 +444,12 @@ class WeightPerturbation(torch.optim.Optimizer):
         else:
             raise TypeError(f"later must be a closure returning the loss (or a list of them), got "
                             f"{type(later).__name__}")
+        pending = self._pending if self._pending_gen == self._sel.generation else None
+        self._pending = None
+        from_grad = closures is None and pending is None
+        if from_grad and not self._grad_source:
+            raise TypeError(f"{name}.perturb() without a closure applies the direction gathered by "
+                            "accumulate(closure), and nothing was accumulated; pass the ascent closure")
         if closures is not None and pending is not None:
             raise RuntimeError(f"{name}.perturb(closure) after accumulate(): the accumulated direction would be "
                                "lost; call perturb() without a closure to apply it")

@@ -93,24 +93,27 @@ class Timer:
             torch.cuda.synchronize()
 
     def median_ms(self, fn, reps: int, warmup: int = 2):
+        """(median, min, max) wall ms and the median process CPU ms (user + sys, all threads:
+        on a machine shared with other jobs, the work done is steadier than the wall time)."""
         for _ in range(warmup):
             fn()
         self.sync()
-        times = []
+        times, cpu = [], []
         for _ in range(reps):
             self.sync()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             self.sync()
             times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times), min(times), max(times)
+            cpu.append((time.process_time() - c0) * 1e3)
+        return statistics.median(times), min(times), max(times), statistics.median(cpu)
 
 
 def copy_bandwidth_gbs(device, timer, nbytes=256 << 20, reps=10):
     """Read+write bandwidth of a large tensor copy (GB/s, 1e9 bytes)."""
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    med, _, _ = timer.median_ms(lambda: dst.copy_(src), reps)
+    med = timer.median_ms(lambda: dst.copy_(src), reps)[0]
     return 2 * nbytes / (med * 1e-3) / 1e9
 
 
@@ -193,9 +196,12 @@ def main(argv=None):
     ap.add_argument("--rules", default="sam,asam,box")
     ap.add_argument("--backends", default=None, help="awpfast backends (default: every available one but reference)")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-json", action="store_true")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     timer = Timer(device)
@@ -218,15 +224,17 @@ def main(argv=None):
             for be in backends:
                 run, _ = awpfast_rule(model, rule, be)
                 variants.append((be, run))
-            base = None
+            base = base_cpu = None
             for vname, fn in variants:
-                med, lo, hi = timer.median_ms(fn, args.reps)
-                base = med if vname == "loop" else base
+                med, lo, hi, cpu = timer.median_ms(fn, args.reps)
+                if vname == "loop":
+                    base, base_cpu = med, cpu
                 own = [] if vname == "loop" else [op for op in ("global_sqnorm", "asam_apply_", "box_perturb_")
                                                   if hasattr(ops.get_backend(vname, device, dtype), op)]
                 rows.append({"model": mname, "rule": rule, "variant": vname, "dtype": args.dtype, "own_family_ops": own,
                              "median_ms": med, "min_ms": lo, "max_ms": hi, "tensors": len(sel), "elements": n,
-                             "floor_ms": floor_ms, "x_floor": med / floor_ms, "speedup_vs_loop": base / med})
+                             "floor_ms": floor_ms, "x_floor": med / floor_ms, "speedup_vs_loop": base / med,
+                             "cpu_ms": cpu, "cpu_speedup_vs_loop": base_cpu / cpu})
         del model
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "device_type": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -235,10 +243,11 @@ def main(argv=None):
     print(f"\nweight-side perturb+restore on {out['device']} ({device.type}, {out['threads']} threads, "
           f"load {load}); copy bandwidth {bw:.1f} GB/s")
     print(f"{'model':9s} {'rule':5s} {'variant':8s} {'tensors':>7s} {'M elem':>7s} {'median ms':>10s} "
-          f"{'x floor':>8s} {'vs loop':>8s}")
+          f"{'x floor':>8s} {'vs loop':>8s} {'cpu ms':>9s} {'cpu vs loop':>11s}")
     for r in rows:
         print(f"{r['model']:9s} {r['rule']:5s} {r['variant']:8s} {r['tensors']:7d} {r['elements'] / 1e6:7.1f} "
-              f"{r['median_ms']:10.2f} {r['x_floor']:8.2f} {r['speedup_vs_loop']:8.2f}")
+              f"{r['median_ms']:10.2f} {r['x_floor']:8.2f} {r['speedup_vs_loop']:8.2f} {r['cpu_ms']:9.1f} "
+              f"{r['cpu_speedup_vs_loop']:11.2f}")
     print("(floor = 7 (SAM) or 8 (ASAM, Box) * N * bytes / copy bandwidth; medians of "
           f"{args.reps} runs)")
     missing = sorted({r["variant"] for r in rows if r["variant"] not in ("loop", "foreach") and not r["own_family_ops"]})
@@ -248,7 +257,7 @@ def main(argv=None):
     if not args.no_json:
         path = args.json or os.path.join(
             os.path.dirname(os.path.abspath(__file__)), "results",
-            f"{time.strftime('%Y-%m-%d')}_{device.type}-{out['threads']}core_family.json")
+            f"{time.strftime('%Y-%m-%d')}_{device.type}-{os.cpu_count()}core-{out['threads']}thread_family.json")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(out, f, indent=2)

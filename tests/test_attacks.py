@@ -255,3 +255,61 @@ def test_functional_and_validation():
     with pytest.raises(TypeError):
         PGD(model)(torch.zeros(2, 3, 8, 8, dtype=torch.long), y[:2])
     assert torch.equal(PGD(model, steps=0, random_start=False)(x, y), x)
+
+
+# ----------------------------------------------------------------------------- issue 13, point 10
+@pytest.mark.parametrize("cls", [PGD, TRADESAttack])
+def test_inputs_outside_unit_box_are_refused(cls):
+    model = _model()
+    x, y = _batch()
+    normalized = (x - 0.5) / 0.25  # a normalized batch: values in [-2, 2]
+    with pytest.raises(ValueError, match=r"\[0, 1\].*inside the model"):
+        cls(model, steps=2)(normalized, y)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        cls(model, steps=0, random_start=False)(x + 1.5, y)
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        cls(model, steps=1)(nan, y)
+    # deliberate: check_range=False lets it through (no host sync)
+    out = cls(model, steps=1, check_range=False)(normalized, y)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_zero_steps_stays_in_the_box_and_ball():
+    model = _model()
+    x, y = _batch()
+    for rs in (False, True):
+        out = PGD(model, eps=8 / 255, steps=0, random_start=rs)(x, y)
+        assert float(out.min()) >= 0 and float(out.max()) <= 1
+        assert float((out - x).abs().max()) <= 8 / 255 + 1e-7
+        if not rs:
+            assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+
+
+class _IgnoresInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(10))
+
+    def forward(self, x):
+        return self.w.expand(x.shape[0], 10)
+
+
+class _NoGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3 * 12 * 12, 10)
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.lin(x.flatten(1))
+
+
+@pytest.mark.parametrize("cls", [PGD, TRADESAttack])
+def test_model_that_ignores_its_input_gets_a_clear_error(cls):
+    x, y = _batch()
+    with pytest.raises(ValueError, match="does not depend on its input"):
+        cls(_IgnoresInput(), steps=1)(x, y)
+    with pytest.raises(ValueError, match="does not depend on the input"):
+        cls(_NoGrad(), steps=1)(x, y)

@@ -84,3 +84,24 @@ def test_forward_shapes_and_bad_input():
         WideResNet(depth=30)
     with pytest.raises(ValueError, match="unknown model"):
         create_model("resnet50")
+
+
+def test_small_cnn_normalization_is_not_in_the_state_dict():
+    from awpfast.models import SmallCNN
+    torch.manual_seed(0)
+    m = SmallCNN(width=4, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3)).eval()
+    plain = SmallCNN(width=4).eval()
+    assert list(m.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(m.state_dict(), strict=True)
+    x = torch.rand(3, 3, 16, 16)
+    mean = torch.tensor((0.4, 0.5, 0.6)).view(1, 3, 1, 1)
+    std = torch.tensor((0.2, 0.25, 0.3)).view(1, 3, 1, 1)
+    torch.testing.assert_close(m(x), plain((x - mean) / std))
+    with pytest.raises(ValueError, match="both mean and std"):
+        SmallCNN(mean=(0.5, 0.5, 0.5))
+
+
+def test_awpfast_exposes_the_stack():
+    import awpfast
+    assert awpfast.attacks.PGD and awpfast.losses.TRADESLoss and awpfast.models.PreActResNet18
+    assert {"attacks", "losses", "models", "ops", "AWP"} <= set(awpfast.__all__)

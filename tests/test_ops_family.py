@@ -284,3 +284,25 @@ def test_box_perturb_errors():
     with pytest.raises(ValueError, match="norms"):
         ops.box_perturb_(ps, ds, 1.0, 0.2, os_, first=True, norms=(torch.ones(2),))
     assert ops.box_perturb_([], [], 1.0, 0.2, [], first=True).numel() == 0
+
+
+def test_foreach_expanded_scales_path(monkeypatch):
+    """The foreach backend's CUDA code path (per-tensor scales expanded per element), run on
+    the CPU: the same results as the formulas."""
+    import awpfast.ops.foreach as F
+    monkeypatch.setattr(F, "EXPAND_SCALES", True)
+    ps = _rand(ODD_SHAPES, torch.float32)
+    ds = _rand(ODD_SHAPES, torch.float32)
+    scales = torch.rand(len(ps)) * 0.2 + 0.05
+    work = [p.clone() for p in ps]
+    ops.asam_apply_(work, ds, scales, eta=0.01, backend="foreach")
+    for w, r in zip(work, _asam64(ps, ds, scales.tolist(), 0.01)):
+        assert rel_err(w, r) <= 1e-6
+    lrs = [0.1 * (i + 1) for i in range(len(ps))]
+    ds[2] = torch.full_like(ds[2], float("nan"))
+    work, origins = [p.clone() for p in ps], _poison(ps)
+    ops.box_perturb_(work, ds, lrs, [0.1] * len(ps), origins, first=True, backend="foreach")
+    for i, p in enumerate(ps):
+        ref, _ = _box64([p], [ds[i]], lrs[i], 0.1, [p])
+        assert rel_err(work[i], ref[0]) <= 1e-6, i
+

@@ -283,11 +283,6 @@ def test_trades_awp_steps_equal_the_reference_port(order, backend):
     _check(ours, port, start, xs_ours, xs_port)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "awpfast.attacks.TRADESAttack computes its KL on logits cast to float32 (.float()), so for a "
-    "float64 model a few gradient signs differ from the float64 reference attack (7 of 1536 in "
-    "the first step here) and x_adv moves by 2 steps there; attacks.py must keep float32/float64 "
-    "logits as losses.py now does. Remove this marker when it does."))
 def test_trades_awp_steps_equal_the_port_with_the_reference_attack():
     model, batches = _setup(1)
     start = copy.deepcopy(model)

@@ -31,6 +31,9 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
+    """Pre-activation ResNet (He et al. 2016) for 32x32 inputs in [0, 1]; ``mean`` / ``std``: optional
+    per-channel normalization inside the model (not part of the state dict)."""
+
     def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
         super().__init__()
@@ -64,4 +67,5 @@ class PreActResNet(nn.Module):
 
 
 def PreActResNet18(num_classes: int = 10, **kw) -> PreActResNet:
+    """PreActResNet-18 (the AT / AWP reference architecture); ``kw`` as :class:`PreActResNet`."""
     return PreActResNet((2, 2, 2, 2), num_classes=num_classes, **kw)

@@ -8,9 +8,13 @@ the robust-overfitting reproduction needs.
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ._common import InputNormalization
 
 __all__ = ["SmallCNN"]
 
@@ -20,9 +24,15 @@ def _conv_bn(cin: int, cout: int) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 32, hidden: int = 256):
+    """Args: ``num_classes``, ``in_channels``, ``width`` (channels of the first conv layers),
+    ``hidden`` (units of the head), ``mean`` / ``std`` (optional per-channel input
+    normalization inside the model; not part of the state dict)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 32, hidden: int = 256,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
         super().__init__()
         self.in_channels = in_channels
+        self.normalize = InputNormalization(mean, std)
         w = int(width)
         self.features = nn.Sequential(
             _conv_bn(in_channels, w), _conv_bn(w, w), nn.MaxPool2d(2),
@@ -35,6 +45,6 @@ class SmallCNN(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"SmallCNN expects NCHW input with {self.in_channels} channels, got shape {tuple(x.shape)}")
-        out = self.features(x)
+        out = self.features(self.normalize(x))
         out = F.adaptive_avg_pool2d(out, 4).flatten(1)
         return self.fc2(F.relu(self.fc1(out)))

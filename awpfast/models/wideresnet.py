@@ -47,6 +47,9 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
+    """WideResNet-``depth``-``widen_factor`` (34-10 and 28-10 in the references) for inputs in [0, 1];
+    ``mean`` / ``std``: optional per-channel normalization inside the model (not in the state dict)."""
+
     def __init__(self, depth: int = 34, widen_factor: int = 10, num_classes: int = 10,
                  drop_rate: float = 0.0, sub_block1: bool = False, bias_last: bool = True,
                  in_channels: int = 3, mean: Optional[Sequence[float]] = None,

@@ -74,7 +74,13 @@ def _import(name: str):
     return _import_first(name)
 
 
-@torch.compiler.disable
+# Kept out of compiled graphs. ``torch._disable_dynamo`` imports Dynamo only when the function
+# is first called (``torch.compiler.disable`` imports it at decoration time: ~3 s on every
+# ``import awpfast``, CLI ``--help`` and error paths included).
+_no_dynamo = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
+
+@_no_dynamo
 def _import_first(name: str):
     if name not in _MODULES:
         raise ValueError(
@@ -500,7 +506,8 @@ def _check_finite_nonneg(name: str, v) -> float:
 def global_sqnorm(tensors, *, weights=None, eta: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
     """``sum_i ||T_i * tensors[i]||^2`` with ``T_i = |weights[i]| + eta`` (1 without weights):
     a 0-dim float32 (float64 if any input is float64) tensor on ``tensors[0]``'s device.
-    One reduction per (device, dtype) group, no host sync (see the module docstring)."""
+    One reduction per (device, dtype) group, no host sync (see the module docstring).
+    ``backend``: a backend name, else ``$AWPFAST_BACKEND``, else the best for the device."""
     ts = _check_list("tensors", tensors)
     ws = None
     if weights is not None:
@@ -523,7 +530,9 @@ def global_sqnorm(tensors, *, weights=None, eta: float = 0.0, backend: Optional[
 def asam_apply_(params, directions, scale, *, eta: float = 0.0, backups=None,
                 backend: Optional[str] = None) -> None:
     """ASAM's apply: ``T = |params[i]| + eta`` (before the write), ``backups[i] <- params[i]``,
-    ``params[i] += scale_i * T^2 * directions[i]`` (see the module docstring)."""
+    ``params[i] += scale_i * T^2 * directions[i]`` (see the module docstring). ``backend``: a
+    backend name, else ``$AWPFAST_BACKEND``, else the best for the device (kernel backends without
+    this op use the foreach implementation)."""
     ps = _check_list("params", params)
     ds = _check_list("directions", directions)
     _check_pair("params", ps, "directions", ds, same_dtype=False)
@@ -546,7 +555,9 @@ def _pick_norms(norms, idx, device):
 def box_perturb_(params, directions, adv_lr: Floats, adv_eps: Floats, origins, *, first: bool,
                  eps: float = 1e-6, norms=None, backend: Optional[str] = None) -> torch.Tensor:
     """Box AWP's clamped ascent step (see the module docstring). Returns the direction norms
-    (one per tensor, float32; float64 for float64 inputs)."""
+    (one per tensor, float32; float64 for float64 inputs). ``backend``: a backend name, else
+    ``$AWPFAST_BACKEND``, else the best for the device (kernel backends without this op use the
+    foreach implementation)."""
     ps = _check_list("params", params)
     ds = _check_list("directions", directions)
     os_ = _check_list("origins", origins)

@@ -313,66 +313,111 @@ def pgd_step_(x_adv, grad, x, alpha, eps, norm):
 
 
 # --------------------------------------------------------------------------- family ops (issue 11)
-def _in_acc(ts, acc):
-    return ts if ts[0].dtype == acc else [t.to(acc) for t in ts]
+# Scratch space: on CUDA one flat buffer per list (the multi-tensor fast path, and the box
+# select as one torch.where); on the CPU per-tensor temporaries, which the allocator reuses
+# from step to step (a flat buffer of a whole model is a fresh mapping, page-faulted on every
+# call: several times slower there), and the select as one in-place torch.where per tensor.
+def _flat(device) -> bool:
+    return EXPAND_SCALES if EXPAND_SCALES is not None else device.type == "cuda"
+
+
+def _abs_scratch(ts, acc):
+    """|ts| in ``acc``, as new tensors."""
+    if _flat(ts[0].device) or ts[0].dtype != acc:
+        out = _copy_in(ts, acc)
+        torch._foreach_abs_(out)
+        return out
+    return list(torch._foreach_abs(ts))
+
+
+def _mul_per_tensor(ts, scale):
+    """ts[i] *= scale[i] (``scale``: a float, or a 1-D device tensor in the dtype of ``ts``)."""
+    if isinstance(scale, float):
+        torch._foreach_mul_(ts, scale)
+    else:
+        torch._foreach_mul_(ts, _per_element(scale, ts))
 
 
 def global_sqnorm(tensors, weights, eta):
     acc = _acc_dtype(tensors[0].dtype)
     if weights is None:
-        ns = norms(tensors)
+        ns = _norms64(tensors)
     else:
-        t = torch._foreach_abs(_in_acc(weights, acc))
+        t = _abs_scratch(weights, acc)      # T = |w| + eta, then T * x, in one scratch list
         if eta:
             torch._foreach_add_(t, eta)
         torch._foreach_mul_(t, _in_acc(tensors, acc))
-        ns = torch.stack(torch._foreach_norm(t))
-    return (ns * ns).sum()
+        ns = _norms64(t)
+    return (ns * ns).sum().to(acc)          # the sum of squares in float64
 
 
 def asam_apply_(params, directions, scales, eta, backups):
     acc = _acc_dtype(params[0].dtype)
     dev = params[0].device
-    scale = scales.to(device=dev, dtype=acc) if isinstance(scales, torch.Tensor) else \
-        torch.tensor(scales, dtype=acc, device=dev)
-    p = _in_acc(params, acc)            # (a new fp32 copy for low-precision weights)
-    v = torch._foreach_abs(p)           # T = |w| + eta, from the weights before the write
+    scale = scales.to(device=dev, dtype=acc) if isinstance(scales, torch.Tensor) else _floats_on(scales, acc, dev)
+    v = _abs_scratch(params, acc)           # T = |w| + eta, from the weights before the write
     if eta:
         torch._foreach_add_(v, eta)
-    torch._foreach_mul_(v, v)           # T^2
-    torch._foreach_mul_(v, list(scale.unbind(0)))
+    torch._foreach_mul_(v, v)               # T^2
+    _mul_per_tensor(v, scale)
     if backups is not None:
         torch._foreach_copy_(backups, params)
-    torch._foreach_addcmul_(p, v, _in_acc(directions, acc))
-    if p is not params:
-        torch._foreach_copy_(params, p)
+    if params[0].dtype == acc:
+        torch._foreach_addcmul_(params, v, directions)
+    else:
+        p32 = _copy_in(params, acc)
+        torch._foreach_addcmul_(p32, v, _in_acc(directions, acc))
+        torch._foreach_copy_(params, p32)   # one rounding to the parameter dtype
 
 
 def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, pre_norms):
     acc = _acc_dtype(params[0].dtype)
     dev = params[0].device
+    flat = _flat(dev)
     if first:
         torch._foreach_copy_(origins, params)
     if pre_norms is None:
-        dn, wn = norms(directions), norms(params)
+        dn, wn = _norms64(directions), _norms64(params)
     else:
-        dn, wn = (n.to(device=dev, dtype=acc) for n in pre_norms)
+        dn, wn = (n.to(device=dev, dtype=torch.float64) for n in pre_norms)
     ok = torch.isfinite(dn) & (dn != 0)
-    lr = torch.tensor(adv_lrs, dtype=acc, device=dev)
+    lr = _floats_on(adv_lrs, torch.float64, dev)
     scale = torch.where(ok, lr * (wn + eps) / torch.where(ok, dn + eps, torch.ones_like(dn)),
-                        torch.zeros_like(dn))
-    p = _in_acc(params, acc)
-    cand = torch._foreach_mul(_in_acc(directions, acc), list(scale.unbind(0)))
-    torch._foreach_add_(cand, p)
+                        torch.zeros_like(dn)).to(acc)
+    if flat:
+        n = sum(t.numel() for t in params)
+        cand_flat, p_flat = (torch.empty(n, dtype=acc, device=dev) for _ in range(2))
+        cand, p = _views_like(cand_flat, params), _views_like(p_flat, params)
+        torch._foreach_copy_(cand, directions)
+        _mul_per_tensor(cand, scale)
+        torch._foreach_copy_(p, params)
+    else:
+        d = _in_acc(directions, acc)
+        cand = list(torch._foreach_mul(d, list(scale.unbind(0))))
+        p = _in_acc(params, acc)            # the weights themselves (or a float32 copy)
+    torch._foreach_add_(cand, p)            # p + adv_lr * (||w|| + eps) / (||g|| + eps) * g
     o = _in_acc(origins, acc)
-    r = torch._foreach_abs(o)
-    torch._foreach_mul_(r, adv_epss)
-    torch._foreach_maximum_(cand, torch._foreach_sub(o, r))
-    torch._foreach_add_(r, o)           # the upper bound, in place
+    ae = _floats_on(adv_epss, acc, dev)
+    r = _abs_scratch(origins, acc)          # one scratch list for both bounds:
+    _mul_per_tensor(r, ae)
+    torch._foreach_neg_(r)
+    torch._foreach_add_(r, o)               # w0 + (-adv_eps*|w0|) == w0 - adv_eps*|w0|
+    torch._foreach_maximum_(cand, r)
+    torch._foreach_copy_(r, o)
+    torch._foreach_abs_(r)
+    _mul_per_tensor(r, ae)
+    torch._foreach_add_(r, o)               # w0 + adv_eps*|w0|
     torch._foreach_minimum_(cand, r)
-    # Skipped tensors keep their values. A non-finite direction makes NaN in its candidate
-    # (0 * inf) and no torch._foreach op selects per tensor without a host sync, so the
-    # select is one torch.where per tensor (the fused kernels skip such tensors instead).
-    okl = ok.unbind(0)
-    torch._foreach_copy_(params, [torch.where(k, c, q) for k, c, q in zip(okl, cand, p)])
-    return dn
+    # A skipped tensor (||g|| zero or not finite) keeps its values: a non-finite direction
+    # makes NaN in its candidate (0 * inf), and no foreach op selects per tensor.
+    if flat:  # one torch.where over the flat buffer, the per-tensor flag expanded per element
+        sizes = [t.numel() for t in params]
+        mask = torch.repeat_interleave(ok, _table(sizes, torch.int64, dev), output_size=sum(sizes))
+        torch.where(mask, cand_flat, p_flat, out=cand_flat)
+        torch._foreach_copy_(params, cand)  # one rounding to the parameter dtype
+    else:     # CPU: one in-place torch.where per tensor
+        for k, c, q in zip(ok.unbind(0), cand, p):
+            torch.where(k, c, q, out=q)
+        if params[0].dtype != acc:
+            torch._foreach_copy_(params, p)
+    return dn.to(acc)

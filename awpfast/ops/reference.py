@@ -121,9 +121,10 @@ def global_sqnorm(tensors, weights, eta):
         x = _acc(t)
         if weights is not None:
             x = (_acc(weights[i]).abs() + eta) * x
+        x = x.to(torch.float64)             # the sum of squares in float64 (no underflow)
         s = (x * x).sum()
         total = s if total is None else total + s
-    return total
+    return total.to(_acc(tensors[0]).dtype)
 
 
 def asam_apply_(params, directions, scales, eta, backups):

