@@ -121,10 +121,13 @@ def main(argv=None):
     ap.add_argument("--backends", default="foreach,native")
     ap.add_argument("--rules", default="add_scaled+restore,sam,asam,box")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-json", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = WideResNet(34, 10).to(device)
     named = [(n, p.detach()) for n, p in model.named_parameters()]
