@@ -517,6 +517,24 @@ for dt in ("fp32", "bf16"):
         assert "ld.global.v4" in s and "st.global.v4" in s, ("apply", dt, mode)
         if mode in (0, 3, 4):
             assert "sqrt.rn.f64" in s, ("apply", dt, mode)
+    for weighted in (False, True):  # the family ops (issue 11)
+        sig = dict(P0=P, P1=P, PROTO="*" + dt, TINFO=P, CTAB=P, PART="*fp64", eta="fp32",
+                   WEIGHTED="constexpr", BLOCK="constexpr", ALIGNED="constexpr")
+        s = ptx(K.mt_sqnorm_kernel, sig, dict(WEIGHTED=weighted, BLOCK=1024, ALIGNED=True), div(6))
+        assert "ld.global.v4" in s, ("sqnorm", dt, weighted)
+    for mode, given in ((K.F_ADD, False), (K.F_ASAM, False), (K.F_BOX, False), (K.F_BOX, True)):
+        sig = dict(P0=P, P1=P, P2=P, P3=P, P4=P, PROTO="*" + dt, TINFO=P, CTAB=P, PART="*fp64", C="i32",
+                   S0="*fp64", S1="*fp64", s0="fp32", s1="fp32", clip="fp32", eta="fp32", eps="fp32",
+                   ND="*fp64", NW="*fp64", OUT="*fp32", MODE="constexpr", T0="constexpr", T1="constexpr",
+                   HAS_B="constexpr", HAS_D="constexpr", HAS_BASE="constexpr", CLIP="constexpr",
+                   FIRST="constexpr", GIVEN="constexpr", BLOCK="constexpr", KB="constexpr", ALIGNED="constexpr")
+        const = dict(MODE=mode, T0=True, T1=mode == K.F_BOX, HAS_B=mode != K.F_BOX, HAS_D=mode == K.F_ADD,
+                     HAS_BASE=mode == K.F_ADD, CLIP=mode == K.F_ADD, FIRST=True, GIVEN=given, BLOCK=1024,
+                     KB=1024, ALIGNED=True)
+        s = ptx(K.mt_family_apply_kernel, sig, const, div(9))
+        assert "ld.global.v4" in s and "st.global.v4" in s, ("family apply", dt, mode, given)
+        if mode == K.F_BOX and not given:
+            assert "sqrt.rn.f64" in s and "div.rn.f64" in s, ("family apply", dt, mode)
     sig = dict(XA="*" + dt, G="*" + dt, X="*" + dt, N="i32", alpha="fp32", eps="fp32", BLOCK="constexpr")
     assert "st.global.v4" in ptx(K.pgd_linf_kernel, sig, dict(BLOCK=1024), div(4))
     sig = dict(XA="*" + dt, G="*" + dt, X="*" + dt, R="i32", alpha="fp32", eps="fp32", BLOCK="constexpr")
@@ -524,6 +542,7 @@ for dt in ("fp32", "bf16"):
     assert "st.global.v4" in s and "div.rn.f32" in s and "sqrt.rn.f64" in s
 sig = dict(PART="*fp64", TINFO=P, OUT="*fp32", C="i32", KB="constexpr")
 assert "sqrt.rn.f64" in ptx(K.mt_norms_finalize_kernel, sig, dict(KB=1024), {})
+ptx(K.sum_partials_kernel, dict(PART="*fp64", C="i32", OUT="*fp32", KB="constexpr"), dict(KB=1024), {})
 sig = dict(OUT=P, start="i64", n="i64", **{f"{c}{k}": "i64" for k in range(8) for c in "hl"})
 ptx(K.fill_i64_kernel, sig, {}, {})
 print("OK")

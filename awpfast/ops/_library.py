@@ -1,11 +1,15 @@
 """torch.library registration shared by the kernel backends (triton, native).
 
-Each backend registers the seven seam ops as custom ops ``awpfast::<prefix><op>`` with
-fake implementations, so ``torch.compile`` keeps each call as one opaque node (no graph
+Each backend registers the seven seam ops (and, where it has kernels for them, the
+weight-perturbation family ops ``add_scaled_``, ``global_sqnorm``, ``asam_apply_`` and
+``box_perturb_``) as custom ops ``awpfast::<prefix><op>`` with fake implementations, so ``torch.compile`` keeps each call as one opaque node (no graph
 break on ``data_ptr()`` or kernel launches) and CUDA graphs can capture it. Eager calls
 skip the dispatcher: its round trip is pure overhead next to a few microseconds of GPU work.
 
-Optional list arguments (backups, deltas) travel through the custom op as empty lists.
+Optional list arguments (backups, deltas, base, weights) travel through the custom op as
+empty lists. Per-tensor scales travel either as a list of floats or as a float64 tensor on
+the device (``scale_t``; the list is then empty), so a scale computed on the device is read
+by the kernels without a host sync.
 """
 from __future__ import annotations
 
@@ -32,11 +36,16 @@ class SeamOps:
     """
 
     NAMES = ("norms", "perturb_", "restore_", "unperturb_", "ascent_step_", "project_", "pgd_step_")
+    # registered when the backend implements them (others use the foreach fallback of the seam)
+    OPTIONAL = ("add_scaled_", "global_sqnorm", "asam_apply_", "box_perturb_")
 
     def __init__(self, prefix: str, impls: Dict[str, Callable]):
         missing = set(self.NAMES) - set(impls)
         if missing:
             raise ValueError(f"backend implementations missing for {sorted(missing)}")
+        unknown = set(impls) - set(self.NAMES) - set(self.OPTIONAL)
+        if unknown:
+            raise ValueError(f"unknown seam ops {sorted(unknown)}")
         self.prefix, self.impls = prefix, impls
         self.ok = False
         if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
@@ -87,6 +96,35 @@ class SeamOps:
             f["pgd_step_"](x_adv, grad, x, alpha, eps, norm)
         _pgd.register_fake(lambda *a: None)
 
+        if "add_scaled_" in f:
+            @torch.library.custom_op(p + "add_scaled_", mutates_args=("params", "backups", "deltas"))
+            def _add_scaled(params: Tensors, directions: Tensors, scales: List[float], scale_t: Optional[torch.Tensor],
+                            clip: Optional[float], base: Tensors, backups: Tensors, deltas: Tensors) -> None:
+                f["add_scaled_"](params, directions, scales, scale_t, clip, base, backups, deltas)
+            _add_scaled.register_fake(lambda *a: None)
+
+        if "global_sqnorm" in f:
+            @torch.library.custom_op(p + "global_sqnorm", mutates_args=())
+            def _global_sqnorm(tensors: Tensors, weights: Tensors, eta: float) -> torch.Tensor:
+                return f["global_sqnorm"](tensors, weights, eta)
+            _global_sqnorm.register_fake(
+                lambda tensors, *a: tensors[0].new_empty((), dtype=_acc_dtype(tensors[0].dtype)))
+
+        if "asam_apply_" in f:
+            @torch.library.custom_op(p + "asam_apply_", mutates_args=("params", "backups"))
+            def _asam(params: Tensors, directions: Tensors, scales: List[float], scale_t: Optional[torch.Tensor],
+                      eta: float, backups: Tensors) -> None:
+                f["asam_apply_"](params, directions, scales, scale_t, eta, backups)
+            _asam.register_fake(lambda *a: None)
+
+        if "box_perturb_" in f:
+            @torch.library.custom_op(p + "box_perturb_", mutates_args=("params", "origins"))
+            def _box(params: Tensors, directions: Tensors, adv_lrs: List[float], adv_epss: List[float],
+                     origins: Tensors, first: bool, eps: float, dnorms: Optional[torch.Tensor],
+                     wnorms: Optional[torch.Tensor]) -> torch.Tensor:
+                return f["box_perturb_"](params, directions, adv_lrs, adv_epss, origins, first, eps, dnorms, wnorms)
+            _box.register_fake(lambda params, *a: _fake_norms(params))
+
     def op(self, name: str) -> Callable:
         """The custom op while Dynamo traces, else the implementation itself."""
         if self.ok and torch.compiler.is_compiling():
@@ -104,3 +142,23 @@ def floats(v, n: int) -> List[float]:
     if isinstance(v, (int, float)):
         return [float(v)] * n
     return [float(x) for x in v]
+
+
+def scale_args(scales, n: int, device):
+    """(list of floats, None) or ([], float64 contiguous tensor on ``device``) for the
+    per-tensor scales of the seam (a float, a list, or a float tensor with one value per
+    tensor, possibly an expanded 0-dim one): the tensor form stays on the device."""
+    if isinstance(scales, torch.Tensor):
+        t = scales.to(device=device, dtype=torch.float64)
+        if t.dim() == 0:
+            t = t.reshape(1).expand(n)
+        return [], t.contiguous()
+    return floats(scales, n), None
+
+
+def norm_args(norms, device):
+    """Given (direction_norms, param_norms) of box_perturb_ as float64 contiguous tensors on
+    ``device`` (or (None, None))."""
+    if norms is None:
+        return None, None
+    return tuple(n.to(device=device, dtype=torch.float64).contiguous() for n in norms)

@@ -348,6 +348,181 @@ def pgd_l2_kernel(XA, G, X, R, alpha, eps, BLOCK: tl.constexpr):
         tl.store(XA + offs, out.to(XA.dtype.element_ty), mask=m)
 
 
+# --------------------------------------------------------------------------- weight-perturbation family
+# family apply modes (mt_family_apply_kernel)
+F_ADD = 0    # P0=p, P1=d, P2=backup, P3=delta, P4=base: p <- (base or p) + s*clamp(d); backup, delta
+F_ASAM = 1   # P0=p, P1=d, P2=backup: p <- p + (s*T^2)*d, T = |p| + eta (before the write)
+F_BOX = 2    # P0=p, P1=d, P2=origin: p <- clamp(p + s*d, o - ae|o|, o + ae|o|); origin <- p if FIRST
+
+
+@triton.jit
+def _clampv(x, lo, hi):
+    """clamp that lets NaN in ``x`` through (as torch.clamp and the CPU kernels do)."""
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
+def _sqnorm_block(a, w, offs, mask, eta, acc, WEIGHTED: tl.constexpr, MASKED: tl.constexpr):
+    x = _ld(a, offs, mask, MASKED)
+    if WEIGHTED:
+        x = (tl.abs(_ld(w, offs, mask, MASKED)) + eta) * x
+    x64 = x.to(tl.float64)
+    return acc + x64 * x64
+
+
+@triton.jit
+def mt_sqnorm_kernel(P0, P1, PROTO, TINFO, CTAB, PART, eta,
+                     WEIGHTED: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """global_sqnorm, stage 1: PART[c] = sum over chunk c of (T x)^2 with T = |w| + eta (the
+    product in fp32, the square and the sum in float64); T = 1 without WEIGHTED."""
+    c, t, start, n = _chunk(TINFO, CTAB, BLOCK)
+    a = _base(P0, t, start, PROTO, ALIGNED)
+    w = a
+    if WEIGHTED:
+        w = _base(P1, t, start, PROTO, ALIGNED)
+    ar = tl.arange(0, BLOCK)
+    acc = tl.full([BLOCK], 0.0, tl.float64)
+    nfull = (n // BLOCK) * BLOCK
+    for o in range(0, nfull, BLOCK):
+        offs = tl.max_contiguous(tl.multiple_of(o + ar, BLOCK), BLOCK)
+        acc = _sqnorm_block(a, w, offs, None, eta, acc, WEIGHTED, False)
+    if nfull < n:
+        offs = nfull + ar
+        acc = _sqnorm_block(a, w, offs, offs < n, eta, acc, WEIGHTED, True)
+    tl.store(PART + c, tl.reduce(acc, 0, _ADD))
+
+
+@triton.jit
+def sum_partials_kernel(PART, C, OUT, KB: tl.constexpr):
+    """global_sqnorm, stage 2 (one program): OUT[0] = the sum of PART[0:C] in a fixed order."""
+    acc = tl.full([KB], 0.0, tl.float64)
+    for k in range(0, C, KB):
+        idx = k + tl.arange(0, KB)
+        acc += tl.load(PART + idx, mask=idx < C, other=0.0)
+    tl.store(OUT, tl.reduce(acc, 0, _ADD).to(OUT.dtype.element_ty))
+
+
+@triton.jit
+def _family_block(a, b, cc, e, f, offs, mask, s, x1, clip, eta, ok,
+                  MODE: tl.constexpr, HAS_B: tl.constexpr, HAS_D: tl.constexpr, HAS_BASE: tl.constexpr,
+                  CLIP: tl.constexpr, FIRST: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        praw = tl.load(a + offs, mask=mask)
+    else:
+        praw = tl.load(a + offs)
+    if MODE == 0:  # add_scaled: backup <- p; v = s * clamp(d); delta <- v; p <- (base or p) + v
+        if HAS_B:
+            if MASKED:
+                tl.store(cc + offs, praw, mask=mask)
+            else:
+                tl.store(cc + offs, praw)
+        d = _ld(b, offs, mask, MASKED)
+        if CLIP:
+            d = _clampv(d, -clip, clip)
+        v = s * d
+        if HAS_D:
+            _st(e, offs, v, mask, MASKED)
+        if HAS_BASE:
+            start = _ld(f, offs, mask, MASKED)
+        else:
+            start = praw.to(tl.float32)
+        _st(a, offs, start + v, mask, MASKED)
+    elif MODE == 1:  # asam: backup <- p; p <- p + (s * T^2) * d, T = |p| + eta
+        if HAS_B:
+            if MASKED:
+                tl.store(cc + offs, praw, mask=mask)
+            else:
+                tl.store(cc + offs, praw)
+        w = praw.to(tl.float32)
+        tt = tl.abs(w) + eta
+        _st(a, offs, w + (s * (tt * tt)) * _ld(b, offs, mask, MASKED), mask, MASKED)
+    else:  # box: origin <- p (FIRST); p <- clamp(p + s*d, o - x1|o|, o + x1|o|) where ok, else p unchanged
+        if FIRST:
+            if MASKED:
+                tl.store(cc + offs, praw, mask=mask)
+            else:
+                tl.store(cc + offs, praw)
+            o = praw.to(tl.float32)
+        else:
+            o = _ld(cc, offs, mask, MASKED)
+        r = x1 * tl.abs(o)
+        x = praw.to(tl.float32) + s * _ld(b, offs, mask, MASKED)
+        new = _clampv(x, o - r, o + r).to(praw.dtype)
+        out = tl.where(ok, new, praw)
+        if MASKED:
+            tl.store(a + offs, out, mask=mask)
+        else:
+            tl.store(a + offs, out)
+
+
+@triton.jit
+def mt_family_apply_kernel(P0, P1, P2, P3, P4, PROTO, TINFO, CTAB, PART, C, S0, S1, s0, s1, clip, eta, eps,
+                           ND, NW, OUT,
+                           MODE: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, HAS_B: tl.constexpr,
+                           HAS_D: tl.constexpr, HAS_BASE: tl.constexpr, CLIP: tl.constexpr,
+                           FIRST: tl.constexpr, GIVEN: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr,
+                           ALIGNED: tl.constexpr):
+    """One elementwise pass of a family op (``MODE``: F_ADD, F_ASAM, F_BOX).
+
+    ``s0``/``s1`` are per-tensor floats (the scale; for Box AWP adv_lr and adv_eps) as scalars
+    or, with T0/T1, read from the float64 tables S0[t]/S1[t] (a scale tensor computed on the
+    device is such a table: no host sync). Box AWP derives its per-tensor scale
+    ``adv_lr (||p|| + eps) / (||d|| + eps)`` on the device from the partials of
+    ``mt_reduce_kernel`` (R_PERTURB) or, with GIVEN, from the float64 norms ND[t], NW[t]; both
+    norms are rounded to float32 first (the reference's norms), a zero or non-finite
+    direction norm leaves the tensor unchanged, and programs whose chunk starts at 0 write
+    the direction norm to OUT[t].
+    """
+    c, t, start, n = _chunk(TINFO, CTAB, BLOCK)
+    g0 = tl.cast(s0, tl.float64)
+    g1 = tl.cast(s1, tl.float64)
+    if T0:
+        g0 = tl.load(S0 + t)
+    if T1:
+        g1 = tl.load(S1 + t)
+    s64 = g0
+    ok = tl.full([], 1, tl.int1)
+    if MODE == 2:
+        if GIVEN:
+            gn = tl.load(ND + t)
+            wn = tl.load(NW + t)
+        else:
+            first = tl.load(TINFO + 4 * t + 2)
+            nck = tl.load(TINFO + 4 * t + 3)
+            wn = tl.sqrt(_tensor_sum(PART, 0, C, first, nck, KB))
+            gn = tl.sqrt(_tensor_sum(PART, 1, C, first, nck, KB))
+        gn = gn.to(tl.float32).to(tl.float64)
+        wn = wn.to(tl.float32).to(tl.float64)
+        ok = ((gn - gn) == 0.0) & (gn != 0.0)  # finite and non-zero
+        e64 = tl.cast(eps, tl.float64)
+        s64 = tl.where(ok, g0 * (wn + e64) / tl.where(ok, gn + e64, 1.0), 0.0)
+        if start == 0:
+            tl.store(OUT + t, gn.to(OUT.dtype.element_ty))
+    s = s64.to(tl.float32)
+    x1 = g1.to(tl.float32)
+    a = _base(P0, t, start, PROTO, ALIGNED)
+    b = _base(P1, t, start, PROTO, ALIGNED)
+    cc = a
+    e = a
+    f = a
+    if HAS_B or MODE == 2:
+        cc = _base(P2, t, start, PROTO, ALIGNED)
+    if HAS_D:
+        e = _base(P3, t, start, PROTO, ALIGNED)
+    if HAS_BASE:
+        f = _base(P4, t, start, PROTO, ALIGNED)
+    ar = tl.arange(0, BLOCK)
+    nfull = (n // BLOCK) * BLOCK
+    for o in range(0, nfull, BLOCK):
+        offs = tl.max_contiguous(tl.multiple_of(o + ar, BLOCK), BLOCK)
+        _family_block(a, b, cc, e, f, offs, None, s, x1, clip, eta, ok,
+                      MODE, HAS_B, HAS_D, HAS_BASE, CLIP, FIRST, False)
+    if nfull < n:
+        offs = nfull + ar
+        _family_block(a, b, cc, e, f, offs, offs < n, s, x1, clip, eta, ok,
+                      MODE, HAS_B, HAS_D, HAS_BASE, CLIP, FIRST, True)
+
+
 _BIAS32 = 4294967296  # 2**32
 
 

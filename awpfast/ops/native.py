@@ -11,12 +11,19 @@ multi-phase ops run over cache-sized segments so that the later phase reads from
 reductions are per-chunk partials added in a fixed order, so the results are bitwise the
 same for any thread count. CUDA: multi-tensor-apply kernels with the per-tensor scales
 computed on the device (no host sync). See csrc/README.md.
+
+Weight-perturbation family (SAM, ASAM, Box AWP): ``add_scaled_`` and ``asam_apply_`` are
+one pass each (backup, delta and the write together; a per-tensor scale tensor is read by
+the kernels from device memory); ``global_sqnorm`` is one reduction with per-chunk float64
+partials added in a fixed order (one 0-dim result on the device); ``box_perturb_`` is a
+norm pass and one apply pass (origin copy, scale, clamp against the origin), or the apply
+pass alone when the norms are given.
 """
 from __future__ import annotations
 
 import torch
 
-from ._library import SeamOps, as_list, floats
+from ._library import SeamOps, as_list, floats, norm_args, scale_args
 
 try:
     from awpfast import _C
@@ -276,6 +283,103 @@ def _impl_pgd_step_(x_adv, grad, x, alpha, eps, norm):
     _finish(back, ([x_adv],))
 
 
+# --------------------------------------------------------------------------- family ops
+def _scale_ptr(scale_t, device):
+    if scale_t is None:
+        return 0
+    if scale_t.device != device or scale_t.dtype != torch.float64 or not scale_t.is_contiguous():
+        raise ValueError("native: scale_t must be a contiguous float64 tensor on the params' device")
+    return scale_t.data_ptr()
+
+
+def _impl_add_scaled_(params, directions, scales, scale_t, clip, base, backups, deltas):
+    if not params:
+        return
+    dt, dev = params[0].dtype, params[0].device
+    base, backups, deltas = base or None, backups or None, deltas or None
+    (p, d, w, b, v), back = _prepare([params, directions, base, backups, deltas], (0, 3, 4))
+    n = _numel(p)
+    sp = _scale_ptr(scale_t, dev)
+    sl = [] if sp else list(scales)
+    has_clip = clip is not None
+    c = float(clip) if has_clip else 0.0
+    if dev.type == "cuda":
+        with _Cuda(dev) as cu:
+            ws = _ws(_C_cuda.workspace_doubles(n), dev)
+            _C_cuda.add_scaled(_ptrs(p), _ptrs(d), _ptrs(w), _ptrs(b), _ptrs(v), n, sl, sp, has_clip, c,
+                               _CODES[dt], ws.data_ptr(), cu.stream)
+    else:
+        _C.add_scaled(_ptrs(p), _ptrs(d), _ptrs(w), _ptrs(b), _ptrs(v), n, sl, sp, has_clip, c, _CODES[dt],
+                      _threads())
+    _finish(back, (params, backups, deltas))
+
+
+def _impl_global_sqnorm(tensors, weights, eta):
+    dt, dev = tensors[0].dtype, tensors[0].device
+    out = torch.empty((), dtype=_acc_dtype(dt), device=dev)
+    (x, w), _ = _prepare([tensors, weights or None], ())
+    n = _numel(x)
+    if dev.type == "cuda":
+        with _Cuda(dev) as cu:
+            ws = _ws(_C_cuda.workspace_doubles(n), dev)
+            _C_cuda.global_sqnorm(_ptrs(x), _ptrs(w), n, float(eta), _CODES[dt], out.data_ptr(), ws.data_ptr(),
+                                  cu.stream)
+    else:
+        _C.global_sqnorm(_ptrs(x), _ptrs(w), n, float(eta), _CODES[dt], out.data_ptr(), _threads())
+    return out
+
+
+def _impl_asam_apply_(params, directions, scales, scale_t, eta, backups):
+    if not params:
+        return
+    dt, dev = params[0].dtype, params[0].device
+    backups = backups or None
+    (p, d, b), back = _prepare([params, directions, backups], (0, 2))
+    n = _numel(p)
+    sp = _scale_ptr(scale_t, dev)
+    sl = [] if sp else list(scales)
+    if dev.type == "cuda":
+        with _Cuda(dev) as cu:
+            ws = _ws(_C_cuda.workspace_doubles(n), dev)
+            _C_cuda.asam_apply(_ptrs(p), _ptrs(d), _ptrs(b), n, sl, sp, float(eta), _CODES[dt], ws.data_ptr(),
+                               cu.stream)
+    else:
+        _C.asam_apply(_ptrs(p), _ptrs(d), _ptrs(b), n, sl, sp, float(eta), _CODES[dt], _threads())
+    _finish(back, (params, backups))
+
+
+def _impl_box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, dnorms, wnorms):
+    dt, dev = params[0].dtype, params[0].device
+    out = torch.empty(len(params), dtype=_acc_dtype(dt), device=dev)
+    (p, d, o), back = _prepare([params, directions, origins], (0, 2))
+    n = _numel(p)
+    gd = _scale_ptr(dnorms, dev)
+    gw = _scale_ptr(wnorms, dev)
+    if dev.type == "cuda":
+        with _Cuda(dev) as cu:
+            ws = _ws(_C_cuda.workspace_doubles(n), dev)
+            _C_cuda.box_perturb(_ptrs(p), _ptrs(d), _ptrs(o), n, list(adv_lrs), list(adv_epss), bool(first),
+                                float(eps), gd, gw, _CODES[dt], out.data_ptr(), ws.data_ptr(), cu.stream)
+    else:
+        _C.box_perturb(_ptrs(p), _ptrs(d), _ptrs(o), n, list(adv_lrs), list(adv_epss), bool(first), float(eps),
+                       gd, gw, _CODES[dt], out.data_ptr(), _threads(), _seg())
+    _finish(back, (params, origins))
+    return out
+
+
+def _family_impls():
+    """The family ops this build has kernels for: all four on the CPU; on CUDA only when the
+    CUDA module exports them (an older _C_cuda build falls back to foreach, see ``_cuda_has``)."""
+    if _C is None or not hasattr(_C, "add_scaled"):
+        return {}
+    return {"add_scaled_": _impl_add_scaled_, "global_sqnorm": _impl_global_sqnorm,
+            "asam_apply_": _impl_asam_apply_, "box_perturb_": _impl_box_perturb_}
+
+
+def _cuda_has(name):
+    return _C_cuda is not None and hasattr(_C_cuda, name)
+
+
 # --------------------------------------------------------------------------- torch.library
 # The ops are also registered as torch.library custom ops (``awpfast::native_*``, see
 # _library.py) so that torch.compile treats each call as one opaque node instead of breaking
@@ -290,6 +394,7 @@ if _C is not None:
         "ascent_step_": _impl_ascent_step_,
         "project_": _impl_project_,
         "pgd_step_": _impl_pgd_step_,
+        **_family_impls(),
     })
 _LIB_OK = bool(_OPS is not None and _OPS.ok)
 
@@ -322,3 +427,67 @@ def project_(params, backups, gammas):
 
 def pgd_step_(x_adv, grad, x, alpha, eps, norm):
     return _OPS.op("pgd_step_")(x_adv, grad, x, float(alpha), float(eps), str(norm))
+
+
+# --------------------------------------------------------------------------- family group functions
+_FAMILY_C = {"add_scaled_": "add_scaled", "global_sqnorm": "global_sqnorm", "asam_apply_": "asam_apply",
+             "box_perturb_": "box_perturb"}
+
+
+def _family_op(name, device):
+    """The custom op / implementation of family op ``name``, or None where this build has no
+    kernel for it on ``device`` (the caller then uses foreach)."""
+    if _OPS is None or name not in _OPS.impls:
+        return None
+    if device.type == "cuda" and not _cuda_has(_FAMILY_C[name]):
+        return None
+    return _OPS.op(name)
+
+
+def _foreach():
+    from . import foreach
+    return foreach
+
+
+def add_scaled_(params, directions, scales, clip, base, backups, deltas):
+    if len(params) == 0:
+        return
+    dev = params[0].device
+    fn = _family_op("add_scaled_", dev)
+    if fn is None:
+        return _foreach().add_scaled_(params, directions, scales, clip, base, backups, deltas)
+    sl, st = scale_args(scales, len(params), dev)
+    fn(list(params), list(directions), sl, st, None if clip is None else float(clip), as_list(base),
+       as_list(backups), as_list(deltas))
+
+
+def global_sqnorm(tensors, weights, eta):
+    if len(tensors) == 0:
+        return torch.zeros((), dtype=torch.float32)
+    fn = _family_op("global_sqnorm", tensors[0].device)
+    if fn is None:
+        return _foreach().global_sqnorm(tensors, weights, eta)
+    return fn(list(tensors), as_list(weights), float(eta))
+
+
+def asam_apply_(params, directions, scales, eta, backups):
+    if len(params) == 0:
+        return
+    dev = params[0].device
+    fn = _family_op("asam_apply_", dev)
+    if fn is None:
+        return _foreach().asam_apply_(params, directions, scales, eta, backups)
+    sl, st = scale_args(scales, len(params), dev)
+    fn(list(params), list(directions), sl, st, float(eta), as_list(backups))
+
+
+def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, norms):
+    if len(params) == 0:
+        return torch.empty(0, dtype=torch.float32)
+    dev = params[0].device
+    fn = _family_op("box_perturb_", dev)
+    if fn is None:
+        return _foreach().box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, norms)
+    gd, gw = norm_args(norms, dev)
+    return fn(list(params), list(directions), floats(adv_lrs, len(params)), floats(adv_epss, len(params)),
+              list(origins), bool(first), float(eps), gd, gw)

@@ -9,7 +9,14 @@ Per (device, dtype) group, whatever the number of tensors:
 * ``restore_`` / ``unperturb_``: 1 launch;
 * ``ascent_step_``: 2 launches (||w||^2, ||d||^2, ||p-w||^2, <p-w, d> in one pass; then
   one apply pass with the projection factor); ``project_``: 2 launches;
-* ``pgd_step_``: 1 launch for L-inf and 1 launch for L2 (one program per sample).
+* ``pgd_step_``: 1 launch for L-inf and 1 launch for L2 (one program per sample);
+* ``add_scaled_`` / ``asam_apply_``: 1 launch (backup, delta and the write in one pass; a
+  per-tensor scale tensor computed on the device is read by the kernel, no host sync);
+* ``global_sqnorm``: 2 launches (per-chunk float64 partials; one program adds them up in a
+  fixed order into the 0-dim result);
+* ``box_perturb_``: 2 launches (partials of ||w||^2 and ||d||^2; one apply pass deriving
+  each layer's scale and skip flag on the device, copying the origin and clamping), or the
+  apply launch alone when the norms are given.
 
 fp32, bf16 and fp16 are supported with fp32 math inside; ``supports()`` is False for
 float64 so the seam falls back to ``foreach``. Every kernel sequence is a
@@ -53,7 +60,7 @@ import threading
 
 import torch
 
-from ._library import SeamOps, as_list, floats
+from ._library import SeamOps, as_list, floats, norm_args, scale_args
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -475,11 +482,84 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
+def _family_apply(mode, tabs, proto, lay, aligned, s=(0.0, None), x1=(0.0, None), clip=None, eta=0.0, eps=0.0,
+                  nd=None, nw=None, out=None, first=False):
+    P = [t if t is not None else tabs[0] for t in tabs] + [tabs[0]] * (5 - len(tabs))
+    has = [len(tabs) > k and tabs[k] is not None for k in range(5)]
+    K.mt_family_apply_kernel[(lay.C,)](
+        P[0], P[1], P[2], P[3], P[4], proto, lay.tinfo, lay.ctab, lay.part, lay.C,
+        s[1] if s[1] is not None else lay.part, x1[1] if x1[1] is not None else lay.part,
+        float(s[0]), float(x1[0]), float(clip or 0.0), float(eta), float(eps),
+        nd if nd is not None else lay.part, nw if nw is not None else lay.part,
+        out if out is not None else lay.part,
+        MODE=mode, T0=s[1] is not None, T1=x1[1] is not None, HAS_B=has[2] and mode != K.F_BOX,
+        HAS_D=has[3], HAS_BASE=has[4], CLIP=clip is not None, FIRST=bool(first), GIVEN=nd is not None,
+        BLOCK=CONFIG["BLOCK"], KB=CONFIG["KB"], ALIGNED=aligned, num_warps=CONFIG["num_warps"])
+
+
+def _scale_pair(scales, scale_t, ctx):
+    """(scalar, float64 table or None) for the kernel: a device scale tensor as the table."""
+    if scale_t is not None:
+        return 0.0, scale_t
+    return _floats(scales, ctx)
+
+
+def _add_scaled_impl(params, directions, scales, scale_t, clip, base, backups, deltas):
+    if not params:
+        return
+    dev = params[0].device
+    with _device_ctx(dev):
+        ctx = _Ctx(dev)
+        lay = _Launch(params, ctx)
+        tabs, al = _tables(ctx, params, directions, backups, deltas, base)
+        _family_apply(K.F_ADD, tabs, params[0], lay, al, s=_scale_pair(scales, scale_t, ctx), clip=clip)
+
+
+def _global_sqnorm_impl(tensors, weights, eta):
+    dev = tensors[0].device
+    out = torch.empty((), dtype=torch.float32, device=dev)
+    with _device_ctx(dev):
+        ctx = _Ctx(dev)
+        lay = _Launch(tensors, ctx)
+        tabs, al = _tables(ctx, tensors, weights)
+        K.mt_sqnorm_kernel[(lay.C,)](tabs[0], tabs[1] if tabs[1] is not None else tabs[0], tensors[0],
+                                     lay.tinfo, lay.ctab, lay.part, float(eta), WEIGHTED=tabs[1] is not None,
+                                     BLOCK=CONFIG["BLOCK"], ALIGNED=al, num_warps=CONFIG["num_warps"])
+        K.sum_partials_kernel[(1,)](lay.part, lay.C, out, KB=CONFIG["KB"])
+    return out
+
+
+def _asam_apply_impl(params, directions, scales, scale_t, eta, backups):
+    if not params:
+        return
+    dev = params[0].device
+    with _device_ctx(dev):
+        ctx = _Ctx(dev)
+        lay = _Launch(params, ctx)
+        tabs, al = _tables(ctx, params, directions, backups)
+        _family_apply(K.F_ASAM, tabs, params[0], lay, al, s=_scale_pair(scales, scale_t, ctx), eta=eta)
+
+
+def _box_perturb_impl(params, directions, adv_lrs, adv_epss, origins, first, eps, dnorms, wnorms):
+    dev = params[0].device
+    out = torch.empty(len(params), dtype=torch.float32, device=dev)
+    with _device_ctx(dev):
+        ctx = _Ctx(dev)
+        lay = _Launch(params, ctx)
+        tabs, al = _tables(ctx, params, directions, origins)
+        if dnorms is None:
+            _reduce(K.R_PERTURB, tabs[:2], params[0], lay, al)
+        _family_apply(K.F_BOX, tabs, params[0], lay, al, s=_floats(adv_lrs, ctx), x1=_floats(adv_epss, ctx),
+                      eps=eps, nd=dnorms, nw=wnorms, out=out, first=first)
+    return out
+
+
 # --------------------------------------------------------------------------- torch.library ops
 _OPS = SeamOps("triton_", {
     "norms": _norms_impl, "perturb_": _perturb_impl, "restore_": _restore_impl,
     "unperturb_": _unperturb_impl, "ascent_step_": _ascent_impl, "project_": _project_impl,
-    "pgd_step_": _pgd_impl,
+    "pgd_step_": _pgd_impl, "add_scaled_": _add_scaled_impl, "global_sqnorm": _global_sqnorm_impl,
+    "asam_apply_": _asam_apply_impl, "box_perturb_": _box_perturb_impl,
 }) if K is not None else None
 
 
@@ -576,3 +656,43 @@ def project_(params, backups, gammas):
 def pgd_step_(x_adv, grad, x, alpha, eps, norm):
     _check_layout(("x_adv", [x_adv]), ("grad", [grad]), ("x", [x]))
     _OPS.op("pgd_step_")(x_adv, grad, x, float(alpha), float(eps), str(norm))
+
+
+# --------------------------------------------------------------------------- family group functions
+def add_scaled_(params, directions, scales, clip, base, backups, deltas):
+    if len(params) == 0:
+        return
+    named = [("params", params), ("directions", directions)]
+    for name, lst in (("base", base), ("backups", backups), ("deltas", deltas)):
+        if lst is not None:
+            named.append((name, lst))
+    _check_layout(*named)
+    sl, st = scale_args(scales, len(params), params[0].device)
+    _OPS.op("add_scaled_")(list(params), list(directions), sl, st, None if clip is None else float(clip),
+                           as_list(base), as_list(backups), as_list(deltas))
+
+
+def global_sqnorm(tensors, weights, eta):
+    if len(tensors) == 0:
+        return torch.zeros((), dtype=torch.float32)
+    named = [("tensors", tensors)] + ([("weights", weights)] if weights is not None else [])
+    _check_layout(*named)
+    return _OPS.op("global_sqnorm")(list(tensors), as_list(weights), float(eta))
+
+
+def asam_apply_(params, directions, scales, eta, backups):
+    if len(params) == 0:
+        return
+    named = [("params", params), ("directions", directions)] + ([("backups", backups)] if backups is not None else [])
+    _check_layout(*named)
+    sl, st = scale_args(scales, len(params), params[0].device)
+    _OPS.op("asam_apply_")(list(params), list(directions), sl, st, float(eta), as_list(backups))
+
+
+def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, norms):
+    if len(params) == 0:
+        return _empty_norms(params)
+    _check_layout(("params", params), ("directions", directions), ("origins", origins))
+    gd, gw = norm_args(norms, params[0].device)
+    return _OPS.op("box_perturb_")(list(params), list(directions), floats(adv_lrs, len(params)),
+                                   floats(adv_epss, len(params)), list(origins), bool(first), float(eps), gd, gw)

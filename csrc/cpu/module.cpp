@@ -459,6 +459,139 @@ void op_pgd_l2(uintptr_t xa, uintptr_t g, uintptr_t x, int64_t batch, int64_t pe
   });
 }
 
+// ------------------------------------------------------------------ weight-perturbation family
+// Per-tensor values given either as a list of floats or (ptr != 0) as a float64 array with one
+// value per tensor (a CPU tensor's data: read without any host sync on the Python side).
+struct PerTensor {
+  const Floats* list;
+  const double* ptr;
+  double at(int64_t t) const { return ptr ? ptr[t] : (*list)[(size_t)t]; }
+};
+
+// Rounds a float64 per-tensor value to the accumulate type of the dtype (the precision in which
+// the reference holds norms: float32 except for float64 tensors).
+double round_acc(int dtype, double x) { return dtype == kFloat64 ? x : (double)(float)x; }
+
+// params <- (base or params) + scale_t * clamp(directions, +-clip); backups <- params (before);
+// deltas <- the added term. One pass.
+void op_add_scaled(const Ptrs& p, const Ptrs& d, const Ptrs& base, const Ptrs& b, const Ptrs& v,
+                   const Sizes& numel, const Floats& scales, uintptr_t scale_ptr, bool has_clip,
+                   double clip, int dtype, int nthreads) {
+  const size_t n = numel.size();
+  check_lens("awpfast._C", n, {{"params", p.size()},
+                               {"directions", d.size()},
+                               {"scales", scales.size(), scale_ptr != 0},
+                               {"base", base.size(), true},
+                               {"backups", b.size(), true},
+                               {"deltas", v.size(), true}});
+  if (scale_ptr != 0 && !scales.empty())
+    throw std::invalid_argument("awpfast._C: give the scales as a list or as a pointer, not both");
+  const KernelTable& K = table(dtype);
+  const int es = elem_size(dtype);
+  const PerTensor S{&scales, reinterpret_cast<const double*>(scale_ptr)};
+  Layout L = make_layout(numel);
+  run_phased(L, 1, es, 0, nthreads, [&](int, int, int64_t c) {
+    const int64_t t = L.ctensor[c], off = L.offset(c), len = L.len(c);
+    if (!b.empty()) copy_stream(at(b[t], off, es), at(p[t], off, es), (size_t)(len * es));
+    K.add_scaled(at(p[t], off, es), at(d[t], off, es), base.empty() ? nullptr : at(base[t], off, es),
+                 v.empty() ? nullptr : at(v[t], off, es), S.at(t), clip, has_clip, len);
+  });
+}
+
+// sum_t ||T_t * x_t||^2 (T = |w| + eta; without weights T = 1) into out[0] (float64 for
+// float64 tensors, else float32). Per-chunk partials added in chunk order: the same bits for
+// any thread count.
+void op_global_sqnorm(const Ptrs& x, const Ptrs& w, const Sizes& numel, double eta, int dtype,
+                      uintptr_t out, int nthreads) {
+  check_lens("awpfast._C", numel.size(), {{"tensors", x.size()}, {"weights", w.size(), true}});
+  const KernelTable& K = table(dtype);
+  const int es = elem_size(dtype);
+  Layout L = make_layout(numel);
+  std::vector<double> part(L.nchunks());
+  run_phased(L, 1, es, 0, nthreads, [&](int, int, int64_t c) {
+    const int64_t t = L.ctensor[c], off = L.offset(c), len = L.len(c);
+    part[c] = w.empty() ? K.sumsq(at(x[t], off, es), len)
+                        : K.wsumsq(at(x[t], off, es), at(w[t], off, es), eta, len);
+  });
+  double total = 0.0;
+  for (double q : part) total += q;
+  if (!out) return;
+  if (dtype == kFloat64) *(double*)out = total;
+  else *(float*)out = (float)total;
+}
+
+// ASAM: backups <- params; params += scale_t * (|params| + eta)^2 * directions. One pass.
+void op_asam(const Ptrs& p, const Ptrs& d, const Ptrs& b, const Sizes& numel, const Floats& scales,
+             uintptr_t scale_ptr, double eta, int dtype, int nthreads) {
+  const size_t n = numel.size();
+  check_lens("awpfast._C", n, {{"params", p.size()},
+                               {"directions", d.size()},
+                               {"scales", scales.size(), scale_ptr != 0},
+                               {"backups", b.size(), true}});
+  if (scale_ptr != 0 && !scales.empty())
+    throw std::invalid_argument("awpfast._C: give the scales as a list or as a pointer, not both");
+  const KernelTable& K = table(dtype);
+  const int es = elem_size(dtype);
+  const PerTensor S{&scales, reinterpret_cast<const double*>(scale_ptr)};
+  Layout L = make_layout(numel);
+  run_phased(L, 1, es, 0, nthreads, [&](int, int, int64_t c) {
+    const int64_t t = L.ctensor[c], off = L.offset(c), len = L.len(c);
+    if (!b.empty()) copy_stream(at(b[t], off, es), at(p[t], off, es), (size_t)(len * es));
+    K.asam_apply(at(p[t], off, es), at(d[t], off, es), S.at(t), eta, len);
+  });
+}
+
+// Box AWP. Phase 0 (unless the norms are given): ||p||^2, ||d||^2 partials. Apply phase: if
+// `first`, origins <- params; tensors whose direction norm is 0 or not finite are left alone;
+// else params <- clamp(params + s*d, o - ae|o|, o + ae|o|), s = lr (||p|| + eps) / (||d|| + eps),
+// with both norms rounded to the accumulate type first (the reference's float32 norms).
+// out[t] <- ||d_t||.
+void op_box(const Ptrs& p, const Ptrs& d, const Ptrs& o, const Sizes& numel, const Floats& lrs,
+            const Floats& aes, bool first, double eps, uintptr_t dnorm_ptr, uintptr_t wnorm_ptr, int dtype,
+            uintptr_t out, int nthreads, int64_t segment_bytes) {
+  const size_t n = numel.size();
+  check_lens("awpfast._C", n, {{"params", p.size()},
+                               {"directions", d.size()},
+                               {"origins", o.size()},
+                               {"adv_lrs", lrs.size()},
+                               {"adv_epss", aes.size()}});
+  if ((dnorm_ptr == 0) != (wnorm_ptr == 0))
+    throw std::invalid_argument("awpfast._C: give both norm arrays or neither");
+  const bool given = dnorm_ptr != 0;
+  const double* gd = reinterpret_cast<const double*>(dnorm_ptr);
+  const double* gw = reinterpret_cast<const double*>(wnorm_ptr);
+  const KernelTable& K = table(dtype);
+  const int es = elem_size(dtype);
+  Layout L = make_layout(numel);
+  std::vector<double> pw(given ? 0 : L.nchunks()), pd(given ? 0 : L.nchunks());
+  std::vector<Memo> memo((size_t)std::max(nthreads, 1));
+  auto dnorm = [&](int64_t t) { return round_acc(dtype, given ? gd[t] : std::sqrt(tensor_sum(L, pd, t))); };
+  const int apply = given ? 0 : 1;
+  run_phased(L, apply + 1, 2 * es, segment_bytes, nthreads, [&](int tid, int ph, int64_t c) {
+    const int64_t t = L.ctensor[c], off = L.offset(c), len = L.len(c);
+    if (ph < apply) {
+      K.sumsq2(at(p[t], off, es), at(d[t], off, es), len, &pw[c], &pd[c]);
+      return;
+    }
+    Memo& mm = memo[tid];
+    if (!mm.hit(t, ph)) {
+      const double gn = dnorm(t);
+      const double wn = round_acc(dtype, given ? gw[t] : std::sqrt(tensor_sum(L, pw, t)));
+      const bool ok = std::isfinite(gn) && gn != 0.0;
+      mm.a = ok ? lrs[t] * (wn + eps) / (gn + eps) : 0.0;
+      mm.b = ok ? 1.0 : 0.0;
+    }
+    if (first) copy_stream(at(o[t], off, es), at(p[t], off, es), (size_t)(len * es));
+    if (mm.b != 0.0) K.box_apply(at(p[t], off, es), at(d[t], off, es), at(o[t], off, es), mm.a, aes[t], len);
+  });
+  if (!out) return;
+  for (size_t t = 0; t < n; ++t) {
+    const double gn = dnorm((int64_t)t);
+    if (dtype == kFloat64) ((double*)out)[t] = gn;
+    else ((float*)out)[t] = (float)gn;
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -499,4 +632,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("pgd_l2", &op_pgd_l2, py::arg("x_adv"), py::arg("grad"), py::arg("x"), py::arg("batch"),
         py::arg("per_sample"), py::arg("alpha"), py::arg("eps"), py::arg("dtype"),
         py::arg("nthreads"), py::arg("segment_bytes") = kDefaultSegmentBytes, nogil);
+  // weight-perturbation family (SAM, ASAM, Box AWP)
+  m.def("add_scaled", &op_add_scaled, py::arg("params"), py::arg("directions"), py::arg("base"),
+        py::arg("backups"), py::arg("deltas"), py::arg("numel"), py::arg("scales"), py::arg("scale_ptr"),
+        py::arg("has_clip"), py::arg("clip"), py::arg("dtype"), py::arg("nthreads"), nogil);
+  m.def("global_sqnorm", &op_global_sqnorm, py::arg("tensors"), py::arg("weights"), py::arg("numel"),
+        py::arg("eta"), py::arg("dtype"), py::arg("out"), py::arg("nthreads"), nogil);
+  m.def("asam_apply", &op_asam, py::arg("params"), py::arg("directions"), py::arg("backups"),
+        py::arg("numel"), py::arg("scales"), py::arg("scale_ptr"), py::arg("eta"), py::arg("dtype"),
+        py::arg("nthreads"), nogil);
+  m.def("box_perturb", &op_box, py::arg("params"), py::arg("directions"), py::arg("origins"),
+        py::arg("numel"), py::arg("adv_lrs"), py::arg("adv_epss"), py::arg("first"), py::arg("eps"),
+        py::arg("dnorm_ptr"), py::arg("wnorm_ptr"), py::arg("dtype"), py::arg("out"), py::arg("nthreads"),
+        py::arg("segment_bytes") = kDefaultSegmentBytes, nogil);
 }

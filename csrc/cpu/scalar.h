@@ -98,6 +98,12 @@ struct KernelTable {
   void (*pgd_linf)(void* xa, const void* g, const void* x, double alpha, double eps, int64_t n);
   double (*pgd_l2_dnorm)(const void* xa, const void* g, const void* x, double s, int64_t n);
   void (*pgd_l2_write)(void* xa, const void* g, const void* x, double s, double f, int64_t n);
+  // weight-perturbation family (SAM, ASAM, Box AWP)
+  double (*wsumsq)(const void* x, const void* w, double eta, int64_t n);
+  void (*add_scaled)(void* p, const void* d, const void* base, void* delta, double s, double clip,
+                     bool has_clip, int64_t n);
+  void (*asam_apply)(void* p, const void* d, double s, double eta, int64_t n);
+  void (*box_apply)(void* p, const void* d, const void* o, double s, double ae, int64_t n);
 };
 
 namespace awp_base { void fill_tables(KernelTable* out); }

@@ -528,6 +528,209 @@ __global__ void k_pgd_l2_fin(const double* part, int64_t batch, int64_t cps, dou
   }
 }
 
+// ------------------------------------------------------------------ weight-perturbation family
+static_assert(sizeof(TLMeta<5>) + 64 <= 4096, "TLMeta<5> plus scalars must fit the 4 KB kernel argument space");
+
+// lists: params, directions, backups (or null), deltas (or null), base (or null).
+// d = clamp(d, -clip, clip) (clip_on); v = scale * d; backup <- p; delta <- v; p <- (base or p) + v
+template <class T, bool HAS_B, bool HAS_V>
+__global__ void __launch_bounds__(kThreads) k_add_scaled(const __grid_constant__ TLMeta<5> m,
+                                                          const double* scale, bool clip_on,
+                                                          typename Cv<T>::A clip) {
+  using A = typename Cv<T>::A;
+  constexpr int V = Vw<T>::V;
+  const ChunkPos c = locate(m);
+  T* p = static_cast<T*>(m.ptr[0][c.t]) + c.off;
+  const T* d = static_cast<const T*>(m.ptr[1][c.t]) + c.off;
+  T* b = HAS_B ? static_cast<T*>(m.ptr[2][c.t]) + c.off : nullptr;
+  T* vo = HAS_V ? static_cast<T*>(m.ptr[3][c.t]) + c.off : nullptr;
+  const T* base = m.ptr[4][c.t] ? static_cast<const T*>(m.ptr[4][c.t]) + c.off : nullptr;
+  const bool al = al16(p) && al16(d) && (!HAS_B || al16(b)) && (!HAS_V || al16(vo)) && (!base || al16(base));
+  const A s = (A)scale[m.tidx[c.t]];
+  AWP_FOR_GROUPS(T, c.len) {
+    const int n = (int)min((int64_t)V, c.len - i);
+    const bool vec = al && n == V;
+    if (HAS_B) copy_raw<T>(b, p, i, n, vec);
+    A w[V], v[V];
+    load<T>(base ? base : p, i, n, vec, w);
+    load<T>(d, i, n, vec, v);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      A dd = v[k];
+      if (clip_on) dd = dd < -clip ? -clip : (dd > clip ? clip : dd);  // NaN stays NaN
+      v[k] = s * dd;
+      w[k] = w[k] + v[k];
+    }
+    if (HAS_V) store<T>(vo, i, n, vec, v);
+    store<T>(p, i, n, vec, w);
+  }
+}
+
+// part[gc] = sum over the chunk of (T x)^2, T = |w| + eta (WEIGHTED; the product in A, the square
+// in double) or T = 1
+template <class T, bool WEIGHTED>
+__global__ void __launch_bounds__(kThreads) k_wsumsq(const __grid_constant__ TLMeta<2> m, double* part,
+                                                      typename Cv<T>::A eta) {
+  __shared__ double sh[32];
+  using A = typename Cv<T>::A;
+  constexpr int V = Vw<T>::V;
+  const ChunkPos c = locate(m);
+  const T* x = static_cast<const T*>(m.ptr[0][c.t]) + c.off;
+  const T* w = WEIGHTED ? static_cast<const T*>(m.ptr[1][c.t]) + c.off : x;
+  const bool al = al16(x) && al16(w);
+  double acc = 0.0;
+  AWP_FOR_GROUPS(T, c.len) {
+    const int n = (int)min((int64_t)V, c.len - i);
+    const bool vec = al && n == V;
+    A a[V], ww[V];
+    load<T>(x, i, n, vec, a);
+    if (WEIGHTED) load<T>(w, i, n, vec, ww);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      A y = a[k];
+      if (WEIGHTED) {
+        const A t = (ww[k] < A(0) ? -ww[k] : ww[k]) + eta;
+        y = t * y;
+      }
+      acc += (double)y * (double)y;
+    }
+  }
+  const double r = block_sum(acc, sh);
+  if (threadIdx.x == 0) part[c.gc] = r;
+}
+
+// out[0] = sum of part[0..C) in a fixed order (one block: thread j takes j, j + blockDim, ...,
+// then the fixed tree of block_sum)
+__global__ void k_sum_all(const double* part, int64_t C, void* out, bool out_f64) {
+  __shared__ double sh[32];
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < C; i += blockDim.x) s += part[i];
+  const double r = block_sum(s, sh);
+  if (threadIdx.x == 0) write_out(out, out_f64, 0, r);
+}
+
+// lists: params, directions, backups (or null). T = |p| + eta (before the write);
+// backup <- p; p <- p + (scale * T^2) * d
+template <class T, bool HAS_B>
+__global__ void __launch_bounds__(kThreads) k_asam(const __grid_constant__ TLMeta<3> m, const double* scale,
+                                                    typename Cv<T>::A eta) {
+  using A = typename Cv<T>::A;
+  constexpr int V = Vw<T>::V;
+  const ChunkPos c = locate(m);
+  T* p = static_cast<T*>(m.ptr[0][c.t]) + c.off;
+  const T* d = static_cast<const T*>(m.ptr[1][c.t]) + c.off;
+  T* b = HAS_B ? static_cast<T*>(m.ptr[2][c.t]) + c.off : nullptr;
+  const bool al = al16(p) && al16(d) && (!HAS_B || al16(b));
+  const A s = (A)scale[m.tidx[c.t]];
+  AWP_FOR_GROUPS(T, c.len) {
+    const int n = (int)min((int64_t)V, c.len - i);
+    const bool vec = al && n == V;
+    if (HAS_B) copy_raw<T>(b, p, i, n, vec);
+    A w[V], g[V];
+    load<T>(p, i, n, vec, w);
+    load<T>(d, i, n, vec, g);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const A t = (w[k] < A(0) ? -w[k] : w[k]) + eta;
+      w[k] = w[k] + (s * (t * t)) * g[k];
+    }
+    store<T>(p, i, n, vec, w);
+  }
+}
+
+// Box AWP, per tensor: lr, adv_eps and the first chunk (one warp per tensor, as k_finalize).
+struct BoxFinMeta {
+  int32_t cstart[kMaxF + 1];
+  double lr[kMaxF];
+  double ae[kMaxF];
+  int32_t n;
+  int32_t t0;
+};
+
+// gn = ||d|| (sum of pb, or gd[t] when GIVEN), wn = ||p|| (pa or gw[t]), both rounded to the
+// accumulate type (float32 unless out_f64); out[t] = gn. A zero or non-finite gn marks the tensor
+// as skipped (sb[t] = -1), else sa[t] = lr (wn + eps) / (gn + eps) and sb[t] = adv_eps (>= 0).
+template <bool GIVEN>
+__global__ void k_box_fin(const __grid_constant__ BoxFinMeta m, const double* pa, const double* pb,
+                          const double* gw, const double* gd, double* sa, double* sb, double eps, void* out,
+                          bool out_f64) {
+  const int i = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+  const int lane = threadIdx.x & 31;
+  if (i >= m.n) return;
+  const int t = m.t0 + i;
+  double wsq = 0.0, dsq = 0.0;
+  if (!GIVEN) {
+    wsq = warp_sum_range(pa, m.cstart[i], m.cstart[i + 1], lane);
+    dsq = warp_sum_range(pb, m.cstart[i], m.cstart[i + 1], lane);
+  }
+  if (lane != 0) return;
+  double gn = GIVEN ? gd[t] : sqrt(dsq);
+  double wn = GIVEN ? gw[t] : sqrt(wsq);
+  if (!out_f64) {
+    gn = (double)(float)gn;
+    wn = (double)(float)wn;
+  }
+  const bool ok = isfinite(gn) && gn != 0.0;
+  sa[t] = ok ? m.lr[i] * (wn + eps) / (gn + eps) : 0.0;
+  sb[t] = ok ? m.ae[i] : -1.0;
+  write_out(out, out_f64, t, gn);
+}
+
+// lists: params, directions, origins. FIRST: origin <- p. Unless skipped (sb < 0):
+// p <- clamp(p + s*d, o - ae|o|, o + ae|o|) (NaN in p + s*d stays NaN)
+template <class T, bool FIRST>
+__global__ void __launch_bounds__(kThreads) k_box_apply(const __grid_constant__ TLMeta<3> m,
+                                                         const double* sa, const double* sb) {
+  using A = typename Cv<T>::A;
+  constexpr int V = Vw<T>::V;
+  const ChunkPos c = locate(m);
+  T* p = static_cast<T*>(m.ptr[0][c.t]) + c.off;
+  const T* d = static_cast<const T*>(m.ptr[1][c.t]) + c.off;
+  T* o = static_cast<T*>(m.ptr[2][c.t]) + c.off;
+  const bool al = al16(p) && al16(d) && al16(o);
+  const int ti = m.tidx[c.t];
+  const double ae64 = sb[ti];
+  if (ae64 < 0.0) {  // skipped tensor (uniform over the block): only the origin copy
+    if (FIRST) {
+      AWP_FOR_GROUPS(T, c.len) {
+        const int n = (int)min((int64_t)V, c.len - i);
+        copy_raw<T>(o, p, i, n, al && n == V);
+      }
+    }
+    return;
+  }
+  const A s = (A)sa[ti], ae = (A)ae64;
+  AWP_FOR_GROUPS(T, c.len) {
+    const int n = (int)min((int64_t)V, c.len - i);
+    const bool vec = al && n == V;
+    A w[V], g[V], oo[V];
+    if (FIRST) copy_raw<T>(o, p, i, n, vec);
+    load<T>(p, i, n, vec, w);
+    load<T>(d, i, n, vec, g);
+    if (FIRST) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) oo[k] = w[k];
+    } else {
+      load<T>(o, i, n, vec, oo);
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const A r = ae * (oo[k] < A(0) ? -oo[k] : oo[k]);
+      const A lo = oo[k] - r, hi = oo[k] + r;
+      const A x = w[k] + s * g[k];
+      w[k] = x < lo ? lo : (x > hi ? hi : x);
+    }
+    store<T>(p, i, n, vec, w);
+  }
+}
+
+// dst[t0 + i] = m.gamma[i]: per-tensor floats into device memory from kernel arguments (no
+// host-to-device copy, so a CUDA graph captures the values)
+__global__ void k_fill_per_tensor(const __grid_constant__ FinMeta m, double* dst) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < m.n) dst[m.t0 + i] = m.gamma[i];
+}
+
 // ------------------------------------------------------------------ host helpers
 cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
@@ -827,6 +1030,148 @@ void pgd_l2(uintptr_t xa, uintptr_t g, uintptr_t x, int64_t batch, int64_t per_s
     AWP_CHECK_LAUNCH("k_pgd_l2_fin(factor)");
     k_pgd_l2<T, 2><<<(unsigned)C, kThreads, 0, st>>>(xp, gp, x0, per_sample, cps, scale, factor, pd);
     AWP_CHECK_LAUNCH("k_pgd_l2(write)");
+  });
+}
+
+// ------------------------------------------------------------------ weight-perturbation family
+namespace {
+
+// The per-tensor scales: the caller's float64 device array, or the list written into `dst` by
+// k_fill_per_tensor (values as kernel arguments).
+const double* per_tensor_scales(const Floats& scales, uintptr_t scale_ptr, const Sizes& numel,
+                                const std::vector<int64_t>& cs, double* dst, cudaStream_t st) {
+  if (scale_ptr != 0) {
+    if (!scales.empty())
+      throw std::invalid_argument("awpfast._C_cuda: give the scales as a list or as a pointer, not both");
+    return reinterpret_cast<const double*>(scale_ptr);
+  }
+  for_each_fin_batch(numel, cs, &scales, [&](const FinMeta& f) {
+    k_fill_per_tensor<<<(unsigned)((f.n + kFinThreads - 1) / kFinThreads), kFinThreads, 0, st>>>(f, dst);
+    AWP_CHECK_LAUNCH("k_fill_per_tensor");
+  });
+  return dst;
+}
+
+}  // namespace
+
+void add_scaled(const Ptrs& p, const Ptrs& d, const Ptrs& base, const Ptrs& b, const Ptrs& v, const Sizes& numel,
+                const Floats& scales, uintptr_t scale_ptr, bool has_clip, double clip, int dtype, uintptr_t ws,
+                uintptr_t stream) {
+  const size_t n = numel.size();
+  check_lens("awpfast._C_cuda", n, {{"params", p.size()},
+                                    {"directions", d.size()},
+                                    {"scales", scales.size(), scale_ptr != 0},
+                                    {"base", base.size(), true},
+                                    {"backups", b.size(), true},
+                                    {"deltas", v.size(), true}});
+  const auto cs = chunk_starts(numel);
+  const Ws w = split_ws(ws, cs.back(), (int64_t)n);
+  cudaStream_t st = as_stream(stream);
+  const double* sc = per_tensor_scales(scales, scale_ptr, numel, cs, w.sa, st);
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Cv<T>::A;
+    const Ptrs* lists[5] = {&p, &d, b.empty() ? nullptr : &b, v.empty() ? nullptr : &v,
+                            base.empty() ? nullptr : &base};
+    const A cl = (A)clip;
+    for_each_batch<5>(lists, numel, cs, [&](const TLMeta<5>& m, unsigned nc) {
+      if (!b.empty() && !v.empty()) k_add_scaled<T, true, true><<<nc, kThreads, 0, st>>>(m, sc, has_clip, cl);
+      else if (!b.empty()) k_add_scaled<T, true, false><<<nc, kThreads, 0, st>>>(m, sc, has_clip, cl);
+      else if (!v.empty()) k_add_scaled<T, false, true><<<nc, kThreads, 0, st>>>(m, sc, has_clip, cl);
+      else k_add_scaled<T, false, false><<<nc, kThreads, 0, st>>>(m, sc, has_clip, cl);
+      AWP_CHECK_LAUNCH("k_add_scaled");
+    });
+  });
+}
+
+void global_sqnorm(const Ptrs& x, const Ptrs& wl, const Sizes& numel, double eta, int dtype, uintptr_t out,
+                   uintptr_t ws, uintptr_t stream) {
+  check_lens("awpfast._C_cuda", numel.size(), {{"tensors", x.size()}, {"weights", wl.size(), true}});
+  const auto cs = chunk_starts(numel);
+  const Ws w = split_ws(ws, cs.back(), (int64_t)numel.size());
+  cudaStream_t st = as_stream(stream);
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Cv<T>::A;
+    const Ptrs* lists[2] = {&x, wl.empty() ? nullptr : &wl};
+    for_each_batch<2>(lists, numel, cs, [&](const TLMeta<2>& m, unsigned nc) {
+      if (wl.empty()) k_wsumsq<T, false><<<nc, kThreads, 0, st>>>(m, w.pa, (A)eta);
+      else k_wsumsq<T, true><<<nc, kThreads, 0, st>>>(m, w.pa, (A)eta);
+      AWP_CHECK_LAUNCH("k_wsumsq");
+    });
+  });
+  k_sum_all<<<1, kThreads, 0, st>>>(w.pa, cs.back(), reinterpret_cast<void*>(out), dtype == kFloat64);
+  AWP_CHECK_LAUNCH("k_sum_all");
+}
+
+void asam_apply(const Ptrs& p, const Ptrs& d, const Ptrs& b, const Sizes& numel, const Floats& scales,
+                uintptr_t scale_ptr, double eta, int dtype, uintptr_t ws, uintptr_t stream) {
+  const size_t n = numel.size();
+  check_lens("awpfast._C_cuda", n, {{"params", p.size()},
+                                    {"directions", d.size()},
+                                    {"scales", scales.size(), scale_ptr != 0},
+                                    {"backups", b.size(), true}});
+  const auto cs = chunk_starts(numel);
+  const Ws w = split_ws(ws, cs.back(), (int64_t)n);
+  cudaStream_t st = as_stream(stream);
+  const double* sc = per_tensor_scales(scales, scale_ptr, numel, cs, w.sa, st);
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Cv<T>::A;
+    const Ptrs* lists[3] = {&p, &d, b.empty() ? nullptr : &b};
+    for_each_batch<3>(lists, numel, cs, [&](const TLMeta<3>& m, unsigned nc) {
+      if (!b.empty()) k_asam<T, true><<<nc, kThreads, 0, st>>>(m, sc, (A)eta);
+      else k_asam<T, false><<<nc, kThreads, 0, st>>>(m, sc, (A)eta);
+      AWP_CHECK_LAUNCH("k_asam");
+    });
+  });
+}
+
+void box_perturb(const Ptrs& p, const Ptrs& d, const Ptrs& o, const Sizes& numel, const Floats& lrs,
+                 const Floats& aes, bool first, double eps, uintptr_t dnorm_ptr, uintptr_t wnorm_ptr, int dtype,
+                 uintptr_t out, uintptr_t ws, uintptr_t stream) {
+  const size_t n = numel.size();
+  check_lens("awpfast._C_cuda", n, {{"params", p.size()},
+                                    {"directions", d.size()},
+                                    {"origins", o.size()},
+                                    {"adv_lrs", lrs.size()},
+                                    {"adv_epss", aes.size()}});
+  if ((dnorm_ptr == 0) != (wnorm_ptr == 0))
+    throw std::invalid_argument("awpfast._C_cuda: give both norm arrays or neither");
+  const bool given = dnorm_ptr != 0;
+  const auto cs = chunk_starts(numel);
+  const Ws w = split_ws(ws, cs.back(), (int64_t)n);
+  cudaStream_t st = as_stream(stream);
+  const double* gd = reinterpret_cast<const double*>(dnorm_ptr);
+  const double* gw = reinterpret_cast<const double*>(wnorm_ptr);
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (!given) launch_sumsq2<T>(false, p, d, numel, cs, w.pa, w.pb, st);  // pa = ||p||^2, pb = ||d||^2
+    for (int t0 = 0; t0 < (int)n; t0 += kMaxF) {
+      BoxFinMeta f;
+      std::memset(&f, 0, sizeof(f));
+      f.n = std::min(kMaxF, (int)n - t0);
+      f.t0 = t0;
+      for (int i = 0; i <= f.n; ++i) f.cstart[i] = (int32_t)cs[t0 + i];
+      for (int i = 0; i < f.n; ++i) {
+        f.lr[i] = lrs[t0 + i];
+        f.ae[i] = aes[t0 + i];
+      }
+      if (given) {
+        k_box_fin<true><<<fin_blocks(f.n), kFinThreads, 0, st>>>(f, w.pa, w.pb, gw, gd, w.sa, w.sb, eps,
+                                                                  reinterpret_cast<void*>(out), dtype == kFloat64);
+      } else {
+        k_box_fin<false><<<fin_blocks(f.n), kFinThreads, 0, st>>>(f, w.pa, w.pb, gw, gd, w.sa, w.sb, eps,
+                                                                   reinterpret_cast<void*>(out), dtype == kFloat64);
+      }
+      AWP_CHECK_LAUNCH("k_box_fin");
+    }
+    const Ptrs* lists[3] = {&p, &d, &o};
+    for_each_batch<3>(lists, numel, cs, [&](const TLMeta<3>& m, unsigned nc) {
+      if (first) k_box_apply<T, true><<<nc, kThreads, 0, st>>>(m, w.sa, w.sb);
+      else k_box_apply<T, false><<<nc, kThreads, 0, st>>>(m, w.sa, w.sb);
+      AWP_CHECK_LAUNCH("k_box_apply");
+    });
   });
 }
 

@@ -38,4 +38,17 @@ void pgd_linf(uintptr_t xa, uintptr_t g, uintptr_t x, int64_t numel, double alph
 void pgd_l2(uintptr_t xa, uintptr_t g, uintptr_t x, int64_t batch, int64_t per_sample, double alpha,
             double eps, int dtype, uintptr_t ws, uintptr_t stream);
 
+// weight-perturbation family (SAM, ASAM, Box AWP). Per-tensor scales: a list, or (scale_ptr != 0)
+// a float64 device array with one value per tensor, read by the kernels (no host sync).
+void add_scaled(const Ptrs& p, const Ptrs& d, const Ptrs& base, const Ptrs& b, const Ptrs& v, const Sizes& numel,
+                const Floats& scales, uintptr_t scale_ptr, bool has_clip, double clip, int dtype, uintptr_t ws,
+                uintptr_t stream);
+void global_sqnorm(const Ptrs& x, const Ptrs& w, const Sizes& numel, double eta, int dtype, uintptr_t out,
+                   uintptr_t ws, uintptr_t stream);
+void asam_apply(const Ptrs& p, const Ptrs& d, const Ptrs& b, const Sizes& numel, const Floats& scales,
+                uintptr_t scale_ptr, double eta, int dtype, uintptr_t ws, uintptr_t stream);
+void box_perturb(const Ptrs& p, const Ptrs& d, const Ptrs& o, const Sizes& numel, const Floats& lrs,
+                 const Floats& aes, bool first, double eps, uintptr_t dnorm_ptr, uintptr_t wnorm_ptr, int dtype,
+                 uintptr_t out, uintptr_t ws, uintptr_t stream);
+
 }  // namespace awpcuda

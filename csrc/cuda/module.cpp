@@ -41,4 +41,17 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("pgd_l2", &awpcuda::pgd_l2, py::arg("x_adv"), py::arg("grad"), py::arg("x"), py::arg("batch"),
         py::arg("per_sample"), py::arg("alpha"), py::arg("eps"), py::arg("dtype"), py::arg("ws"),
         py::arg("stream"), nogil);
+  // weight-perturbation family (SAM, ASAM, Box AWP)
+  m.def("add_scaled", &awpcuda::add_scaled, py::arg("params"), py::arg("directions"), py::arg("base"),
+        py::arg("backups"), py::arg("deltas"), py::arg("numel"), py::arg("scales"), py::arg("scale_ptr"),
+        py::arg("has_clip"), py::arg("clip"), py::arg("dtype"), py::arg("ws"), py::arg("stream"), nogil);
+  m.def("global_sqnorm", &awpcuda::global_sqnorm, py::arg("tensors"), py::arg("weights"), py::arg("numel"),
+        py::arg("eta"), py::arg("dtype"), py::arg("out"), py::arg("ws"), py::arg("stream"), nogil);
+  m.def("asam_apply", &awpcuda::asam_apply, py::arg("params"), py::arg("directions"), py::arg("backups"),
+        py::arg("numel"), py::arg("scales"), py::arg("scale_ptr"), py::arg("eta"), py::arg("dtype"), py::arg("ws"),
+        py::arg("stream"), nogil);
+  m.def("box_perturb", &awpcuda::box_perturb, py::arg("params"), py::arg("directions"), py::arg("origins"),
+        py::arg("numel"), py::arg("adv_lrs"), py::arg("adv_epss"), py::arg("first"), py::arg("eps"),
+        py::arg("dnorm_ptr"), py::arg("wnorm_ptr"), py::arg("dtype"), py::arg("out"), py::arg("ws"),
+        py::arg("stream"), nogil);
 }
