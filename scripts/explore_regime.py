@@ -61,6 +61,8 @@ CANDIDATES = {
     "noise10": (_PROMISING, 0.1),
     "eps25-wd0": (_with(_PROMISING, eps="0.25", alpha="0.0625", weight_decay="0"), 0.0),
     "eps20-wd0-lr1": (_with(_PROMISING, eps="0.2", alpha="0.05", weight_decay="0", lr="0.1"), 0.0),
+    "noise20-wd0": (_with(_PROMISING, weight_decay="0"), 0.2),
+    "noise10-wd0": (_with(_PROMISING, weight_decay="0"), 0.1),
     "eps20-wd0-n320": (_with(_PROMISING, eps="0.2", alpha="0.05", weight_decay="0", train_samples="320",
                              batch_size="32"), 0.0),
 }
@@ -69,6 +71,8 @@ for _name in ("eps20-wd0", "noise10", "eps25-wd0", "eps20-wd0-lr1", "eps20-wd0-n
     for _g in ("0.01", "0.005"):
         CANDIDATES[f"{_name}-awp{_g[2:]}"] = (_with(CANDIDATES[_name][0], awp_gamma=_g, awp_warmup="10"),
                                               CANDIDATES[_name][1])
+# the same probe with AWP switched on after 30 epochs (both 10-epoch probes collapsed in eps20-wd0)
+CANDIDATES["eps20-wd0-awp01-w30"] = (_with(CANDIDATES["eps20-wd0"][0], awp_gamma="0.01", awp_warmup="30"), 0.0)
 
 
 def add_label_noise(split, fraction: float, num_classes: int, seed: int = 14):
