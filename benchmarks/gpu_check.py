@@ -161,6 +161,10 @@ def versions():
         info["git_dirty"] = bool(q.stdout.strip())
     except Exception:
         pass
+    if not info.get("git_commit") and os.environ.get("AWPFAST_GIT_COMMIT"):
+        # the device machine gets a copy of the working tree without .git: the caller names the commit
+        info["git_commit"] = os.environ["AWPFAST_GIT_COMMIT"]
+        info.pop("git_dirty", None)
     return info
 
 
