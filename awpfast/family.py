@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .optim import Closure, WeightPerturbation, _is_number
+from .optim import Closure, WeightPerturbation, _eager_under_old_dynamo, _is_number
 
 __all__ = ["SAM", "BoxAWP"]
 
@@ -339,3 +339,7 @@ class BoxAWP(WeightPerturbation):
         self.steps_taken = int(meta.get("steps_taken", 0))
         forced = meta.get("forced")
         self._forced = None if forced is None else bool(forced)
+
+
+_eager_under_old_dynamo(SAM)
+_eager_under_old_dynamo(BoxAWP)

@@ -245,7 +245,7 @@ def awpfast_backend(name):
     return both(*awpfast_parts(name))
 
 
-def verify(case, perturb, restore, tol_v=3e-5):
+def verify(case, perturb, restore, tol_v=3e-5, tol_p=1e-2, tol_dev=1e-5):
     """Run ``perturb`` then ``restore`` once on the case's first set and compare with the
     float64 formula on the same tensors: relative error of v (= p - w, fp32; the rounding of
     p alone makes this ~4e-6 at gamma = 0.01) or of p (low precision, where p - w is
@@ -278,8 +278,8 @@ def verify(case, perturb, restore, tol_v=3e-5):
             for p, w in zip(ps, w0):
                 p.copy_(w)
     return {"err_" + what: err if finite else float("inf"), "restore_exact": exact,
-            "restore_max_rel_dev": dev, "verified_ok": bool(finite and err < (tol_v if what == "v" else 1e-2)
-                                                              and (exact or dev < 1e-5))}
+            "restore_max_rel_dev": dev, "verified_ok": bool(finite and err < (tol_v if what == "v" else tol_p)
+                                                              and (exact or dev < tol_dev))}
 
 
 def _write_json(path, out):
@@ -342,7 +342,14 @@ def main(argv=None):
                     if not args.no_verify:
                         # the reference pattern forms v as (w - lr g) - w in fp32: cancellation
                         # costs it ~1e-4 relative; that is its accuracy, not a failure
-                        row.update(verify(case, pert, rest, 1e-3 if vname == "reference-eager" else 3e-5))
+                        # in bf16 it also forms the norms and the difference in bf16 and restores by
+                        # subtraction: p off by ~1e-2 and the weights back to ~3e-3 of their largest
+                        # (H100, 2026-11-27): the baseline's own accuracy, checked loosely
+                        if vname == "reference-eager":
+                            tols = (1e-3, 5e-2, 1e-5 if dtype == torch.float32 else 2e-2)
+                        else:
+                            tols = (3e-5, 1e-2, 1e-5)
+                        row.update(verify(case, pert, rest, *tols))
                     med, lo, hi = timer.median_ms(lambda: fn(case.next()), reps)
                     row.update(median_ms=med, min_ms=lo, max_ms=hi)
                     if timer.cuda:

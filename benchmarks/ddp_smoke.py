@@ -69,7 +69,8 @@ def run(device: str, steps: int, batch: int, gamma: float) -> dict:
            "steps": steps, "batch": batch, "gamma": gamma, "torch": torch.__version__}
     t0 = time.time()
     if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+        dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(dev)  # needs an index (torch 2.11 refuses a bare "cuda")
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)

@@ -168,6 +168,14 @@ def versions():
     return info
 
 
+def _cuda_extension_built():
+    """Whether this tree holds a built ``awpfast._C_cuda`` for this Python (a device machine
+    starts bare: ``--quick`` on a fresh one rebuilds before rerunning the failed sections)."""
+    import sysconfig
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    return os.path.exists(os.path.join(ROOT, "awpfast", "_C_cuda" + suffix))
+
+
 # --------------------------------------------------------------------------- pytest results
 def parse_junit(path):
     """Counts and failures from a JUnit XML file (None when missing or unreadable)."""
@@ -278,6 +286,8 @@ class Check:
             return False
         if self.quick:
             rec = self.data["sections"].get(name)
+            if name == "build" and not self.dry and not _cuda_extension_built():
+                return True  # a fresh machine: the native kernels must be built again for the rerun
             return not (rec and rec.get("ok") is True)
         return True
 

@@ -93,6 +93,18 @@ def test_quick_selects_sections_not_ok(tmp_path):
     assert [n for n in gc.NAMES if chk.wanted(n)] == ["build"]
 
 
+def test_quick_rebuilds_on_a_fresh_machine(tmp_path, monkeypatch):
+    """A device machine starts bare: a --quick rerun there must build the native kernels
+    again even though the earlier run's build section was ok."""
+    chk = gc.Check(str(tmp_path), False, 100, True, None)
+    chk.data = {"sections": {n: {"ok": True} for n in gc.NAMES}}
+    chk.data["sections"]["tests_kernels"] = {"ok": False}
+    monkeypatch.setattr(gc, "_cuda_extension_built", lambda: False)
+    assert [n for n in gc.NAMES if chk.wanted(n)] == ["build", "tests_kernels"]
+    monkeypatch.setattr(gc, "_cuda_extension_built", lambda: True)
+    assert [n for n in gc.NAMES if chk.wanted(n)] == ["tests_kernels"]
+
+
 def test_section_time_caps_respect_the_budget(tmp_path, monkeypatch):
     chk = gc.Check(str(tmp_path), True, 60, False, None)
     chk.data = {"sections": {}, "order": gc.NAMES}

@@ -186,7 +186,7 @@ def test_project(device, dtype, size):
 @pytest.mark.parametrize("shape", [(6, 3, 7, 9), (1, 3, 4, 4), (3, 3 * (1 << 16) + 5), (5,)])
 def test_pgd_step(device, dtype, norm, shape):
     x = torch.rand(shape, dtype=torch.float64).to(dtype).to(device)
-    x_adv = (x.double() + (torch.rand(shape, dtype=torch.float64) - 0.5) * 0.06).clamp(0, 1).to(dtype).to(device)
+    x_adv = (x.double().cpu() + (torch.rand(shape, dtype=torch.float64) - 0.5) * 0.06).clamp(0, 1).to(dtype).to(device)
     g = torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
     g.view(-1)[::7] = 0  # sign(0) = 0
     alpha, eps = (2 / 255, 8 / 255) if norm == "Linf" else (0.1, 0.5)
@@ -242,10 +242,12 @@ def _run_all(device, dtype, seed):
     outs = [ops.norms(ps, backend="native")]
     outs.append(ops.perturb_(ps, ds, 0.01, backups=bs, deltas=vs, backend="native"))
     outs += ps + vs
-    qs = [(w.double() + 1e-3 * torch.randn(w.shape, generator=g, dtype=torch.float64)).to(dtype) for w in ws]
+    qs = [(w.double().cpu() + 1e-3 * torch.randn(w.shape, generator=g, dtype=torch.float64)).to(dtype).to(device)
+          for w in ws]
     outs.append(ops.ascent_step_(qs, ws, ds, 0.05, 0.01, backend="native"))
     outs += qs
-    qs2 = [(w.double() + 0.1 * torch.randn(w.shape, generator=g, dtype=torch.float64)).to(dtype) for w in ws]
+    qs2 = [(w.double().cpu() + 0.1 * torch.randn(w.shape, generator=g, dtype=torch.float64)).to(dtype).to(device)
+           for w in ws]
     ops.project_(qs2, ws, 0.02, backend="native")
     outs += qs2
     ops.unperturb_(ps, vs, backend="native")

@@ -316,7 +316,8 @@ def test_capture_reuses_and_pins_warm_tables(monkeypatch):
     T._captured.clear()
     ps = _rand(ODD, torch.float32)
     bs = [torch.empty_like(p) for p in ps]
-    T.perturb_(ps, _rand(ODD, torch.float32), 0.01, 1e-20, bs, None)  # eager warm-up
+    warm_ds = _rand(ODD, torch.float32)  # kept alive: on CUDA the caching allocator would give the fresh
+    T.perturb_(ps, warm_ds, 0.01, 1e-20, bs, None)  # directions their addresses (and a cache hit)
     T.restore_(ps, bs)
     warm = _cache_sizes()
     monkeypatch.setattr(T, "SIMULATE_CAPTURE", True)
