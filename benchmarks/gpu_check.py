@@ -21,19 +21,23 @@ subprocess, so a crash, a hang or a CUDA error in one of them cannot take the ot
                 WRN-34-10, fp32 and bf16, every backend, verified against float64 first
   bench_pgd     benchmarks/bench_pgd.py: one PGD step, batch 128x3x32x32, verified
   bench_train   benchmarks/bench_train_step.py: AT-AWP training step, WRN-34-10, batch 128
+  tests_family  pytest over tests/test_kernels_family.py, test_ops_family.py with ``-k "not cpu"``
+                (SAM / ASAM / Box AWP seam ops on CUDA against float64, capture, no host sync)
+  bench_family  benchmarks/bench_family_kernels.py: the family seam ops on WRN-34-10 per
+                backend, error against float64 in every row (ok below 1e-4)
   tests_compile pytest over tests/test_compile.py on CUDA (Inductor compiles: slow, so last)
 
 Tests run without ``-x``, with a per-test timeout (AWPFAST_TEST_TIMEOUT, see
 tests/conftest.py) and, where pytest-xdist is installed, 4 worker processes.
 
-Everything goes into OUTDIR (at most 5 files, so that a device call can bring all back):
+Everything goes into OUTDIR (at most 6 files, so that a device call can bring all back):
 
   gpu_check.json   rewritten atomically at the start and end of every section: top-level
                    ``device``, per-section ``ok``/``status``/``seconds``/``result``, the
                    issue-8 targets met or missed, a text summary. A run killed at any point
                    leaves every finished section in it (the running one says "running").
   gpu_check.log    the full output of every subprocess, appended section by section
-  pytest_<section>.xml   JUnit XML of the three pytest sections
+  pytest_<section>.xml   JUnit XML of the four pytest sections
 
 ``--quick`` reads OUTDIR/gpu_check.json and reruns the sections whose ``ok`` is not true
 (failed, timed out, skipped for lack of time, or missing), keeping the others.
@@ -69,10 +73,13 @@ SECTIONS = [
     ("bench_weight", 100, 30),
     ("bench_pgd", 45, 15),
     ("bench_train", 100, 30),
+    ("tests_family", 90, 20),
+    ("bench_family", 60, 15),
     ("tests_compile", 90, 20),
 ]
 NAMES = [n for n, _, _ in SECTIONS]
 TESTS_KERNELS = ["tests/test_ops.py", "tests/test_ops_add_scaled.py", "tests/test_native.py", "tests/test_triton.py"]
+TESTS_FAMILY = ["tests/test_kernels_family.py", "tests/test_ops_family.py"]
 TEST_TIMEOUT_S = 60
 FAULT_ENV = "AWPFAST_GPU_CHECK_FAULT"  # test hook: "section:raise" or "section:exit"
 
@@ -161,8 +168,9 @@ def versions():
         info["git_dirty"] = bool(q.stdout.strip())
     except Exception:
         pass
-    if not info.get("git_commit") and os.environ.get("AWPFAST_GIT_COMMIT"):
-        # the device machine gets a copy of the working tree without .git: the caller names the commit
+    if os.environ.get("AWPFAST_GIT_COMMIT"):
+        # the device machine's copy of the working tree may carry a stale .git (seen 2026-11-27:
+        # it named the session's first commit): the caller names the commit it sent
         info["git_commit"] = os.environ["AWPFAST_GIT_COMMIT"]
         info.pop("git_dirty", None)
     return info
@@ -439,6 +447,21 @@ class Check:
                        if f.startswith("test_cuda_") and f.endswith(".py") and f != "test_cuda_compile.py")
         return self._pytest("tests_cuda", files, None, timeout)
 
+    def sec_tests_family(self, timeout):
+        return self._pytest("tests_family", TESTS_FAMILY, "not cpu", timeout)
+
+    def sec_bench_family(self, timeout):
+        if self.dry:
+            args = ["--device", "cpu", "--backends", "foreach", "--rules", "sam", "--reps", "1"]
+        else:
+            args = ["--device", "cuda", "--backends", "foreach,triton,native", "--reps", "20"]
+        res, rc = self._script(["benchmarks/bench_family_kernels.py"] + args, timeout, "family.json")
+        rows = res.get("rows", [])
+        bad = [r for r in rows if not (r.get("max_rel_err_vs_fp64", 1.0) < 1e-4)]
+        res["rows_not_ok"] = [{k: r.get(k) for k in ("rule", "backend", "max_rel_err_vs_fp64")} for r in bad]
+        ok = rc == 0 and bool(rows) and not bad
+        return res, ok, "timeout" if rc is None else ("ok" if ok else "failed")
+
     def sec_tests_compile(self, timeout):
         return self._pytest("tests_compile", ["tests/test_compile.py"], None, timeout)
 
@@ -642,6 +665,13 @@ def summary(data):
             lines.append(f"    {r['config']:18s} {r['at_awp_ms']:8.1f} {r['at_ms']:8.1f} {r['awp_overhead']:6.3f} "
                          f"{r.get('fwd_bwd_ms', float('nan')):8.1f} {r.get('awp_extra_over_fwd_bwd', float('nan')):6.3f} "
                          f"{r['speedup_vs_reference_at_awp']:6.2f}x")
+    fk = _res(data, "bench_family")
+    if fk.get("rows"):
+        lines.append(f"  family seam ops on WRN-34-10, ms (copy bw {fk.get('copy_bandwidth_gbs', 0):.0f} GB/s): "
+                     "median, x floor, vs first backend, err vs float64")
+        for r in fk["rows"]:
+            lines.append(f"    {r['rule']:19s} {r['backend']:8s} {r['median_ms']:8.3f} {r['x_floor']:6.2f}x "
+                         f"{r['speedup_vs_first']:6.2f}x {r['max_rel_err_vs_fp64']:8.1e}")
     tg = data.get("targets") or {}
     if tg:
         lines.append("  targets:")
