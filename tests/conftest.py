@@ -1,3 +1,4 @@
+import contextlib
 import faulthandler
 import os
 import signal
@@ -49,6 +50,26 @@ def backend_device_params(cpu_backends):
         why = cuda_reason(b)
         out.append(pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.skipif(bool(why), reason=why)))
     return out
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block, restored after it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models and matmuls run faster so and are immune to a
+    loaded machine (threads only add contention there). A whole module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with threads(1):
+        yield
 
 
 @pytest.fixture(autouse=True)
