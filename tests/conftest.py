@@ -1,5 +1,6 @@
 import contextlib
 import faulthandler
+import importlib.util
 import os
 import signal
 import threading
@@ -11,6 +12,18 @@ import torch
 # anything imports triton (test collection may import the backend through the seam).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_source(name: str, relpath: str):
+    """The module in file ``relpath`` (relative to the repository root, e.g. a benchmark script
+    or csrc/build.py, which are not packages), imported under ``name``."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
