@@ -36,6 +36,30 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den if den > 0 else num
 
 
+def rand_tensors(shapes, dtype, scale=1.0, device="cpu"):
+    """Fresh normal random tensors of ``shapes`` (drawn in float64, times ``scale``, then cast)."""
+    return [(torch.randn(s, dtype=torch.float64) * scale).to(dtype).to(device) for s in shapes]
+
+
+def on_device(ts, device):
+    """Copies of ``ts`` on ``device`` (always new storage)."""
+    return [t.to(device, copy=True) for t in ts]
+
+
+def poisoned(ts):
+    """NaN-filled tensors like ``ts``: outputs a kernel must overwrite (NaN never passes)."""
+    return [torch.full_like(t, float("nan")) for t in ts]
+
+
+def many_mixed(n=1100):
+    """``n`` (1,000+) random 1-D (params, directions) of 0-29 elements, float64 every third
+    tensor and float32 otherwise: the many-tensor, mixed-dtype input of the seam tests."""
+    shapes = [(int(s),) for s in torch.randint(0, 30, (n,))]
+    dts = [torch.float32 if i % 3 else torch.float64 for i in range(n)]
+    return ([torch.randn(s, dtype=dt) for s, dt in zip(shapes, dts)],
+            [torch.randn(s, dtype=dt) for s, dt in zip(shapes, dts)])
+
+
 def tol(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2}[dtype]
 
