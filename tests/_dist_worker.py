@@ -6,12 +6,8 @@ test asserts on them (the single-process references are computed here, on the fu
 batch, with a plain model and no collective). Checks are grouped in one launch because
 starting processes costs seconds.
 """
-import copy
-import json
 import os
 import sys
-import time
-import traceback
 import warnings
 
 import torch
@@ -21,6 +17,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _dist_launch import worker_main  # noqa: E402  (this script's folder is on sys.path)
 from awpfast import AWP  # noqa: E402
 
 torch.set_default_dtype(torch.float64)
@@ -392,33 +389,17 @@ def check_no_group(res):
     res["no_group_unchanged"] = torch.equal(w0, flat_params(model)) and not awp.is_perturbed
 
 
-def main():
-    out = sys.argv[1]
-    res = {}
-    times = res["seconds"] = {}
-    try:
-        t0 = time.perf_counter()
-        dist.init_process_group("gloo", rank=RANK, world_size=WORLD)
-        tmp = os.path.join(out, "shared")
-        os.makedirs(tmp, exist_ok=True)
-        times["init"] = time.perf_counter() - t0
-        for name, fn in [("ddp_global", check_ddp_global), ("ddp_local_and_bn", check_ddp_local_and_bn),
-                         ("ddp_checkpoint", lambda r: check_ddp_checkpoint(r, tmp)),
-                         ("ddp_one_rank", check_ddp_one_rank_group), ("fsdp", check_fsdp),
-                         ("fsdp_memory", check_fsdp_memory_and_grads),
-                         ("fsdp_checkpoint", lambda r: check_fsdp_checkpoint(r, tmp)),
-                         ("errors", check_errors), ("no_group", check_no_group)]:
-            t0 = time.perf_counter()
-            fn(res)
-            times[name] = round(time.perf_counter() - t0, 2)
-    except BaseException:
-        res["exception"] = traceback.format_exc()
-    with open(os.path.join(out, f"rank{RANK}.json"), "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(1 if "exception" in res else 0)
+def checks(out):
+    """Every check of this file, in order (the checkpoint checks share ``OUT_DIR/shared``)."""
+    tmp = os.path.join(out, "shared")
+    os.makedirs(tmp, exist_ok=True)
+    return [("ddp_global", check_ddp_global), ("ddp_local_and_bn", check_ddp_local_and_bn),
+            ("ddp_checkpoint", lambda r: check_ddp_checkpoint(r, tmp)),
+            ("ddp_one_rank", check_ddp_one_rank_group), ("fsdp", check_fsdp),
+            ("fsdp_memory", check_fsdp_memory_and_grads),
+            ("fsdp_checkpoint", lambda r: check_fsdp_checkpoint(r, tmp)),
+            ("errors", check_errors), ("no_group", check_no_group)]
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(RANK, WORLD, checks)

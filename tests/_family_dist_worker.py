@@ -5,25 +5,22 @@ Run as ``python tests/_family_dist_worker.py OUT_DIR`` with RANK, WORLD_SIZE, MA
 MASTER_PORT set; writes ``OUT_DIR/rank{r}.json``. Reuses the model, data and helpers of
 tests/_dist_worker.py (the AWP checks).
 """
-import json
 import os
 import sys
-import time
-import traceback
 
-import torch.distributed as dist
+import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _dist_worker as W  # noqa: E402  (sets float64, one thread, RANK/WORLD)
+from _dist_launch import worker_main  # noqa: E402
 from awpfast import SAM, BoxAWP  # noqa: E402
 
 STEPS = 3
 
 
 def make(cls, model, **kw):
-    import torch
     return cls(torch.optim.SGD(model.parameters(), **W.OPT), model, **kw)
 
 
@@ -70,40 +67,24 @@ def run(res, key, kind, cls, kw, step_fn, arg):
         params = list(model.module.parameters()) if kind == "ddp" else W.full(model)
         errs.append(W.max_rel(params, ref[s]))
         equal.append(W.gathered_equal(W.flat_params(model) if kind == "ddp" else
-                                      __import__("torch").cat([t.reshape(-1) for t in params])))
+                                      torch.cat([t.reshape(-1) for t in params])))
     res[key] = {"max_rel": max(errs), "ranks_equal": all(equal), "kind": opt.distributed.kind,
                 "collectives": counts, "names": opt.perturbed_parameters}
 
 
-def main():
-    out = sys.argv[1]
-    res = {}
-    times = res["seconds"] = {}
-    try:
-        t0 = time.perf_counter()
-        dist.init_process_group("gloo", rank=W.RANK, world_size=W.WORLD)
-        times["init"] = round(time.perf_counter() - t0, 2)
-        cases = []
-        for kind in ("ddp", "fsdp"):
-            for form in ("closure", "first_step"):
-                for adaptive in (False, True):
-                    kw = dict(rho=0.05, adaptive=adaptive, eta=0.01 if adaptive else 0.0)
-                    cases.append((f"sam_{kind}_{form}_{'asam' if adaptive else 'sam'}", kind, SAM, kw, sam_step, form))
-            for later in (False, True):
-                kw = dict(adv_lr=0.5, adv_eps=0.05, steps=2 if later else 1)
-                cases.append((f"box_{kind}_k{2 if later else 1}", kind, BoxAWP, kw, box_step, later))
-        for key, *args in cases:
-            t0 = time.perf_counter()
-            run(res, key, *args)
-            times[key] = round(time.perf_counter() - t0, 2)
-    except BaseException:
-        res["exception"] = traceback.format_exc()
-    with open(os.path.join(out, f"rank{W.RANK}.json"), "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(1 if "exception" in res else 0)
+def checks(out):
+    """Every case: SAM / ASAM in both forms and Box AWP with 1 and 2 ascent steps, DDP and FSDP2."""
+    cases = []
+    for kind in ("ddp", "fsdp"):
+        for form in ("closure", "first_step"):
+            for adaptive in (False, True):
+                kw = dict(rho=0.05, adaptive=adaptive, eta=0.01 if adaptive else 0.0)
+                cases.append((f"sam_{kind}_{form}_{'asam' if adaptive else 'sam'}", kind, SAM, kw, sam_step, form))
+        for later in (False, True):
+            kw = dict(adv_lr=0.5, adv_eps=0.05, steps=2 if later else 1)
+            cases.append((f"box_{kind}_k{2 if later else 1}", kind, BoxAWP, kw, box_step, later))
+    return [(key, lambda res, key=key, args=args: run(res, key, *args)) for key, *args in cases]
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(W.RANK, W.WORLD, checks)

@@ -1,4 +1,6 @@
+import contextlib
 import faulthandler
+import importlib.util
 import os
 import signal
 import threading
@@ -12,6 +14,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_source(name: str, relpath: str):
+    """The module in file ``relpath`` (relative to the repository root, e.g. a benchmark script
+    or csrc/build.py, which are not packages), imported under ``name``."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 on the CPU; NaN never passes (returns inf)."""
     out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
@@ -20,6 +34,30 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     den = ref64.norm().item()
     num = (out64 - ref64).norm().item()
     return num / den if den > 0 else num
+
+
+def rand_tensors(shapes, dtype, scale=1.0, device="cpu"):
+    """Fresh normal random tensors of ``shapes`` (drawn in float64, times ``scale``, then cast)."""
+    return [(torch.randn(s, dtype=torch.float64) * scale).to(dtype).to(device) for s in shapes]
+
+
+def on_device(ts, device):
+    """Copies of ``ts`` on ``device`` (always new storage)."""
+    return [t.to(device, copy=True) for t in ts]
+
+
+def poisoned(ts):
+    """NaN-filled tensors like ``ts``: outputs a kernel must overwrite (NaN never passes)."""
+    return [torch.full_like(t, float("nan")) for t in ts]
+
+
+def many_mixed(n=1100):
+    """``n`` (1,000+) random 1-D (params, directions) of 0-29 elements, float64 every third
+    tensor and float32 otherwise: the many-tensor, mixed-dtype input of the seam tests."""
+    shapes = [(int(s),) for s in torch.randint(0, 30, (n,))]
+    dts = [torch.float32 if i % 3 else torch.float64 for i in range(n)]
+    return ([torch.randn(s, dtype=dt) for s, dt in zip(shapes, dts)],
+            [torch.randn(s, dtype=dt) for s, dt in zip(shapes, dts)])
 
 
 def tol(dtype: torch.dtype) -> float:
@@ -49,6 +87,26 @@ def backend_device_params(cpu_backends):
         why = cuda_reason(b)
         out.append(pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.skipif(bool(why), reason=why)))
     return out
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block, restored after it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models and matmuls run faster so and are immune to a
+    loaded machine (threads only add contention there). A whole module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with threads(1):
+        yield
 
 
 @pytest.fixture(autouse=True)

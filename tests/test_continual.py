@@ -17,14 +17,6 @@ from awpfast.continual.run import main
 from conftest import rel_err
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
 def _orthonormal(d, k, gen, dtype=torch.float64):
     q = torch.linalg.qr(torch.randn(d, max(k, 1), generator=gen, dtype=torch.float64)).Q[:, :k]
     return q.to(dtype).contiguous()

@@ -3,24 +3,15 @@ break fails CI on machines without a GPU, and a check of the generated PTX for a
 or flush-to-zero square roots and divisions (a tiny norm must not become 0). Skipped only
 when nvcc is absent."""
 import glob
-import importlib.util
 import os
 import re
 import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, load_source
 
-
-def _build_module():
-    spec = importlib.util.spec_from_file_location("awpfast_csrc_build_test", os.path.join(ROOT, "csrc", "build.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-build = _build_module()
+build = load_source("awpfast_csrc_build_test", "csrc/build.py")
 NVCC = build.find_nvcc()
 
 

@@ -4,58 +4,17 @@ One launch of ``tests/_dist_worker.py`` on 2 ranks runs every check (process sta
 seconds on a small machine); each test below asserts on its part of the ranks' reports.
 Single-process references are AWP on the plain model with the full global batch.
 """
-import json
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
 
-dist = pytest.importorskip("torch.distributed")
-if not dist.is_available() or not dist.is_gloo_available():
-    pytest.skip("torch.distributed with gloo is not available in this torch build", allow_module_level=True)
+from _dist_launch import launch, skip_without_gloo
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+skip_without_gloo()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    port = _free_port()
-    env = dict(os.environ, WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    env.pop("AWPFAST_BACKEND", None)
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "_dist_worker.py"), str(out)],
-                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=300)[0].decode(errors="replace"))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    reports = []
-    for r in range(WORLD):
-        path = out / f"rank{r}.json"
-        if not path.exists():
-            pytest.fail(f"rank {r} wrote no report; its output:\n{logs[r][-4000:]}")
-        rep = json.loads(path.read_text())
-        if "exception" in rep:
-            pytest.fail(f"rank {r} raised:\n{rep['exception']}")
-        reports.append(rep)
-    return reports
+    return launch("_dist_worker.py", tmp_path_factory.mktemp("dist"))
 
 
 def _both(ranks, key):

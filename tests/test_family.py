@@ -97,6 +97,24 @@ def _snapshot(store, model):
     store.setdefault("w", [p.detach().clone() for p in model.parameters()])
 
 
+def _reference_step(ref, ref_opt, x, y, ascent):
+    """One step of a published SAM loop on ``ref``: gradients at w, ``ascent()`` (the published
+    first/ascent step) moves to w + e, gradients there, w restored, the base optimizer steps.
+    Returns the weights at w + e."""
+    F.cross_entropy(ref(x), y).backward()
+    w_ref = [p.detach().clone() for p in ref.parameters()]
+    ascent()
+    perturbed_ref = [p.detach().clone() for p in ref.parameters()]
+    ref_opt.zero_grad()
+    F.cross_entropy(ref(x), y).backward()
+    with torch.no_grad():
+        for p, w in zip(ref.parameters(), w_ref):
+            p.copy_(w)
+    ref_opt.step()
+    ref_opt.zero_grad()
+    return perturbed_ref
+
+
 # ----------------------------------------------------------------------------- published formulas
 def davda54_first_step(model, groups, adaptive):
     """davda54/sam ``first_step``: one global norm of ``(|p| if adaptive else 1) * grad``, then
@@ -196,17 +214,7 @@ def test_sam_equals_davda54_first_step_and_step(adaptive, form):
         x, y = _data(step)
         # reference: davda54's loop (train-mode BN normalizes with batch statistics, so the
         # running statistics, which the closure form leaves untouched, do not enter the gradients)
-        F.cross_entropy(ref(x), y).backward()
-        w_ref = [p.detach().clone() for p in ref.parameters()]
-        davda54_first_step(ref, groups, adaptive)
-        perturbed_ref = [p.detach().clone() for p in ref.parameters()]
-        ref_opt.zero_grad()
-        F.cross_entropy(ref(x), y).backward()
-        with torch.no_grad():
-            for p, w in zip(ref.parameters(), w_ref):
-                p.copy_(w)
-        ref_opt.step()
-        ref_opt.zero_grad()
+        perturbed_ref = _reference_step(ref, ref_opt, x, y, lambda: davda54_first_step(ref, groups, adaptive))
 
         if form == "closure":
             assert sam.perturb(lambda: F.cross_entropy(ours(x), y))
@@ -230,17 +238,7 @@ def test_sam_equals_samsung_asam_ascent_step():
                eps=1e-16)
     for step in range(3):
         x, y = _data(10 + step)
-        F.cross_entropy(ref(x), y).backward()
-        w_ref = [p.detach().clone() for p in ref.parameters()]
-        samsung_asam_ascent_step(ref, 0.5, 0.01)
-        perturbed_ref = [p.detach().clone() for p in ref.parameters()]
-        ref_opt.zero_grad()
-        F.cross_entropy(ref(x), y).backward()
-        with torch.no_grad():
-            for p, w in zip(ref.parameters(), w_ref):
-                p.copy_(w)
-        ref_opt.step()
-        ref_opt.zero_grad()
+        perturbed_ref = _reference_step(ref, ref_opt, x, y, lambda: samsung_asam_ascent_step(ref, 0.5, 0.01))
 
         F.cross_entropy(ours(x), y).backward()
         asam.perturb()

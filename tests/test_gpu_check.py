@@ -9,7 +9,6 @@
 (The whole ``--dry-run`` takes about two minutes here: it is run by hand, see
 benchmarks/README.md, not in this suite.)
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,17 +17,9 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, load_source
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("awpfast_gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gc = _load()
+gc = load_source("awpfast_gpu_check", "benchmarks/gpu_check.py")
 
 
 def _run(args, fault=None, timeout=240):

@@ -12,15 +12,9 @@ from awpfast import ops
 from awpfast import landscape as L
 from awpfast.attacks import PGD
 from awpfast.models.small_cnn import SmallCNN
+from conftest import threads
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster and immune to a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def _model(seed=0, dtype=torch.float32, width=4):
@@ -352,15 +346,11 @@ def ckpts(tmp_path_factory):
     from awpfast import train as T
     root = tmp_path_factory.mktemp("runs")
     out = str(root / "atawp")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         assert T.main(["--data", "synthetic", "--image-size", "8", "--model", "small-cnn", "--width", "4",
                        "--batch-size", "64", "--attack-steps", "1", "--eval-steps", "1", "--eval-samples", "16",
                        "--train-eval-samples", "16", "--train-samples", "64", "--epochs", "1", "--out", out,
                        "--no-progress", "--quiet", "--no-plot"]) == 0
-    finally:
-        torch.set_num_threads(n)
     real = os.path.join(out, "last.pt")
     ck = torch.load(real, weights_only=False)
     torch.manual_seed(1)

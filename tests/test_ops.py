@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import awpfast.ops as ops
-from conftest import backend_device_params as _bdp, rel_err, tol
+from conftest import backend_device_params as _bdp, on_device, poisoned, rand_tensors, rel_err, tol
 
 CPU_BACKENDS = [b for b in ("reference", "foreach", "native") if b in ops.available_backends()]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -23,18 +23,6 @@ def backend_device_params(cpu_backends=None):
 
 
 BD = backend_device_params()
-
-
-def _rand(shapes, dtype, gen_scale=1.0, device="cpu"):
-    return [(torch.randn(s, dtype=torch.float64) * gen_scale).to(dtype).to(device) for s in shapes]
-
-
-def _dev(ts, device):
-    return [t.to(device, copy=True) for t in ts]
-
-
-def _poison(ts):
-    return [torch.full_like(t, float("nan")) for t in ts]
 
 
 def _ref_perturb(ps, ds, gammas, eps=1e-20):
@@ -55,13 +43,13 @@ def _eq(a, b):
 @pytest.mark.parametrize("backend,device", BD)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_perturb_matches_float64(backend, device, dtype):
-    ps = _rand(ODD_SHAPES, dtype)
-    ds = _rand(ODD_SHAPES, dtype, 1e-3)
+    ps = rand_tensors(ODD_SHAPES, dtype)
+    ds = rand_tensors(ODD_SHAPES, dtype, 1e-3)
     gammas = [0.01 * (i + 1) for i in range(len(ps))]
     ref, ref_v = _ref_perturb(ps, ds, gammas)
-    work = _dev(ps, device)
-    backups, deltas = _poison(work), _poison(work)
-    dn = ops.perturb_(work, _dev(ds, device), gammas, backups=backups, deltas=deltas, backend=backend)
+    work = on_device(ps, device)
+    backups, deltas = poisoned(work), poisoned(work)
+    dn = ops.perturb_(work, on_device(ds, device), gammas, backups=backups, deltas=deltas, backend=backend)
     for i, p in enumerate(ps):
         assert _eq(backups[i], p), "backup must be a bit-exact copy"
         assert rel_err(work[i], ref[i]) <= tol(dtype), (i, rel_err(work[i], ref[i]))
@@ -75,10 +63,10 @@ def test_perturb_matches_float64(backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device", BD)
 def test_perturb_relative_size_is_gamma(backend, device):
-    ps = _rand([(64, 3, 3, 3), (10, 64)], torch.float64)
-    ds = _rand([(64, 3, 3, 3), (10, 64)], torch.float64, 1e-4)
-    work = _dev(ps, device)
-    ops.perturb_(work, _dev(ds, device), 0.005, backend=backend)
+    ps = rand_tensors([(64, 3, 3, 3), (10, 64)], torch.float64)
+    ds = rand_tensors([(64, 3, 3, 3), (10, 64)], torch.float64, 1e-4)
+    work = on_device(ps, device)
+    ops.perturb_(work, on_device(ds, device), 0.005, backend=backend)
     for p, w in zip(ps, work):
         assert abs((w.cpu() - p).norm() / p.norm() - 0.005) < 1e-12
 
@@ -86,27 +74,27 @@ def test_perturb_relative_size_is_gamma(backend, device):
 @pytest.mark.parametrize("backend,device", BD)
 def test_many_tensors_and_without_buffers(backend, device):
     shapes = [(int(s),) for s in torch.randint(0, 40, (1200,))]
-    ps = _rand(shapes, torch.float32)
-    ds = _rand(shapes, torch.float32)
+    ps = rand_tensors(shapes, torch.float32)
+    ds = rand_tensors(shapes, torch.float32)
     ref, _ = _ref_perturb(ps, ds, [0.02] * len(ps))
-    work = _dev(ps, device)
-    ops.perturb_(work, _dev(ds, device), 0.02, backend=backend)
+    work = on_device(ps, device)
+    ops.perturb_(work, on_device(ds, device), 0.02, backend=backend)
     assert rel_err(torch.cat([w.cpu() for w in work]), torch.cat(ref)) <= 1e-6
     for w, r in zip(work, ref):
         assert rel_err(w, r) <= 1e-6
-    ops.restore_(work, _dev(ps, device), backend=backend)
+    ops.restore_(work, on_device(ps, device), backend=backend)
     assert all(_eq(w, p) for w, p in zip(work, ps))
 
 
 @pytest.mark.parametrize("backend,device", BD)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_restore_and_unperturb(backend, device, dtype):
-    ps = _rand(ODD_SHAPES, dtype)
-    work = _poison(_dev(ps, device))
-    ops.restore_(work, _dev(ps, device), backend=backend)
+    ps = rand_tensors(ODD_SHAPES, dtype)
+    work = poisoned(on_device(ps, device))
+    ops.restore_(work, on_device(ps, device), backend=backend)
     assert all(_eq(a, b) for a, b in zip(work, ps))
-    vs = _rand(ODD_SHAPES, dtype, 1e-2)
-    ops.unperturb_(work, _dev(vs, device), backend=backend)
+    vs = rand_tensors(ODD_SHAPES, dtype, 1e-2)
+    ops.unperturb_(work, on_device(vs, device), backend=backend)
     for w, p, v in zip(work, ps, vs):
         assert rel_err(w, p.double() - v.double()) <= tol(dtype)
 
@@ -121,17 +109,17 @@ def _ref_project(w, v, gamma):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_ascent_step_and_project(backend, device, dtype):
     shapes = [(5, 7), (1,), (0,), (3, 3, 3, 3), (1025,)]
-    w = _rand(shapes, dtype)
-    d = _rand(shapes, dtype)
-    v0 = _rand(shapes, dtype, 1e-3)
+    w = rand_tensors(shapes, dtype)
+    d = rand_tensors(shapes, dtype)
+    v0 = rand_tensors(shapes, dtype, 1e-3)
     p = [(a.double() + b.double()).to(dtype) for a, b in zip(w, v0)]
     gam, eta = 0.01, 0.007
     exp = []
     for wi, pi, di in zip(w, p, d):
         v = pi.double() - wi.double() + eta * wi.double().norm() / (di.double().norm() + 1e-20) * di.double()
         exp.append(wi.double() + _ref_project(wi, v, gam))
-    work = _dev(p, device)
-    ops.ascent_step_(work, _dev(w, device), _dev(d, device), eta, gam, backend=backend)
+    work = on_device(p, device)
+    ops.ascent_step_(work, on_device(w, device), on_device(d, device), eta, gam, backend=backend)
     for i in range(len(shapes)):
         assert rel_err(work[i], exp[i]) <= tol(dtype), i
         if w[i].numel():  # inside the ball (up to rounding)
@@ -141,8 +129,8 @@ def test_ascent_step_and_project(backend, device, dtype):
     big = [(a.double() + 0.5 * torch.randn_like(a.double()) * a.double().norm() / max(a.numel(), 1) ** 0.5).to(dtype)
            for a in w]
     exp = [wi.double() + _ref_project(wi, bi.double() - wi.double(), gam) for wi, bi in zip(w, big)]
-    work = _dev(big, device)
-    ops.project_(work, _dev(w, device), gam, backend=backend)
+    work = on_device(big, device)
+    ops.project_(work, on_device(w, device), gam, backend=backend)
     for i in range(len(shapes)):
         assert rel_err(work[i], exp[i]) <= tol(dtype), i
 
@@ -184,8 +172,8 @@ def test_pgd_step(backend, device, norm, eps, alpha, dtype):
 
 @pytest.mark.parametrize("backend,device", BD)
 def test_deterministic(backend, device):
-    ps = _rand([(33, 17), (4097,), (5,)], torch.float32, device=device)
-    ds = _rand([(33, 17), (4097,), (5,)], torch.float32, device=device)
+    ps = rand_tensors([(33, 17), (4097,), (5,)], torch.float32, device=device)
+    ds = rand_tensors([(33, 17), (4097,), (5,)], torch.float32, device=device)
     outs = []
     for _ in range(3):
         w = [p.clone() for p in ps]
@@ -201,9 +189,9 @@ def test_deterministic(backend, device):
 @pytest.mark.parametrize("dnorm", [1e-25, 3e-20])
 def test_tiny_direction_norms(backend, device, dnorm):
     """||g|| far below the fp32 square's underflow: exact norms and v as in float64."""
-    ps = _rand([(300,), (7, 3)], torch.float32, device=device)
-    ds = [(t / t.norm() * dnorm).float().to(device) for t in _rand([(300,), (7, 3)], torch.float64)]
-    vs = _poison(ps)
+    ps = rand_tensors([(300,), (7, 3)], torch.float32, device=device)
+    ds = [(t / t.norm() * dnorm).float().to(device) for t in rand_tensors([(300,), (7, 3)], torch.float64)]
+    vs = poisoned(ps)
     ref, ref_v = _ref_perturb([p.cpu() for p in ps], [d.cpu() for d in ds], [0.01, 0.01])
     dn = ops.perturb_([p.clone() for p in ps], ds, 0.01, deltas=vs, backend=backend)
     assert rel_err(dn, torch.tensor([dnorm, dnorm], dtype=torch.float64)) < 1e-6
@@ -248,7 +236,7 @@ def test_low_precision_scale_is_not_rounded(backend, device, dtype, expand, monk
     v_ref = gamma * wn / (dn + 1e-20) * d.double()
     for keep_delta in (True, False):
         work = [w.to(device, copy=True)]
-        deltas = _poison(work) if keep_delta else None
+        deltas = poisoned(work) if keep_delta else None
         ops.perturb_(work, [d.to(device)], gamma, deltas=deltas, backend=backend)
         if keep_delta:
             assert abs(_bias(deltas[0], v_ref)) < limit, ("deltas", _bias(deltas[0], v_ref))
@@ -310,7 +298,7 @@ def test_foreach_calls_keep_the_multi_tensor_fast_path(monkeypatch):
         return out
 
     for dt in (torch.float32, torch.bfloat16):
-        ps, ds = _rand(shapes, dt), _rand(shapes, dt, 1e-2)
+        ps, ds = rand_tensors(shapes, dt), rand_tensors(shapes, dt, 1e-2)
         ps[0] = ps[0].contiguous(memory_format=torch.channels_last)
         ds[0] = ds[0].contiguous(memory_format=torch.channels_last)
         got = sequence(F, [p.clone() for p in ps], ds, [p.contiguous().clone() for p in ps])

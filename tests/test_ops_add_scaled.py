@@ -5,24 +5,12 @@ import pytest
 import torch
 
 import awpfast.ops as ops
-from conftest import backend_device_params, rel_err, tol
+from conftest import backend_device_params, many_mixed, on_device, poisoned, rand_tensors, rel_err, tol
 
 BACKENDS = [b for b in ops.BACKENDS if b in ops.available_backends()]
 BD = backend_device_params(BACKENDS)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 ODD_SHAPES = [(3, 5), (1,), (0,), (7, 3, 3, 3), (1023,), (1025,), (4097,), (2, 1, 1)]
-
-
-def _rand(shapes, dtype, scale=1.0, device="cpu"):
-    return [(torch.randn(s, dtype=torch.float64) * scale).to(dtype).to(device) for s in shapes]
-
-
-def _dev(ts, device):
-    return [t.to(device, copy=True) for t in ts]
-
-
-def _poison(ts):
-    return [torch.full_like(t, float("nan")) for t in ts]
 
 
 def _ref(ps, ds, scales, clip=None, base=None):
@@ -41,14 +29,14 @@ def _ref(ps, ds, scales, clip=None, base=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("clip", [None, 0.7])
 def test_add_scaled_matches_float64(backend, device, dtype, clip):
-    ps = _rand(ODD_SHAPES, dtype)
-    ds = _rand(ODD_SHAPES, dtype)
+    ps = rand_tensors(ODD_SHAPES, dtype)
+    ds = rand_tensors(ODD_SHAPES, dtype)
     scales = (torch.rand(len(ps), dtype=torch.float64) * 0.1 - 0.05).to(
         torch.float64 if dtype == torch.float64 else torch.float32)
     ref, ref_v = _ref(ps, ds, scales.tolist(), clip)
-    work = _dev(ps, device)
-    backups, deltas = _poison(work), _poison(work)
-    ds_dev = _dev(ds, device)
+    work = on_device(ps, device)
+    backups, deltas = poisoned(work), poisoned(work)
+    ds_dev = on_device(ds, device)
     ops.add_scaled_(work, ds_dev, scales.to(device), clip=clip, backups=backups, deltas=deltas, backend=backend)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(ds_dev, ds)), "directions must not be written"
     for i, p in enumerate(ps):
@@ -60,33 +48,30 @@ def test_add_scaled_matches_float64(backend, device, dtype, clip):
 
 @pytest.mark.parametrize("backend,device", BD)
 def test_add_scaled_from_base_with_float_and_list_scales(backend, device):
-    ps = _rand(ODD_SHAPES, torch.float32)
-    base = _rand(ODD_SHAPES, torch.float32)
-    ds = _rand(ODD_SHAPES, torch.float32)
+    ps = rand_tensors(ODD_SHAPES, torch.float32)
+    base = rand_tensors(ODD_SHAPES, torch.float32)
+    ds = rand_tensors(ODD_SHAPES, torch.float32)
     for scale in (-0.3, [0.1 * i for i in range(len(ps))], torch.tensor(0.25)):
         s_list = [float(scale)] * len(ps) if not isinstance(scale, list) else scale
         ref, _ = _ref(ps, ds, s_list, base=base)
-        work = _poison(_dev(ps, device))  # every element must be written from the base
+        work = poisoned(on_device(ps, device))  # every element must be written from the base
         sc = scale.to(device) if isinstance(scale, torch.Tensor) else scale
-        ops.add_scaled_(work, _dev(ds, device), sc, base=_dev(base, device), backend=backend)
+        ops.add_scaled_(work, on_device(ds, device), sc, base=on_device(base, device), backend=backend)
         for w, r in zip(work, ref):
             assert rel_err(w, r) <= 1e-6
 
 
 @pytest.mark.parametrize("backend,device", BD)
 def test_add_scaled_zero_scale_from_base_is_bitwise_base(backend, device):
-    base = _rand(ODD_SHAPES, torch.float32)
-    ds = _rand(ODD_SHAPES, torch.float32)
-    work = _poison(_dev(base, device))
-    ops.add_scaled_(work, _dev(ds, device), 0.0, base=_dev(base, device), backend=backend)
+    base = rand_tensors(ODD_SHAPES, torch.float32)
+    ds = rand_tensors(ODD_SHAPES, torch.float32)
+    work = poisoned(on_device(base, device))
+    ops.add_scaled_(work, on_device(ds, device), 0.0, base=on_device(base, device), backend=backend)
     assert all(torch.equal(w.cpu(), b) for w, b in zip(work, base))
 
 
 def test_add_scaled_many_tensors_mixed_dtypes_and_deterministic():
-    shapes = [(int(s),) for s in torch.randint(0, 30, (1100,))]
-    dts = [torch.float32 if i % 3 else torch.float64 for i in range(len(shapes))]
-    ps = [torch.randn(s, dtype=dt) for s, dt in zip(shapes, dts)]
-    ds = [torch.randn(s, dtype=dt) for s, dt in zip(shapes, dts)]
+    ps, ds = many_mixed()
     scales = torch.randn(len(ps), dtype=torch.float64)
     ref, _ = _ref(ps, ds, scales.tolist(), clip=1.5)
     a, b = [p.clone() for p in ps], [p.clone() for p in ps]
@@ -98,8 +83,8 @@ def test_add_scaled_many_tensors_mixed_dtypes_and_deterministic():
 
 
 def test_add_scaled_errors():
-    ps = _rand([(3,), (4,)], torch.float32)
-    ds = _rand([(3,), (4,)], torch.float32)
+    ps = rand_tensors([(3,), (4,)], torch.float32)
+    ds = rand_tensors([(3,), (4,)], torch.float32)
     with pytest.raises(ValueError, match="one value per tensor"):
         ops.add_scaled_(ps, ds, torch.ones(3))
     with pytest.raises(ValueError, match="clip"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import awpfast.ops as ops
-from conftest import rel_err, tol
+from conftest import many_mixed, poisoned, rand_tensors, rel_err, tol
 
 BACKENDS = [b for b in ops.BACKENDS if b in ops.available_backends()]
 # 1,000+ tensors: the Triton CPU interpreter needs ~10 s per launch of 1,000 programs, so the
@@ -17,14 +17,6 @@ BACKENDS = [b for b in ops.BACKENDS if b in ops.available_backends()]
 MANY_BACKENDS = [b for b in BACKENDS if b != "triton" or torch.cuda.is_available()]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 ODD_SHAPES = [(3, 5), (1,), (0,), (7, 3, 3, 3), (1023,), (1025,), (4097,), (2, 1, 1)]
-
-
-def _rand(shapes, dtype, scale=1.0):
-    return [(torch.randn(s, dtype=torch.float64) * scale).to(dtype) for s in shapes]
-
-
-def _poison(ts):
-    return [torch.full_like(t, float("nan")) for t in ts]
 
 
 def _acc(dtype):
@@ -68,8 +60,8 @@ def _box64(ps, ds, lr, ae, origins, eps=1e-6, norms=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weighted,eta", [(False, 0.0), (True, 0.0), (True, 0.01)])
 def test_global_sqnorm_matches_float64(backend, dtype, weighted, eta):
-    ts = _rand(ODD_SHAPES, dtype)
-    ws = _rand(ODD_SHAPES, dtype) if weighted else None
+    ts = rand_tensors(ODD_SHAPES, dtype)
+    ws = rand_tensors(ODD_SHAPES, dtype) if weighted else None
     out = ops.global_sqnorm(ts, weights=ws, eta=eta, backend=backend)
     assert out.dim() == 0 and out.dtype == _acc(dtype) and out.device == ts[0].device
     ref = _sqnorm64(ts, ws, eta)
@@ -78,7 +70,7 @@ def test_global_sqnorm_matches_float64(backend, dtype, weighted, eta):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_global_sqnorm_nonfinite_and_empty(backend):
-    ts = _rand([(5,), (3, 2)], torch.float32)
+    ts = rand_tensors([(5,), (3, 2)], torch.float32)
     ts[1][1, 1] = float("nan")
     assert torch.isnan(ops.global_sqnorm(ts, backend=backend))
     ts[1][1, 1] = float("inf")
@@ -103,8 +95,8 @@ def test_global_sqnorm_many_tensors_mixed_dtypes_deterministic():
 
 
 def test_global_sqnorm_weights_of_another_dtype_and_errors():
-    ts = _rand([(4, 3), (6,)], torch.float32)
-    ws = _rand([(4, 3), (6,)], torch.float64)
+    ts = rand_tensors([(4, 3), (6,)], torch.float32)
+    ws = rand_tensors([(4, 3), (6,)], torch.float64)
     out = ops.global_sqnorm(ts, weights=ws, eta=0.1)
     assert abs(float(out) - _sqnorm64(ts, ws, 0.1)) / float(out) <= 1e-6
     with pytest.raises(ValueError, match="shape"):
@@ -120,11 +112,11 @@ def test_global_sqnorm_weights_of_another_dtype_and_errors():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("eta", [0.0, 0.01])
 def test_asam_apply_matches_float64(backend, dtype, eta):
-    ps = _rand(ODD_SHAPES, dtype)
-    ds = _rand(ODD_SHAPES, dtype)
+    ps = rand_tensors(ODD_SHAPES, dtype)
+    ds = rand_tensors(ODD_SHAPES, dtype)
     scales = (torch.rand(len(ps), dtype=torch.float64) * 0.2 + 0.05).to(_acc(dtype))
     ref = _asam64(ps, ds, scales.tolist(), eta)
-    work, backups = [p.clone() for p in ps], _poison(ps)
+    work, backups = [p.clone() for p in ps], poisoned(ps)
     ops.asam_apply_(work, ds, scales, eta=eta, backups=backups, backend=backend)
     for i, p in enumerate(ps):
         assert torch.equal(backups[i], p), "backup must be a bit-exact copy of the weights before the write"
@@ -135,8 +127,8 @@ def test_asam_apply_matches_float64(backend, dtype, eta):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_asam_apply_scale_forms_and_no_backup(backend):
-    ps = _rand(ODD_SHAPES, torch.float32)
-    ds = _rand(ODD_SHAPES, torch.float32)
+    ps = rand_tensors(ODD_SHAPES, torch.float32)
+    ds = rand_tensors(ODD_SHAPES, torch.float32)
     for scale in (0.3, [0.01 * (i + 1) for i in range(len(ps))], torch.tensor(0.25)):
         s_list = scale if isinstance(scale, list) else [float(scale)] * len(ps)
         ref = _asam64(ps, ds, s_list, 0.02)
@@ -151,10 +143,7 @@ def test_asam_apply_scale_forms_and_no_backup(backend):
 
 
 def test_asam_apply_many_tensors_mixed_dtypes_deterministic():
-    shapes = [(int(s),) for s in torch.randint(0, 30, (1100,))]
-    dts = [torch.float32 if i % 3 else torch.float64 for i in range(len(shapes))]
-    ps = [torch.randn(s, dtype=dt) for s, dt in zip(shapes, dts)]
-    ds = [torch.randn(s, dtype=dt) for s, dt in zip(shapes, dts)]
+    ps, ds = many_mixed()
     scales = torch.rand(len(ps), dtype=torch.float64)
     ref = _asam64(ps, ds, scales.tolist(), 0.01)
     for backend in MANY_BACKENDS:
@@ -167,8 +156,8 @@ def test_asam_apply_many_tensors_mixed_dtypes_deterministic():
 
 
 def test_asam_apply_errors():
-    ps = _rand([(3,), (4,)], torch.float32)
-    ds = _rand([(3,), (4,)], torch.float32)
+    ps = rand_tensors([(3,), (4,)], torch.float32)
+    ds = rand_tensors([(3,), (4,)], torch.float32)
     with pytest.raises(ValueError, match="one value per tensor"):
         ops.asam_apply_(ps, ds, torch.ones(3))
     with pytest.raises(ValueError, match="eta"):
@@ -185,10 +174,10 @@ def test_asam_apply_errors():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adv_lr", [0.05, 1.0])
 def test_box_perturb_first_step_matches_notebook_formula(backend, dtype, adv_lr):
-    ps = _rand(ODD_SHAPES, dtype)
-    ds = _rand(ODD_SHAPES, dtype, 1e-3)
+    ps = rand_tensors(ODD_SHAPES, dtype)
+    ds = rand_tensors(ODD_SHAPES, dtype, 1e-3)
     ref, ref_dn = _box64(ps, ds, adv_lr, 0.2, ps)
-    work, origins = [p.clone() for p in ps], _poison(ps)
+    work, origins = [p.clone() for p in ps], poisoned(ps)
     dn = ops.box_perturb_(work, ds, adv_lr, 0.2, origins, first=True, backend=backend)
     assert dn.dtype == _acc(dtype) and dn.shape == (len(ps),)
     assert rel_err(dn, torch.tensor(ref_dn)) <= max(tol(dtype), 1e-6)
@@ -205,9 +194,9 @@ def test_box_perturb_first_step_matches_notebook_formula(backend, dtype, adv_lr)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_box_perturb_later_steps_use_current_weights_and_keep_origins(backend, dtype):
-    ps = _rand(ODD_SHAPES, dtype)
-    d1, d2 = _rand(ODD_SHAPES, dtype), _rand(ODD_SHAPES, dtype)
-    work, origins = [p.clone() for p in ps], _poison(ps)
+    ps = rand_tensors(ODD_SHAPES, dtype)
+    d1, d2 = rand_tensors(ODD_SHAPES, dtype), rand_tensors(ODD_SHAPES, dtype)
+    work, origins = [p.clone() for p in ps], poisoned(ps)
     ops.box_perturb_(work, d1, 0.1, 0.3, origins, first=True, backend=backend)
     mid = [w.clone() for w in work]
     frozen = [o.clone() for o in origins]
@@ -220,12 +209,12 @@ def test_box_perturb_later_steps_use_current_weights_and_keep_origins(backend, d
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_box_perturb_skips_zero_and_nonfinite_directions(backend):
-    ps = _rand([(4, 3), (6,), (5,), (7,), (2, 2)], torch.float32)
-    ds = _rand([(4, 3), (6,), (5,), (7,), (2, 2)], torch.float32)
+    ps = rand_tensors([(4, 3), (6,), (5,), (7,), (2, 2)], torch.float32)
+    ds = rand_tensors([(4, 3), (6,), (5,), (7,), (2, 2)], torch.float32)
     ds[1].zero_()
     ds[2][3] = float("nan")
     ds[3][0] = float("inf")
-    work, origins = [p.clone() for p in ps], _poison(ps)
+    work, origins = [p.clone() for p in ps], poisoned(ps)
     dn = ops.box_perturb_(work, ds, 1.0, 0.2, origins, first=True, backend=backend)
     for i in (1, 2, 3):
         assert torch.equal(work[i], ps[i]), f"tensor {i} must be left unchanged"
@@ -236,14 +225,14 @@ def test_box_perturb_skips_zero_and_nonfinite_directions(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_box_perturb_with_given_norms_and_per_tensor_sizes(backend):
-    ps = _rand(ODD_SHAPES, torch.float64)
-    ds = _rand(ODD_SHAPES, torch.float64)
+    ps = rand_tensors(ODD_SHAPES, torch.float64)
+    ds = rand_tensors(ODD_SHAPES, torch.float64)
     n = len(ps)
     given = (torch.rand(n, dtype=torch.float64) + 0.5, torch.rand(n, dtype=torch.float64) + 0.5)
     given[0][2] = 0.0  # skipped by its given norm
     lrs = [0.01 * (i + 1) for i in range(n)]
     aes = [0.05 * (i + 1) for i in range(n)]
-    work, origins = [p.clone() for p in ps], _poison(ps)
+    work, origins = [p.clone() for p in ps], poisoned(ps)
     dn = ops.box_perturb_(work, ds, lrs, aes, origins, first=True, norms=given, backend=backend)
     assert torch.equal(dn, given[0])
     for i, p in enumerate(ps):
@@ -252,14 +241,11 @@ def test_box_perturb_with_given_norms_and_per_tensor_sizes(backend):
 
 
 def test_box_perturb_many_tensors_mixed_dtypes_deterministic():
-    shapes = [(int(s),) for s in torch.randint(0, 30, (1100,))]
-    dts = [torch.float32 if i % 3 else torch.float64 for i in range(len(shapes))]
-    ps = [torch.randn(s, dtype=dt) for s, dt in zip(shapes, dts)]
-    ds = [torch.randn(s, dtype=dt) for s, dt in zip(shapes, dts)]
+    ps, ds = many_mixed()
     ref, ref_dn = _box64(ps, ds, 0.5, 0.1, ps)
     for backend in MANY_BACKENDS:
         a, b = [p.clone() for p in ps], [p.clone() for p in ps]
-        oa, ob = _poison(ps), _poison(ps)
+        oa, ob = poisoned(ps), poisoned(ps)
         na = ops.box_perturb_(a, ds, 0.5, 0.1, oa, first=True, backend=backend)
         nb = ops.box_perturb_(b, ds, 0.5, 0.1, ob, first=True, backend=backend)
         assert torch.equal(na, nb) and na.dtype == torch.float64 and na.shape == (len(ps),)
@@ -270,9 +256,9 @@ def test_box_perturb_many_tensors_mixed_dtypes_deterministic():
 
 
 def test_box_perturb_errors():
-    ps = _rand([(3,), (4,)], torch.float32)
-    ds = _rand([(3,), (4,)], torch.float32)
-    os_ = _poison(ps)
+    ps = rand_tensors([(3,), (4,)], torch.float32)
+    ds = rand_tensors([(3,), (4,)], torch.float32)
+    os_ = poisoned(ps)
     with pytest.raises(TypeError, match="first"):
         ops.box_perturb_(ps, ds, 1.0, 0.2, os_, first=1)
     with pytest.raises(ValueError, match="adv_lr"):
@@ -291,8 +277,8 @@ def test_foreach_expanded_scales_path(monkeypatch):
     the CPU: the same results as the formulas."""
     import awpfast.ops.foreach as F
     monkeypatch.setattr(F, "EXPAND_SCALES", True)
-    ps = _rand(ODD_SHAPES, torch.float32)
-    ds = _rand(ODD_SHAPES, torch.float32)
+    ps = rand_tensors(ODD_SHAPES, torch.float32)
+    ds = rand_tensors(ODD_SHAPES, torch.float32)
     scales = torch.rand(len(ps)) * 0.2 + 0.05
     work = [p.clone() for p in ps]
     ops.asam_apply_(work, ds, scales, eta=0.01, backend="foreach")
@@ -300,7 +286,7 @@ def test_foreach_expanded_scales_path(monkeypatch):
         assert rel_err(w, r) <= 1e-6
     lrs = [0.1 * (i + 1) for i in range(len(ps))]
     ds[2] = torch.full_like(ds[2], float("nan"))
-    work, origins = [p.clone() for p in ps], _poison(ps)
+    work, origins = [p.clone() for p in ps], poisoned(ps)
     ops.box_perturb_(work, ds, lrs, [0.1] * len(ps), origins, first=True, backend="foreach")
     for i, p in enumerate(ps):
         ref, _ = _box64([p], [ds[i]], lrs[i], 0.1, [p])

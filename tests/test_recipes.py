@@ -37,12 +37,7 @@ TINY = ["--data", "synthetic", "--image-size", "8", "--model", "small-cnn", "--w
 TIME_KEYS = ("train_time_s", "eval_time_s", "img_per_s", "flatness_time_s")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def _cfg(argv):

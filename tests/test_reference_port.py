@@ -42,12 +42,7 @@ N_STEPS, BATCH = 3, 8
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 # ============================================================================ the port

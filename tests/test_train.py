@@ -174,12 +174,8 @@ def test_evaluate_cli(tmp_path, capsys):
 
 
 def _bench():
-    import importlib.util
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_train_step.py")
-    spec = importlib.util.spec_from_file_location("bench_train_step", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_source
+    return load_source("bench_train_step", "benchmarks/bench_train_step.py")
 
 
 def test_reference_pattern_awp_equals_awpfast_perturbation():

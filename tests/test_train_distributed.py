@@ -14,13 +14,13 @@ machine), so there are three launches in all.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from _dist_launch import free_port
 from awpfast import data as D
 from awpfast import train as T
 
@@ -61,12 +61,6 @@ if _log:
 '''
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args, tmp_path, nproc=2, timeout=240):
     shim = tmp_path / "shim"
     shim.mkdir(exist_ok=True)
@@ -76,7 +70,7 @@ def _torchrun(args, tmp_path, nproc=2, timeout=240):
                OMP_NUM_THREADS="1", AWPFAST_TEST_WRITE_LOG=str(log))
     env.pop("AWPFAST_DEBUG", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), "-m", "awpfast.train"] + args
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "awpfast.train"] + args
     p = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=timeout)
     writes = log.read_text().splitlines() if log.exists() else []
     return p, writes
