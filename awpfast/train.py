@@ -67,7 +67,7 @@ from .models import MODEL_NAMES
 __all__ = ["build_parser", "main", "run", "make_config", "RunConfig", "UsageError", "evaluate_split",
            "training_splits", "build_model", "lr_factor", "plot_metrics", "parse_float", "read_checkpoint",
            "resolve_device", "RECIPES", "apply_recipe", "symmetric_label_noise", "train_epoch", "setup",
-           "flatness_epoch"]
+           "flatness_epoch", "eps_ramp"]
 
 MODELS = MODEL_NAMES
 DEFAULT_GAMMA = {"at": 0.01, "mart": 0.01, "trades": 0.005}
@@ -86,17 +86,19 @@ _RUN_KEYS = ("method", "beta", "awp_gamma", "awp_warmup", "awp_steps", "model", 
              "alpha", "attack_steps", "attack_bn", "eval_steps", "eval_samples", "train_eval_samples",
              "amp", "channels_last", "seed", "augment", "awp_restore", "train_samples", "val_samples",
              "input_norm", "pad_mode", "recipe", "forward_order", "trades_l2_order", "label_noise", "dtype",
-             "track_flatness", "flatness_alpha", "flatness_directions", "flatness_samples", "flatness_steps")
+             "track_flatness", "flatness_alpha", "flatness_directions", "flatness_samples", "flatness_steps",
+             "eps_warmup", "eval_every")
 # what checkpoints written before an option existed did (they stay loadable and resume as they ran)
 _OLD_RUN_DEFAULTS = {"val_samples": 0, "input_norm": "none", "pad_mode": "zeros", "recipe": None,
                      "forward_order": "ours", "trades_l2_order": "renorm-clamp", "label_noise": 0.0,
                      "dtype": "float32", "track_flatness": False, "flatness_alpha": 0.5, "flatness_directions": 3,
-                     "flatness_samples": 200, "flatness_steps": 10}
+                     "flatness_samples": 200, "flatness_steps": 10, "eps_warmup": 0, "eval_every": 1}
 # options a programmatic Namespace may lack (older callers), with the parser's defaults
 _NEW_OPTION_DEFAULTS = {"overwrite": False, "ddp": False, "fsdp": False, "val_samples": None, "input_norm": "auto",
                         "pad_mode": "auto", "recipe": None, "forward_order": "ours", "trades_l2_order": "renorm-clamp",
                         "label_noise": 0.0, "dtype": "float32", "track_flatness": False, "flatness_alpha": 0.5,
-                        "flatness_directions": 3, "flatness_samples": 200, "flatness_steps": 10}
+                        "flatness_directions": 3, "flatness_samples": 200, "flatness_steps": 10, "eps_warmup": 0,
+                        "eval_every": 1}
 _DEBUG_ENV = "AWPFAST_DEBUG"
 
 
@@ -299,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="radius (default: 8/255 Linf, 0.5 L2); '8/255' works")
     k.add_argument("--alpha", type=parse_float, default=None, help="PGD step (default: eps/4)")
     k.add_argument("--attack-steps", type=int, default=10, help="PGD steps in training")
+    k.add_argument("--eps-warmup", type=int, default=0, metavar="N",
+                   help="ramp the training attack's eps (and its step, in proportion) linearly from 0 to --eps over "
+                        "the first N epochs, per iteration (eps * min(1, t / N), t = epoch + (i + 1) / iterations, "
+                        "the LR schedule's clock); evaluation always uses the full --eps; 0: no ramp")
     k.add_argument("--attack-bn", choices=("eval", "train"), default="eval",
                    help="model mode during the training attack (train: the reference AT recipe)")
     k.add_argument("--trades-l2-order", choices=L2_ORDERS, default="renorm-clamp",
@@ -308,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--eval-samples", type=int, default=None, help="test images evaluated per epoch (default: all)")
     k.add_argument("--train-eval-samples", type=int, default=500,
                    help="training images (a fixed subset) evaluated per epoch, for the generalization gap; 0 skips")
+    k.add_argument("--eval-every", type=int, default=1, metavar="K",
+                   help="evaluate the test split and the training subset (and --track-flatness) only every K epochs, "
+                        "at the last epoch and at every epoch whose validation PGD accuracy is a new best (so best.pt "
+                        "always has its test numbers); the validation split is evaluated every epoch; other epochs "
+                        "log null. Without a validation split (--val-samples 0) best.pt is chosen among the "
+                        "evaluated epochs")
     f = p.add_argument_group("flatness")
     f.add_argument("--track-flatness", action="store_true",
                    help="log the flatness of the adversarial weight loss landscape each epoch (metrics.jsonl "
@@ -447,9 +459,9 @@ def _need_float(args, key, lo, strict=False, hi=None, what=""):
 
 def validate_args(args) -> None:
     """Check every option (after :func:`resolve_defaults`); raises :class:`UsageError`."""
-    for key in ("epochs", "batch_size", "awp_steps"):
+    for key in ("epochs", "batch_size", "awp_steps", "eval_every"):
         _need_int(args, key, 1)
-    for key in ("awp_warmup", "attack_steps", "eval_steps", "train_eval_samples", "val_samples"):
+    for key in ("awp_warmup", "attack_steps", "eval_steps", "train_eval_samples", "val_samples", "eps_warmup"):
         _need_int(args, key, 0)
     for key in ("train_samples", "eval_samples", "stop_after", "threads", "width"):
         _need_int(args, key, 1, allow_none=True, what=" (or leave it out)")
@@ -807,8 +819,9 @@ def plot_metrics(history, path: str, title: str = "") -> Optional[str]:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], st, label=lab)
     if history:
         key = "val_robust_acc" if history[-1].get("val_robust_acc") is not None else "test_robust_acc"
-        b = max(history, key=lambda h: h[key])
-        ax.axvline(b["epoch"], color="0.7", lw=0.8)
+        scored = [h for h in history if h.get(key) is not None]  # --eval-every leaves gaps
+        if scored:
+            ax.axvline(max(scored, key=lambda h: h[key])["epoch"], color="0.7", lw=0.8)
     ax.set_xlabel("epoch"), ax.set_ylabel("accuracy (%)"), ax.legend(), ax.grid(alpha=0.3)
     ax.set_title(title or "accuracy")
     ax2.plot(ep, [h["train_loss"] for h in history], "C2-", label="train loss")
@@ -1051,6 +1064,25 @@ def epoch_gamma(args, epoch: int) -> float:
     return args.awp_gamma if epoch >= args.awp_warmup else 0.0
 
 
+def eps_ramp(eps_warmup: int, t: float) -> float:
+    """``--eps-warmup``: the fraction of ``--eps`` (and of ``--alpha``) that the training attack uses at
+    fractional epoch ``t`` (iteration ``i`` of 0-based epoch ``e`` out of ``n``: ``t = e + (i + 1) / n``,
+    the LR schedule's clock): ``min(1, t / eps_warmup)``, 1 without a warm-up."""
+    if eps_warmup <= 0:
+        return 1.0
+    return min(1.0, t / eps_warmup)
+
+
+def set_train_eps(t: Trainer, epoch: int, i: int) -> float:
+    """Set the training attack's radius and step for iteration ``i`` of 0-based ``epoch`` (see
+    :func:`eps_ramp`); returns the radius. The evaluation and flatness attacks are separate objects
+    and keep the full ``--eps``."""
+    args = t.cfg.args
+    f = eps_ramp(getattr(args, "eps_warmup", 0), epoch + (i + 1) / t.n_iter)
+    t.attack.eps, t.attack.alpha = args.eps * f, args.alpha * f
+    return t.attack.eps
+
+
 def train_step(t: Trainer, x: torch.Tensor, y: torch.Tensor):
     """One training step on the batch ``(x, y)``: attack, AWP ascent, descent at ``w + v``, restore,
     LR schedule; returns ``(loss, logits_adv)`` of the descent pass at ``w + v``.
@@ -1112,7 +1144,10 @@ def train_epoch(t: Trainer, epoch: int) -> dict:
             bar = tqdm(total=t.n_iter, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
         except ImportError:  # pragma: no cover
             bar = None
-    for x, y in t.batches:
+    eps_now, ramp = args.eps, getattr(args, "eps_warmup", 0)
+    for i, (x, y) in enumerate(t.batches):
+        if ramp:
+            eps_now = set_train_eps(t, epoch, i)
         loss, logits_adv = train_step(t, x, y)
         sums += torch.stack([loss.detach().double() * len(y), (logits_adv.detach().argmax(1) == y).sum().double()])
         n_local += len(y)
@@ -1129,13 +1164,27 @@ def train_epoch(t: Trainer, epoch: int) -> dict:
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}; lower --lr or drop --amp fp16 "
                                  f"(last.pt still holds epoch {epoch})")
-    return {"train_loss": loss_sum / n, "train_adv_acc": ok / n, "train_time_s": train_time,
-            "img_per_s": n / max(train_time, 1e-9)}
+    rec = {"train_loss": loss_sum / n, "train_adv_acc": ok / n, "train_time_s": train_time,
+           "img_per_s": n / max(train_time, 1e-9)}
+    if ramp:
+        rec["train_eps"] = eps_now  # the radius of the epoch's last step
+    return rec
 
 
-def evaluate_epoch(t: Trainer) -> dict:
-    """Clean and PGD accuracy on the validation split, the test split and a training subset."""
+def full_eval_due(args, epoch: int) -> bool:
+    """Whether 0-based ``epoch`` evaluates the test split and the training subset on the
+    ``--eval-every`` schedule (every K-th epoch and the last one)."""
+    every = getattr(args, "eval_every", 1) or 1
+    return (epoch + 1) % every == 0 or epoch + 1 == args.epochs
+
+
+def evaluate_epoch(t: Trainer, epoch: Optional[int] = None) -> dict:
+    """Clean and PGD accuracy on the validation split, the test split and a training subset (and the
+    flatness with ``--track-flatness``) after 0-based ``epoch`` (default: the next one in the history).
+    With ``--eval-every K`` the test split and the training subset are evaluated on that schedule and
+    whenever the validation PGD accuracy beats the best so far; otherwise their entries are ``None``."""
     args, cfg = t.cfg.args, t.cfg
+    epoch = len(t.history) if epoch is None else epoch
     t1 = time.perf_counter()
     if cfg.dist.enabled:
         import torch.distributed as dist
@@ -1147,16 +1196,21 @@ def evaluate_epoch(t: Trainer) -> dict:
               world_size=cfg.dist.world_size)
     rec = {}
     va = evaluate_split(t.eval_fwd, t.val_split, **ev) if len(t.val_split) else None
-    te = evaluate_split(t.eval_fwd, t.ds.test, limit=args.eval_samples, **ev)
+    scheduled = full_eval_due(args, epoch)
+    best_val = t.best.get("val_robust_acc") if t.best else None
+    full = scheduled or (va is not None and (best_val is None or va["robust_acc"] > best_val))
+    te = evaluate_split(t.eval_fwd, t.ds.test, limit=args.eval_samples, **ev) if full else None
     tr = evaluate_split(t.eval_fwd, t.train_split, limit=args.train_eval_samples, **ev) \
-        if args.train_eval_samples else None
+        if (args.train_eval_samples and full) else None
     rec["val_clean_acc"] = va["clean_acc"] if va else None
     rec["val_robust_acc"] = va["robust_acc"] if va else None
     rec["train_clean_acc"] = tr["clean_acc"] if tr else None
     rec["train_robust_acc"] = tr["robust_acc"] if tr else None
-    rec.update(test_clean_acc=te["clean_acc"], test_robust_acc=te["robust_acc"], test_clean_loss=te["clean_loss"],
-               test_robust_loss=te["robust_loss"], eval_time_s=time.perf_counter() - t1)
-    if args.track_flatness:
+    rec.update({k: (te[v] if te else None) for k, v in (("test_clean_acc", "clean_acc"), ("test_robust_acc", "robust_acc"),
+                                                        ("test_clean_loss", "clean_loss"),
+                                                        ("test_robust_loss", "robust_loss"))})
+    rec["eval_time_s"] = time.perf_counter() - t1
+    if args.track_flatness and scheduled:
         rec.update(flatness_epoch(t))
     return rec
 
@@ -1309,7 +1363,8 @@ def _train_loop(t: Trainer) -> dict:
           + (f" [recipe {args.recipe}]" if args.recipe else "")
           + (f" [label noise {args.label_noise:g}]" if args.label_noise else "") + " | "
           f"{args.model} on {args.data} ({len(t.train_split)} train / {len(t.val_split)} val / {len(ds.test)} test, "
-          f"{ds.image_size}px) | {args.norm} eps={args.eps:.4g} alpha={args.alpha:.4g} | {cfg.device}"
+          f"{ds.image_size}px) | {args.norm} eps={args.eps:.4g} alpha={args.alpha:.4g}"
+          + (f" (ramped over {args.eps_warmup} epochs)" if getattr(args, "eps_warmup", 0) else "") + f" | {cfg.device}"
           + (f" x {cfg.dist.world_size} ({cfg.dist.mode})" if cfg.dist.enabled else "") + f" | out={args.out}")
     sel = "val_robust_acc" if len(t.val_split) else "test_robust_acc"
     stop_at = args.epochs if args.stop_after is None else min(args.epochs, t.start + args.stop_after)
@@ -1318,10 +1373,10 @@ def _train_loop(t: Trainer) -> dict:
         tr = train_epoch(t, epoch)
         rec["awp_gamma"] = t.awp.param_groups[0]["awp_gamma"]
         rec.update(tr)
-        rec.update(evaluate_epoch(t))
+        rec.update(evaluate_epoch(t, epoch))
         t.history.append(rec)
         prev = t.best.get(sel)
-        is_best = prev is None or rec[sel] > prev
+        is_best = rec[sel] is not None and (prev is None or rec[sel] > prev)
         if is_best:
             t.best = {"epoch": epoch + 1, "selected_on": sel.split("_")[0], "val_robust_acc": rec["val_robust_acc"],
                       "test_robust_acc": rec["test_robust_acc"], "test_clean_acc": rec["test_clean_acc"]}

@@ -322,3 +322,88 @@ def test_track_flatness_under_torchrun_ddp(tmp_path):
     want = L.flatness(model, train.x[:24], train.y[:24], 0.5, 2, PGD(model, eps=8 / 255, alpha=2 / 255, steps=1),
                       seed=T.FLATNESS_SEED)
     assert rows[-1]["flatness"] == pytest.approx(want, abs=1e-9)
+
+
+# ============================================================================ eps warm-up
+def test_eps_ramp_values():
+    assert T.eps_ramp(0, 0.1) == 1.0 and T.eps_ramp(0, 50.0) == 1.0
+    assert T.eps_ramp(4, 1.0) == 0.25 and T.eps_ramp(4, 4.0) == 1.0 and T.eps_ramp(4, 9.5) == 1.0
+    assert T.eps_ramp(3, 0.5) == pytest.approx(1 / 6)
+
+
+def test_eps_warmup_ramps_the_training_attack_only_and_resumes_exactly(tmp_path, capsys):
+    """The training attack's radius at iteration i of epoch e is eps * min(1, (e + (i+1)/n) / N), seen in
+    the adversarial examples it returns; the evaluation keeps the full eps; a run stopped inside the
+    ramp and resumed ends bitwise equal to an uninterrupted one."""
+    eps = 0.2
+    argv = TINY + ["--eps", str(eps), "--eps-warmup", "2", "--epochs", "3", "--train-samples", "96",
+                   "--batch-size", "32", "--attack-steps", "2", "--no-plot", "--seed", "3"]
+    t = T.setup(_cfg(argv + ["--out", str(tmp_path / "probe")]))
+    seen = []
+    real = t.attack.forward
+
+    def spy(x, y):
+        x_adv = real(x, y)
+        seen.append((t.attack.eps, t.attack.alpha, float((x_adv - x).abs().max())))
+        return x_adv
+
+    t.attack.forward = spy
+    for e in range(3):
+        rec = T.train_epoch(t, e)
+        assert rec["train_eps"] == pytest.approx(eps * min(1.0, (e + 1) / 2))
+    n = t.n_iter
+    assert n == 3 and len(seen) == 3 * n
+    for k, (r, a, moved) in enumerate(seen):
+        e, i = divmod(k, n)
+        want = eps * min(1.0, (e + (i + 1) / n) / 2)
+        assert r == pytest.approx(want) and a == pytest.approx(want / 4)
+        assert 0.8 * want < moved <= want + 1e-6  # the examples really lie in the ramped ball
+    # the CLI: train_eps logged, the evaluation at the full eps, and an exact resume inside the ramp
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert T.main(argv + ["--out", full]) == 0
+    assert T.main(argv + ["--out", part, "--stop-after", "1"]) == 0
+    assert T.main(["--resume", "--out", part, "--quiet", "--no-plot"]) == 0
+    rf, rp = _metrics(full), _metrics(part)
+    assert [r["train_eps"] for r in rf] == pytest.approx([eps / 2, eps, eps])
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]  # noqa: E731
+    assert strip(rf) == strip(rp)
+    ca = torch.load(os.path.join(full, "last.pt"), weights_only=False)
+    cp = torch.load(os.path.join(part, "last.pt"), weights_only=False)
+    assert all(torch.equal(v, cp["model"][k]) for k, v in ca["model"].items())
+    # without the ramp the first epoch differs (the ramp is not a no-op)
+    off = str(tmp_path / "off")
+    assert T.main(argv + ["--eps-warmup", "0", "--out", off, "--epochs", "1"]) == 0
+    assert _metrics(off)[0]["train_loss"] != rf[0]["train_loss"] and "train_eps" not in _metrics(off)[0]
+    capsys.readouterr()
+    assert T.main(argv + ["--eps-warmup", "-1", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--eps-warmup" in err and "Traceback" not in err and not os.path.exists(tmp_path / "bad")
+
+
+# ============================================================================ sparse evaluation
+def test_eval_every_evaluates_test_on_schedule_and_at_every_new_validation_best(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    argv = TINY + ["--epochs", "7", "--eval-every", "3", "--out", out, "--track-flatness", "--flatness-samples", "16",
+                   "--flatness-directions", "1", "--flatness-steps", "1", "--lr", "0.05"]
+    assert T.main(argv) == 0
+    rows = _metrics(out)
+    best = None
+    for r in rows:
+        assert r["val_robust_acc"] is not None  # the validation split every epoch
+        new_best = best is None or r["val_robust_acc"] > best
+        due = r["epoch"] % 3 == 0 or r["epoch"] == 7
+        has_test = r["test_robust_acc"] is not None
+        assert has_test == (due or new_best), r
+        assert (r["train_robust_acc"] is not None) == has_test and (r["test_clean_loss"] is not None) == has_test
+        assert (r.get("flatness") is not None) == due  # flatness on the schedule only
+        best = r["val_robust_acc"] if new_best else best
+    assert sum(r["test_robust_acc"] is None for r in rows) >= 1  # not vacuous: some epochs were skipped
+    ck = torch.load(os.path.join(out, "best.pt"), weights_only=False)
+    b = ck["best"]
+    assert b["test_robust_acc"] is not None and b["val_robust_acc"] == max(r["val_robust_acc"] for r in rows)
+    assert b["epoch"] == min(r["epoch"] for r in rows if r["val_robust_acc"] == b["val_robust_acc"])
+    assert T.plot_metrics(rows, str(tmp_path / "m.png")) and os.path.getsize(tmp_path / "m.png") > 1000
+    capsys.readouterr()
+    assert T.main(TINY + ["--eval-every", "0", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--eval-every" in err and "Traceback" not in err
