@@ -138,12 +138,29 @@ def test_inductor_perturb_restore(backend):
     assert all(torch.equal(a, b) for a, b in zip(p2, ps))
 
 
-def _awp_setup(backend):
+def _awp_setup(backend, cls=None):
     from awpfast.optim import AWP
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)).to(DEV)
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-    return m, opt, AWP(opt, m, gamma=0.01, backend=backend)
+    return m, opt, (cls or AWP)(opt, m, gamma=0.01, backend=backend)
+
+
+def _batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(8, 3, 6, 6, generator=g).to(DEV), torch.randint(0, 5, (8,), generator=g).to(DEV)
+
+
+def _make_step(m, opt, awp):
+    """One AWP training step (perturb, descent at w + v, step), as a user writes it."""
+    def step(x, y):
+        awp.perturb(lambda: F.cross_entropy(m(x), y))
+        loss = F.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        awp.step()
+        return loss
+    return step
 
 
 @pytest.mark.parametrize("backend", [b for b in ("foreach", "triton") if b in BACKENDS])
@@ -153,24 +170,12 @@ def test_awp_step_under_dynamo(backend):
     ``trace_autograd_ops`` switch changes plain SGD training results in torch 2.13, so awpfast
     does not rely on it)."""
     torch._dynamo.reset()
-    g = torch.Generator().manual_seed(7)
-    x = torch.rand(8, 3, 6, 6, generator=g).to(DEV)
-    y = torch.randint(0, 5, (8,), generator=g).to(DEV)
-
-    def make_step(m, opt, awp):
-        def step(x, y):
-            awp.perturb(lambda: F.cross_entropy(m(x), y))
-            loss = F.cross_entropy(m(x), y)
-            opt.zero_grad()
-            loss.backward()
-            awp.step()
-            return loss
-        return step
+    x, y = _batch(7)
 
     weights = []
     for compiled in (False, True):
         m, opt, awp = _awp_setup(backend)
-        step = make_step(m, opt, awp)
+        step = _make_step(m, opt, awp)
         if compiled:
             ex = torch._dynamo.explain(step)(x, y)  # runs the step once, compiled
             step(x, y)
@@ -237,24 +242,11 @@ def test_awp_step_eager_fallback_under_dynamo():
     _eager_under_old_dynamo(EagerAWP, force=True)
     assert all(getattr(EagerAWP, n) is not getattr(AWP, n) for n in ("perturb", "step", "restore"))
     torch._dynamo.reset()
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(8, 3, 6, 6, generator=g).to(DEV)
-    y = torch.randint(0, 5, (8,), generator=g).to(DEV)
+    x, y = _batch(3)
     weights = []
     for compiled in (False, True):
-        torch.manual_seed(0)
-        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)).to(DEV)
-        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-        awp = EagerAWP(opt, m, gamma=0.01, backend="foreach")
-
-        def step(x, y):
-            awp.perturb(lambda: F.cross_entropy(m(x), y))
-            loss = F.cross_entropy(m(x), y)
-            opt.zero_grad()
-            loss.backward()
-            awp.step()
-            return loss
-
+        m, opt, awp = _awp_setup("foreach", EagerAWP)
+        step = _make_step(m, opt, awp)
         fn = torch.compile(step, backend="eager") if compiled else step
         fn(x, y)
         fn(x, y)
