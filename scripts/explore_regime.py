@@ -67,6 +67,18 @@ CANDIDATES = {
     "n320-e15-n20": _with(_N320, label_noise="0.2"),
     "n640-e15-n20": _with(_BASE, epochs=100, eps_warmup=10, label_noise="0.2"),
 }
+CANDIDATES["n320-e15-n30"] = _with(_N320, label_noise="0.3")  # more label noise
+CANDIDATES["n320-e15-n20-long"] = _with(_N320, label_noise="0.2", epochs=200)  # twice the epochs after the decay
+# the issue-14 arms in the "n320-e15-n20-long" regime (plain AT loses >= 3 points of test PGD-20 after its
+# peak there): AT-AWP with the train-mode attack at three gammas, TRADES (beta 6) and TRADES-AWP
+# (gamma 0.005) with the eval-mode attack of the reference TRADES code; AWP after a 10-epoch warm-up (the
+# eps ramp's length) in every AWP arm
+_REGIME = CANDIDATES["n320-e15-n20-long"]
+for _g in ("0.0025", "0.005", "0.01"):
+    CANDIDATES[f"long-awp{_g}"] = _with(_REGIME, awp_gamma=_g, awp_warmup=10)
+CANDIDATES["long-trades"] = _with(_REGIME, method="trades", beta=6, attack_bn="eval")
+CANDIDATES["long-trades-awp"] = _with(_REGIME, method="trades", beta=6, attack_bn="eval", awp_gamma="0.005",
+                                      awp_warmup=10)
 
 
 def _run_one(options, eval_every: int) -> None:
@@ -179,6 +191,96 @@ def curve(run: str) -> None:
               f"{f(r['test_clean_acc'])}  {'' if fl is None else f'{fl:.3f}'}")
 
 
+STUDY_ARMS = {"AT": "n320-e15-n20-long", "AT-AWP g0.0025": "long-awp0.0025", "AT-AWP g0.005": "long-awp0.005",
+              "AT-AWP g0.01": "long-awp0.01", "TRADES": "long-trades", "TRADES-AWP g0.005": "long-trades-awp"}
+
+
+def _ms(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    m = sum(vals) / len(vals)
+    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+    return {"mean": m, "std": sd, "n": len(vals), "values": vals}
+
+
+def study(seeds, out_prefix) -> None:
+    """Per arm of STUDY_ARMS, over ``seeds``: best / last / drop / mean of the last 4 evaluations / last
+    clean / last train PGD-20 / robust gap (train - test PGD-20, last epoch), and the paired differences
+    to AT (same seed) of the last and the tail mean, with their t statistics. Prints markdown, writes
+    ``OUT_PREFIX.json`` and ``OUT_PREFIX.png`` (mean test PGD-20 and robust gap per evaluated epoch)."""
+    per = {}
+    for arm, name in STUDY_ARMS.items():
+        rows = {}
+        for seed in seeds:
+            d = os.path.join(RUNS, f"{name}-s{seed}")
+            if os.path.isfile(os.path.join(d, "done.json")):
+                h = load(d)
+                st = stats(h)
+                st["gap"] = st["last_train_pgd"] - st["last"]
+                st["curve"] = [(r["epoch"], 100 * r["test_robust_acc"], 100 * r["train_robust_acc"])
+                               for r in h if not math.isnan(r["test_robust_acc"])]
+                rows[seed] = st
+        per[arm] = rows
+    keys = ("best", "last", "drop", "tail_mean", "last_clean", "last_train_pgd", "gap")
+    table = {arm: {k: _ms([r[k] for r in rows.values()]) for k in keys} for arm, rows in per.items() if rows}
+    at = per.get("AT", {})
+    for arm, rows in per.items():
+        if arm == "AT" or not rows:
+            continue
+        for k in ("last", "tail_mean", "gap"):
+            diffs = [rows[s][k] - at[s][k] for s in rows if s in at]
+            d = _ms(diffs)
+            if d and d["n"] > 1 and d["std"] > 0:
+                d["t"] = d["mean"] / (d["std"] / d["n"] ** 0.5)
+            table[arm][f"paired_{k}_vs_AT"] = d
+    f = lambda m: "–" if m is None else f"{m['mean']:.1f} ± {m['std']:.1f}"  # noqa: E731
+    print(f"| arm (seeds {' '.join(map(str, seeds))}) | best test PGD-20 | last | best − last | mean last 4 evals | "
+          "last clean | last train PGD-20 | robust gap |")
+    print("|---|---|---|---|---|---|---|---|")
+    for arm, t in table.items():
+        n = t["best"]["n"] if t.get("best") else 0
+        print(f"| {arm} (n={n}) | " + " | ".join(f(t[k]) for k in keys) + " |")
+    print("\n| arm | last − AT (paired) | t | mean last 4 − AT | t | gap − AT | t |")
+    print("|---|---|---|---|---|---|---|")
+    for arm, t in table.items():
+        if arm == "AT":
+            continue
+        cells = []
+        for k in ("last", "tail_mean", "gap"):
+            d = t.get(f"paired_{k}_vs_AT")
+            cells += [f(d), f"{d['t']:.2f}" if d and "t" in d else "–"]
+        print(f"| {arm} | " + " | ".join(cells) + " |")
+    result = {"regime": CANDIDATES[STUDY_ARMS["AT"]], "arms": {a: CANDIDATES[n][len(CANDIDATES[STUDY_ARMS['AT']]):]
+                                                              for a, n in STUDY_ARMS.items()},
+              "eval_every": 5, "seeds": seeds, "table": table,
+              "runs": {arm: {str(s): {k: v for k, v in r.items() if k != "curve"} for s, r in rows.items()}
+                       for arm, rows in per.items()}}
+    with open(out_prefix + ".json", "w") as fh:
+        json.dump(result, fh, indent=1)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for i, (arm, rows) in enumerate(per.items()):
+        if not rows:
+            continue
+        curves = [r["curve"] for r in rows.values()]
+        n = min(len(c) for c in curves)
+        ep = [curves[0][j][0] for j in range(n)]
+        te = [sum(c[j][1] for c in curves) / len(curves) for j in range(n)]
+        gap = [sum(c[j][2] - c[j][1] for c in curves) / len(curves) for j in range(n)]
+        a1.plot(ep, te, f"C{i}-", label=arm)
+        a2.plot(ep, gap, f"C{i}-", label=arm)
+    a1.set_title("test PGD-20 (%), mean over seeds"), a1.set_xlabel("epoch"), a1.grid(alpha=0.3), a1.legend()
+    a2.set_title("robust gap: train − test PGD-20 (points)"), a2.set_xlabel("epoch"), a2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_prefix + ".png", dpi=110)
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
@@ -199,7 +301,13 @@ def main(argv=None) -> None:
     sub.add_parser("list")
     c = sub.add_parser("curve")
     c.add_argument("run")
+    st = sub.add_parser("study", help="the issue-14 arms table, JSON and plot")
+    st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    st.add_argument("--out", default=os.path.join(ROOT, "docs", "reproduction_regime"))
     a = p.parse_args(argv)
+    if a.cmd == "study":
+        study(a.seeds, a.out)
+        return
     if a.cmd == "list":
         for k, opts in CANDIDATES.items():
             print(k, " ".join(opts))
