@@ -1385,7 +1385,7 @@ def _train_loop(t: Trainer) -> dict:
               f"val PGD-{args.eval_steps} {_pct(rec['val_robust_acc'])} | "
               f"train clean {_pct(rec['train_clean_acc'])} PGD {_pct(rec['train_robust_acc'])} | "
               f"test clean {_pct(rec['test_clean_acc'])} PGD {_pct(rec['test_robust_acc'])} | "
-              + (f"flatness {rec['flatness']:.4f} ({rec['flatness_time_s']:.1f}s) | " if "flatness" in rec else "")
+              + (f"flatness {rec['flatness']:.4f} ({rec['flatness_time_s']:.1f}s) | " if rec.get("flatness") is not None else "")
               + f"{rec['img_per_s']:.0f} img/s, {rec['train_time_s']:.1f}s + eval {rec['eval_time_s']:.1f}s"
               + ("  *best" if is_best else ""))
     history, best = t.history, t.best

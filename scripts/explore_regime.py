@@ -50,7 +50,9 @@ def _with(base, **kw):
     out = list(base)
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")
-        if flag in out:
+        if v is True:  # a switch
+            out += [] if flag in out else [flag]
+        elif flag in out:
             i = out.index(flag)
             out[i + 1] = str(v)
         else:
@@ -76,6 +78,9 @@ CANDIDATES["n320-e15-n20-long"] = _with(_N320, label_noise="0.2", epochs=200)  #
 _REGIME = CANDIDATES["n320-e15-n20-long"]
 for _g in ("0.0025", "0.005", "0.01"):
     CANDIDATES[f"long-awp{_g}"] = _with(_REGIME, awp_gamma=_g, awp_warmup=10)
+# the same AT and AT-AWP (gamma 0.01) runs with --track-flatness (the flatness beside the robust gap)
+CANDIDATES["long-flat"] = _with(_REGIME, track_flatness=True)
+CANDIDATES["long-awp0.01-flat"] = _with(_REGIME, awp_gamma="0.01", awp_warmup=10, track_flatness=True)
 CANDIDATES["long-trades"] = _with(_REGIME, method="trades", beta=6, attack_bn="eval")
 CANDIDATES["long-trades-awp"] = _with(_REGIME, method="trades", beta=6, attack_bn="eval", awp_gamma="0.005",
                                       awp_warmup=10)
@@ -96,8 +101,6 @@ def _run_one(options, eval_every: int) -> None:
                 return real_eval(t, epoch)
             nan = {k: math.nan for k in ("val_clean_acc", "val_robust_acc", "train_clean_acc", "train_robust_acc",
                                          "test_clean_acc", "test_robust_acc", "test_clean_loss", "test_robust_loss")}
-            if t.cfg.args.track_flatness:
-                nan.update(flatness=None, flatness_loss0=None, flatness_time_s=0.0)
             return dict(nan, eval_time_s=0.0)
 
         T.evaluate_epoch = sparse_eval
@@ -195,6 +198,11 @@ STUDY_ARMS = {"AT": "n320-e15-n20-long", "AT-AWP g0.0025": "long-awp0.0025", "AT
               "AT-AWP g0.01": "long-awp0.01", "TRADES": "long-trades", "TRADES-AWP g0.005": "long-trades-awp"}
 
 
+def _base_arm(arm):
+    """The arm an AWP arm is compared with: TRADES for TRADES-AWP, AT otherwise."""
+    return "TRADES" if arm.startswith("TRADES") else "AT"
+
+
 def _ms(vals):
     vals = [v for v in vals if v is not None]
     if not vals:
@@ -204,10 +212,50 @@ def _ms(vals):
     return {"mean": m, "std": sd, "n": len(vals), "values": vals}
 
 
+FLATNESS_RUNS = {"AT": "long-flat-s0", "AT-AWP g0.01": "long-awp0.01-flat-s0"}
+
+
+def flatness_runs(out_prefix) -> dict:
+    """The --track-flatness runs (seed 0 of AT and AT-AWP g0.01, same trajectories as the study's): per
+    evaluated epoch the flatness and the robust gap, their Pearson and Spearman correlations, and each
+    run's metrics plot as ``OUT_PREFIX_flatness_<arm>.png``."""
+    out = {}
+    for arm, run in FLATNESS_RUNS.items():
+        d = os.path.join(RUNS, run)
+        if not os.path.isfile(os.path.join(d, "done.json")):
+            continue
+        ev = [r for r in load(d) if r.get("flatness") is not None and not math.isnan(r["test_robust_acc"])]
+        fl = [r["flatness"] for r in ev]
+        gap = [100 * (r["train_robust_acc"] - r["test_robust_acc"]) for r in ev]
+
+        def pearson(a, b):
+            ma, mb = sum(a) / len(a), sum(b) / len(b)
+            cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+            return cov / (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
+
+        def ranks(a):
+            order = sorted(range(len(a)), key=lambda i: a[i])
+            r = [0.0] * len(a)
+            for k, i in enumerate(order):
+                r[i] = float(k)
+            return r
+
+        out[arm] = {"run": run, "epochs": [r["epoch"] for r in ev], "flatness": fl, "robust_gap": gap,
+                    "pearson": pearson(fl, gap), "spearman": pearson(ranks(fl), ranks(gap)),
+                    "last_flatness": fl[-1], "last_gap": gap[-1], "last_test_pgd20": 100 * ev[-1]["test_robust_acc"]}
+        import awpfast.train as T
+        slug = arm.lower().replace(" ", "_").replace(".", "")
+        T.plot_metrics(ev, f"{out_prefix}_flatness_{slug}.png", title=f"{arm}, seed 0 (evaluated epochs)")
+        print(f"{arm}: flatness vs robust gap over {len(ev)} evaluations: Pearson {out[arm]['pearson']:.2f}, "
+              f"Spearman {out[arm]['spearman']:.2f}; last flatness {fl[-1]:.3f}, last gap {gap[-1]:.1f}")
+    return out
+
+
 def study(seeds, out_prefix) -> None:
     """Per arm of STUDY_ARMS, over ``seeds``: best / last / drop / mean of the last 4 evaluations / last
     clean / last train PGD-20 / robust gap (train - test PGD-20, last epoch), and the paired differences
-    to AT (same seed) of the last and the tail mean, with their t statistics. Prints markdown, writes
+    (same seed) of the last, the tail mean and the gap to the arm's base (AT, or TRADES for
+    TRADES-AWP), with their t statistics. Prints markdown, writes
     ``OUT_PREFIX.json`` and ``OUT_PREFIX.png`` (mean test PGD-20 and robust gap per evaluated epoch)."""
     per = {}
     for arm, name in STUDY_ARMS.items():
@@ -224,16 +272,18 @@ def study(seeds, out_prefix) -> None:
         per[arm] = rows
     keys = ("best", "last", "drop", "tail_mean", "last_clean", "last_train_pgd", "gap")
     table = {arm: {k: _ms([r[k] for r in rows.values()]) for k in keys} for arm, rows in per.items() if rows}
-    at = per.get("AT", {})
     for arm, rows in per.items():
-        if arm == "AT" or not rows:
+        if arm in ("AT", "TRADES") or not rows:
             continue
+        base_name = _base_arm(arm)
+        base = per.get(base_name, {})
+        table[arm]["paired_base"] = base_name
         for k in ("last", "tail_mean", "gap"):
-            diffs = [rows[s][k] - at[s][k] for s in rows if s in at]
+            diffs = [rows[s][k] - base[s][k] for s in rows if s in base]
             d = _ms(diffs)
             if d and d["n"] > 1 and d["std"] > 0:
                 d["t"] = d["mean"] / (d["std"] / d["n"] ** 0.5)
-            table[arm][f"paired_{k}_vs_AT"] = d
+            table[arm][f"paired_{k}_vs_base"] = d
     f = lambda m: "–" if m is None else f"{m['mean']:.1f} ± {m['std']:.1f}"  # noqa: E731
     print(f"| arm (seeds {' '.join(map(str, seeds))}) | best test PGD-20 | last | best − last | mean last 4 evals | "
           "last clean | last train PGD-20 | robust gap |")
@@ -241,21 +291,22 @@ def study(seeds, out_prefix) -> None:
     for arm, t in table.items():
         n = t["best"]["n"] if t.get("best") else 0
         print(f"| {arm} (n={n}) | " + " | ".join(f(t[k]) for k in keys) + " |")
-    print("\n| arm | last − AT (paired) | t | mean last 4 − AT | t | gap − AT | t |")
+    print("\n| arm − its base (paired by seed) | last | t | mean last 4 evals | t | robust gap | t |")
     print("|---|---|---|---|---|---|---|")
     for arm, t in table.items():
-        if arm == "AT":
+        if "paired_base" not in t:
             continue
         cells = []
         for k in ("last", "tail_mean", "gap"):
-            d = t.get(f"paired_{k}_vs_AT")
+            d = t.get(f"paired_{k}_vs_base")
             cells += [f(d), f"{d['t']:.2f}" if d and "t" in d else "–"]
-        print(f"| {arm} | " + " | ".join(cells) + " |")
+        print(f"| {arm} − {t['paired_base']} | " + " | ".join(cells) + " |")
     result = {"regime": CANDIDATES[STUDY_ARMS["AT"]], "arms": {a: CANDIDATES[n][len(CANDIDATES[STUDY_ARMS['AT']]):]
                                                               for a, n in STUDY_ARMS.items()},
               "eval_every": 5, "seeds": seeds, "table": table,
               "runs": {arm: {str(s): {k: v for k, v in r.items() if k != "curve"} for s, r in rows.items()}
                        for arm, rows in per.items()}}
+    result["flatness"] = flatness_runs(out_prefix)
     with open(out_prefix + ".json", "w") as fh:
         json.dump(result, fh, indent=1)
     try:
