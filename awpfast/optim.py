@@ -425,25 +425,12 @@ class WeightPerturbation(torch.optim.Optimizer):
         self._sync_selection()
         if self._setting.averages_ascent or self._setting.sharded:
             self._setting.check_group()  # before the closure runs: nothing changes on this error
-        if closure is None:
-            closures = None
-        elif callable(closure):
-            closures = (closure,)
-        elif isinstance(closure, (list, tuple)) and closure and all(callable(c) for c in closure):
-            closures = tuple(closure)
-        else:
-            raise TypeError(f"perturb() needs a closure returning the ascent loss (or a list of them, or "
-                            f"nothing after accumulate()), got {type(closure).__name__}")
+        closures = None if closure is None else _closure_tuple(
+            closure, "perturb() needs a closure returning the ascent loss (or a list of them, or nothing after "
+                     "accumulate())")
         # the later passes' closures, validated before an accumulated direction is consumed
-        if later is None:
-            nexts = closures
-        elif callable(later):
-            nexts = (later,)
-        elif isinstance(later, (list, tuple)) and later and all(callable(c) for c in later):
-            nexts = tuple(later)
-        else:
-            raise TypeError(f"later must be a closure returning the loss (or a list of them), got "
-                            f"{type(later).__name__}")
+        nexts = closures if later is None else _closure_tuple(
+            later, "later must be a closure returning the loss (or a list of them)")
         pending = self._pending if self._pending_gen == self._sel.generation else None
         self._pending = None
         from_grad = closures is None and pending is None
@@ -736,6 +723,15 @@ class AWP(WeightPerturbation):
 
     def _rule_next(self, dirs):
         return self._sel.ascent_step(dirs, self.eps)
+
+
+def _closure_tuple(value, what: str) -> tuple:
+    """A closure or a non-empty list of closures as a tuple; else TypeError ``what, got TYPE``."""
+    if callable(value):
+        return (value,)
+    if isinstance(value, (list, tuple)) and value and all(callable(c) for c in value):
+        return tuple(value)
+    raise TypeError(f"{what}, got {type(value).__name__}")
 
 
 def _capturing(t: torch.Tensor) -> bool:

@@ -278,8 +278,7 @@ class PerturbState:
                                  deltas=g.deltas if self.store_deltas else None, backend=self.backend)
                 done.append(g)
         except BaseException:
-            for g in done:
-                self._backend(g).restore_(g.params, g.backups)
+            self._restore_groups(done)
             raise
         self.active = True
         if any(g.project_first for g in self.groups):
@@ -294,6 +293,11 @@ class PerturbState:
             _ops.add_scaled_(g.params, d, scale, backend=self.backend)
         self._project_sharded()
         return _join_norms(dn)
+
+    def _restore_groups(self, groups) -> None:
+        """Weights of ``groups`` back from their backups (undoing a partly applied op)."""
+        for g in groups:
+            self._backend(g).restore_(g.params, g.backups)
 
     # ------------------------------------------------------------------ ops
     def perturb(self, dirs, eps) -> torch.Tensor:
@@ -320,8 +324,7 @@ class PerturbState:
                     be.project_(g.params, g.backups, g.gammas)
                     self._refresh_deltas(g)
         except BaseException:
-            for g in done:
-                self._backend(g).restore_(g.params, g.backups)
+            self._restore_groups(done)
             raise
         self.active = True
         return _join_norms(norms)
@@ -454,8 +457,7 @@ class PerturbState:
                                                 plan.b_pl, None)
                 done.append(g)
         except BaseException:
-            for g in done:
-                self._backend(g).restore_(g.params, g.backups)
+            self._restore_groups(done)
             raise
         self.active = True
         return norm
@@ -485,8 +487,7 @@ class PerturbState:
                 done.append(g)
         except BaseException:
             if first:
-                for g in done:
-                    self._backend(g).restore_(g.params, g.backups)
+                self._restore_groups(done)
             else:
                 self.restore()
             raise

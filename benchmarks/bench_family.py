@@ -29,7 +29,6 @@ Prints a table; ``--json PATH`` (default ``benchmarks/results/<date>_<device>_fa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_io import write_json  # noqa: E402
 import awpfast.ops as ops  # noqa: E402
 from awpfast import SAM, BoxAWP  # noqa: E402
 from awpfast.models import WideResNet  # noqa: E402
@@ -259,10 +260,7 @@ def main(argv=None):
         path = args.json or os.path.join(
             os.path.dirname(os.path.abspath(__file__)), "results",
             f"{time.strftime('%Y-%m-%d')}_{device.type}-{os.cpu_count()}core-{out['threads']}thread_family.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {path}")
+        write_json(path, out)
     return out
 
 

@@ -20,7 +20,6 @@ Prints a table; writes JSON (``--json PATH``, default ``benchmarks/results/<date
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_io import write_json  # noqa: E402
 import awpfast.ops as ops  # noqa: E402
 from awpfast.models import WideResNet  # noqa: E402
 
@@ -168,10 +169,7 @@ def main(argv=None):
     if not args.no_json:
         path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                          f"{time.strftime('%Y-%m-%d')}_{device.type}-{out['threads']}core_family_kernels.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {path}")
+        write_json(path, out)
     return out
 
 
