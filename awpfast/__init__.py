@@ -8,8 +8,8 @@ CNN) and ``awpfast.ops`` (the multi-tensor seam) are importable from here. The t
 evaluation CLIs are ``awpfast.train`` and ``awpfast.evaluate``.
 """
 from . import ops  # noqa: F401
-from .optim import AWP, WeightPerturbation  # noqa: F401
-from .family import SAM, BoxAWP  # noqa: F401
+from .optim import WeightPerturbation  # noqa: F401
+from .rules import AWP, SAM, BoxAWP  # noqa: F401
 from . import attacks, losses, models  # noqa: F401,E402
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Weight-perturbation optimizer wrappers: any ``torch.optim`` optimizer becomes an AWP optimizer.
+"""The engine behind every weight-perturbation rule: any ``torch.optim`` optimizer becomes an
+AWP (SAM, Box AWP) optimizer.
 
 Per training step (``x_adv`` already found by an attack)::
 
@@ -12,21 +13,18 @@ or, restoring on any exception (and when ``step()`` is never reached)::
     with awp.perturbed(closure):
         ...; loss.backward(); awp.step()
 
-``v_l = gamma * ||w_l|| * g_l / (||g_l|| + 1e-20)`` per selected layer (Frobenius norms of
-whole tensors), with ``g`` the gradient of the closure's loss. No proxy model: the ascent
-gradient is taken on the model itself with BatchNorm running statistics frozen.
-
 Structure: :class:`WeightPerturbation` is the engine shared by every rule (sharing
 ``param_groups``/``state`` with the base optimizer, step hooks, restore orders, the
 ``perturbed()`` context, ``state_dict`` nesting, the ascent gradient with BatchNorm statistics
 frozen, DDP / FSDP2 detection and gradient sync, micro-batch accumulation, non-finite
-handling, following the optimizer's parameters). A rule (here :class:`AWP`) only says how
-big the perturbation is and applies it through the seam.
+handling, following the optimizer's parameters). A rule (:class:`awpfast.AWP`,
+:class:`awpfast.SAM`, :class:`awpfast.BoxAWP`, all in :mod:`awpfast.rules`) only says how big
+the perturbation is and applies it through the seam. ``rules`` imports this module, never the
+reverse; ``awpfast.optim.AWP`` still resolves (a module ``__getattr__``).
 """
 from __future__ import annotations
 
 import contextlib
-import numbers
 import warnings
 from collections import OrderedDict
 from itertools import chain
@@ -64,8 +62,8 @@ def frozen_batchnorm_stats(model: nn.Module):
 
 
 class WeightPerturbation(torch.optim.Optimizer):
-    """The engine behind every weight-perturbation rule (:class:`AWP`; :class:`awpfast.SAM` with ASAM;
-    :class:`awpfast.BoxAWP`).
+    """The engine behind every weight-perturbation rule (:class:`awpfast.AWP`; :class:`awpfast.SAM`
+    with ASAM; :class:`awpfast.BoxAWP`).
 
     It *is* a ``torch.optim.Optimizer`` that shares ``param_groups`` and ``state`` with the
     base optimizer. Protocol: ``perturb(closure)`` (ascent gradient, then the rule moves the
@@ -611,120 +609,6 @@ class WeightPerturbation(torch.optim.Optimizer):
                 "to resume the same training).", UserWarning, stacklevel=3)
 
 
-class AWP(WeightPerturbation):
-    """Adversarial Weight Perturbation around a base optimizer.
-
-    Args:
-        optimizer: the base ``torch.optim`` optimizer (its ``param_groups`` and ``state`` are shared).
-        model: the module whose weights are perturbed: a plain module, a ``DistributedDataParallel``
-            wrapper, or a module whose blocks were ``fully_shard``-ed (FSDP2); detected automatically.
-        gamma: relative perturbation size ``||v_l|| / ||w_l||``; the default of each param group's
-            ``awp_gamma`` (change it there for a schedule or warm-up; 0 skips the ascent pass).
-        steps: ascent steps; ``> 1`` is multi-step AWP with projection onto ``||v_l|| <= gamma ||w_l||``.
-        step_size: ascent step size ``eta`` (relative, like gamma); default ``gamma`` for one step and
-            ``2.5 * gamma / steps`` for several.
-        include: ``(name, param) -> bool`` choosing the perturbed parameters; default: the reference
-            rule (``ndim > 1`` and ``"weight"`` in the name). Only parameters the optimizer holds and
-            that require grad are perturbed.
-        restore: ``"after_step"`` (reference order: step at ``w + v``, then subtract ``v``) or
-            ``"before_step"`` (restore ``w`` bit-exactly from the backup, then step). Default
-            ``"after_step"``, except ``"before_step"`` for ``ascent_sync="local"`` on several DDP ranks
-            (where ``"after_step"`` is refused: the replicas would drift apart).
-        backend: seam backend (``reference``, ``foreach``, ``triton``, ``native``); default: the
-            ``AWPFAST_BACKEND`` environment variable, else the best for the device.
-        nonfinite: ``"skip"`` (default: a non-finite ascent gradient skips this step's perturbation,
-            with a warning, counted in ``skipped_steps``) or ``"raise"``. Eagerly the check is one
-            host sync per ``perturb()``; inside ``torch.compile`` or a CUDA-graph capture the skip
-            happens on the device (no sync, no graph break, no warning; still counted in
-            ``skipped_steps``).
-        ascent_sync: ``"global"`` (default: the ascent gradient of the global batch, averaged over the
-            ranks with one all-reduce under DDP, so the perturbation equals single-process AWP on the
-            whole batch and is identical on every rank) or ``"local"`` (each DDP rank uses its own
-            batch's gradient, no collective). FSDP2 is always global. Without DDP/FSDP2: no effect.
-        eps: the ``1e-20`` of the reference.
-    """
-
-    rule_name = "AWP"
-
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, gamma: float = 0.01, *,
-                 steps: int = 1, step_size: Optional[float] = None,
-                 include: Optional[Callable[[str, nn.Parameter], bool]] = None,
-                 restore: Optional[str] = None, backend: Optional[str] = None,
-                 nonfinite: str = "skip", ascent_sync: str = "global", eps: float = 1e-20):
-        _check_gamma(gamma, "gamma")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}; use steps=1 for the reference AWP")
-        if step_size is not None and not (_is_number(step_size) and 0 < step_size < float("inf")):
-            raise ValueError(f"step_size must be a finite number > 0 (or None for the default), got {step_size!r}")
-        if not (_is_number(eps) and 0 <= eps < float("inf")):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-        self.steps, self.step_size, self.eps = steps, step_size, float(eps)
-        self._default_gamma = float(gamma)
-        super().__init__(optimizer, model, include=include, restore=restore, backend=backend,
-                         nonfinite=nonfinite, ascent_sync=ascent_sync, extra_defaults={"awp_gamma": float(gamma)})
-        for g in optimizer.param_groups:
-            g.setdefault("awp_gamma", float(gamma))
-        self._size_key, self._any_gamma = None, True
-
-    def __repr__(self):
-        return (f"AWP(gamma={[g.get('awp_gamma') for g in self.param_groups]}, steps={self.steps}, "
-                f"restore={self.restore_mode!r}, layers={len(self._sel.params)}, "
-                f"setting={self._setting.kind}/{self._setting.sync},\n  base={self.optimizer!r})")
-
-    def _on_new_group(self, group: dict) -> None:
-        group.setdefault("awp_gamma", self._default_gamma)
-
-    def _after_load(self) -> None:
-        self._size_key = None
-
-    def set_gamma(self, gamma: float) -> None:
-        """Set ``awp_gamma`` of every param group (e.g. for a warm-up)."""
-        _check_gamma(gamma, "gamma")
-        for g in self.param_groups:
-            g["awp_gamma"] = float(gamma)
-
-    def _rule_config(self) -> dict:
-        return {"steps": self.steps, "step_size": self.step_size, "default_gamma": self._default_gamma}
-
-    def _check_meta(self, meta: dict) -> None:
-        meta = {k: v for k, v in meta.items() if k != "default_gamma"}  # param groups carry the gammas
-        super()._check_meta(meta)
-
-    # ----------------------------------------------------------------- per-layer gamma
-    def _update_sizes(self) -> bool:
-        """Push the per-layer gamma and step size to the perturb state when a param group's
-        ``awp_gamma``, the groups themselves or the selection changed; returns whether any gamma
-        is > 0. The steady state is one small tuple comparison per step, no loop over layers."""
-        groups = self.param_groups
-        key = (tuple((id(g), g.get("awp_gamma")) for g in groups), self._sel.generation)
-        if key == self._size_key:
-            return self._any_gamma
-        where = {id(p): g for g in groups for p in g["params"]}
-        per_group = {}
-        for g in groups:
-            val = g.get("awp_gamma", self._default_gamma)
-            _check_gamma(val, "awp_gamma in a param group")
-            per_group[id(g)] = float(val)
-        gammas = [per_group[id(where[id(p)])] if id(p) in where else self._default_gamma for p in self._sel.params]
-        k = self.steps
-        etas = [self.step_size if self.step_size is not None else (g if k == 1 else 2.5 * g / k) for g in gammas]
-        self._sel.set_sizes(gammas, etas)
-        self._size_key, self._any_gamma = key, any(gammas)
-        return self._any_gamma
-
-    def _rule_active(self) -> bool:
-        return self._update_sizes()
-
-    def _rule_passes(self) -> int:
-        return self.steps
-
-    def _rule_first(self, dirs):
-        return self._sel.perturb(dirs, self.eps)
-
-    def _rule_next(self, dirs):
-        return self._sel.ascent_step(dirs, self.eps)
-
-
 def _closure_tuple(value, what: str) -> tuple:
     """A closure or a non-empty list of closures as a tuple; else TypeError ``what, got TYPE``."""
     if callable(value):
@@ -736,17 +620,6 @@ def _closure_tuple(value, what: str) -> tuple:
 
 def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _check_gamma(gamma, what):
-    ok = _is_number(gamma) and 0 <= float(gamma) < float("inf")
-    if not ok:
-        raise ValueError(f"{what} must be a finite number >= 0 (0 disables AWP), got {gamma!r}"
-                         + (" (a string: pass a float, e.g. 0.01)" if isinstance(gamma, str) else ""))
 
 
 # Dynamo before torch 2.13 (2.11 seen on an H100, 2026-11-27) cannot trace an attribute store
@@ -771,4 +644,12 @@ def _eager_under_old_dynamo(cls, force: bool = False):
 
 
 _eager_under_old_dynamo(WeightPerturbation)
-_eager_under_old_dynamo(AWP)
+
+
+def __getattr__(name: str):
+    """``awpfast.optim.AWP``, the rule's old home: imported from :mod:`awpfast.rules` on first use
+    (``rules`` imports this module, so importing it here at the top would be a circle)."""
+    if name == "AWP":
+        from .rules import AWP
+        return AWP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,8 +32,8 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     raise ImportError("awpfast.integrations.huggingface needs the transformers package: "
                       "pip install 'transformers[torch]'") from e
 
-from ..family import SAM, BoxAWP
-from ..optim import AWP, WeightPerturbation
+from ..optim import WeightPerturbation
+from ..rules import AWP, SAM, BoxAWP
 
 __all__ = ["AWPTrainerMixin", "AWPTrainer"]
 
