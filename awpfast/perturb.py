@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import ops as _ops
+from .ops._util import acc_dtype, is_dense
 from .distributed import local_data
 
 Include = Callable[[str, nn.Parameter], bool]
@@ -41,26 +42,16 @@ def flat(t: torch.Tensor) -> torch.Tensor:
     channels_last). Elementwise ops on it write the tensor itself."""
     if t.is_contiguous():
         return t.view(-1)
-    if not _is_dense(t):
+    if not is_dense(t):
         raise ValueError(
             f"a tensor of shape {tuple(t.shape)} and strides {t.stride()} is not dense; AWP needs "
             "parameters stored densely (call .contiguous() on the parameter's data)")
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
-def _is_dense(t: torch.Tensor) -> bool:
-    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
-    expected = 1
-    for s, n in dims:
-        if s != expected:
-            return False
-        expected *= n
-    return True
-
-
 def flat_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``t`` as a 1-D tensor whose element order matches ``flat(ref)``."""
-    if t.stride() == ref.stride() and (t.is_contiguous() or _is_dense(t)):
+    if t.stride() == ref.stride() and (t.is_contiguous() or is_dense(t)):
         return flat(t)
     out = torch.empty_like(ref, dtype=t.dtype)  # same layout as the parameter
     out.copy_(t)
@@ -262,7 +253,7 @@ class PerturbState:
         for g, v, n in zip(self.groups, vs, vn):
             radius = g.gammas_t * g.wnorms
             factor = torch.where(n > radius, radius / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
-            _ops.add_scaled_(g.params, v, factor.to(_acc(g.dtype)), base=g.backups,
+            _ops.add_scaled_(g.params, v, factor.to(acc_dtype(g.dtype)), base=g.backups,
                              deltas=g.deltas if self.store_deltas else None, backend=self.backend)
 
     def _perturb_sharded(self, dirs, eps) -> torch.Tensor:
@@ -273,7 +264,7 @@ class PerturbState:
             for g, d, w, n in zip(self.groups, ds, wn, dn):
                 self._ensure_buffers(g)
                 g.wnorms = w
-                scale = (g.etas_t * w / (n + eps)).to(_acc(g.dtype))
+                scale = (g.etas_t * w / (n + eps)).to(acc_dtype(g.dtype))
                 _ops.add_scaled_(g.params, d, scale, backups=g.backups,
                                  deltas=g.deltas if self.store_deltas else None, backend=self.backend)
                 done.append(g)
@@ -289,7 +280,7 @@ class PerturbState:
         ds = [self._dirs(dirs, g) for g in self.groups]
         (dn,) = self._global_norms([ds])
         for g, d, n in zip(self.groups, ds, dn):
-            scale = (g.etas_t * g.wnorms / (n + eps)).to(_acc(g.dtype))
+            scale = (g.etas_t * g.wnorms / (n + eps)).to(acc_dtype(g.dtype))
             _ops.add_scaled_(g.params, d, scale, backend=self.backend)
         self._project_sharded()
         return _join_norms(dn)
@@ -449,7 +440,7 @@ class PerturbState:
         try:
             for g, plan, be, d_ad, d_pl in work:
                 inv = 1.0 / (norm.to(g.device) + eps)
-                acc = _acc(g.dtype)
+                acc = acc_dtype(g.dtype)
                 if d_ad:
                     _ops._op(be, "asam_apply_")(plan.p_ad, d_ad, (plan.rho_ad * inv).to(acc), eta, plan.b_ad)
                 if d_pl:
@@ -507,7 +498,3 @@ class _SamPlan:
     b_pl: List[torch.Tensor]
     rho_ad: torch.Tensor
     rho_pl: torch.Tensor
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32

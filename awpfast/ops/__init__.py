@@ -52,6 +52,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from . import _util
+
 __all__ = [
     "norms", "perturb_", "restore_", "unperturb_", "ascent_step_", "project_", "add_scaled_", "pgd_step_",
     "BACKENDS", "available_backends", "get_backend", "group_indices",
@@ -175,15 +177,18 @@ def _check_pair(name_a: str, a: list, name_b: str, b: list, same_dtype: bool = T
                 f"dtype of {name_a}")
 
 
+def _float_list(name: str, v, n: int) -> list:
+    """One float per tensor, from a single number or a sequence of ``n``."""
+    vals = _util.floats(v, n)
+    if len(vals) != n:
+        raise ValueError(f"{name} has {len(vals)} values for {n} tensors; give one per tensor or a single float")
+    return vals
+
+
 def _floats(name: str, v: Floats, n: int) -> list:
     if isinstance(v, torch.Tensor):
         v = v.tolist()
-    if isinstance(v, (int, float)):
-        vals = [float(v)] * n
-    else:
-        vals = [float(x) for x in v]
-        if len(vals) != n:
-            raise ValueError(f"{name} has {len(vals)} values for {n} tensors; give one per tensor or a single float")
+    vals = _float_list(name, v, n)
     for x in vals:
         if not (x >= 0.0) or x == float("inf"):
             raise ValueError(f"{name} must be finite and >= 0, got {x}")
@@ -363,12 +368,7 @@ def _scales(scale, n: int, device):
             raise ValueError(f"scale has shape {tuple(scale.shape)} for {n} tensors; give a 0-dim tensor "
                              "or one value per tensor")
         return scale
-    if isinstance(scale, (int, float)):
-        vals = [float(scale)] * n
-    else:
-        vals = [float(x) for x in scale]
-        if len(vals) != n:
-            raise ValueError(f"scale has {len(vals)} values for {n} tensors; give one per tensor or a single float")
+    vals = _float_list("scale", scale, n)
     for x in vals:
         if x != x or abs(x) == float("inf"):
             raise ValueError(f"scale must be finite, got {x}")

@@ -17,15 +17,13 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ._util import acc_dtype, floats
+
 Tensors = List[torch.Tensor]
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fake_norms(ts):
-    return ts[0].new_empty(len(ts), dtype=_acc_dtype(ts[0].dtype))
+    return ts[0].new_empty(len(ts), dtype=acc_dtype(ts[0].dtype))
 
 
 class SeamOps:
@@ -108,7 +106,7 @@ class SeamOps:
             def _global_sqnorm(tensors: Tensors, weights: Tensors, eta: float) -> torch.Tensor:
                 return f["global_sqnorm"](tensors, weights, eta)
             _global_sqnorm.register_fake(
-                lambda tensors, *a: tensors[0].new_empty((), dtype=_acc_dtype(tensors[0].dtype)))
+                lambda tensors, *a: tensors[0].new_empty((), dtype=acc_dtype(tensors[0].dtype)))
 
         if "asam_apply_" in f:
             @torch.library.custom_op(p + "asam_apply_", mutates_args=("params", "backups"))
@@ -135,13 +133,6 @@ class SeamOps:
 def as_list(ts: Optional[Tensors]) -> Tensors:
     """An optional tensor list in the form the custom ops take (empty for none)."""
     return [] if ts is None else list(ts)
-
-
-def floats(v, n: int) -> List[float]:
-    """Per-tensor floats (the seam passes lists; a single float is accepted too)."""
-    if isinstance(v, (int, float)):
-        return [float(v)] * n
-    return [float(x) for x in v]
 
 
 def scale_args(scales, n: int, device):

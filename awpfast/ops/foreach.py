@@ -23,11 +23,8 @@ import threading
 
 import torch
 
+from ._util import acc_dtype, is_dense
 from .reference import available, supports, supports_device  # noqa: F401  (any device, float dtypes)
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------- small device tables
@@ -86,22 +83,12 @@ def _table(values, dtype, device):
 
 
 # --------------------------------------------------------------------------- flat helpers
-def _dense(t):
-    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
-    expected = 1
-    for s, n in dims:
-        if s != expected:
-            return False
-        expected *= n
-    return True
-
-
 def _views_like(flat, ts):
     """Views of the flat buffer ``flat`` with the shapes (and, for dense tensors, the strides)
     of ``ts``, so that foreach ops pairing them with ``ts`` keep the fast path."""
     out = []
     for seg, t in zip(flat.split([t.numel() for t in ts]), ts):
-        if t.is_contiguous() or not _dense(t):
+        if t.is_contiguous() or not is_dense(t):
             out.append(seg.view(t.shape))
         else:
             out.append(seg.as_strided(t.shape, t.stride()))
@@ -197,7 +184,7 @@ def _norms64(tensors):
 
 
 def norms(tensors):
-    return _norms64(tensors).to(_acc_dtype(tensors[0].dtype))
+    return _norms64(tensors).to(acc_dtype(tensors[0].dtype))
 
 
 def _scale(gammas, wn64, dn64, eps, acc):
@@ -208,7 +195,7 @@ def _scale(gammas, wn64, dn64, eps, acc):
 
 
 def perturb_(params, directions, gammas, eps, backups, deltas):
-    acc = _acc_dtype(params[0].dtype)
+    acc = acc_dtype(params[0].dtype)
     wn = _norms64(params)
     dn = _norms64(directions)
     if backups is not None:
@@ -222,7 +209,7 @@ def restore_(params, backups):
 
 
 def unperturb_(params, deltas):
-    acc = _acc_dtype(params[0].dtype)
+    acc = acc_dtype(params[0].dtype)
     if params[0].dtype == acc:
         torch._foreach_sub_(params, deltas)
         return
@@ -245,7 +232,7 @@ def _project_into(params, backups, v, gammas, acc):
 
 
 def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
-    acc = _acc_dtype(params[0].dtype)
+    acc = acc_dtype(params[0].dtype)
     wn = _norms64(backups)
     dn = _norms64(directions)
     scale = _scale(step_sizes, wn, dn, eps, acc)
@@ -258,7 +245,7 @@ def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
 
 
 def project_(params, backups, gammas):
-    acc = _acc_dtype(params[0].dtype)
+    acc = acc_dtype(params[0].dtype)
     v = _buffer_like(params, acc)
     torch._foreach_copy_(v, params)
     torch._foreach_sub_(v, _in_acc(backups, acc))
@@ -266,7 +253,7 @@ def project_(params, backups, gammas):
 
 
 def add_scaled_(params, directions, scales, clip, base, backups, deltas):
-    acc = _acc_dtype(params[0].dtype)
+    acc = acc_dtype(params[0].dtype)
     dev = params[0].device
     if isinstance(scales, torch.Tensor):
         scale = scales.to(device=dev, dtype=acc)
@@ -302,7 +289,7 @@ def pgd_step_(x_adv, grad, x, alpha, eps, norm):
         return
     b = x.shape[0]
     shape = (-1,) + (1,) * (x.dim() - 1)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     gn = torch.linalg.vector_norm(grad.reshape(b, -1), dim=1, dtype=acc) + 1e-10
     x_adv.add_(grad * (alpha / gn).to(grad.dtype).view(shape))
     delta = x_adv.sub_(x)
@@ -339,7 +326,7 @@ def _mul_per_tensor(ts, scale):
 
 
 def global_sqnorm(tensors, weights, eta):
-    acc = _acc_dtype(tensors[0].dtype)
+    acc = acc_dtype(tensors[0].dtype)
     if weights is None:
         ns = _norms64(tensors)
     else:
@@ -352,7 +339,7 @@ def global_sqnorm(tensors, weights, eta):
 
 
 def asam_apply_(params, directions, scales, eta, backups):
-    acc = _acc_dtype(params[0].dtype)
+    acc = acc_dtype(params[0].dtype)
     dev = params[0].device
     scale = scales.to(device=dev, dtype=acc) if isinstance(scales, torch.Tensor) else _floats_on(scales, acc, dev)
     v = _abs_scratch(params, acc)           # T = |w| + eta, from the weights before the write
@@ -371,7 +358,7 @@ def asam_apply_(params, directions, scales, eta, backups):
 
 
 def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, pre_norms):
-    acc = _acc_dtype(params[0].dtype)
+    acc = acc_dtype(params[0].dtype)
     dev = params[0].device
     flat = _flat(dev)
     if first:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from ._library import SeamOps, as_list, floats, norm_args, scale_args
+from ._library import SeamOps, as_list, norm_args, scale_args
+from ._util import acc_dtype, floats
 
 try:
     from awpfast import _C
@@ -86,7 +87,8 @@ def _threads():
     return max(1, torch.get_num_threads())
 
 
-def _dense(t):
+def _format_contiguous(t):
+    """Contiguous, or channels_last (4-D) / channels_last_3d (5-D) contiguous."""
     if t.is_contiguous():
         return True
     if t.dim() == 4:
@@ -108,7 +110,7 @@ def _prepare(lists, mutated):
         if all(t.is_contiguous() for t in tup):
             continue
         s = tup[0].stride()
-        if _dense(tup[0]) and all(t.stride() == s for t in tup[1:]):
+        if _format_contiguous(tup[0]) and all(t.stride() == s for t in tup[1:]):
             continue
         bad.append(i)
     if not bad:
@@ -148,10 +150,6 @@ def _numel(ts):
     return [t.numel() for t in ts]
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _seg():
     return _C.DEFAULT_SEGMENT_BYTES if SEGMENT_BYTES is None else int(SEGMENT_BYTES)
 
@@ -179,7 +177,7 @@ def _ws(n, device):
 def _impl_norms(ts):
     ts = list(ts)
     dt, dev = ts[0].dtype, ts[0].device
-    out = torch.empty(len(ts), dtype=_acc_dtype(dt), device=dev)
+    out = torch.empty(len(ts), dtype=acc_dtype(dt), device=dev)
     (ts,), _ = _prepare([ts], ())
     if dev.type == "cuda":
         with _Cuda(dev) as c:
@@ -192,7 +190,7 @@ def _impl_norms(ts):
 
 def _impl_perturb_(params, directions, gammas, eps, backups, deltas):
     dt, dev = params[0].dtype, params[0].device
-    out = torch.empty(len(params), dtype=_acc_dtype(dt), device=dev)
+    out = torch.empty(len(params), dtype=acc_dtype(dt), device=dev)
     (p, d, b, v), back = _prepare([params, directions, backups, deltas], (0, 2, 3))
     n = _numel(p)
     if dev.type == "cuda":
@@ -229,7 +227,7 @@ def _impl_unperturb_(params, deltas):
 
 def _impl_ascent_step_(params, backups, directions, step_sizes, gammas, eps):
     dt, dev = params[0].dtype, params[0].device
-    out = torch.empty(len(params), dtype=_acc_dtype(dt), device=dev)
+    out = torch.empty(len(params), dtype=acc_dtype(dt), device=dev)
     (p, w, d), back = _prepare([params, backups, directions], (0,))
     n = _numel(p)
     if dev.type == "cuda":
@@ -316,7 +314,7 @@ def _impl_add_scaled_(params, directions, scales, scale_t, clip, base, backups, 
 
 def _impl_global_sqnorm(tensors, weights, eta):
     dt, dev = tensors[0].dtype, tensors[0].device
-    out = torch.empty((), dtype=_acc_dtype(dt), device=dev)
+    out = torch.empty((), dtype=acc_dtype(dt), device=dev)
     (x, w), _ = _prepare([tensors, weights or None], ())
     n = _numel(x)
     if dev.type == "cuda":
@@ -350,7 +348,7 @@ def _impl_asam_apply_(params, directions, scales, scale_t, eta, backups):
 
 def _impl_box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, dnorms, wnorms):
     dt, dev = params[0].dtype, params[0].device
-    out = torch.empty(len(params), dtype=_acc_dtype(dt), device=dev)
+    out = torch.empty(len(params), dtype=acc_dtype(dt), device=dev)
     (p, d, o), back = _prepare([params, directions, origins], (0, 2))
     n = _numel(p)
     gd = _scale_ptr(dnorms, dev)

@@ -6,6 +6,8 @@ first, used by the tests to check every other backend.
 """
 import torch
 
+from ._util import acc_dtype
+
 
 def available():
     return True, ""
@@ -20,7 +22,7 @@ def supports(device, dtype):
 
 
 def _acc(t):
-    return t.to(torch.float64) if t.dtype == torch.float64 else t.to(torch.float32)
+    return t.to(acc_dtype(t.dtype))
 
 
 def _norm(t):

@@ -60,7 +60,8 @@ import threading
 
 import torch
 
-from ._library import SeamOps, as_list, floats, norm_args, scale_args
+from ._library import SeamOps, as_list, norm_args, scale_args
+from ._util import floats
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
