@@ -388,7 +388,7 @@ class PerturbState:
             self._backend(g).unperturb_(g.params, g.deltas)
         self.active = False
 
-    # ------------------------------------------------------------------ SAM / ASAM (issue 11)
+    # ------------------------------------------------------------------ SAM / ASAM
     def set_sam(self, rhos: Sequence[float], adaptive: Sequence[bool]) -> None:
         """Per selected parameter: its rho and whether ASAM's ``T = |w| + eta`` applies to it."""
         if len(rhos) != len(self.params) or len(adaptive) != len(self.params):
@@ -453,7 +453,7 @@ class PerturbState:
         self.active = True
         return norm
 
-    # ------------------------------------------------------------------ Box AWP (issue 11)
+    # ------------------------------------------------------------------ Box AWP
     def box_perturb(self, dirs, adv_lr: float, adv_eps: float, first: bool, eps: float) -> torch.Tensor:
         """Box AWP's clamped step per layer (``ops.box_perturb_``): ``first`` writes the backups
         (the box's centre ``w0``); later steps move the perturbed weights inside the same box.

@@ -38,10 +38,48 @@ Ops (``*_`` ops mutate their first argument in place):
     implementations (sign/normalized step, projection onto the eps-ball around ``x``,
     clamp to [0, 1]). ``norm="L2"`` normalizes per sample (``||g|| + 1e-10``).
 
+The rest of the weight-perturbation family (SAM, ASAM, Box AWP) adds three ops:
+
+``global_sqnorm(tensors, *, weights=None, eta=0.0)``
+    ``sum_i ||T_i * tensors[i]||^2`` with ``T_i = |weights[i]| + eta`` elementwise (``T_i = 1``
+    without ``weights``): one 0-dim tensor, float32 (float64 if any input is float64) on
+    ``tensors[0]``'s device, fp32-or-wider accumulation, one reduction per (device, dtype)
+    group, no host sync. Its square root is SAM's global gradient norm (``weights=params``:
+    ASAM's ``||T g||``). Under FSDP2 the caller all-reduces it (a sum of local partial sums)
+    before the square root.
+``asam_apply_(params, directions, scale, *, eta=0.0, backups=None)``
+    ``T = |params[i]| + eta`` taken before the write; ``backups[i] <- params[i]`` (bit-exact);
+    ``params[i] += scale_i * T^2 * directions[i]``. ``scale`` as in ``add_scaled_`` (a float,
+    one per tensor, or a device tensor: no host sync). Plain SAM's apply is ``add_scaled_``.
+``box_perturb_(params, directions, adv_lr, adv_eps, origins, *, first, eps=1e-6, norms=None)``
+    Box AWP: if ``first``, ``origins[i] <- params[i]`` (bit-exact). Per tensor, ``gn = ||d||``,
+    ``wn = ||p||`` (the current ``p``); if ``gn == 0`` or ``gn`` is not finite, ``p`` is left
+    unchanged; else ``p <- clamp(p + adv_lr*(wn + eps)/(gn + eps)*d, o - adv_eps*|o|,
+    o + adv_eps*|o|)`` with ``o = origins[i]``. ``adv_lr``/``adv_eps``: a float or one per
+    tensor. ``norms``: optional ``(direction_norms, param_norms)`` 1-D tensors used instead of
+    the local ones (global norms of FSDP2 shards). Returns the direction norms. No host sync.
+
 Backends: ``reference`` (per tensor, float64-capable: the oracle), ``foreach``
 (``torch._foreach_*``), ``triton`` (fused kernels) and ``native`` (awpfast._C). The
 backend is the ``backend=`` argument, else ``$AWPFAST_BACKEND`` (read at call time), else
 the best one available for the tensors' device.
+
+A backend module implements each op for one (device, dtype) group, with the arguments
+already validated (optional lists as None, per-tensor floats as lists). ``add_scaled_`` and
+the family ops are optional for the kernel backends (one without its own implementation
+uses the foreach one); their group-level signatures:
+
+``add_scaled_(params, directions, scales, clip, base, backups, deltas) -> None``
+    ``scales``: a list of floats or a 1-D float tensor (one value per tensor).
+``global_sqnorm(tensors, weights, eta) -> 0-dim tensor``
+    float32 (float64 for float64 groups); ``weights``, when given, are already cast to the
+    group dtype.
+``asam_apply_(params, directions, scales, eta, backups) -> None``
+    ``scales`` as for ``add_scaled_``.
+``box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, norms) -> norms``
+    ``adv_lrs`` / ``adv_epss``: lists of floats (one per tensor); ``norms``: None, or a pair
+    ``(direction_norms, param_norms)`` of 1-D float tensors on the group's device to use
+    instead of computing them (FSDP2: global norms of sharded tensors).
 """
 from __future__ import annotations
 
@@ -56,6 +94,7 @@ from . import _util
 
 __all__ = [
     "norms", "perturb_", "restore_", "unperturb_", "ascent_step_", "project_", "add_scaled_", "pgd_step_",
+    "global_sqnorm", "asam_apply_", "box_perturb_",
     "BACKENDS", "available_backends", "get_backend", "group_indices",
 ]
 
@@ -456,42 +495,7 @@ def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: f
     return x_adv
 
 
-# --------------------------------------------------------------------------- the family ops
-# (SAM, ASAM and Box AWP; issue 11). Group-level backend signatures, for kernel backends:
-#   global_sqnorm(tensors, weights, eta) -> 0-dim tensor (fp32, fp64 for fp64 groups)
-#       sum_i ||T_i * t_i||^2 with T_i = |weights_i| + eta (weights None: T_i = 1); weights,
-#       when given, are already cast to the group dtype.
-#   asam_apply_(params, directions, scales, eta, backups) -> None
-#       scales: a list of floats or a 1-D float tensor (one value per tensor), as add_scaled_.
-#   box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, norms) -> 1-D norms
-#       adv_lrs / adv_epss: lists of floats (one per tensor); norms: None, or a pair
-#       (direction_norms, param_norms) of 1-D float tensors on the group's device to use
-#       instead of computing them (FSDP2: global norms of sharded tensors).
-# Kernel backends without their own implementation use the foreach one (``_op``).
-__all__ += ["global_sqnorm", "asam_apply_", "box_perturb_"]
-
-__doc__ += """
-Weight-perturbation family ops (SAM, ASAM, Box AWP):
-
-``global_sqnorm(tensors, *, weights=None, eta=0.0)``
-    ``sum_i ||T_i * tensors[i]||^2`` with ``T_i = |weights[i]| + eta`` elementwise (``T_i = 1``
-    without ``weights``): one 0-dim tensor, float32 (float64 if any input is float64) on
-    ``tensors[0]``'s device, fp32-or-wider accumulation, one reduction per (device, dtype)
-    group, no host sync. Its square root is SAM's global gradient norm (``weights=params``:
-    ASAM's ``||T g||``). Under FSDP2 the caller all-reduces it (a sum of local partial sums)
-    before the square root.
-``asam_apply_(params, directions, scale, *, eta=0.0, backups=None)``
-    ``T = |params[i]| + eta`` taken before the write; ``backups[i] <- params[i]`` (bit-exact);
-    ``params[i] += scale_i * T^2 * directions[i]``. ``scale`` as in ``add_scaled_`` (a float,
-    one per tensor, or a device tensor: no host sync). Plain SAM's apply is ``add_scaled_``.
-``box_perturb_(params, directions, adv_lr, adv_eps, origins, *, first, eps=1e-6, norms=None)``
-    Box AWP: if ``first``, ``origins[i] <- params[i]`` (bit-exact). Per tensor, ``gn = ||d||``,
-    ``wn = ||p||`` (the current ``p``); if ``gn == 0`` or ``gn`` is not finite, ``p`` is left
-    unchanged; else ``p <- clamp(p + adv_lr*(wn + eps)/(gn + eps)*d, o - adv_eps*|o|,
-    o + adv_eps*|o|)`` with ``o = origins[i]``. ``adv_lr``/``adv_eps``: a float or one per
-    tensor. ``norms``: optional ``(direction_norms, param_norms)`` 1-D tensors used instead of
-    the local ones (global norms of FSDP2 shards). Returns the direction norms. No host sync.
-"""
+# --------------------------------------------------------------------------- the family ops (SAM, ASAM, Box AWP)
 
 
 def _check_finite_nonneg(name: str, v) -> float:

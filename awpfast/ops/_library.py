@@ -2,9 +2,10 @@
 
 Each backend registers the seven seam ops (and, where it has kernels for them, the
 weight-perturbation family ops ``add_scaled_``, ``global_sqnorm``, ``asam_apply_`` and
-``box_perturb_``) as custom ops ``awpfast::<prefix><op>`` with fake implementations, so ``torch.compile`` keeps each call as one opaque node (no graph
-break on ``data_ptr()`` or kernel launches) and CUDA graphs can capture it. Eager calls
-skip the dispatcher: its round trip is pure overhead next to a few microseconds of GPU work.
+``box_perturb_``) as custom ops ``awpfast::<prefix><op>`` with fake implementations, so
+``torch.compile`` keeps each call as one opaque node (no graph break on ``data_ptr()`` or
+kernel launches) and CUDA graphs can capture it. Eager calls skip the dispatcher: its round
+trip is pure overhead next to a few microseconds of GPU work.
 
 Optional list arguments (backups, deltas, base, weights) travel through the custom op as
 empty lists. Per-tensor scales travel either as a list of floats or as a float64 tensor on

@@ -299,7 +299,7 @@ def pgd_step_(x_adv, grad, x, alpha, eps, norm):
     torch.clamp_(delta.add_(x), min=0.0, max=1.0)
 
 
-# --------------------------------------------------------------------------- family ops (issue 11)
+# --------------------------------------------------------------------------- family ops (SAM, ASAM, Box AWP)
 # Scratch space: on CUDA one flat buffer per list (the multi-tensor fast path, and the box
 # select as one torch.where); on the CPU per-tensor temporaries, which the allocator reuses
 # from step to step (a flat buffer of a whole model is a fresh mapping, page-faulted on every

@@ -116,7 +116,7 @@ def pgd_step_(x_adv, grad, x, alpha, eps, norm):
     x_adv.copy_(torch.clamp(x0 + delta, min=0.0, max=1.0))
 
 
-# --------------------------------------------------------------------------- family ops (issue 11)
+# --------------------------------------------------------------------------- family ops (SAM, ASAM, Box AWP)
 def global_sqnorm(tensors, weights, eta):
     total = None
     for i, t in enumerate(tensors):
