@@ -31,8 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import UsageError
+
 __all__ = ["Split", "Dataset", "load_dataset", "Batches", "DATASETS", "CIFAR10_URL", "CIFAR10_MEAN", "CIFAR10_STD",
-           "random_crop", "random_flip", "split_validation", "to_float"]
+           "random_crop", "random_flip", "split_validation", "to_float", "symmetric_label_noise", "training_splits",
+           "LABEL_NOISE_SEED"]
 
 DATASETS = ("digits", "cifar10", "synthetic")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -44,6 +47,7 @@ VAL_SPLIT_SEED = 20200202     # fixed: the validation subset never depends on --
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 PAD_MODES = ("reflect", "zeros")
+LABEL_NOISE_SEED = 20200303   # fixed: the noisy labels never depend on --seed
 
 
 @dataclass
@@ -308,3 +312,35 @@ class Batches:
                 if flip is not None:
                     x = _flip_where(x, flip)
             yield x.to(self.device, non_blocking=True), self.split.y[j].to(self.device, non_blocking=True)
+
+
+def symmetric_label_noise(split: Split, p: float, num_classes: int, seed: int = LABEL_NOISE_SEED) -> Split:
+    """``split`` with symmetric label noise: exactly ``round(p * len(split))`` examples, chosen by a
+    seeded permutation, get a label drawn uniformly from the ``num_classes - 1`` other classes.
+    The images are shared, the labels copied; the same arguments give the same labels."""
+    n = len(split)
+    k = int(round(float(p) * n))
+    if k == 0 or num_classes < 2:
+        return split
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(n, generator=g)[:k]
+    shift = torch.randint(1, num_classes, (k,), generator=g)  # 1..K-1: never the original class
+    y = split.y.clone()
+    y[idx] = (y[idx] + shift) % num_classes
+    return Split(split.x, y)
+
+
+def training_splits(ds, val_samples: Optional[int], train_samples: Optional[int] = None, label_noise: float = 0.0):
+    """``(train, val)``: the images a run trained on and its held-out validation images, from the
+    dataset and the run's ``val_samples`` / ``train_samples`` / ``label_noise`` (``checkpoint["args"]``;
+    a checkpoint without ``val_samples`` held none out). Label noise applies to the training
+    images only (after the hold-out and the ``train_samples`` cut), never to ``val``."""
+    try:
+        train, val = split_validation(ds.train, int(val_samples or 0))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if train_samples is not None:
+        train = train.subset(train_samples)
+    if label_noise:
+        train = symmetric_label_noise(train, label_noise, ds.num_classes)
+    return train, val

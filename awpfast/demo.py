@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from .train import build_parser, cli_main, run
+from .cli import cli_main
+from .train import build_parser, run
 
 
 def main(argv=None) -> int:

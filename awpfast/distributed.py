@@ -20,12 +20,16 @@ The wrapper detects the setting once, from the model it is given (no new class, 
 from __future__ import annotations
 
 import contextlib
+import os
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["Setting", "detect", "all_reduce_mean_flat", "local_data"]
+from .errors import UsageError
+
+__all__ = ["Setting", "detect", "all_reduce_mean_flat", "local_data", "DistInfo", "dist_from_env", "dist_sum"]
 
 _SYNC_MODES = ("global", "local")
 
@@ -209,3 +213,47 @@ def all_reduce_mean_flat(tensors: List[torch.Tensor], setting: Setting) -> List[
         for i, part in zip(idx, buf.split([tensors[i].numel() for i in idx])):
             out[i] = part
     return out
+
+
+# ----------------------------------------------------------------------------- how a CLI process was launched
+@dataclass
+class DistInfo:
+    """How this process was launched: one process, or one of ``world_size`` under torchrun."""
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    mode: Optional[str] = None  # None (one process), "ddp" or "fsdp"
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_from_env(ddp: bool = False, fsdp: bool = False, prog: str = "awpfast.train") -> DistInfo:
+    """The launch read off torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``);
+    ``ddp`` / ``fsdp``: the CLI flags asking for one (an error without torchrun)."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        if ddp or fsdp:
+            flag = "--fsdp" if fsdp else "--ddp"
+            raise UsageError(f"{flag} needs a launch by torchrun: torchrun --nproc_per_node N -m {prog} ...")
+        return DistInfo()
+    try:
+        w, r, lr = int(world), int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise UsageError("WORLD_SIZE / RANK / LOCAL_RANK are not integers: launch with torchrun") from None
+    return DistInfo(world_size=w, rank=r, local_rank=lr, mode="fsdp" if fsdp else "ddp")
+
+
+def dist_sum(values: List[float], device, world_size: int) -> List[float]:
+    """``values`` summed over the ``world_size`` processes (float64 all-reduce); itself for one process."""
+    if world_size == 1:
+        return values
+    dist = _dist()
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

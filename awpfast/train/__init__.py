@@ -1,0 +1,82 @@
+"""Adversarial training with AWP: ``python -m awpfast.train`` / ``awpfast-train``.
+
+Runs offline out of the box (scikit-learn's digits, a small CNN)::
+
+    awpfast-train --method at --awp-gamma 0.01 --epochs 30 --out runs/at-awp
+    awpfast-train --method trades --model preact18 --data cifar10 --data-dir ~/data --amp bf16 --channels-last
+    torchrun --nproc_per_node 4 -m awpfast.train --model wrn34-10 --data cifar10 --data-dir ~/data
+
+Each epoch: one pass of adversarial training (attack, AWP ascent, descent at ``w + v``, restore),
+then clean and PGD-20 accuracy on a held-out validation split (``--val-samples`` training images,
+never trained on), on the test split and on a fixed subset of the training split.
+Writes to ``--out``: ``metrics.jsonl`` (one JSON object per epoch), ``metrics.png`` (train/test
+clean and robust accuracy per epoch), ``last.pt`` and ``best.pt`` (best validation PGD-20
+accuracy; best test PGD-20 with ``--val-samples 0``). A folder that already holds a run is
+never overwritten: ``--resume`` continues it exactly (model, optimizer with AWP state, LR schedule,
+grad scaler, the loader's generator and the torch / CUDA / numpy / python RNG states),
+``--overwrite`` replaces it.
+
+Every option is validated before anything is written; errors are one line (set
+``AWPFAST_DEBUG=1`` for the traceback).
+
+The training step is the reference recipe (Wu et al. 2020) without its proxy model::
+
+    x_adv = attack(x, y)                                   # eval-mode PGD, input gradients only
+    model.train()
+    with awp.perturbed(lambda: loss_fn(model, x, x_adv, y)):   # w <- w + v (BN stats frozen)
+        loss = loss_fn(model, x, x_adv, y); loss.backward()
+        awp.step()                                         # SGD step at w + v, then w -= v
+    scheduler.step()                                       # piecewise LR, per iteration
+
+``--recipe at-awp-reference`` / ``trades-awp-reference`` (and ``at-reference`` / ``trades-reference``)
+set the options of the reference scripts instead of ours, including the train-mode AT attack and the
+order in which their forwards feed BatchNorm (``--forward-order reference``); docs/recipes.md lists
+both side by side. ``--track-flatness`` logs the flatness of the adversarial weight loss landscape
+each epoch (:func:`flatness_epoch`) without changing the trajectory; ``--label-noise P`` flips a
+fixed fraction of the training labels.
+
+Under ``torchrun --nproc_per_node N``, ``--batch-size`` is the global batch: each process trains
+on ``batch_size / N`` examples per step (the split must be even), the model is wrapped in
+``DistributedDataParallel`` (or ``fully_shard`` with ``--fsdp``) and passed wrapped to
+``awpfast.AWP``; only rank 0 prints, plots and writes.
+
+The package: :mod:`.config` (recipes, the parser, the defaults table, the validated ``RunConfig``),
+:mod:`.loop` (the ``Trainer`` and its epochs, saving, ``run``), :mod:`.report` (metrics lines,
+``metrics.jsonl``, the plot). ``main`` (parse -> config -> run) lives here, above both.
+"""
+from __future__ import annotations
+
+import sys
+
+from ..checkpoint import CKPT_FORMAT, RUN_FILES, read_checkpoint
+from ..cli import UsageError, cli_main, explicit_options, parse_float, resolve_device
+from ..data import CIFAR10_MEAN, CIFAR10_STD, LABEL_NOISE_SEED, symmetric_label_noise, training_splits
+from ..evaluate import evaluate_split
+from ..models import INPUT_NORMS, build_model
+from .config import (DEFAULTS, DTYPES, LR_SCHEDULES, RECIPES, RunConfig, apply_recipe, build_parser, make_config,
+                     recipe_overrides, resolve_defaults, validate_args)
+from .loop import (FLATNESS_SEED, Trainer, epoch_gamma, eps_ramp, evaluate_epoch, flatness_epoch, lr_factor, run,
+                   setup, train_epoch, train_step)
+from .report import plot_metrics
+
+__all__ = ["build_parser", "main", "run", "make_config", "RunConfig", "UsageError", "evaluate_split",
+           "training_splits", "build_model", "lr_factor", "plot_metrics", "parse_float", "read_checkpoint",
+           "resolve_device", "RECIPES", "apply_recipe", "symmetric_label_noise", "train_epoch", "setup",
+           "flatness_epoch", "eps_ramp", "DEFAULTS"]
+
+
+def main(argv=None) -> int:
+    """``awpfast-train``: returns the exit status (0 ok, 2 bad input, 1 failure)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def parse():
+        args = parser.parse_args(argv)
+        args._explicit = explicit_options(parser, argv)
+        return args
+
+    def body(args):
+        run(args)
+        return 0
+
+    return cli_main("awpfast-train", parse, body)

@@ -1,0 +1,6 @@
+"""``python -m awpfast.train``."""
+import sys
+
+from . import main
+
+sys.exit(main())

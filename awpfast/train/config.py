@@ -1,0 +1,522 @@
+"""``awpfast-train``'s configuration: recipes, the parser, **one defaults table** that the parser,
+the resolution of the options and their validation all read, and the validated :class:`RunConfig`
+that the loop reads by attribute.
+
+Nothing here runs a training step or writes a file; :func:`make_config` reads at most the
+``--resume`` checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+from ..attacks import L2_ORDERS
+from ..checkpoint import read_checkpoint, run_files
+from ..cli import ArgumentParser, HelpFormatter, parse_float, resolve_device
+from ..data import DATASETS, PAD_MODES
+from ..distributed import DistInfo, dist_from_env
+from ..errors import UsageError
+from ..losses import FORWARD_ORDERS, METHODS
+from ..models import INPUT_NORMS, MODEL_NAMES
+
+__all__ = ["DEFAULTS", "Derived", "RECIPES", "RunConfig", "apply_recipe", "build_parser", "make_config",
+           "recipe_overrides", "resolve_defaults", "validate_args", "DTYPES", "LR_SCHEDULES", "DESCRIPTION"]
+
+DESCRIPTION = "Adversarial training with AWP: ``python -m awpfast.train`` / ``awpfast-train``."
+MODELS = MODEL_NAMES
+DEFAULT_GAMMA = {"at": 0.01, "mart": 0.01, "trades": 0.005}
+DEFAULT_WARMUP = {"at": 0, "mart": 0, "trades": 10}
+DEFAULT_VAL = {"cifar10": 1000, "digits": 100, "synthetic": 100}
+LR_SCHEDULES = ("piecewise", "piecewise-epoch", "cosine", "constant")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# ----------------------------------------------------------------------------- the defaults table
+@dataclass(frozen=True)
+class Derived:
+    """A default that depends on other options: the parser shows ``unset`` (``None`` or ``"auto"``),
+    :func:`resolve_defaults` replaces it by ``fn(args)`` in the table's order."""
+    fn: Callable
+    unset: object = None
+
+
+def _default_out(a) -> str:
+    return os.path.join("runs", f"{a.method}{'-awp' if a.awp_gamma > 0 else ''}-{a.model}-{a.data}-s{a.seed}")
+
+
+DEFAULTS = {
+    # method
+    "recipe": None, "method": "at", "beta": 6.0,
+    "awp_gamma": Derived(lambda a: DEFAULT_GAMMA[a.method]),
+    "awp_warmup": Derived(lambda a: DEFAULT_WARMUP[a.method]),
+    "awp_steps": 1, "awp_restore": "after_step", "forward_order": "ours", "backend": None,
+    # model and data
+    "model": "small-cnn",
+    "width": Derived(lambda a: 32 if a.model == "small-cnn" else None),
+    "data": "digits", "data_dir": None,
+    "image_size": Derived(lambda a: None if a.data == "cifar10" else (16 if a.model == "small-cnn" else 32)),
+    "train_samples": None,
+    "val_samples": Derived(lambda a: DEFAULT_VAL.get(a.data, 0)),
+    "augment": "auto",
+    "pad_mode": Derived(lambda a: "reflect" if a.method == "at" else "zeros", "auto"),
+    "input_norm": Derived(lambda a: "cifar10" if (a.method == "at" and a.data == "cifar10") else "none", "auto"),
+    "label_noise": 0.0,
+    # optimization
+    "epochs": Derived(lambda a: 30), "batch_size": 128, "lr": 0.1, "lr_schedule": "piecewise", "momentum": 0.9,
+    "weight_decay": 5e-4, "amp": None, "dtype": "float32", "channels_last": False, "compile": False,
+    # attack
+    "norm": "Linf",
+    "eps": Derived(lambda a: 8 / 255 if a.norm == "Linf" else 0.5),
+    "alpha": Derived(lambda a: a.eps / 4),
+    "attack_steps": 10, "eps_warmup": 0, "attack_bn": "eval", "trades_l2_order": "renorm-clamp",
+    "eval_steps": 20, "eval_samples": None, "train_eval_samples": 500, "eval_every": 1,
+    # flatness
+    "track_flatness": False, "flatness_alpha": 0.5, "flatness_directions": 3, "flatness_samples": 200,
+    "flatness_steps": 10,
+    # run
+    "seed": 0, "out": Derived(_default_out), "resume": None, "overwrite": False, "stop_after": None,
+    "device": "auto", "threads": None, "ddp": False, "fsdp": False, "no_progress": False, "no_plot": False,
+    "quiet": False,
+}
+"""Every ``awpfast-train`` option's default, in resolution order: a plain value, or a :class:`Derived`
+one computed from the options before it. The parser, :func:`resolve_defaults`, programmatic
+``Namespace`` s that lack an option and the checkpoints of older versions all read it."""
+
+
+def parser_default(key: str):
+    """What the parser stores for option ``key`` when it is not given."""
+    v = DEFAULTS[key]
+    return v.unset if isinstance(v, Derived) else v
+
+
+# options that define the run: taken from the checkpoint on --resume
+_RUN_KEYS = ("method", "beta", "awp_gamma", "awp_warmup", "awp_steps", "model", "width", "data", "data_dir",
+             "image_size", "batch_size", "lr", "lr_schedule", "momentum", "weight_decay", "norm", "eps",
+             "alpha", "attack_steps", "attack_bn", "eval_steps", "eval_samples", "train_eval_samples",
+             "amp", "channels_last", "seed", "augment", "awp_restore", "train_samples", "val_samples",
+             "input_norm", "pad_mode", "recipe", "forward_order", "trades_l2_order", "label_noise", "dtype",
+             "track_flatness", "flatness_alpha", "flatness_directions", "flatness_samples", "flatness_steps",
+             "eps_warmup", "eval_every")
+# what checkpoints written before an option existed did (they stay loadable and resume as they ran):
+# today's default, except three options whose behaviour before them was not today's default
+_LEGACY = {"val_samples": 0, "input_norm": "none", "pad_mode": "zeros"}
+_OLD_RUN_DEFAULTS = dict({k: DEFAULTS[k] for k in ("recipe", "forward_order", "trades_l2_order", "label_noise",
+                                                   "dtype", "track_flatness", "flatness_alpha", "flatness_directions",
+                                                   "flatness_samples", "flatness_steps", "eps_warmup", "eval_every")},
+                         **_LEGACY)
+
+
+# ----------------------------------------------------------------------------- recipes
+def _at_eps(a):
+    return 8 / 255 if a.norm == "Linf" else 128 / 255
+
+
+def _at_alpha(a):
+    return 2 / 255 if a.norm == "Linf" else 15 / 255
+
+
+def _trades_alpha(a):
+    # L2: the TRADES reference steps with SGD on delta at lr = 2 * eps / steps (its --step-size is L-inf only)
+    return 2 / 255 if a.norm == "Linf" else 2 * a.eps / max(a.attack_steps, 1)
+
+
+_AT_REFERENCE = {  # csdongxian/AWP AT_AWP/train_cifar10.py, built on Rice et al.'s train_cifar.py
+    "method": "at", "awp_gamma": 0.01, "awp_warmup": 0, "awp_steps": 1, "awp_restore": "after_step",
+    "model": "preact18", "data": "cifar10", "augment": "crop+flip", "pad_mode": "reflect", "input_norm": "cifar10",
+    "epochs": 200, "batch_size": 128, "lr": 0.1, "lr_schedule": "piecewise", "momentum": 0.9,
+    "weight_decay": 5e-4, "attack_steps": 10, "attack_bn": "train", "eval_steps": 20, "forward_order": "reference",
+    "eps": _at_eps, "alpha": _at_alpha,
+}
+_TRADES_REFERENCE = {  # csdongxian/AWP TRADES_AWP/train_trades_cifar10.py, built on Zhang et al.'s TRADES
+    "method": "trades", "beta": 6.0, "awp_gamma": 0.005, "awp_warmup": 9, "awp_steps": 1,
+    "awp_restore": "after_step", "model": "wrn34-10", "data": "cifar10", "augment": "crop+flip", "pad_mode": "zeros",
+    "input_norm": "none", "epochs": 200, "batch_size": 128, "lr": 0.1, "lr_schedule": "piecewise-epoch",
+    "momentum": 0.9, "weight_decay": 5e-4, "attack_steps": 10, "attack_bn": "eval", "eval_steps": 20,
+    "forward_order": "reference", "trades_l2_order": "clamp-renorm", "eps": _at_eps, "alpha": _trades_alpha,
+}
+RECIPES = {
+    "at-awp-reference": _AT_REFERENCE,
+    "at-reference": dict(_AT_REFERENCE, awp_gamma=0.0),
+    "trades-awp-reference": _TRADES_REFERENCE,
+    "trades-reference": dict(_TRADES_REFERENCE, awp_gamma=0.0),
+}
+"""``--recipe NAME``: the option values that reproduce a reference script (see docs/recipes.md).
+Values may be callables of the partly resolved options (eps and alpha depend on ``--norm``)."""
+
+
+def recipe_overrides(args) -> dict:
+    """``{option: [value, the recipe's value]}`` for the options of ``args`` that differ from its ``--recipe``."""
+    if not getattr(args, "recipe", None) or args.recipe not in RECIPES:
+        return {}
+    probe = argparse.Namespace(**vars(args))
+    out = {}
+    for key, val in RECIPES[args.recipe].items():
+        want = val(probe) if callable(val) else val
+        have = getattr(args, key, None)
+        same = have == want or (isinstance(want, float) and isinstance(have, (int, float))
+                                and math.isclose(have, want, rel_tol=1e-12, abs_tol=0.0))
+        if not same:
+            out[key] = [have, want]
+    return out
+
+
+def apply_recipe(args, explicit: set) -> List[str]:
+    """Set the options of ``RECIPES[args.recipe]`` that were not given explicitly (in place).
+    Returns the options it set; raises :class:`UsageError` when ``--method`` contradicts the recipe."""
+    name = getattr(args, "recipe", None)
+    if not name:
+        return []
+    if name not in RECIPES:
+        raise UsageError(f"--recipe {name!r} is unknown: choose one of {', '.join(RECIPES)}")
+    values = RECIPES[name]
+    if "method" in explicit and args.method != values["method"]:
+        other = [n for n, v in RECIPES.items() if v["method"] == args.method]
+        hint = f"use --recipe {other[0]}" if other else "drop --recipe"
+        raise UsageError(f"--recipe {name} is a {values['method']} recipe but --method is {args.method}: drop "
+                         f"--method or {hint}")
+    done = []
+    for key, val in sorted(values.items(), key=lambda kv: callable(kv[1])):  # plain values first, then eps, alpha
+        if key in explicit:
+            continue
+        setattr(args, key, val(args) if callable(val) else val)
+        done.append(key)
+    return done
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``awpfast-train`` argument parser."""
+    p = ArgumentParser(prog="awpfast-train", description=DESCRIPTION,
+                                formatter_class=HelpFormatter)
+    a = p.add_argument_group("method")
+    a.add_argument("--recipe", choices=tuple(RECIPES),
+                   help="preset: the options of a reference script (the AT-AWP / TRADES-AWP code of Wu et al., "
+                        "or its AT / TRADES without AWP); options given explicitly override it, args.json records "
+                        "the resolved values (see docs/recipes.md) (default: none, i.e. our own settings)")
+    a.add_argument("--method", choices=METHODS, help="AT (Madry), TRADES or MART")
+    a.add_argument("--beta", type=float, help="TRADES / MART trade-off")
+    a.add_argument("--awp-gamma", type=float,
+                   help="AWP relative size ||v||/||w||; 0 disables AWP (default: 0.01 for at/mart, 0.005 for trades)")
+    a.add_argument("--awp-warmup", type=int,
+                   help="epochs without AWP at the start (default: 0 for at/mart, 10 for trades)")
+    a.add_argument("--awp-steps", type=int, help="AWP ascent steps")
+    a.add_argument("--awp-restore", choices=("after_step", "before_step"),
+                   help="after_step: step at w+v then subtract v (the reference); before_step: restore w exactly, "
+                        "then step")
+    a.add_argument("--forward-order", choices=FORWARD_ORDERS,
+                   help="how BatchNorm's running statistics are fed; reference: as the reference scripts: AT: the "
+                        "train-mode attack's extra loss forward on x_adv and a clean train-mode forward after the "
+                        "restore; TRADES: at w+v the forwards adversarial, clean, clean (ours: clean, adversarial)")
+    a.add_argument("--backend",
+                   help="awpfast seam backend: reference, foreach, triton or native (default: $AWPFAST_BACKEND, "
+                        "else the best available)")
+    m = p.add_argument_group("model and data")
+    m.add_argument("--model", choices=MODELS, help="architecture")
+    m.add_argument("--width", type=int, help="small-cnn width (default: 32)")
+    m.add_argument("--data", choices=DATASETS,
+                   help="digits: scikit-learn's digits, embedded (no download); cifar10: needs --data-dir; "
+                        "synthetic: random prototypes, for benchmarks")
+    m.add_argument("--data-dir", help="folder with the CIFAR-10 python batches (default: none)")
+    m.add_argument("--image-size", type=int,
+                   help="digits/synthetic input size (default: 16 for small-cnn, 32 otherwise; cifar10 is 32)")
+    m.add_argument("--train-samples", type=int,
+                   help="train on the first N images of the training split only, for quick runs (default: all)")
+    m.add_argument("--val-samples", type=int,
+                   help="training images held out (a fixed subset) to select best.pt; 0 selects on the test split "
+                        "(default: 1000 on cifar10, 100 on digits and synthetic)")
+    m.add_argument("--augment", choices=("auto", "none", "crop", "crop+flip"),
+                   help="auto: crop+flip on CIFAR-10, none otherwise")
+    m.add_argument("--pad-mode", choices=("auto",) + PAD_MODES,
+                   help="crop padding; auto: reflect for at (the AT reference), zeros for trades/mart "
+                        "(torchvision's RandomCrop, their references)")
+    m.add_argument("--input-norm", choices=("auto",) + tuple(INPUT_NORMS),
+                   help="per-channel normalization inside the model (inputs stay in [0, 1]); auto: the CIFAR-10 "
+                        "mean/std for at on cifar10 (the AT reference), none otherwise")
+    m.add_argument("--label-noise", type=parse_float, metavar="P",
+                   help="symmetric label noise: a fixed fraction P of the training images (not the validation or "
+                        "test images) gets a label drawn uniformly from the other classes, once, seeded "
+                        "independently of --seed (the same noisy labels in every epoch, seed and arm)")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--epochs", type=int, help="epochs (default: 30; on --resume: the checkpoint's)")
+    o.add_argument("--batch-size", type=int,
+                   help="global batch size; under torchrun it is split evenly over the processes")
+    o.add_argument("--lr", type=float, help="peak learning rate")
+    o.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                   help="piecewise: x0.1 at 50%% and x0.01 at 75%% of the epochs, per iteration (the AT reference); "
+                        "piecewise-epoch: the same per epoch, x0.1 from 1-based epoch E/2 and x0.01 from 3E/4 "
+                        "(the TRADES reference: epochs 100 and 150 of 200)")
+    o.add_argument("--momentum", type=float, help="SGD momentum")
+    o.add_argument("--weight-decay", type=float, help="SGD weight decay")
+    o.add_argument("--amp", choices=("bf16", "fp16"), help="autocast precision (default: fp32)")
+    o.add_argument("--dtype", choices=tuple(DTYPES),
+                   help="parameter and input dtype; float64 is for exactness checks against a float64 reference "
+                        "(slow; not with --amp)")
+    o.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    o.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (compiling costs tens of seconds up front: measured 46 s against "
+                        "4 s for a 1-epoch digits run on CPU, so it can only pay off on long runs)")
+    k = p.add_argument_group("attack")
+    k.add_argument("--norm", choices=("Linf", "L2"), help="threat model")
+    k.add_argument("--eps", type=parse_float,
+                   help="radius (default: 8/255 Linf, 0.5 L2); '8/255' works")
+    k.add_argument("--alpha", type=parse_float, help="PGD step (default: eps/4)")
+    k.add_argument("--attack-steps", type=int, help="PGD steps in training")
+    k.add_argument("--eps-warmup", type=int, metavar="N",
+                   help="ramp the training attack's eps (and its step, in proportion) linearly from 0 to --eps over "
+                        "the first N epochs, per iteration (eps * min(1, t / N), t = epoch + (i + 1) / iterations, "
+                        "the LR schedule's clock); evaluation always uses the full --eps; 0: no ramp")
+    k.add_argument("--attack-bn", choices=("eval", "train"),
+                   help="model mode during the training attack (train: the reference AT recipe)")
+    k.add_argument("--trades-l2-order", choices=L2_ORDERS,
+                   help="L2 TRADES attack: renorm-clamp projects onto the eps-ball, then clamps to [0, 1] (as PGD); "
+                        "clamp-renorm clamps, then projects (the TRADES reference)")
+    k.add_argument("--eval-steps", type=int, help="PGD steps of the per-epoch evaluation")
+    k.add_argument("--eval-samples", type=int, help="test images evaluated per epoch (default: all)")
+    k.add_argument("--train-eval-samples", type=int,
+                   help="training images (a fixed subset) evaluated per epoch, for the generalization gap; 0 skips")
+    k.add_argument("--eval-every", type=int, metavar="K",
+                   help="evaluate the test split and the training subset (and --track-flatness) only every K epochs, "
+                        "at the last epoch and at every epoch whose validation PGD accuracy is a new best (so best.pt "
+                        "always has its test numbers); the validation split is evaluated every epoch; other epochs "
+                        "log null. Without a validation split (--val-samples 0) best.pt is chosen among the "
+                        "evaluated epochs")
+    f = p.add_argument_group("flatness")
+    f.add_argument("--track-flatness", action="store_true",
+                   help="log the flatness of the adversarial weight loss landscape each epoch (metrics.jsonl "
+                        "'flatness', plotted against the robust generalization gap): the mean over fixed "
+                        "filter-normalized directions d of L(w + alpha d) - L(w), L the PGD cross-entropy on a "
+                        "fixed training subset, eval mode, PGD regenerated at each point; the training trajectory "
+                        "is unchanged")
+    f.add_argument("--flatness-alpha", type=parse_float,
+                   help="step along each direction, in filter norms")
+    f.add_argument("--flatness-directions", type=int, help="random directions (the same every epoch)")
+    f.add_argument("--flatness-samples", type=int,
+                   help="training images (the first N of the training split, the same every epoch)")
+    f.add_argument("--flatness-steps", type=int,
+                   help="PGD steps of the flatness attack (--eps, --alpha and --norm of the run; 0: clean loss)")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, help="random seed")
+    r.add_argument("--out",
+                   help="output folder (default: runs/<method>[-awp]-<model>-<data>-s<seed>)")
+    r.add_argument("--resume", nargs="?", const="", metavar="CKPT",
+                   help="continue from CKPT (default: OUT/last.pt) exactly")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, such a folder is refused)")
+    r.add_argument("--stop-after", type=int,
+                   help="stop after this many epochs in this invocation, resume later with --resume (default: none)")
+    r.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    d = r.add_mutually_exclusive_group()
+    d.add_argument("--ddp", action="store_true",
+                   help="under torchrun: DistributedDataParallel (what a torchrun launch uses by default)")
+    d.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
+    r.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none anyway when stderr is not a terminal)")
+    r.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    r.add_argument("--quiet", action="store_true", help="no per-epoch line either")
+    _apply_defaults(p)
+    return p
+
+def _apply_defaults(p: argparse.ArgumentParser) -> None:
+    """Set every option's default from :data:`DEFAULTS` (the one place they are written)."""
+    for act in p._actions:
+        if act.dest != "help":
+            act.default = parser_default(act.dest)
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class RunConfig:
+    """Everything a run needs, validated: built by :func:`make_config` before any file is touched."""
+    args: argparse.Namespace
+    device: torch.device
+    dist: DistInfo = field(default_factory=DistInfo)
+    resume_path: Optional[str] = None
+    checkpoint: Optional[dict] = None
+    notes: List[str] = field(default_factory=list)
+
+
+def resolve_defaults(args) -> argparse.Namespace:
+    """Fill the options left unset (in place; returns ``args``): derived defaults in the table's order,
+    plain defaults for options a programmatic ``Namespace`` lacks or holds as ``None``."""
+    for key, val in DEFAULTS.items():
+        have = getattr(args, key, None)
+        if isinstance(val, Derived):
+            if have is None or have == val.unset:
+                setattr(args, key, val.fn(args))
+        elif have is None:
+            setattr(args, key, val)
+    return args
+
+
+def _opt(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _need_int(args, key, lo, allow_none=False, what=None):
+    v = getattr(args, key)
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise UsageError(f"{_opt(key)} must be an integer >= {lo}{what or ''}, got {v!r}")
+
+
+def _need_float(args, key, lo, strict=False, hi=None, what=""):
+    v = getattr(args, key)
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise UsageError(f"{_opt(key)} must be a number, got {v!r}") from None
+    ok = math.isfinite(f) and (f > lo if strict else f >= lo) and (hi is None or f <= hi)
+    if not ok:
+        bound = f"> {lo}" if strict else f">= {lo}"
+        raise UsageError(f"{_opt(key)} must be a finite number {bound}{f' and <= {hi}' if hi is not None else ''}"
+                         f"{what}, got {v!r}")
+    setattr(args, key, f)
+
+
+def validate_args(args) -> None:
+    """Check every option (after :func:`resolve_defaults`); raises :class:`UsageError`."""
+    for key in ("epochs", "batch_size", "awp_steps", "eval_every"):
+        _need_int(args, key, 1)
+    for key in ("awp_warmup", "attack_steps", "eval_steps", "train_eval_samples", "val_samples", "eps_warmup"):
+        _need_int(args, key, 0)
+    for key in ("train_samples", "eval_samples", "stop_after", "threads", "width"):
+        _need_int(args, key, 1, allow_none=True, what=" (or leave it out)")
+    _need_int(args, "seed", 0)
+    if args.seed >= 2 ** 32:
+        raise UsageError(f"--seed must be < 2**32, got {args.seed}")
+    if args.image_size is not None:
+        if args.data == "cifar10" and args.image_size != 32:
+            raise UsageError(f"CIFAR-10 images are 32x32: drop --image-size {args.image_size}")
+        _need_int(args, "image_size", 4)
+    _need_float(args, "lr", 0, strict=True)
+    _need_float(args, "momentum", 0)
+    _need_float(args, "weight_decay", 0)
+    _need_float(args, "beta", 0)
+    _need_float(args, "awp_gamma", 0, what=" (0 disables AWP)")
+    _need_float(args, "eps", 0, hi=1.0 if args.norm == "Linf" else None, what=" (inputs live in [0, 1])")
+    _need_float(args, "alpha", 0)
+    if args.alpha == 0 and args.eps > 0 and args.attack_steps > 0:
+        raise UsageError("--alpha 0 makes PGD a no-op: give a step > 0 (default eps/4)")
+    if args.data == "cifar10" and not args.data_dir:
+        raise UsageError("--data cifar10 needs --data-dir PATH: a folder holding the CIFAR-10 python batches "
+                         "(cifar-10-python.tar.gz, extracted)")
+    if args.model != "small-cnn" and args.width is not None:
+        raise UsageError(f"--width applies to small-cnn only, not to {args.model}: drop it")
+    _need_float(args, "label_noise", 0, hi=0.99, what=" (a fraction of the training labels)")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if args.dtype != "float32" and args.amp:
+        raise UsageError(f"--dtype {args.dtype} and --amp {args.amp} contradict each other: drop one of them")
+    if args.lr_schedule not in LR_SCHEDULES:
+        raise UsageError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {args.lr_schedule!r}")
+    if args.forward_order not in FORWARD_ORDERS:
+        raise UsageError(f"--forward-order must be one of {', '.join(FORWARD_ORDERS)}, got {args.forward_order!r}")
+    if args.forward_order == "reference" and args.method not in ("at", "trades"):
+        raise UsageError(f"--forward-order reference follows the AT and TRADES reference scripts; --method "
+                         f"{args.method} has none: drop --forward-order")
+    if args.trades_l2_order not in L2_ORDERS:
+        raise UsageError(f"--trades-l2-order must be one of {', '.join(L2_ORDERS)}, got {args.trades_l2_order!r}")
+    if args.track_flatness:
+        _need_float(args, "flatness_alpha", -math.inf)
+        if args.flatness_alpha == 0:
+            raise UsageError("--flatness-alpha 0 makes the flatness 0 by definition: give a step such as 0.5")
+        for key in ("flatness_directions", "flatness_samples"):
+            _need_int(args, key, 1)
+        _need_int(args, "flatness_steps", 0)
+    if args.backend is not None:
+        from .ops import BACKENDS
+        if args.backend not in BACKENDS:
+            raise UsageError(f"--backend {args.backend!r} is unknown: choose one of {', '.join(BACKENDS)}")
+
+
+def _check_out(args, resume_path: Optional[str]) -> None:
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is an existing file, not a folder: choose another --out")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: {parent} is a file, so the folder cannot be created")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {out}: {parent} is not writable")
+    found = run_files(out)
+    if resume_path is not None:
+        if args.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other: --resume continues the run, "
+                             "--overwrite starts it over")
+        last = os.path.join(out, "last.pt")
+        if found and not (os.path.isfile(last) and os.path.samefile(last, resume_path)):
+            raise UsageError(f"--resume {resume_path} would continue into --out {out}, which holds another run "
+                             f"({', '.join(found)}): choose a new --out for the continuation")
+    elif found and not args.overwrite:
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+
+
+def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> RunConfig:
+    """Validate ``args`` (parsed by :func:`build_parser`) into a :class:`RunConfig`.
+
+    Reads the ``--resume`` checkpoint (and nothing else) from disk, writes nothing. ``explicit``:
+    the options given on the command line (for notes about options that ``--resume`` ignores);
+    default: those that differ from the parser's defaults."""
+    args = copy.copy(args)
+    if hasattr(args, "_explicit"):
+        del args._explicit
+    for key in DEFAULTS:
+        if not hasattr(args, key):
+            setattr(args, key, parser_default(key))
+    if explicit is None:
+        explicit = {k for k, v in vars(args).items()
+                    if v is not None and v != (parser_default(k) if k in DEFAULTS else None)}
+    dist = dist_from_env(args.ddp, args.fsdp)
+    notes: List[str] = []
+    ckpt = resume_path = None
+    if args.resume is not None:
+        if args.out is None and args.resume:
+            args.out = os.path.dirname(os.path.abspath(args.resume))
+        if args.out is None:
+            raise UsageError("--resume without a path needs --out DIR (the run to continue)")
+        resume_path = args.resume or os.path.join(args.out, "last.pt")
+        ckpt = read_checkpoint(resume_path, "--resume")
+        saved = dict(ckpt["args"])
+        for k in _RUN_KEYS:
+            old = saved.get(k, _OLD_RUN_DEFAULTS.get(k))
+            given = getattr(args, k, None)
+            if k in explicit and given != old:
+                notes.append(f"--resume: {_opt(k)} {given!r} differs from the checkpoint's {old!r}; "
+                             "using the checkpoint's")
+            setattr(args, k, old)
+        if args.epochs is None:
+            args.epochs = saved["epochs"]
+        elif args.epochs != saved["epochs"] and args.lr_schedule != "constant":
+            notes.append(f"--resume: --epochs {args.epochs} (the checkpoint planned {saved['epochs']}) also "
+                         f"stretches the {args.lr_schedule} LR schedule to {args.epochs} epochs")
+    else:
+        apply_recipe(args, explicit)
+    resolve_defaults(args)
+    validate_args(args)
+    if dist.enabled and args.batch_size % dist.world_size:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch and must split evenly over "
+                         f"{dist.world_size} processes")
+    if dist.mode == "fsdp" and args.compile:
+        raise UsageError("--fsdp with --compile is not supported yet: drop one of them")
+    if dist.mode == "fsdp" and args.track_flatness:
+        raise UsageError("--track-flatness is not supported with --fsdp yet (the landscape moves whole weights): "
+                         "use DDP (the default under torchrun) or drop --track-flatness")
+    device = resolve_device(args.device, dist)
+    _check_out(args, resume_path)
+    if ckpt is not None:
+        done = int(ckpt["epoch"])
+        if done >= args.epochs:
+            raise UsageError(f"nothing to resume: the run in {args.out} already finished {done} of {args.epochs} "
+                             f"epochs; pass --epochs N (> {done}) to train longer")
+    return RunConfig(args=args, device=device, dist=dist, resume_path=resume_path, checkpoint=ckpt, notes=notes)

@@ -1,0 +1,491 @@
+"""``awpfast-train``'s loop: the :class:`Trainer`, its setup, the LR and eps schedules, the training
+and evaluation epochs, the flatness probe, saving, and :func:`run`.
+
+Reads a validated :class:`~awpfast.train.config.RunConfig` (by attribute); never parses a command line.
+
+The training step is the reference recipe (Wu et al. 2020) without its proxy model::
+
+    x_adv = attack(x, y)                                   # eval-mode PGD, input gradients only
+    model.train()
+    with awp.perturbed(lambda: loss_fn(model, x, x_adv, y)):   # w <- w + v (BN stats frozen)
+        loss = loss_fn(model, x, x_adv, y); loss.backward()
+        awp.step()                                         # SGD step at w + v, then w -= v
+    scheduler.step()                                       # piecewise LR, per iteration
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..attacks import PGD, TRADESAttack
+from ..checkpoint import (CKPT_FORMAT, RUN_FILES, atomic_save, full_state_dicts, load_optimizer, rng_state,
+                          run_files, set_rng_state)
+from ..data import Batches, load_dataset, training_splits
+from ..distributed import dist_sum
+from ..errors import UsageError
+from ..evaluate import autocast, evaluate_split
+from ..losses import get_loss
+from ..models import build_model
+from ..rules import AWP
+from .config import DTYPES, RunConfig, make_config, recipe_overrides
+from .report import done_line, epoch_line, note, start_line, write_outputs
+
+__all__ = ["Trainer", "setup", "run", "train_step", "train_epoch", "evaluate_epoch", "flatness_epoch",
+           "save_checkpoint", "prepare_out", "lr_factor", "eps_ramp", "epoch_gamma", "set_train_eps",
+           "full_eval_due", "make_attack", "FLATNESS_SEED"]
+
+FLATNESS_SEED = 0             # the directions and PGD starts of --track-flatness (the same every epoch)
+
+
+# ----------------------------------------------------------------------------- schedules and pieces
+def lr_factor(schedule: str, t: float, epochs: int) -> float:
+    """LR multiplier at (fractional) epoch ``t``: the step of iteration ``i`` (0-based) of 0-based
+    epoch ``e`` out of ``n`` uses ``t = e + (i + 1) / n`` (the AT reference's convention).
+
+    ``piecewise``: x0.1 once ``t >= epochs / 2``, x0.01 once ``t >= 3 epochs / 4`` (per iteration).
+    ``piecewise-epoch``: the same by whole epochs: the 1-based epoch ``ceil(t)`` runs at x0.1 from
+    ``epochs / 2`` on and at x0.01 from ``3 epochs / 4`` on (the TRADES reference's epochs 100 and
+    150 of 200, for all of their iterations)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, epochs) / epochs))
+    if schedule == "piecewise-epoch":
+        epoch = math.ceil(t - 1e-9)  # 1-based
+        return 1.0 if epoch < 0.5 * epochs else (0.1 if epoch < 0.75 * epochs else 0.01)
+    if t / epochs < 0.5:
+        return 1.0
+    if t / epochs < 0.75:
+        return 0.1
+    return 0.01
+
+
+def make_attack(model, args, steps: int, train: bool):
+    """The training (TRADES KL or PGD) or evaluation (PGD) attack of a run."""
+    kw = dict(eps=args.eps, alpha=args.alpha, steps=steps, random_start=True, norm=args.norm,
+              bn_train=(train and args.attack_bn == "train"), backend=args.backend)
+    if train and args.method == "trades":
+        return TRADESAttack(model, l2_order=args.trades_l2_order, **kw)
+    return PGD(model, **kw)
+
+
+# ----------------------------------------------------------------------------- phases
+@dataclass
+class Trainer:
+    """The live objects of a run (built by :func:`setup`)."""
+    cfg: RunConfig
+    ds: object
+    train_split: object
+    val_split: object
+    model: torch.nn.Module          # the plain module (what checkpoints hold)
+    wrapped: torch.nn.Module        # DDP / FSDP-wrapped, or ``model`` itself
+    fwd: torch.nn.Module            # the training forward (maybe compiled)
+    eval_fwd: torch.nn.Module       # attacks and evaluation (never a DDP wrapper)
+    awp: AWP
+    sched: object
+    scaler: object
+    loss_fn: object                 # the descent loss at w + v (in the run's forward order)
+    attack: object
+    batches: Batches
+    n_iter: int
+    ascent_loss_fn: object = None   # the AWP ascent loss (BN statistics frozen there: the order is moot)
+    dtype: torch.dtype = torch.float32
+    start: int = 0
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=dict)
+
+    def say(self, *a) -> None:
+        if self.cfg.dist.is_main and not self.cfg.args.quiet:
+            print(*a, flush=True)
+
+
+def _init_distributed(cfg: RunConfig) -> None:
+    import torch.distributed as dist
+    if not cfg.dist.enabled or dist.is_initialized():
+        return
+    if cfg.device.type == "cuda":
+        torch.cuda.set_device(cfg.device)
+    dist.init_process_group(backend="nccl" if cfg.device.type == "cuda" else "gloo", init_method="env://")
+
+
+def _wrap(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    if cfg.dist.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[cfg.device.index] if cfg.device.type == "cuda" else None)
+    if cfg.dist.mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for unit in _shard_units(model):
+            fully_shard(unit)
+        fully_shard(model)
+        return model
+    return model
+
+
+def _shard_units(model: torch.nn.Module) -> list:
+    """The submodules FSDP2 shards one by one: residual blocks, or the small CNN's layers."""
+    from ..models.preactresnet import PreActBlock
+    from ..models.wideresnet import BasicBlock
+    units = [m for m in model.modules() if isinstance(m, (PreActBlock, BasicBlock))]
+    if not units and hasattr(model, "features"):
+        units = [m for m in model.features if any(True for _ in m.parameters())]
+    return units
+
+
+def setup(cfg: RunConfig) -> Trainer:
+    """Data, model, optimizer with AWP, schedule, attack and loader; loads the ``--resume`` state.
+    Writes nothing."""
+    args, device, dist = cfg.args, cfg.device, cfg.dist
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed = args.seed + dist.rank  # different attack random starts per process; the loader is shared
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    ds = load_dataset(args.data, args.data_dir, args.image_size)
+    train, val = training_splits(ds, args.val_samples, args.train_samples, args.label_noise)
+    augment = ds.augment if args.augment == "auto" else args.augment
+    dtype = DTYPES[args.dtype]
+    model = build_model(args.model, ds.num_classes, ds.in_channels, args.width, args.input_norm).to(device, dtype)
+    ckpt = cfg.checkpoint
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UsageError(f"--resume {cfg.resume_path}: the weights do not fit {args.model} "
+                             f"({str(e).splitlines()[0]})") from None
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    inner = torch.compile(model) if args.compile else model
+    wrapped = _wrap(inner, cfg)
+    fwd = wrapped
+    eval_fwd = wrapped if dist.mode == "fsdp" else inner  # FSDP: every forward goes through the sharded module
+    params = model.parameters()
+    base = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    # the DDP / FSDP-wrapped model under torchrun (AWP detects it); one process: the plain module
+    awp = AWP(base, wrapped if dist.enabled else model, gamma=args.awp_gamma, steps=args.awp_steps,
+              restore=args.awp_restore, backend=args.backend)
+    batches = Batches(train, args.batch_size, shuffle=True, augment=augment, seed=args.seed, drop_last=False,
+                      device=device, pad_mode=args.pad_mode, rank=dist.rank, world_size=dist.world_size)
+    n_iter = len(batches)
+    epochs = args.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(awp, lambda k: lr_factor(args.lr_schedule, (k + 1) / n_iter, epochs))
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    t = Trainer(cfg=cfg, ds=ds, train_split=train, val_split=val, model=model, wrapped=wrapped, fwd=fwd,
+                eval_fwd=eval_fwd, awp=awp, sched=sched, scaler=scaler,
+                loss_fn=get_loss(args.method, args.beta, args.forward_order),
+                ascent_loss_fn=get_loss(args.method, args.beta),
+                attack=make_attack(eval_fwd, args, args.attack_steps, train=True), batches=batches, n_iter=n_iter,
+                dtype=dtype, best={"epoch": None, "selected_on": "val" if len(val) else "test"})
+    if ckpt is not None:
+        load_optimizer(awp, model, ckpt["optimizer"], dist.mode == "fsdp")
+        sched.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt["rng"]
+        per_rank = ckpt.get("rng_ranks")
+        if dist.enabled and per_rank and len(per_rank) == dist.world_size:
+            rng = per_rank[dist.rank]
+        elif dist.rank > 0:  # another world size: continue the data order, fresh attack noise per process
+            rng = dict(rng, torch=torch.manual_seed(seed + 7919 * int(ckpt["epoch"])).get_state())
+        set_rng_state(rng, batches.generator)
+        t.start, t.history, t.best = int(ckpt["epoch"]), list(ckpt["history"]), dict(ckpt["best"])
+        t.best.setdefault("selected_on", "test")
+    return t
+
+
+def prepare_out(t: Trainer) -> None:
+    """Create ``--out`` (rank 0), drop a replaced run's files (``--overwrite``) and record the options."""
+    cfg = t.cfg
+    if not cfg.dist.is_main:
+        return
+    out = cfg.args.out
+    os.makedirs(out, exist_ok=True)
+    if cfg.args.overwrite and cfg.checkpoint is None:
+        for f in RUN_FILES:
+            p = os.path.join(out, f)
+            if os.path.isfile(p):
+                os.remove(p)
+    rec = {k: v for k, v in vars(cfg.args).items()}
+    rec["world_size"] = cfg.dist.world_size
+    if cfg.args.recipe:  # the options given explicitly that moved the run away from its recipe
+        rec["recipe_overrides"] = recipe_overrides(cfg.args)
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(rec, f, indent=1, sort_keys=True)
+
+
+def epoch_gamma(args, epoch: int) -> float:
+    """The AWP gamma of 0-based ``epoch``: 0 during the first ``awp_warmup`` epochs."""
+    return args.awp_gamma if epoch >= args.awp_warmup else 0.0
+
+
+def eps_ramp(eps_warmup: int, t: float) -> float:
+    """``--eps-warmup``: the fraction of ``--eps`` (and of ``--alpha``) that the training attack uses at
+    fractional epoch ``t`` (iteration ``i`` of 0-based epoch ``e`` out of ``n``: ``t = e + (i + 1) / n``,
+    the LR schedule's clock): ``min(1, t / eps_warmup)``, 1 without a warm-up."""
+    if eps_warmup <= 0:
+        return 1.0
+    return min(1.0, t / eps_warmup)
+
+
+def set_train_eps(t: Trainer, epoch: int, i: int) -> float:
+    """Set the training attack's radius and step for iteration ``i`` of 0-based ``epoch`` (see
+    :func:`eps_ramp`); returns the radius. The evaluation and flatness attacks are separate objects
+    and keep the full ``--eps``."""
+    args = t.cfg.args
+    f = eps_ramp(args.eps_warmup, epoch + (i + 1) / t.n_iter)
+    t.attack.eps, t.attack.alpha = args.eps * f, args.alpha * f
+    return t.attack.eps
+
+
+def train_step(t: Trainer, x: torch.Tensor, y: torch.Tensor):
+    """One training step on the batch ``(x, y)``: attack, AWP ascent, descent at ``w + v``, restore,
+    LR schedule; returns ``(loss, logits_adv)`` of the descent pass at ``w + v``.
+
+    With ``--forward-order reference`` BatchNorm is fed as in the reference scripts: AT runs,
+    after a train-mode attack, the extra loss forward on ``x_adv`` that the reference attack makes
+    to keep its best restart, and after the restore a clean train-mode forward (the reference logs
+    its accuracy); TRADES runs its forwards at ``w + v`` adversarial, clean, clean (see
+    :class:`awpfast.losses.TRADESLoss`). These extra forwards run without gradient."""
+    args, device = t.cfg.args, t.cfg.device
+    reference_at = args.forward_order == "reference" and args.method == "at"
+    if x.dtype != t.dtype:
+        x = x.to(t.dtype)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, args.amp):
+        x_adv = t.attack(x, y)
+    t.model.train()
+    if reference_at and args.attack_bn == "train":
+        with torch.no_grad(), autocast(device, args.amp):
+            t.eval_fwd(x_adv)
+    scale = t.scaler.get_scale() if t.scaler is not None else 1.0
+
+    def closure():
+        with autocast(device, args.amp):
+            return t.ascent_loss_fn(t.fwd, x, x_adv, y) * scale
+
+    with t.awp.perturbed(closure):
+        t.awp.zero_grad(set_to_none=True)
+        with autocast(device, args.amp):
+            loss, logits_adv = t.loss_fn(t.fwd, x, x_adv, y, return_logits=True)
+        if t.scaler is not None:
+            t.scaler.scale(loss).backward()
+            t.scaler.step(t.awp)
+            t.scaler.update()
+        else:
+            loss.backward()
+            t.awp.step()
+    if reference_at:
+        with torch.no_grad(), autocast(device, args.amp):
+            t.eval_fwd(x)
+    t.sched.step()
+    return loss, logits_adv
+
+
+def train_epoch(t: Trainer, epoch: int) -> dict:
+    """One pass of adversarial training with AWP (:func:`train_step` per batch); returns loss /
+    accuracy / timing (global under torchrun)."""
+    args, device = t.cfg.args, t.cfg.device
+    t.awp.set_gamma(epoch_gamma(args, epoch))
+    t.model.train()
+    t0 = time.perf_counter()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, correct: no host sync per step
+    n_local = 0
+    bar = None
+    if t.cfg.dist.is_main and not (args.no_progress or args.quiet) and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=t.n_iter, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
+        except ImportError:  # pragma: no cover
+            bar = None
+    eps_now, ramp = args.eps, args.eps_warmup
+    for i, (x, y) in enumerate(t.batches):
+        if ramp:
+            eps_now = set_train_eps(t, epoch, i)
+        loss, logits_adv = train_step(t, x, y)
+        sums += torch.stack([loss.detach().double() * len(y), (logits_adv.detach().argmax(1) == y).sum().double()])
+        n_local += len(y)
+        if bar is not None:
+            s = sums.tolist()
+            el = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{s[0] / n_local:.4f}", acc=f"{100 * s[1] / n_local:.1f}%",
+                            img_s=f"{n_local * t.cfg.dist.world_size / max(el, 1e-9):.0f}")
+    if bar is not None:
+        bar.close()
+    loss_sum, ok, n = dist_sum(sums.tolist() + [float(n_local)], device, t.cfg.dist.world_size)
+    train_time = time.perf_counter() - t0
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}; lower --lr or drop --amp fp16 "
+                                 f"(last.pt still holds epoch {epoch})")
+    rec = {"train_loss": loss_sum / n, "train_adv_acc": ok / n, "train_time_s": train_time,
+           "img_per_s": n / max(train_time, 1e-9)}
+    if ramp:
+        rec["train_eps"] = eps_now  # the radius of the epoch's last step
+    return rec
+
+
+def full_eval_due(args, epoch: int) -> bool:
+    """Whether 0-based ``epoch`` evaluates the test split and the training subset on the
+    ``--eval-every`` schedule (every K-th epoch and the last one)."""
+    every = args.eval_every or 1
+    return (epoch + 1) % every == 0 or epoch + 1 == args.epochs
+
+
+def evaluate_epoch(t: Trainer, epoch: Optional[int] = None) -> dict:
+    """Clean and PGD accuracy on the validation split, the test split and a training subset (and the
+    flatness with ``--track-flatness``) after 0-based ``epoch`` (default: the next one in the history).
+    With ``--eval-every K`` the test split and the training subset are evaluated on that schedule and
+    whenever the validation PGD accuracy beats the best so far; otherwise their entries are ``None``."""
+    args, cfg = t.cfg.args, t.cfg
+    epoch = len(t.history) if epoch is None else epoch
+    t1 = time.perf_counter()
+    if cfg.dist.enabled:
+        import torch.distributed as dist
+        for b in t.model.buffers():  # evaluate (and save) rank 0's BatchNorm statistics everywhere
+            dist.broadcast(b, 0)
+    ev = dict(batch_size=max(args.batch_size // cfg.dist.world_size, 128), eps=args.eps, alpha=args.alpha,
+              steps=args.eval_steps, norm=args.norm, device=cfg.device, amp=args.amp,
+              channels_last=args.channels_last, backend=args.backend, rank=cfg.dist.rank,
+              world_size=cfg.dist.world_size)
+    rec = {}
+    va = evaluate_split(t.eval_fwd, t.val_split, **ev) if len(t.val_split) else None
+    scheduled = full_eval_due(args, epoch)
+    best_val = t.best.get("val_robust_acc") if t.best else None
+    full = scheduled or (va is not None and (best_val is None or va["robust_acc"] > best_val))
+    te = evaluate_split(t.eval_fwd, t.ds.test, limit=args.eval_samples, **ev) if full else None
+    tr = evaluate_split(t.eval_fwd, t.train_split, limit=args.train_eval_samples, **ev) \
+        if (args.train_eval_samples and full) else None
+    rec["val_clean_acc"] = va["clean_acc"] if va else None
+    rec["val_robust_acc"] = va["robust_acc"] if va else None
+    rec["train_clean_acc"] = tr["clean_acc"] if tr else None
+    rec["train_robust_acc"] = tr["robust_acc"] if tr else None
+    rec.update({k: (te[v] if te else None) for k, v in (("test_clean_acc", "clean_acc"), ("test_robust_acc", "robust_acc"),
+                                                        ("test_clean_loss", "clean_loss"),
+                                                        ("test_robust_loss", "robust_loss"))})
+    rec["eval_time_s"] = time.perf_counter() - t1
+    if args.track_flatness and scheduled:
+        rec.update(flatness_epoch(t))
+    return rec
+
+
+def flatness_epoch(t: Trainer) -> dict:
+    """``--track-flatness``: the flatness of the adversarial weight loss landscape at the current weights.
+
+    ``flatness = mean over d of [L(w + alpha d) - L(w)]``: ``L`` the mean cross-entropy on PGD
+    examples (``--flatness-steps`` steps, the run's ``--eps`` / ``--alpha`` / ``--norm``; regenerated
+    against the perturbed weights) of the first ``--flatness-samples`` training images, eval mode;
+    ``d`` the ``--flatness-directions`` filter-normalized directions of :func:`awpfast.landscape.flatness`
+    drawn with fixed seeds (the same Gaussian draws every epoch, rescaled to the current filter norms);
+    ``alpha`` = ``--flatness-alpha``. Weights, buffers, modes and RNG states are restored bitwise, so
+    the training trajectory does not change. Under torchrun (DDP) rank 0 computes it on its replica and
+    broadcasts the numbers: every process records the same values. Returns ``{"flatness",
+    "flatness_loss0", "flatness_time_s"}``."""
+    from ..landscape import flatness
+    args, cfg = t.cfg.args, t.cfg
+    t0 = time.perf_counter()
+    vals = torch.zeros(2, dtype=torch.float64)
+    if cfg.dist.is_main:
+        sub = t.train_split.subset(args.flatness_samples)
+        attack = PGD(t.model, eps=args.eps, alpha=args.alpha, steps=args.flatness_steps, norm=args.norm,
+                     random_start=True, backend=args.backend) if args.flatness_steps > 0 else None
+        res = flatness(t.model, sub.x, sub.y, args.flatness_alpha, args.flatness_directions, attack,
+                       seed=FLATNESS_SEED, batch_size=max(args.batch_size // cfg.dist.world_size, 128),
+                       backend=args.backend, details=True)
+        vals = torch.tensor([res["flatness"], res["loss0"]], dtype=torch.float64)
+    if cfg.dist.enabled:
+        import torch.distributed as dist
+        buf = vals.to(cfg.device)
+        dist.broadcast(buf, 0)
+        vals = buf.cpu()
+    return {"flatness": float(vals[0]), "flatness_loss0": float(vals[1]),
+            "flatness_time_s": time.perf_counter() - t0}
+
+
+def save_checkpoint(t: Trainer, epoch: int, is_best: bool) -> None:
+    """``last.pt`` (and ``best.pt``), ``metrics.jsonl`` and the plot; written by rank 0 only."""
+    cfg, args = t.cfg, t.cfg.args
+    rng = rng_state(t.batches.generator)
+    rng_ranks = None
+    if cfg.dist.enabled:
+        import torch.distributed as dist
+        rng_ranks = [None] * cfg.dist.world_size
+        dist.all_gather_object(rng_ranks, rng)
+    model_sd, optim_sd = full_state_dicts(t.model, t.awp, cfg.dist.mode == "fsdp", cfg.dist.is_main)  # collective
+    if not cfg.dist.is_main:
+        return
+    state = {"format": CKPT_FORMAT, "epoch": epoch + 1, "model": model_sd,
+             "optimizer": optim_sd, "scheduler": t.sched.state_dict(),
+             "scaler": t.scaler.state_dict() if t.scaler is not None else None,
+             "rng": rng, "rng_ranks": rng_ranks, "world_size": cfg.dist.world_size,
+             "history": t.history, "best": t.best, "args": vars(args),
+             "num_classes": t.ds.num_classes, "in_channels": t.ds.in_channels, "image_size": t.ds.image_size}
+    atomic_save(state, os.path.join(args.out, "last.pt"))
+    if is_best:
+        atomic_save(state, os.path.join(args.out, "best.pt"))
+    write_outputs(t.history, args)
+
+
+def run(args) -> dict:
+    """Train with parsed ``args`` (``awpfast.train.build_parser``) or a :class:`RunConfig`; returns the summary."""
+    cfg = args if isinstance(args, RunConfig) else make_config(args, getattr(args, "_explicit", None))
+    args = cfg.args
+    if cfg.dist.is_main:
+        for n in cfg.notes:
+            note(n)
+    _init_distributed(cfg)
+    t = setup(cfg)
+    out_existed = os.path.isdir(args.out)
+    try:
+        prepare_out(t)
+        return _train_loop(t)
+    except BaseException:
+        # a run that failed before writing anything leaves no empty folder behind
+        if cfg.dist.is_main and not out_existed and os.path.isdir(args.out) and not run_files(args.out):
+            for f in ("args.json",):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(args.out, f))
+            with contextlib.suppress(OSError):
+                os.rmdir(args.out)
+        raise
+
+
+def _train_loop(t: Trainer) -> dict:
+    cfg, args = t.cfg, t.cfg.args
+    if cfg.checkpoint is not None:
+        t.say(f"resumed from epoch {t.start} ({cfg.resume_path})")
+    ds = t.ds
+    t.say(start_line(args, t.train_split, t.val_split, ds, cfg))
+    sel = "val_robust_acc" if len(t.val_split) else "test_robust_acc"
+    stop_at = args.epochs if args.stop_after is None else min(args.epochs, t.start + args.stop_after)
+    for epoch in range(t.start, stop_at):
+        rec = {"epoch": epoch + 1, "lr": t.awp.param_groups[0]["lr"], "awp_gamma": None}
+        tr = train_epoch(t, epoch)
+        rec["awp_gamma"] = t.awp.param_groups[0]["awp_gamma"]
+        rec.update(tr)
+        rec.update(evaluate_epoch(t, epoch))
+        t.history.append(rec)
+        prev = t.best.get(sel)
+        is_best = rec[sel] is not None and (prev is None or rec[sel] > prev)
+        if is_best:
+            t.best = {"epoch": epoch + 1, "selected_on": sel.split("_")[0], "val_robust_acc": rec["val_robust_acc"],
+                      "test_robust_acc": rec["test_robust_acc"], "test_clean_acc": rec["test_clean_acc"]}
+        save_checkpoint(t, epoch, is_best)
+        t.say(epoch_line(rec, args, is_best))
+    history, best = t.history, t.best
+    summary = {"out": args.out, "epochs_done": len(history), "best": best, "last": history[-1] if history else None}
+    if history:
+        last = history[-1]
+        t.say(done_line(best, last, args))
+    return summary

@@ -1,0 +1,128 @@
+"""What a run reports: the metrics lines it prints, ``metrics.jsonl`` and the ``metrics.png`` plot.
+
+Plain functions of the run's options and its history (a list of per-epoch dicts); imports neither
+the configuration nor the loop.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from ..cli import atomic_write_text
+from ..cli import note as _cli_note
+
+__all__ = ["note", "start_line", "epoch_line", "done_line", "write_metrics", "plot_metrics", "plot_title",
+           "write_outputs"]
+
+PROG = "awpfast-train"
+
+
+def note(msg: str) -> None:
+    """``awpfast-train: note: MSG`` on stderr."""
+    _cli_note(PROG, msg)
+
+
+def _pct(v) -> str:
+    return "  -  " if v is None else f"{100 * v:.2f}"
+
+
+def start_line(args, train_split, val_split, ds, cfg) -> str:
+    """The run's first line: method, model, data sizes, threat model, device, output folder."""
+    return (f"awpfast-train: {args.method}{' + AWP(gamma=%g)' % args.awp_gamma if args.awp_gamma > 0 else ''}"
+            + (f" [recipe {args.recipe}]" if args.recipe else "")
+            + (f" [label noise {args.label_noise:g}]" if args.label_noise else "") + " | "
+            f"{args.model} on {args.data} ({len(train_split)} train / {len(val_split)} val / {len(ds.test)} test, "
+            f"{ds.image_size}px) | {args.norm} eps={args.eps:.4g} alpha={args.alpha:.4g}"
+            + (f" (ramped over {args.eps_warmup} epochs)" if args.eps_warmup else "") + f" | {cfg.device}"
+            + (f" x {cfg.dist.world_size} ({cfg.dist.mode})" if cfg.dist.enabled else "") + f" | out={args.out}")
+
+
+def epoch_line(rec: dict, args, is_best: bool) -> str:
+    """One epoch's line (``rec``: the epoch's ``metrics.jsonl`` record)."""
+    return (f"epoch {rec['epoch']:3d}/{args.epochs} lr {rec['lr']:.4g} loss {rec['train_loss']:.4f} | "
+            f"val PGD-{args.eval_steps} {_pct(rec['val_robust_acc'])} | "
+            f"train clean {_pct(rec['train_clean_acc'])} PGD {_pct(rec['train_robust_acc'])} | "
+            f"test clean {_pct(rec['test_clean_acc'])} PGD {_pct(rec['test_robust_acc'])} | "
+            + (f"flatness {rec['flatness']:.4f} ({rec['flatness_time_s']:.1f}s) | "
+               if rec.get("flatness") is not None else "")
+            + f"{rec['img_per_s']:.0f} img/s, {rec['train_time_s']:.1f}s + eval {rec['eval_time_s']:.1f}s"
+            + ("  *best" if is_best else ""))
+
+
+def done_line(best: dict, last: dict, args) -> str:
+    """The closing line: the best (selected) epoch and the last one."""
+    return (f"done: best epoch {best['epoch']} (by {best['selected_on']} PGD-{args.eval_steps}): test clean "
+            f"{_pct(best['test_clean_acc'])}% PGD-{args.eval_steps} {_pct(best['test_robust_acc'])}% | last epoch "
+            f"{last['epoch']}: test clean {_pct(last['test_clean_acc'])}% PGD-{args.eval_steps} "
+            f"{_pct(last['test_robust_acc'])}% | {args.out}")
+
+
+def write_metrics(path: str, history) -> None:
+    """``metrics.jsonl``: one JSON object per epoch, written atomically."""
+    atomic_write_text(path, "".join(json.dumps(h) + "\n" for h in history))
+
+
+def plot_title(args) -> str:
+    return (f"{args.method}{'-AWP' if args.awp_gamma > 0 else ''} {args.model} {args.data} seed {args.seed}"
+            + (f" ({args.recipe})" if args.recipe else "") + (f" noise {args.label_noise:g}" if args.label_noise else ""))
+
+
+def write_outputs(history, args) -> None:
+    """``metrics.jsonl`` and (unless ``--no-plot``) ``metrics.png`` of ``history`` in ``args.out``."""
+    write_metrics(os.path.join(args.out, "metrics.jsonl"), history)
+    if not args.no_plot:
+        plot_metrics(history, os.path.join(args.out, "metrics.png"), title=plot_title(args))
+
+
+def plot_metrics(history, path: str, title: str = "") -> Optional[str]:
+    """Train/test clean and robust accuracy per epoch (and train loss) to a PNG; with
+    ``--track-flatness`` a third panel shows the flatness next to the robust generalization gap
+    (train PGD accuracy - test PGD accuracy, in points)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        note("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    ep = [h["epoch"] for h in history]
+    flat = [h for h in history if h.get("flatness") is not None]
+    fig, axes = plt.subplots(1, 3 if flat else 2, figsize=(16.5 if flat else 11, 4))
+    ax, ax2 = axes[0], axes[1]
+    curves = (("train_clean_acc", "train clean", "C0--"), ("train_robust_acc", "train PGD", "C1--"),
+              ("test_clean_acc", "test clean", "C0-"), ("test_robust_acc", "test PGD", "C1-"),
+              ("val_robust_acc", "val PGD", "C2:"))
+    for key, lab, st in curves:
+        pts = [(h["epoch"], 100 * h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], st, label=lab)
+    if history:
+        key = "val_robust_acc" if history[-1].get("val_robust_acc") is not None else "test_robust_acc"
+        scored = [h for h in history if h.get(key) is not None]  # --eval-every leaves gaps
+        if scored:
+            ax.axvline(max(scored, key=lambda h: h[key])["epoch"], color="0.7", lw=0.8)
+    ax.set_xlabel("epoch"), ax.set_ylabel("accuracy (%)"), ax.legend(), ax.grid(alpha=0.3)
+    ax.set_title(title or "accuracy")
+    ax2.plot(ep, [h["train_loss"] for h in history], "C2-", label="train loss")
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("loss"), ax2.grid(alpha=0.3), ax2.legend()
+    if flat:
+        ax3 = axes[2]
+        ax3.plot([h["epoch"] for h in flat], [h["flatness"] for h in flat], "C3-o", ms=3,
+                 label="flatness: PGD loss rise at alpha")
+        ax3.set_xlabel("epoch"), ax3.set_ylabel("flatness (loss increase)", color="C3"), ax3.grid(alpha=0.3)
+        gap = [(h["epoch"], 100 * (h["train_robust_acc"] - h["test_robust_acc"])) for h in history
+               if h.get("train_robust_acc") is not None and h.get("test_robust_acc") is not None]
+        lines, labels = ax3.get_legend_handles_labels()
+        if gap:
+            ax4 = ax3.twinx()
+            ax4.plot([g[0] for g in gap], [g[1] for g in gap], "C4--", label="robust gap: train - test PGD")
+            ax4.set_ylabel("robust generalization gap (points)", color="C4")
+            more = ax4.get_legend_handles_labels()
+            lines, labels = lines + more[0], labels + more[1]
+        ax3.legend(lines, labels, loc="upper left", fontsize=8)
+        ax3.set_title("flatness and robust generalization gap")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
