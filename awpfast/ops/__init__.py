@@ -216,6 +216,15 @@ def _check_pair(name_a: str, a: list, name_b: str, b: list, same_dtype: bool = T
                 f"dtype of {name_a}")
 
 
+def _check_optional(name_a: str, a: list, name_b: str, b, same_dtype: bool = True) -> Optional[list]:
+    """An optional list argument ``b`` (None stays None), checked and paired with ``a``."""
+    if b is None:
+        return None
+    b = _check_list(name_b, b)
+    _check_pair(name_a, a, name_b, b, same_dtype)
+    return b
+
+
 def _float_list(name: str, v, n: int) -> list:
     """One float per tensor, from a single number or a sequence of ``n``."""
     vals = _util.floats(v, n)
@@ -301,12 +310,8 @@ def perturb_(params, directions, gamma: Floats, eps: float = 1e-20, backups=None
     ps = _check_list("params", params)
     ds = _check_list("directions", directions)
     _check_pair("params", ps, "directions", ds, same_dtype=False)
-    if backups is not None:
-        backups = _check_list("backups", backups)
-        _check_pair("params", ps, "backups", backups)
-    if deltas is not None:
-        deltas = _check_list("deltas", deltas)
-        _check_pair("params", ps, "deltas", deltas)
+    backups = _check_optional("params", ps, "backups", backups)
+    deltas = _check_optional("params", ps, "deltas", deltas)
     gs = _floats("gamma", gamma, len(ps))
     return _per_group(ps, backend, lambda be, idx, dt: be.perturb_(
         _pick(ps, idx), _pick_as(ds, idx, dt), _pick(gs, idx), float(eps), _pick(backups, idx),
@@ -441,12 +446,8 @@ def add_scaled_(params, directions, scale, *, clip: Optional[float] = None, base
     ps = _check_list("params", params)
     ds = _check_list("directions", directions)
     _check_pair("params", ps, "directions", ds, same_dtype=False)
-    extra = {}
-    for name, lst in (("base", base), ("backups", backups), ("deltas", deltas)):
-        if lst is not None:
-            lst = _check_list(name, lst)
-            _check_pair("params", ps, name, lst)
-        extra[name] = lst
+    extra = {name: _check_optional("params", ps, name, lst)
+             for name, lst in (("base", base), ("backups", backups), ("deltas", deltas))}
     if clip is not None and not (float(clip) > 0 and float(clip) < float("inf")):
         raise ValueError(f"clip must be a finite number > 0 (or None), got {clip!r}")
     sc = _scales(scale, len(ps), ps[0].device if ps else None)
@@ -513,10 +514,7 @@ def global_sqnorm(tensors, *, weights=None, eta: float = 0.0, backend: Optional[
     One reduction per (device, dtype) group, no host sync (see the module docstring).
     ``backend``: a backend name, else ``$AWPFAST_BACKEND``, else the best for the device."""
     ts = _check_list("tensors", tensors)
-    ws = None
-    if weights is not None:
-        ws = _check_list("weights", weights)
-        _check_pair("tensors", ts, "weights", ws, same_dtype=False)
+    ws = _check_optional("tensors", ts, "weights", weights, same_dtype=False)
     eta = _check_finite_nonneg("eta", eta)
     if not ts:
         return torch.zeros((), dtype=torch.float32)
@@ -540,9 +538,7 @@ def asam_apply_(params, directions, scale, *, eta: float = 0.0, backups=None,
     ps = _check_list("params", params)
     ds = _check_list("directions", directions)
     _check_pair("params", ps, "directions", ds, same_dtype=False)
-    if backups is not None:
-        backups = _check_list("backups", backups)
-        _check_pair("params", ps, "backups", backups)
+    backups = _check_optional("params", ps, "backups", backups)
     eta = _check_finite_nonneg("eta", eta)
     sc = _scales(scale, len(ps), ps[0].device if ps else None)
     _per_group(ps, backend, lambda be, idx, dt: _op(be, "asam_apply_")(

@@ -188,6 +188,15 @@ class _Launch:
         self.part = lay.part(ctx)
 
 
+def _setup(lead, *lists):
+    """For one op call, inside ``_device_ctx``: the call context, the launch layout of ``lead``,
+    the pointer tables of ``lists`` and whether they are all 16-byte aligned."""
+    ctx = _Ctx(lead[0].device)
+    lay = _Launch(lead, ctx)
+    tabs, al = _tables(ctx, *lists)
+    return ctx, lay, tabs, al
+
+
 def _reduce(mode, tabs, proto, lay, aligned):
     P = [t if t is not None else tabs[0] for t in tabs] + [tabs[0]] * (3 - len(tabs))
     K.mt_reduce_kernel[(lay.C,)](P[0], P[1], P[2], proto, lay.tinfo, lay.ctab, lay.part, lay.C,
@@ -215,9 +224,7 @@ def _norms_impl(ts):
     dev = ts[0].device
     out = torch.empty(len(ts), dtype=torch.float32, device=dev)
     with _device_ctx(dev):
-        ctx = _Ctx(dev)
-        lay = _Launch(ts, ctx)
-        tabs, al = _tables(ctx, ts)
+        ctx, lay, tabs, al = _setup(ts, ts)
         _reduce(K.R_NORM, tabs, ts[0], lay, al)
         K.mt_norms_finalize_kernel[(lay.T,)](lay.part, lay.tinfo, out, lay.C, KB=CONFIG["KB"])
     return out
@@ -227,9 +234,7 @@ def _perturb_impl(params, directions, gammas, eps, backups, deltas):
     dev = params[0].device
     out = torch.empty(len(params), dtype=torch.float32, device=dev)
     with _device_ctx(dev):
-        ctx = _Ctx(dev)
-        lay = _Launch(params, ctx)
-        tabs, al = _tables(ctx, params, directions, backups, deltas)
+        ctx, lay, tabs, al = _setup(params, params, directions, backups, deltas)
         _reduce(K.R_PERTURB, tabs[:2], params[0], lay, al)
         g, gt = _floats(gammas, ctx)
         _apply(K.A_PERTURB, tabs, params[0], lay, al, s0=g, t0=gt, eps=eps, out=out)
@@ -247,9 +252,7 @@ def _unperturb_impl(params, deltas):
 def _copy_like_impl(mode, params, others):
     dev = params[0].device
     with _device_ctx(dev):
-        ctx = _Ctx(dev)
-        lay = _Launch(params, ctx)
-        tabs, al = _tables(ctx, params, others)
+        ctx, lay, tabs, al = _setup(params, params, others)
         _apply(mode, tabs, params[0], lay, al)
 
 
@@ -257,9 +260,7 @@ def _ascent_impl(params, backups, directions, step_sizes, gammas, eps):
     dev = params[0].device
     out = torch.empty(len(params), dtype=torch.float32, device=dev)
     with _device_ctx(dev):
-        ctx = _Ctx(dev)
-        lay = _Launch(params, ctx)
-        tabs, al = _tables(ctx, params, backups, directions)
+        ctx, lay, tabs, al = _setup(params, params, backups, directions)
         _reduce(K.R_ASCENT, tabs, params[0], lay, al)
         s, st = _floats(step_sizes, ctx)
         g, gt = _floats(gammas, ctx)
@@ -272,9 +273,7 @@ def _ascent_impl(params, backups, directions, step_sizes, gammas, eps):
 def _project_impl(params, backups, gammas):
     dev = params[0].device
     with _device_ctx(dev):
-        ctx = _Ctx(dev)
-        lay = _Launch(params, ctx)
-        tabs, al = _tables(ctx, params, backups)
+        ctx, lay, tabs, al = _setup(params, params, backups)
         _reduce(K.R_PROJECT, tabs, params[0], lay, al)
         g, gt = _floats(gammas, ctx)
         _apply(K.A_PROJECT, tabs, params[0], lay, al, s0=g, t0=gt)
@@ -328,9 +327,7 @@ def _add_scaled_impl(params, directions, scales, scale_t, clip, base, backups, d
         return
     dev = params[0].device
     with _device_ctx(dev):
-        ctx = _Ctx(dev)
-        lay = _Launch(params, ctx)
-        tabs, al = _tables(ctx, params, directions, backups, deltas, base)
+        ctx, lay, tabs, al = _setup(params, params, directions, backups, deltas, base)
         _family_apply(K.F_ADD, tabs, params[0], lay, al, s=_scale_pair(scales, scale_t, ctx), clip=clip)
 
 
@@ -338,9 +335,7 @@ def _global_sqnorm_impl(tensors, weights, eta):
     dev = tensors[0].device
     out = torch.empty((), dtype=torch.float32, device=dev)
     with _device_ctx(dev):
-        ctx = _Ctx(dev)
-        lay = _Launch(tensors, ctx)
-        tabs, al = _tables(ctx, tensors, weights)
+        ctx, lay, tabs, al = _setup(tensors, tensors, weights)
         K.mt_sqnorm_kernel[(lay.C,)](tabs[0], tabs[1] if tabs[1] is not None else tabs[0], tensors[0],
                                      lay.tinfo, lay.ctab, lay.part, float(eta), WEIGHTED=tabs[1] is not None,
                                      BLOCK=CONFIG["BLOCK"], ALIGNED=al, num_warps=CONFIG["num_warps"])
@@ -353,9 +348,7 @@ def _asam_apply_impl(params, directions, scales, scale_t, eta, backups):
         return
     dev = params[0].device
     with _device_ctx(dev):
-        ctx = _Ctx(dev)
-        lay = _Launch(params, ctx)
-        tabs, al = _tables(ctx, params, directions, backups)
+        ctx, lay, tabs, al = _setup(params, params, directions, backups)
         _family_apply(K.F_ASAM, tabs, params[0], lay, al, s=_scale_pair(scales, scale_t, ctx), eta=eta)
 
 
@@ -363,9 +356,7 @@ def _box_perturb_impl(params, directions, adv_lrs, adv_epss, origins, first, eps
     dev = params[0].device
     out = torch.empty(len(params), dtype=torch.float32, device=dev)
     with _device_ctx(dev):
-        ctx = _Ctx(dev)
-        lay = _Launch(params, ctx)
-        tabs, al = _tables(ctx, params, directions, origins)
+        ctx, lay, tabs, al = _setup(params, params, directions, origins)
         if dnorms is None:
             _reduce(K.R_PERTURB, tabs[:2], params[0], lay, al)
         _family_apply(K.F_BOX, tabs, params[0], lay, al, s=_floats(adv_lrs, ctx), x1=_floats(adv_epss, ctx),
