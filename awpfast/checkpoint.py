@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from typing import List, Optional
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["CKPT_FORMAT", "RUN_FILES", "TRAIN_KEYS", "read_checkpoint", "read_model_checkpoint", "atomic_save",
+__all__ = ["repair_best", "remove_stale_tmp", "checkpoint_epoch", "copy_atomic", "CKPT_FORMAT", "RUN_FILES", "TRAIN_KEYS", "read_checkpoint", "read_model_checkpoint", "atomic_save",
            "run_files", "rng_state", "set_rng_state", "full_state_dicts", "load_optimizer"]
 
 CKPT_FORMAT = "awpfast-train/1"
@@ -79,6 +80,52 @@ def atomic_save(obj, path: str) -> None:
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def copy_atomic(src: str, dst: str) -> None:
+    """Copy ``src`` to ``dst`` through ``dst.tmp`` and an atomic rename (byte-identical)."""
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+
+
+def checkpoint_epoch(path: str) -> Optional[int]:
+    """The ``epoch`` a training checkpoint file records; ``None`` when it is missing or unreadable."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return int(obj["epoch"])
+    except Exception:  # missing, truncated, another kind of file
+        return None
+
+
+def repair_best(out: str, last: dict, last_path: str) -> Optional[str]:
+    """Make ``best.pt`` hold the epoch that ``last`` (the loaded ``last.pt``, the run's commit point)
+    records as best. A run writes ``last.pt`` first, then ``best.pt``: a kill between the two leaves
+    ``best.pt`` one best behind, and the missing best is then ``last.pt``'s own epoch, so ``last.pt``
+    is copied over it. Returns what was repaired, or ``None`` when ``best.pt`` was right."""
+    best_epoch = (last.get("best") or {}).get("epoch")
+    if best_epoch is None:
+        return None
+    path = os.path.join(out, "best.pt")
+    have = checkpoint_epoch(path)
+    if have == int(best_epoch):
+        return None
+    if int(best_epoch) != int(last["epoch"]):
+        raise UsageError(f"{path} holds epoch {have} but {last_path} records epoch {best_epoch} as the best, and no "
+                         "file holds that epoch: the folder was changed by hand; restore best.pt or start over "
+                         "with --overwrite")
+    copy_atomic(last_path, path)
+    return (f"best.pt rewritten from last.pt (epoch {best_epoch}, the best epoch; best.pt held "
+            f"{'no readable checkpoint' if have is None else f'epoch {have}'})")
+
+
+def remove_stale_tmp(out: str) -> List[str]:
+    """Remove the ``*.tmp`` files an interrupted write left in ``out``; returns their names."""
+    gone = []
+    for f in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        if f.endswith(".tmp") and f[:-4] in RUN_FILES:
+            os.remove(os.path.join(out, f))
+            gone.append(f)
+    return gone
 
 
 def run_files(out: str) -> List[str]:

@@ -2,7 +2,8 @@
 
 Reports clean accuracy, PGD-20 and PGD-100 accuracy (L-inf or L2, random start) on the test
 split, and AutoAttack ``version='standard'`` through whichever implementation is installed:
-the official ``autoattack`` package, else ``torchattacks`` (``pip install torchattacks``;
+the official ``autoattack`` package, else ``torchattacks`` (``make autoattack``, i.e.
+``pip install --no-deps torchattacks``: its declared torchvision would replace torch;
 APGD-CE, APGD-T, FAB-T, Square), else a message saying how to get one. The model, data,
 input normalization and threat model come from the checkpoint (an ``awpfast-train``
 ``best.pt`` / ``last.pt``); options override them. A bare ``state_dict`` (e.g. a reference
@@ -35,7 +36,8 @@ __all__ = ["main", "load_checkpoint", "evaluate_checkpoint", "evaluate_split", "
            "autoattack_backend", "guess_model", "make_eval_config"]
 
 AUTOATTACK_HINT = ("AutoAttack: skipped - neither `autoattack` nor `torchattacks` is installed. Install one: "
-                   "pip install torchattacks (or pip install git+https://github.com/fra31/auto-attack), then "
+                   "pip install scipy && pip install --no-deps torchattacks (without --no-deps its torchvision "
+                   "dependency replaces your torch; or pip install git+https://github.com/fra31/auto-attack), then "
                    "rerun this command.")
 AUTOATTACK_IMPLS = ("auto", "autoattack", "torchattacks", "off")
 
@@ -82,13 +84,14 @@ def autocast(device: torch.device, amp: Optional[str]):
 def evaluate_split(model, split, batch_size: int, eps: float, alpha: float, steps: int, norm: str = "Linf",
                    device="cpu", amp: Optional[str] = None, channels_last: bool = False, limit: Optional[int] = None,
                    backend: Optional[str] = None, random_start: bool = True, rank: int = 0,
-                   world_size: int = 1) -> dict:
+                   world_size: int = 1, check_finite: bool = False) -> dict:
     """Clean and PGD-``steps`` accuracy (and mean CE) on a split, in eval mode.
 
     With ``world_size > 1`` each process evaluates every ``world_size``-th example of the first
     ``limit`` and the sums are all-reduced: every process returns the same numbers. The shards
     are padded to equal length (padding examples are not counted), so that every process runs
-    the same number of forwards, as FSDP needs."""
+    the same number of forwards, as FSDP needs. ``check_finite``: raise ``FloatingPointError`` on
+    non-finite logits instead of counting them."""
     device = torch.device(device)
     split = split.subset(limit)
     real = None
@@ -119,6 +122,9 @@ def evaluate_split(model, split, batch_size: int, eps: float, alpha: float, step
             w = torch.ones(len(y), dtype=torch.float64, device=device) if real is None \
                 else real[n:n + len(y)].double()
             n += len(y)
+            if check_finite and not (torch.isfinite(lc).all() and torch.isfinite(lr_).all()):
+                raise FloatingPointError("the model's logits are NaN or inf on the test images: the accuracies would "
+                                         "mean nothing; check the checkpoint's weights and --amp")
             sums += torch.stack([((lc.argmax(1) == y).double() * w).sum(), ((lr_.argmax(1) == y).double() * w).sum(),
                                  (F.cross_entropy(lc, y, reduction="none").double() * w).sum(),
                                  (F.cross_entropy(lr_, y, reduction="none").double() * w).sum()])
@@ -162,15 +168,35 @@ def _num_classes(sd: dict) -> Optional[int]:
 
 
 def _load_weights(model, sd: dict, name: str, path: str) -> None:
-    """``load_state_dict`` with a one-line explanation instead of torch's list of keys."""
-    res = model.load_state_dict(sd, strict=False)
-    missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
+    """``load_state_dict`` with a one-line explanation instead of torch's list of keys: the option that
+    differs when it can be named (small-cnn's ``--width``, ``--input-norm``), and non-finite weights
+    refused (a diverged run would otherwise report near-chance accuracy as a result)."""
+    res_keys = set(model.state_dict())
+    missing, unexpected = sorted(res_keys - set(sd)), sorted(set(sd) - res_keys)
     if missing or unexpected:
         guess = guess_model(sd)
-        hint = f"; they look like a {guess} checkpoint: pass --model {guess}" if guess and guess != name else \
-            "; pass the checkpoint's architecture with --model"
+        if guess == name and all(k.endswith(("mean", "std")) for k in missing + unexpected):
+            hint = ("; the checkpoint's input normalization differs: pass --input-norm "
+                    f"{'cifar10' if unexpected else 'none'}")
+        elif guess and guess != name:
+            hint = f"; they look like a {guess} checkpoint: pass --model {guess}"
+        else:
+            hint = "; pass the checkpoint's architecture with --model"
         raise UsageError(f"{path}: the weights do not fit {name} ({len(missing)} missing keys, e.g. "
                          f"{missing[:1]}, {len(unexpected)} unexpected, e.g. {unexpected[:1]}){hint}")
+    own = model.state_dict()
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            width = f" (the checkpoint's small-cnn --width is {int(sd['features.0.0.weight'].shape[0])}: drop " \
+                    "--width or pass that)" if name == "small-cnn" and "features.0.0.weight" in sd else \
+                    f" (the checkpoint is not a {name} of this size: check --model)"
+            raise UsageError(f"{path}: the weights do not fit {name}: {k} is {tuple(v.shape)} in the checkpoint, "
+                             f"{tuple(own[k].shape)} in the model{width}")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UsageError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}): the run diverged; "
+                         "evaluate an earlier checkpoint (best.pt) instead")
+    model.load_state_dict(sd)
 
 
 # ----------------------------------------------------------------------------- AutoAttack
@@ -198,7 +224,7 @@ def autoattack_backend(choice: str = "auto") -> Optional[str]:
     if choice == "auto":
         return found[0] if found else None
     if choice not in found:
-        how = "torchattacks" if choice == "torchattacks" else "git+https://github.com/fra31/auto-attack"
+        how = "--no-deps torchattacks" if choice == "torchattacks" else "git+https://github.com/fra31/auto-attack"
         raise UsageError(f"--autoattack {choice}: the {choice} package is not installed (pip install {how})")
     return choice
 
@@ -348,13 +374,13 @@ def evaluate_checkpoint(args) -> dict:
     clean = None
     for steps in args.steps:
         r = evaluate_split(model, ds.test, args.batch_size, cfg.eps, cfg.alpha, steps, cfg.norm, device=device,
-                           amp=args.amp, limit=args.samples)
+                           amp=args.amp, limit=args.samples, check_finite=True)
         res["n"] = r["n"]
         clean = r["clean_acc"]
         res[f"pgd{steps}_acc"] = r["robust_acc"]
     if clean is None:
         r = evaluate_split(model, ds.test, args.batch_size, cfg.eps, cfg.alpha, 0, cfg.norm, device=device,
-                           limit=args.samples)
+                           limit=args.samples, check_finite=True)
         res["n"], clean = r["n"], r["clean_acc"]
     res["clean_acc"] = clean
     res["versions"] = {"torch": torch.__version__, "awpfast": _version("awpfast")}

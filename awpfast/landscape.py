@@ -489,7 +489,7 @@ def run(args) -> dict:
 
     bar = None
     total = len(cks) * args.directions * len(alphas)
-    if not args.no_progress:
+    if not args.no_progress and sys.stderr.isatty():  # no progress bars in logs and pipes
         try:
             from tqdm import tqdm
             bar = tqdm(total=total, desc="landscape", unit="pt", dynamic_ncols=True, leave=False)

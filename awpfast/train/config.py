@@ -102,13 +102,14 @@ _RUN_KEYS = ("method", "beta", "awp_gamma", "awp_warmup", "awp_steps", "model", 
              "amp", "channels_last", "seed", "augment", "awp_restore", "train_samples", "val_samples",
              "input_norm", "pad_mode", "recipe", "forward_order", "trades_l2_order", "label_noise", "dtype",
              "track_flatness", "flatness_alpha", "flatness_directions", "flatness_samples", "flatness_steps",
-             "eps_warmup", "eval_every")
+             "eps_warmup", "eval_every", "threads", "backend", "compile")
 # what checkpoints written before an option existed did (they stay loadable and resume as they ran):
 # today's default, except three options whose behaviour before them was not today's default
 _LEGACY = {"val_samples": 0, "input_norm": "none", "pad_mode": "zeros"}
 _OLD_RUN_DEFAULTS = dict({k: DEFAULTS[k] for k in ("recipe", "forward_order", "trades_l2_order", "label_noise",
                                                    "dtype", "track_flatness", "flatness_alpha", "flatness_directions",
-                                                   "flatness_samples", "flatness_steps", "eps_warmup", "eval_every")},
+                                                   "flatness_samples", "flatness_steps", "eps_warmup", "eval_every",
+                                                   "threads", "backend", "compile")},
                          **_LEGACY)
 
 
@@ -340,6 +341,7 @@ class RunConfig:
     resume_path: Optional[str] = None
     checkpoint: Optional[dict] = None
     notes: List[str] = field(default_factory=list)
+    finished: bool = False  # --resume of a run that already trained all its epochs (only its files get repaired)
 
 
 def resolve_defaults(args) -> argparse.Namespace:
@@ -491,10 +493,19 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
         for k in _RUN_KEYS:
             old = saved.get(k, _OLD_RUN_DEFAULTS.get(k))
             given = getattr(args, k, None)
-            if k in explicit and given != old:
+            if k == "width" and k in explicit and saved.get("model") != "small-cnn":
+                notes.append(f"--resume: --width applies to small-cnn only and the checkpoint holds a "
+                             f"{saved.get('model')}: --width {given} is ignored")
+            elif k in explicit and given != old:
                 notes.append(f"--resume: {_opt(k)} {given!r} differs from the checkpoint's {old!r}; "
                              "using the checkpoint's")
             setattr(args, k, old)
+        if "no_plot" not in explicit:  # the run's outputs stay as they were (the plot, or none)
+            args.no_plot = bool(saved.get("no_plot", False))
+        saved_device = saved.get("device", "auto")
+        if "device" in explicit and args.device != saved_device:
+            notes.append(f"--resume: --device {args.device} differs from the checkpoint's {saved_device!r}; using "
+                         f"{args.device}: the continuation is then no longer bit-exact")
         if args.epochs is None:
             args.epochs = saved["epochs"]
         elif args.epochs != saved["epochs"] and args.lr_schedule != "constant":
@@ -514,9 +525,6 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
                          "use DDP (the default under torchrun) or drop --track-flatness")
     device = resolve_device(args.device, dist)
     _check_out(args, resume_path)
-    if ckpt is not None:
-        done = int(ckpt["epoch"])
-        if done >= args.epochs:
-            raise UsageError(f"nothing to resume: the run in {args.out} already finished {done} of {args.epochs} "
-                             f"epochs; pass --epochs N (> {done}) to train longer")
-    return RunConfig(args=args, device=device, dist=dist, resume_path=resume_path, checkpoint=ckpt, notes=notes)
+    finished = ckpt is not None and int(ckpt["epoch"]) >= args.epochs  # run() repairs its files, or refuses
+    return RunConfig(args=args, device=device, dist=dist, resume_path=resume_path, checkpoint=ckpt, notes=notes,
+                     finished=finished)

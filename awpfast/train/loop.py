@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ..attacks import PGD, TRADESAttack
-from ..checkpoint import (CKPT_FORMAT, RUN_FILES, atomic_save, full_state_dicts, load_optimizer, rng_state,
-                          run_files, set_rng_state)
+from ..checkpoint import (CKPT_FORMAT, RUN_FILES, atomic_save, full_state_dicts, load_optimizer, remove_stale_tmp,
+                          repair_best, rng_state, run_files, set_rng_state)
 from ..data import Batches, load_dataset, training_splits
 from ..distributed import dist_sum
 from ..errors import UsageError
@@ -38,7 +38,7 @@ from ..losses import get_loss
 from ..models import build_model
 from ..rules import AWP
 from .config import DTYPES, RunConfig, make_config, recipe_overrides
-from .report import done_line, epoch_line, note, start_line, write_outputs
+from .report import done_line, epoch_line, note, repair_outputs, start_line, write_outputs
 
 __all__ = ["Trainer", "setup", "run", "train_step", "train_epoch", "evaluate_epoch", "flatness_epoch",
            "save_checkpoint", "prepare_out", "lr_factor", "eps_ramp", "epoch_gamma", "set_train_eps",
@@ -414,7 +414,14 @@ def flatness_epoch(t: Trainer) -> dict:
 
 
 def save_checkpoint(t: Trainer, epoch: int, is_best: bool) -> None:
-    """``last.pt`` (and ``best.pt``), ``metrics.jsonl`` and the plot; written by rank 0 only."""
+    """``last.pt`` (and ``best.pt``), ``metrics.jsonl`` and the plot; written by rank 0 only.
+
+    ``last.pt`` is the commit point and is written first, each file atomically (``.tmp`` + rename).
+    Whatever instant a kill hits, ``last.pt`` is a complete epoch, and the epoch it records as best is
+    in ``best.pt`` or, when the kill fell between the two writes of a new best epoch, ``last.pt``'s
+    own epoch (``best.pt`` is then that very state); ``metrics.jsonl`` and the plot are a function
+    of ``last.pt``'s history. ``--resume`` (:func:`repair`) restores all of that, also for a
+    finished run."""
     cfg, args = t.cfg, t.cfg.args
     rng = rng_state(t.batches.generator)
     rng_ranks = None
@@ -444,6 +451,8 @@ def run(args) -> dict:
     if cfg.dist.is_main:
         for n in cfg.notes:
             note(n)
+    if cfg.finished:
+        return _finish_resume(cfg)
     _init_distributed(cfg)
     t = setup(cfg)
     out_existed = os.path.isdir(args.out)
@@ -461,9 +470,40 @@ def run(args) -> dict:
         raise
 
 
+def repair(cfg: RunConfig) -> list:
+    """Bring a resumed run's folder in line with its ``last.pt`` (the commit point; rank 0): stale
+    ``*.tmp`` files of an interrupted write removed, ``best.pt`` holding the epoch ``last.pt`` records
+    as best, ``metrics.jsonl`` and the plot rebuilt from ``last.pt``'s history. Returns what it did."""
+    if not cfg.dist.is_main or cfg.checkpoint is None:
+        return []
+    args = cfg.args
+    done = [f"removed {f} (an interrupted write)" for f in remove_stale_tmp(args.out)]
+    fixed = repair_best(args.out, cfg.checkpoint, cfg.resume_path)
+    if fixed:
+        done.append(fixed)
+    return done + repair_outputs(list(cfg.checkpoint["history"]), args)
+
+
+def _finish_resume(cfg: RunConfig) -> dict:
+    """``--resume`` of a run that trained all its epochs: repair its files if a kill left them
+    disagreeing (exit 0, saying what), else refuse (nothing to resume)."""
+    args, ck = cfg.args, cfg.checkpoint
+    done = repair(cfg)
+    if not done:
+        raise UsageError(f"nothing to resume: the run in {args.out} already finished {int(ck['epoch'])} of "
+                         f"{args.epochs} epochs; pass --epochs N (> {int(ck['epoch'])}) to train longer")
+    for d in done:
+        note(f"--resume: repaired: {d}")
+    history = list(ck["history"])
+    return {"out": args.out, "epochs_done": len(history), "best": dict(ck["best"]),
+            "last": history[-1] if history else None, "repaired": done}
+
+
 def _train_loop(t: Trainer) -> dict:
     cfg, args = t.cfg, t.cfg.args
     if cfg.checkpoint is not None:
+        for d in repair(cfg):
+            note(f"--resume: repaired: {d}")
         t.say(f"resumed from epoch {t.start} ({cfg.resume_path})")
     ds = t.ds
     t.say(start_line(args, t.train_split, t.val_split, ds, cfg))

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import List, Optional
 
 from ..cli import atomic_write_text
 from ..cli import note as _cli_note
 
 __all__ = ["note", "start_line", "epoch_line", "done_line", "write_metrics", "plot_metrics", "plot_title",
-           "write_outputs"]
+           "write_outputs", "repair_outputs", "metrics_text"]
 
 PROG = "awpfast-train"
 
@@ -58,9 +58,14 @@ def done_line(best: dict, last: dict, args) -> str:
             f"{_pct(last['test_robust_acc'])}% | {args.out}")
 
 
+def metrics_text(history) -> str:
+    """The text of ``metrics.jsonl`` for ``history``: one JSON object per epoch."""
+    return "".join(json.dumps(h) + "\n" for h in history)
+
+
 def write_metrics(path: str, history) -> None:
-    """``metrics.jsonl``: one JSON object per epoch, written atomically."""
-    atomic_write_text(path, "".join(json.dumps(h) + "\n" for h in history))
+    """``metrics.jsonl``, written atomically."""
+    atomic_write_text(path, metrics_text(history))
 
 
 def plot_title(args) -> str:
@@ -73,6 +78,26 @@ def write_outputs(history, args) -> None:
     write_metrics(os.path.join(args.out, "metrics.jsonl"), history)
     if not args.no_plot:
         plot_metrics(history, os.path.join(args.out, "metrics.png"), title=plot_title(args))
+
+
+def repair_outputs(history, args) -> List[str]:
+    """Rebuild ``metrics.jsonl`` (and the plot) from ``history`` (``last.pt``'s, the commit point) when the
+    file does not hold exactly it, or redraw a plot older than the metrics; returns what was rebuilt."""
+    done = []
+    mp, png = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "metrics.png")
+    try:
+        with open(mp) as f:
+            same = f.read() == metrics_text(history)
+    except OSError:
+        same = False
+    if not same:
+        write_metrics(mp, history)
+        done.append(f"metrics.jsonl rebuilt from last.pt's history ({len(history)} epochs)")
+    if not args.no_plot and history and (not same or not os.path.exists(png)
+                                         or os.path.getmtime(png) < os.path.getmtime(mp)):
+        if plot_metrics(history, png, title=plot_title(args)) is not None:
+            done.append("metrics.png redrawn")
+    return done
 
 
 def plot_metrics(history, path: str, title: str = "") -> Optional[str]:
@@ -123,6 +148,7 @@ def plot_metrics(history, path: str, title: str = "") -> Optional[str]:
         ax3.legend(lines, labels, loc="upper left", fontsize=8)
         ax3.set_title("flatness and robust generalization gap")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path + ".tmp", dpi=100, format="png")
     plt.close(fig)
+    os.replace(path + ".tmp", path)
     return path
