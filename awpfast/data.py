@@ -37,7 +37,7 @@ __all__ = ["Split", "Dataset", "load_dataset", "Batches", "DATASETS", "CIFAR10_U
            "random_crop", "random_flip", "split_validation", "to_float", "symmetric_label_noise", "training_splits",
            "LABEL_NOISE_SEED"]
 
-DATASETS = ("digits", "cifar10", "synthetic")
+from .choices import DATASETS, PAD_MODES  # noqa: E402  (the names, torch-free)
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 DIGITS_TEST = 500
@@ -46,7 +46,6 @@ VAL_SPLIT_SEED = 20200202     # fixed: the validation subset never depends on --
 # per-channel statistics of the CIFAR-10 training images (the AT reference normalizes with them)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-PAD_MODES = ("reflect", "zeros")
 LABEL_NOISE_SEED = 20200303   # fixed: the noisy labels never depend on --seed
 
 

@@ -37,7 +37,7 @@ __all__ = [
     "ATLoss", "TRADESLoss", "MARTLoss", "get_loss", "METHODS", "FORWARD_ORDERS",
 ]
 
-METHODS = ("at", "trades", "mart")
+from .choices import FORWARD_ORDERS, METHODS  # noqa: E402  (the names, torch-free)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -93,9 +93,6 @@ class ATLoss:
 
     def __repr__(self) -> str:
         return "ATLoss()"
-
-
-FORWARD_ORDERS = ("ours", "reference")
 
 
 class _PairLoss:

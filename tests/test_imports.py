@@ -17,7 +17,7 @@ FLOORS = [  # top down: a module may import its own floor or lower ones, never a
     {"data", "checkpoint", "optim"},
     {"continual", "attacks", "perturb", "cli"},
     {"ops", "losses", "distributed"},
-    {"errors"},
+    {"errors", "choices"},
 ]
 
 
@@ -126,3 +126,14 @@ def test_old_import_paths_still_work():
     from awpfast.landscape import CLIError
     from awpfast.train import UsageError
     assert CLIError is UsageError
+
+
+def test_bad_command_line_is_answered_before_torch_is_imported():
+    """``awpfast-train`` checks its options before importing torch (seconds on a loaded machine)."""
+    import subprocess
+    import sys
+    code = ("import sys, awpfast.train as T; rc = T.main(['--epochs', '-1', '--quiet']); "
+            "print(rc, 'torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stdout.split() == ["2", "False"], (p.stdout, p.stderr)
+    assert p.stderr.strip() == "awpfast-train: error: --epochs must be an integer >= 1, got -1"

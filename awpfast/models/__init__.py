@@ -2,6 +2,7 @@
 AWP/TRADES reference code and RobustBench."""
 from typing import Optional
 
+from ..choices import INPUT_NORM_NAMES, MODEL_NAMES
 from ..data import CIFAR10_MEAN, CIFAR10_STD
 from .preactresnet import PreActResNet, PreActResNet18
 from .small_cnn import SmallCNN
@@ -10,8 +11,7 @@ from .wideresnet import WideResNet
 __all__ = ["PreActResNet", "PreActResNet18", "SmallCNN", "WideResNet", "create_model", "build_model", "MODEL_NAMES",
            "INPUT_NORMS"]
 
-MODEL_NAMES = ("preact18", "wrn34-10", "wrn28-10", "small-cnn")
-INPUT_NORMS = {"none": (None, None), "cifar10": (CIFAR10_MEAN, CIFAR10_STD)}
+INPUT_NORMS = dict(zip(INPUT_NORM_NAMES, ((None, None), (CIFAR10_MEAN, CIFAR10_STD))))
 """The per-channel normalizations a model can carry inside it (inputs stay in [0, 1])."""
 
 

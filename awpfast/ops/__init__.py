@@ -98,7 +98,7 @@ __all__ = [
     "BACKENDS", "available_backends", "get_backend", "group_indices",
 ]
 
-BACKENDS = ("reference", "foreach", "triton", "native")
+from ..choices import BACKENDS  # noqa: E402  (the names, torch-free)
 _MODULES = {name: f"awpfast.ops.{name}" for name in BACKENDS}
 _loaded: dict = {}
 _warned: set = set()

@@ -46,36 +46,58 @@ The package: :mod:`.config` (recipes, the parser, the defaults table, the valida
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
-from ..checkpoint import CKPT_FORMAT, RUN_FILES, read_checkpoint
 from ..cli import UsageError, cli_main, explicit_options, parse_float, resolve_device
-from ..data import CIFAR10_MEAN, CIFAR10_STD, LABEL_NOISE_SEED, symmetric_label_noise, training_splits
-from ..evaluate import evaluate_split
-from ..models import INPUT_NORMS, build_model
-from .config import (DEFAULTS, DTYPES, LR_SCHEDULES, RECIPES, RunConfig, apply_recipe, build_parser, make_config,
+from .config import (DEFAULTS, LR_SCHEDULES, RECIPES, RunConfig, apply_recipe, build_parser, make_config, preflight,
                      recipe_overrides, resolve_defaults, validate_args)
-from .loop import (FLATNESS_SEED, Trainer, epoch_gamma, eps_ramp, evaluate_epoch, flatness_epoch, lr_factor, run,
-                   setup, train_epoch, train_step)
-from .report import plot_metrics
 
 __all__ = ["build_parser", "main", "run", "make_config", "RunConfig", "UsageError", "evaluate_split",
            "training_splits", "build_model", "lr_factor", "plot_metrics", "parse_float", "read_checkpoint",
            "resolve_device", "RECIPES", "apply_recipe", "symmetric_label_noise", "train_epoch", "setup",
-           "flatness_epoch", "eps_ramp", "DEFAULTS"]
+           "flatness_epoch", "eps_ramp", "DEFAULTS", "preflight"]
+
+# the names that need torch, imported on first use (PEP 562) so that main() can answer a bad command
+# line before importing torch
+_LAZY = {
+    **dict.fromkeys(("FLATNESS_SEED", "DTYPES", "Trainer", "epoch_gamma", "eps_ramp", "evaluate_epoch",
+                     "flatness_epoch", "lr_factor", "run", "setup", "train_epoch", "train_step"), ".loop"),
+    "plot_metrics": ".report",
+    **dict.fromkeys(("CKPT_FORMAT", "RUN_FILES", "read_checkpoint"), "..checkpoint"),
+    **dict.fromkeys(("CIFAR10_MEAN", "CIFAR10_STD", "LABEL_NOISE_SEED", "symmetric_label_noise", "training_splits"),
+                    "..data"),
+    "evaluate_split": "..evaluate",
+    **dict.fromkeys(("INPUT_NORMS", "build_model"), "..models"),
+    **dict.fromkeys(("config", "loop", "report"), None),
+}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'awpfast.train' has no attribute {name!r}")
+    where = _LAZY[name]
+    value = importlib.import_module(f".{name}" if where is None else where, __name__)
+    if where is not None:
+        value = getattr(value, name)
+    globals()[name] = value
+    return value
 
 
 def main(argv=None) -> int:
-    """``awpfast-train``: returns the exit status (0 ok, 2 bad input, 1 failure)."""
+    """``awpfast-train``: returns the exit status (0 ok, 2 bad input, 1 failure). The command line is
+    checked (:func:`~awpfast.train.config.preflight`) before torch is imported."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
 
     def parse():
         args = parser.parse_args(argv)
         args._explicit = explicit_options(parser, argv)
+        preflight(args, args._explicit)
         return args
 
     def body(args):
+        from .loop import run
         run(args)
         return 0
 

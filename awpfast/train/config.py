@@ -12,21 +12,21 @@ import copy
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
 
-import torch
-
-from ..attacks import L2_ORDERS
-from ..checkpoint import read_checkpoint, run_files
+from ..choices import (BACKENDS, DATASETS, DTYPE_NAMES, FORWARD_ORDERS, INPUT_NORM_NAMES, L2_ORDERS, METHODS,
+                       MODEL_NAMES, PAD_MODES)
 from ..cli import ArgumentParser, HelpFormatter, parse_float, resolve_device
-from ..data import DATASETS, PAD_MODES
-from ..distributed import DistInfo, dist_from_env
 from ..errors import UsageError
-from ..losses import FORWARD_ORDERS, METHODS
-from ..models import INPUT_NORMS, MODEL_NAMES
 
-__all__ = ["DEFAULTS", "Derived", "RECIPES", "RunConfig", "apply_recipe", "build_parser", "make_config",
-           "recipe_overrides", "resolve_defaults", "validate_args", "DTYPES", "LR_SCHEDULES", "DESCRIPTION"]
+# torch-free at import: parsing and validating a command line (:func:`preflight`) needs no torch; the
+# checkpoint reader and the launch environment are imported by make_config when it needs them
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from ..distributed import DistInfo
+
+__all__ = ["DEFAULTS", "Derived", "RECIPES", "RunConfig", "apply_recipe", "build_parser", "make_config", "preflight",
+           "recipe_overrides", "resolve_defaults", "validate_args", "LR_SCHEDULES", "DESCRIPTION"]
 
 DESCRIPTION = "Adversarial training with AWP: ``python -m awpfast.train`` / ``awpfast-train``."
 MODELS = MODEL_NAMES
@@ -34,7 +34,6 @@ DEFAULT_GAMMA = {"at": 0.01, "mart": 0.01, "trades": 0.005}
 DEFAULT_WARMUP = {"at": 0, "mart": 0, "trades": 10}
 DEFAULT_VAL = {"cifar10": 1000, "digits": 100, "synthetic": 100}
 LR_SCHEDULES = ("piecewise", "piecewise-epoch", "cosine", "constant")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # ----------------------------------------------------------------------------- the defaults table
@@ -236,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pad-mode", choices=("auto",) + PAD_MODES,
                    help="crop padding; auto: reflect for at (the AT reference), zeros for trades/mart "
                         "(torchvision's RandomCrop, their references)")
-    m.add_argument("--input-norm", choices=("auto",) + tuple(INPUT_NORMS),
+    m.add_argument("--input-norm", choices=("auto",) + INPUT_NORM_NAMES,
                    help="per-channel normalization inside the model (inputs stay in [0, 1]); auto: the CIFAR-10 "
                         "mean/std for at on cifar10 (the AT reference), none otherwise")
     m.add_argument("--label-noise", type=parse_float, metavar="P",
@@ -255,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--momentum", type=float, help="SGD momentum")
     o.add_argument("--weight-decay", type=float, help="SGD weight decay")
     o.add_argument("--amp", choices=("bf16", "fp16"), help="autocast precision (default: fp32)")
-    o.add_argument("--dtype", choices=tuple(DTYPES),
+    o.add_argument("--dtype", choices=DTYPE_NAMES,
                    help="parameter and input dtype; float64 is for exactness checks against a float64 reference "
                         "(slow; not with --amp)")
     o.add_argument("--channels-last", action="store_true", help="channels-last memory format")
@@ -324,6 +323,26 @@ def build_parser() -> argparse.ArgumentParser:
     _apply_defaults(p)
     return p
 
+def _distributed():
+    from .. import distributed  # imports torch: only once the command line has passed preflight()
+    return distributed
+
+
+def preflight(args: argparse.Namespace, explicit: Optional[set] = None) -> None:
+    """Check a parsed command line without importing torch (what can be checked before any file is
+    read): the recipe, the derived defaults and every option's value. A new run only: a ``--resume``
+    takes its options from the checkpoint, so :func:`make_config` checks it. Raises :class:`UsageError`."""
+    if getattr(args, "resume", None) is not None:
+        return
+    probe = copy.copy(args)
+    for key in DEFAULTS:
+        if not hasattr(probe, key):
+            setattr(probe, key, parser_default(key))
+    apply_recipe(probe, explicit if explicit is not None else set())
+    resolve_defaults(probe)
+    validate_args(probe)
+
+
 def _apply_defaults(p: argparse.ArgumentParser) -> None:
     """Set every option's default from :data:`DEFAULTS` (the one place they are written)."""
     for act in p._actions:
@@ -336,8 +355,8 @@ def _apply_defaults(p: argparse.ArgumentParser) -> None:
 class RunConfig:
     """Everything a run needs, validated: built by :func:`make_config` before any file is touched."""
     args: argparse.Namespace
-    device: torch.device
-    dist: DistInfo = field(default_factory=DistInfo)
+    device: "torch.device"
+    dist: "DistInfo" = field(default_factory=lambda: _distributed().DistInfo())
     resume_path: Optional[str] = None
     checkpoint: Optional[dict] = None
     notes: List[str] = field(default_factory=list)
@@ -413,8 +432,8 @@ def validate_args(args) -> None:
     if args.model != "small-cnn" and args.width is not None:
         raise UsageError(f"--width applies to small-cnn only, not to {args.model}: drop it")
     _need_float(args, "label_noise", 0, hi=0.99, what=" (a fraction of the training labels)")
-    if args.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if args.dtype not in DTYPE_NAMES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {args.dtype!r}")
     if args.dtype != "float32" and args.amp:
         raise UsageError(f"--dtype {args.dtype} and --amp {args.amp} contradict each other: drop one of them")
     if args.lr_schedule not in LR_SCHEDULES:
@@ -434,7 +453,6 @@ def validate_args(args) -> None:
             _need_int(args, key, 1)
         _need_int(args, "flatness_steps", 0)
     if args.backend is not None:
-        from .ops import BACKENDS
         if args.backend not in BACKENDS:
             raise UsageError(f"--backend {args.backend!r} is unknown: choose one of {', '.join(BACKENDS)}")
 
@@ -450,6 +468,7 @@ def _check_out(args, resume_path: Optional[str]) -> None:
         raise UsageError(f"--out {out}: {parent} is a file, so the folder cannot be created")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"--out {out}: {parent} is not writable")
+    from ..checkpoint import run_files
     found = run_files(out)
     if resume_path is not None:
         if args.overwrite:
@@ -479,7 +498,7 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
     if explicit is None:
         explicit = {k for k, v in vars(args).items()
                     if v is not None and v != (parser_default(k) if k in DEFAULTS else None)}
-    dist = dist_from_env(args.ddp, args.fsdp)
+    dist = _distributed().dist_from_env(args.ddp, args.fsdp)
     notes: List[str] = []
     ckpt = resume_path = None
     if args.resume is not None:
@@ -488,6 +507,7 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
         if args.out is None:
             raise UsageError("--resume without a path needs --out DIR (the run to continue)")
         resume_path = args.resume or os.path.join(args.out, "last.pt")
+        from ..checkpoint import read_checkpoint
         ckpt = read_checkpoint(resume_path, "--resume")
         saved = dict(ckpt["args"])
         for k in _RUN_KEYS:

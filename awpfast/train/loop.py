@@ -37,13 +37,14 @@ from ..evaluate import autocast, evaluate_split
 from ..losses import get_loss
 from ..models import build_model
 from ..rules import AWP
-from .config import DTYPES, RunConfig, make_config, recipe_overrides
+from .config import RunConfig, make_config, recipe_overrides
 from .report import done_line, epoch_line, note, repair_outputs, start_line, write_outputs
 
 __all__ = ["Trainer", "setup", "run", "train_step", "train_epoch", "evaluate_epoch", "flatness_epoch",
            "save_checkpoint", "prepare_out", "lr_factor", "eps_ramp", "epoch_gamma", "set_train_eps",
            "full_eval_due", "make_attack", "FLATNESS_SEED"]
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # --dtype (choices.DTYPE_NAMES)
 FLATNESS_SEED = 0             # the directions and PGD starts of --track-flatness (the same every epoch)
 
 
