@@ -273,20 +273,52 @@ def test_track_flatness_keeps_the_trajectory_and_logs_the_landscape_number(tmp_p
                           for r in rows]
     assert strip(ra) == strip(rb)
     assert all(math.isfinite(r["flatness"]) and r["flatness_loss0"] > 0 for r in rb)
-    # the logged number is landscape.flatness of the saved weights on the first 40 training images
+    # the logged number is landscape.flatness of the saved weights on the held-out validation images
+    # (--flatness-split val, the default: 32 of them, fewer than --flatness-samples 40), not the training ones
     model = T.build_model("small-cnn", 10, 3, 4)
     model.load_state_dict(cb["model"])
-    train, _ = T.training_splits(load_dataset("synthetic", image_size=8), 32, 64)
+    train, val = T.training_splits(load_dataset("synthetic", image_size=8), 32, 64)
+    assert len(val) == 32
     from awpfast.attacks import PGD
     attack = PGD(model, eps=8 / 255, alpha=2 / 255, steps=2)
-    want = L.flatness(model, train.x[:40], train.y[:40], 0.25, 2, attack, seed=T.FLATNESS_SEED, details=True)
+    want = L.flatness(model, val.x[:40], val.y[:40], 0.25, 2, attack, seed=T.FLATNESS_SEED, details=True)
     assert rb[-1]["flatness"] == pytest.approx(want["flatness"], abs=1e-12)
     assert rb[-1]["flatness_loss0"] == pytest.approx(want["loss0"], abs=1e-12)
+    on_train = L.flatness(model, train.x[:40], train.y[:40], 0.25, 2, attack, seed=T.FLATNESS_SEED, details=True)
+    assert on_train["loss0"] != pytest.approx(want["loss0"], abs=1e-9)
     # metrics.png gets the flatness panel (plotting works with the flatness keys present)
     assert T.plot_metrics(rb, str(tmp_path / "m.png")) and os.path.getsize(tmp_path / "m.png") > 1000
 
 
+def test_track_flatness_split_train_uses_the_noisy_training_labels(tmp_path):
+    """--flatness-split train keeps the behaviour before the option: the first training images with
+    the labels the run trained on (--label-noise included); checkpoints written before the option
+    resume with it."""
+    out = str(tmp_path / "t")
+    argv = TINY + ["--epochs", "1", "--seed", "2", "--no-plot", "--train-samples", "64", "--label-noise", "0.5",
+                   "--track-flatness", "--flatness-samples", "24", "--flatness-directions", "1",
+                   "--flatness-steps", "1", "--flatness-split", "train", "--out", out]
+    assert T.main(argv) == 0
+    ck = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    assert ck["args"]["flatness_split"] == "train"
+    model = T.build_model("small-cnn", 10, 3, 4)
+    model.load_state_dict(ck["model"])
+    clean, _ = T.training_splits(load_dataset("synthetic", image_size=8), 32, 64)
+    train, _ = T.training_splits(load_dataset("synthetic", image_size=8), 32, 64, 0.5)
+    assert not torch.equal(train.y[:24], clean.y[:24])  # some of the 24 carry flipped labels
+    from awpfast.attacks import PGD
+    want = L.flatness(model, train.x[:24], train.y[:24], 0.5, 1, PGD(model, eps=8 / 255, alpha=2 / 255, steps=1),
+                      seed=T.FLATNESS_SEED)
+    assert _metrics(out)[-1]["flatness"] == pytest.approx(want, abs=1e-12)
+    from awpfast.train import config as C
+    assert C.DEFAULTS["flatness_split"] == "val" and C._OLD_RUN_DEFAULTS["flatness_split"] == "train"
+    assert "flatness_split" in C._RUN_KEYS
+
+
 def test_track_flatness_bad_values(tmp_path, capsys):
+    assert T.main(TINY + ["--track-flatness", "--val-samples", "0", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--flatness-split train" in err and "Traceback" not in err
     for bad in (["--flatness-alpha", "0"], ["--flatness-directions", "0"], ["--flatness-samples", "-1"],
                 ["--flatness-alpha", "nan"]):
         assert T.main(TINY + ["--track-flatness", "--out", str(tmp_path / "x")] + bad) == 2
@@ -317,9 +349,9 @@ def test_track_flatness_under_torchrun_ddp(tmp_path):
     ck = torch.load(out / "last.pt", weights_only=False)
     model = T.build_model("small-cnn", 10, 3, 4)
     model.load_state_dict(ck["model"])
-    train, _ = T.training_splits(load_dataset("synthetic", image_size=8), 16, 64)
+    _, val = T.training_splits(load_dataset("synthetic", image_size=8), 16, 64)
     from awpfast.attacks import PGD
-    want = L.flatness(model, train.x[:24], train.y[:24], 0.5, 2, PGD(model, eps=8 / 255, alpha=2 / 255, steps=1),
+    want = L.flatness(model, val.x[:24], val.y[:24], 0.5, 2, PGD(model, eps=8 / 255, alpha=2 / 255, steps=1),
                       seed=T.FLATNESS_SEED)
     assert rows[-1]["flatness"] == pytest.approx(want, abs=1e-9)
 

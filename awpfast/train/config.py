@@ -34,6 +34,7 @@ DEFAULT_GAMMA = {"at": 0.01, "mart": 0.01, "trades": 0.005}
 DEFAULT_WARMUP = {"at": 0, "mart": 0, "trades": 10}
 DEFAULT_VAL = {"cifar10": 1000, "digits": 100, "synthetic": 100}
 LR_SCHEDULES = ("piecewise", "piecewise-epoch", "cosine", "constant")
+FLATNESS_SPLITS = ("val", "train")
 
 
 # ----------------------------------------------------------------------------- the defaults table
@@ -77,7 +78,7 @@ DEFAULTS = {
     "eval_steps": 20, "eval_samples": None, "train_eval_samples": 500, "eval_every": 1,
     # flatness
     "track_flatness": False, "flatness_alpha": 0.5, "flatness_directions": 3, "flatness_samples": 200,
-    "flatness_steps": 10,
+    "flatness_steps": 10, "flatness_split": "val",
     # run
     "seed": 0, "out": Derived(_default_out), "resume": None, "overwrite": False, "stop_after": None,
     "device": "auto", "threads": None, "ddp": False, "fsdp": False, "no_progress": False, "no_plot": False,
@@ -101,10 +102,11 @@ _RUN_KEYS = ("method", "beta", "awp_gamma", "awp_warmup", "awp_steps", "model", 
              "amp", "channels_last", "seed", "augment", "awp_restore", "train_samples", "val_samples",
              "input_norm", "pad_mode", "recipe", "forward_order", "trades_l2_order", "label_noise", "dtype",
              "track_flatness", "flatness_alpha", "flatness_directions", "flatness_samples", "flatness_steps",
-             "eps_warmup", "eval_every", "threads", "backend", "compile")
+             "eps_warmup", "eval_every", "threads", "backend", "compile", "flatness_split")
 # what checkpoints written before an option existed did (they stay loadable and resume as they ran):
-# today's default, except three options whose behaviour before them was not today's default
-_LEGACY = {"val_samples": 0, "input_norm": "none", "pad_mode": "zeros"}
+# today's default, except four options whose behaviour before them was not today's default
+# (--flatness-split: flatness was measured on the first training images before it existed)
+_LEGACY = {"val_samples": 0, "input_norm": "none", "pad_mode": "zeros", "flatness_split": "train"}
 _OLD_RUN_DEFAULTS = dict({k: DEFAULTS[k] for k in ("recipe", "forward_order", "trades_l2_order", "label_noise",
                                                    "dtype", "track_flatness", "flatness_alpha", "flatness_directions",
                                                    "flatness_samples", "flatness_steps", "eps_warmup", "eval_every",
@@ -297,7 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step along each direction, in filter norms")
     f.add_argument("--flatness-directions", type=int, help="random directions (the same every epoch)")
     f.add_argument("--flatness-samples", type=int,
-                   help="training images (the first N of the training split, the same every epoch)")
+                   help="images (the first N of --flatness-split, all of it when smaller; the same every epoch)")
+    f.add_argument("--flatness-split", choices=FLATNESS_SPLITS,
+                   help="where the flatness images come from: val (default): the validation split, held out and "
+                        "never label-noised; train: the first training images (their --label-noise labels "
+                        "included, the behaviour before this option)")
     f.add_argument("--flatness-steps", type=int,
                    help="PGD steps of the flatness attack (--eps, --alpha and --norm of the run; 0: clean loss)")
     r = p.add_argument_group("run")
@@ -452,6 +458,13 @@ def validate_args(args) -> None:
         for key in ("flatness_directions", "flatness_samples"):
             _need_int(args, key, 1)
         _need_int(args, "flatness_steps", 0)
+        if args.flatness_split not in FLATNESS_SPLITS:
+            raise UsageError(f"--flatness-split must be one of {', '.join(FLATNESS_SPLITS)}, "
+                             f"got {args.flatness_split!r}")
+        if args.flatness_split == "val" and not args.val_samples:
+            raise UsageError("--track-flatness measures on the validation split by default but --val-samples is 0: "
+                             "give --val-samples N, or --flatness-split train (the first training images, "
+                             "label noise included)")
     if args.backend is not None:
         if args.backend not in BACKENDS:
             raise UsageError(f"--backend {args.backend!r} is unknown: choose one of {', '.join(BACKENDS)}")

@@ -386,7 +386,9 @@ def flatness_epoch(t: Trainer) -> dict:
 
     ``flatness = mean over d of [L(w + alpha d) - L(w)]``: ``L`` the mean cross-entropy on PGD
     examples (``--flatness-steps`` steps, the run's ``--eps`` / ``--alpha`` / ``--norm``; regenerated
-    against the perturbed weights) of the first ``--flatness-samples`` training images, eval mode;
+    against the perturbed weights) of the first ``--flatness-samples`` images of ``--flatness-split``
+    (``val``, the default: the held-out validation split, whose labels are never noised; ``train``:
+    the first training images, ``--label-noise`` labels included), eval mode;
     ``d`` the ``--flatness-directions`` filter-normalized directions of :func:`awpfast.landscape.flatness`
     drawn with fixed seeds (the same Gaussian draws every epoch, rescaled to the current filter norms);
     ``alpha`` = ``--flatness-alpha``. Weights, buffers, modes and RNG states are restored bitwise, so
@@ -398,7 +400,8 @@ def flatness_epoch(t: Trainer) -> dict:
     t0 = time.perf_counter()
     vals = torch.zeros(2, dtype=torch.float64)
     if cfg.dist.is_main:
-        sub = t.train_split.subset(args.flatness_samples)
+        split = t.train_split if args.flatness_split == "train" else t.val_split
+        sub = split.subset(args.flatness_samples)
         attack = PGD(t.model, eps=args.eps, alpha=args.alpha, steps=args.flatness_steps, norm=args.norm,
                      random_start=True, backend=args.backend) if args.flatness_steps > 0 else None
         res = flatness(t.model, sub.x, sub.y, args.flatness_alpha, args.flatness_directions, attack,
