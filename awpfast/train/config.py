@@ -33,6 +33,7 @@ MODELS = MODEL_NAMES
 DEFAULT_GAMMA = {"at": 0.01, "mart": 0.01, "trades": 0.005}
 DEFAULT_WARMUP = {"at": 0, "mart": 0, "trades": 10}
 DEFAULT_VAL = {"cifar10": 1000, "digits": 100, "synthetic": 100}
+EXTRA_FRACTION = 0.5  # RST's unsup_fraction (awpfast.extra_data.DEFAULT_FRACTION)
 LR_SCHEDULES = ("piecewise", "piecewise-epoch", "cosine", "constant")
 FLATNESS_SPLITS = ("val", "train")
 
@@ -67,9 +68,11 @@ DEFAULTS = {
     "pad_mode": Derived(lambda a: "reflect" if a.method == "at" else "zeros", "auto"),
     "input_norm": Derived(lambda a: "cifar10" if (a.method == "at" and a.data == "cifar10") else "none", "auto"),
     "label_noise": 0.0,
+    "extra_data": None, "extra_fraction": Derived(lambda a: EXTRA_FRACTION if a.extra_data else None),
+    "steps_per_epoch": None,
     # optimization
     "epochs": Derived(lambda a: 30), "batch_size": 128, "lr": 0.1, "lr_schedule": "piecewise", "momentum": 0.9,
-    "weight_decay": 5e-4, "amp": None, "dtype": "float32", "channels_last": False, "compile": False,
+    "nesterov": False, "weight_decay": 5e-4, "amp": None, "dtype": "float32", "channels_last": False, "compile": False,
     # attack
     "norm": "Linf",
     "eps": Derived(lambda a: 8 / 255 if a.norm == "Linf" else 0.5),
@@ -97,6 +100,7 @@ def parser_default(key: str):
 
 # options that define the run: taken from the checkpoint on --resume
 _RUN_KEYS = ("method", "beta", "awp_gamma", "awp_warmup", "awp_steps", "model", "width", "data", "data_dir",
+             "extra_data", "extra_fraction", "steps_per_epoch", "nesterov",
              "image_size", "batch_size", "lr", "lr_schedule", "momentum", "weight_decay", "norm", "eps",
              "alpha", "attack_steps", "attack_bn", "eval_steps", "eval_samples", "train_eval_samples",
              "amp", "channels_last", "seed", "augment", "awp_restore", "train_samples", "val_samples",
@@ -108,6 +112,7 @@ _RUN_KEYS = ("method", "beta", "awp_gamma", "awp_warmup", "awp_steps", "model", 
 # (--flatness-split: flatness was measured on the first training images before it existed)
 _LEGACY = {"val_samples": 0, "input_norm": "none", "pad_mode": "zeros", "flatness_split": "train"}
 _OLD_RUN_DEFAULTS = dict({k: DEFAULTS[k] for k in ("recipe", "forward_order", "trades_l2_order", "label_noise",
+                                                   "extra_data", "steps_per_epoch", "nesterov",
                                                    "dtype", "track_flatness", "flatness_alpha", "flatness_directions",
                                                    "flatness_samples", "flatness_steps", "eps_warmup", "eval_every",
                                                    "threads", "backend", "compile")},
@@ -142,11 +147,21 @@ _TRADES_REFERENCE = {  # csdongxian/AWP TRADES_AWP/train_trades_cifar10.py, buil
     "momentum": 0.9, "weight_decay": 5e-4, "attack_steps": 10, "attack_bn": "eval", "eval_steps": 20,
     "forward_order": "reference", "trades_l2_order": "clamp-renorm", "eps": _at_eps, "alpha": _trades_alpha,
 }
+_RST_AWP_REFERENCE = {  # RST (Carmon et al. 2019, yaircarmon/semisup-adv robust_self_training.py) + TRADES-AWP
+    "method": "trades", "beta": 6.0, "awp_gamma": 0.005, "awp_warmup": 10, "awp_steps": 1,
+    "awp_restore": "after_step", "model": "wrn28-10", "data": "cifar10", "augment": "crop+flip", "pad_mode": "zeros",
+    "input_norm": "none", "epochs": 200, "batch_size": 256, "lr": 0.1, "lr_schedule": "cosine", "momentum": 0.9,
+    "nesterov": True, "weight_decay": 5e-4, "attack_steps": 10, "attack_bn": "eval", "eval_steps": 20,
+    "eps": 0.031, "alpha": 0.007, "extra_fraction": 0.5,
+    "steps_per_epoch": lambda a: math.ceil(50000 / a.batch_size),  # RST's "epoch": 50,000 images
+}
 RECIPES = {
     "at-awp-reference": _AT_REFERENCE,
     "at-reference": dict(_AT_REFERENCE, awp_gamma=0.0),
     "trades-awp-reference": _TRADES_REFERENCE,
     "trades-reference": dict(_TRADES_REFERENCE, awp_gamma=0.0),
+    "rst-awp-reference": _RST_AWP_REFERENCE,
+    "rst-reference": dict(_RST_AWP_REFERENCE, awp_gamma=0.0),
 }
 """``--recipe NAME``: the option values that reproduce a reference script (see docs/recipes.md).
 Values may be callables of the partly resolved options (eps and alpha depend on ``--norm``)."""
@@ -244,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="symmetric label noise: a fixed fraction P of the training images (not the validation or "
                         "test images) gets a label drawn uniformly from the other classes, once, seeded "
                         "independently of --seed (the same noisy labels in every epoch, seed and arm)")
+    m.add_argument("--extra-data", metavar="PATH",
+                   help="extra training images mixed into every batch: RST's pseudo-labelled pickle ('data', "
+                        "'extrapolated_targets') or a generated-data .npz ('image', 'label'; memory-mapped); never "
+                        "used for validation or test, never label-noised (see awpfast.extra_data) (default: none)")
+    m.add_argument("--extra-fraction", type=parse_float, metavar="F",
+                   help="fraction of each batch drawn from --extra-data, uniformly with replacement (default: 0.5, "
+                        "RST's; the generated-data recipes use 0.7)")
+    m.add_argument("--steps-per-epoch", type=int, metavar="N",
+                   help="batches per epoch with --extra-data (default: one pass over the base training split; "
+                        "RST: ceil(50000 / batch size))")
     o = p.add_argument_group("optimization")
     o.add_argument("--epochs", type=int, help="epochs (default: 30; on --resume: the checkpoint's)")
     o.add_argument("--batch-size", type=int,
@@ -255,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the TRADES reference: epochs 100 and 150 of 200)")
     o.add_argument("--momentum", type=float, help="SGD momentum")
     o.add_argument("--weight-decay", type=float, help="SGD weight decay")
+    o.add_argument("--nesterov", action="store_true", help="Nesterov momentum (the RST recipe's SGD)")
     o.add_argument("--amp", choices=("bf16", "fp16"), help="autocast precision (default: fp32)")
     o.add_argument("--dtype", choices=DTYPE_NAMES,
                    help="parameter and input dtype; float64 is for exactness checks against a float64 reference "
@@ -408,6 +434,23 @@ def _need_float(args, key, lo, strict=False, hi=None, what=""):
     setattr(args, key, f)
 
 
+def _check_extra(args) -> None:
+    """``--extra-data`` and its options (the file's contents are checked when it is opened)."""
+    if not args.extra_data:
+        if args.recipe and args.recipe.startswith("rst"):
+            raise UsageError(f"--recipe {args.recipe} trains on extra data: give --extra-data PATH (RST's "
+                             "ti_500K_pseudo_labeled.pickle, or a .npz with 'image' and 'label')")
+        for key in ("extra_fraction", "steps_per_epoch"):
+            if getattr(args, key) is not None:
+                raise UsageError(f"{_opt(key)} applies with --extra-data PATH only: give the extra data or drop it")
+        return
+    if not os.path.isfile(args.extra_data):
+        raise UsageError(f"--extra-data {args.extra_data}: no such file (an RST .pickle or a .npz with 'image' and "
+                         "'label')")
+    _need_float(args, "extra_fraction", 0, strict=True, hi=0.99, what=" (the share of each batch from --extra-data)")
+    _need_int(args, "steps_per_epoch", 1, allow_none=True, what=" (or leave it out)")
+
+
 def validate_args(args) -> None:
     """Check every option (after :func:`resolve_defaults`); raises :class:`UsageError`."""
     for key in ("epochs", "batch_size", "awp_steps", "eval_every"):
@@ -438,6 +481,7 @@ def validate_args(args) -> None:
     if args.model != "small-cnn" and args.width is not None:
         raise UsageError(f"--width applies to small-cnn only, not to {args.model}: drop it")
     _need_float(args, "label_noise", 0, hi=0.99, what=" (a fraction of the training labels)")
+    _check_extra(args)
     if args.dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {args.dtype!r}")
     if args.dtype != "float32" and args.amp:

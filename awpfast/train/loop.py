@@ -34,6 +34,7 @@ from ..data import Batches, load_dataset, training_splits
 from ..distributed import dist_sum
 from ..errors import UsageError
 from ..evaluate import autocast, evaluate_split
+from ..extra_data import MixedBatches, open_extra
 from ..losses import get_loss
 from ..models import build_model
 from ..rules import AWP
@@ -172,12 +173,19 @@ def setup(cfg: RunConfig) -> Trainer:
     fwd = wrapped
     eval_fwd = wrapped if dist.mode == "fsdp" else inner  # FSDP: every forward goes through the sharded module
     params = model.parameters()
-    base = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    base = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                           nesterov=args.nesterov)
     # the DDP / FSDP-wrapped model under torchrun (AWP detects it); one process: the plain module
     awp = AWP(base, wrapped if dist.enabled else model, gamma=args.awp_gamma, steps=args.awp_steps,
               restore=args.awp_restore, backend=args.backend)
-    batches = Batches(train, args.batch_size, shuffle=True, augment=augment, seed=args.seed, drop_last=False,
-                      device=device, pad_mode=args.pad_mode, rank=dist.rank, world_size=dist.world_size)
+    if args.extra_data:  # a fixed share of every batch from the extra set (the base split alone otherwise)
+        extra = open_extra(args.extra_data, ds.num_classes, ds.image_size, ds.in_channels)
+        batches = MixedBatches(train, extra, args.batch_size, args.extra_fraction, args.steps_per_epoch,
+                               augment=augment, seed=args.seed, device=device, pad_mode=args.pad_mode,
+                               rank=dist.rank, world_size=dist.world_size)
+    else:
+        batches = Batches(train, args.batch_size, shuffle=True, augment=augment, seed=args.seed, drop_last=False,
+                          device=device, pad_mode=args.pad_mode, rank=dist.rank, world_size=dist.world_size)
     n_iter = len(batches)
     epochs = args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(awp, lambda k: lr_factor(args.lr_schedule, (k + 1) / n_iter, epochs))
@@ -200,6 +208,8 @@ def setup(cfg: RunConfig) -> Trainer:
         elif dist.rank > 0:  # another world size: continue the data order, fresh attack noise per process
             rng = dict(rng, torch=torch.manual_seed(seed + 7919 * int(ckpt["epoch"])).get_state())
         set_rng_state(rng, batches.generator)
+        if "extra_loader" in rng:  # the extra-data sampler's own generator
+            batches.load_state_dict(rng["extra_loader"])
         t.start, t.history, t.best = int(ckpt["epoch"]), list(ckpt["history"]), dict(ckpt["best"])
         t.best.setdefault("selected_on", "test")
     return t
@@ -428,6 +438,8 @@ def save_checkpoint(t: Trainer, epoch: int, is_best: bool) -> None:
     finished run."""
     cfg, args = t.cfg, t.cfg.args
     rng = rng_state(t.batches.generator)
+    if isinstance(t.batches, MixedBatches):
+        rng["extra_loader"] = t.batches.state_dict()
     rng_ranks = None
     if cfg.dist.enabled:
         import torch.distributed as dist
