@@ -16,12 +16,31 @@ Conventions (the ones torchattacks users know):
   L2 ``g/(||g||+1e-10)`` per sample, step, renorm ``delta`` to ``||delta|| <= eps``, clip01;
 * the result is detached.
 
+**Attack-sourced AWP direction** (``awp=``, any awpfast weight-perturbation wrapper, e.g.
+:class:`awpfast.AWP`): the attack's *last* step differentiates its loss at the last iterate
+``x^(K-1)`` with respect to the input *and* the wrapper's selected weights in one backward
+(``torch.autograd.grad(loss, [x] + weights)``), in the attack's own mode (eval, or train with
+``bn_train=True``; BatchNorm statistics behave as in the same attack without ``awp=``), and hands
+the weight gradient to the wrapper as a pending direction, exactly as ``awp.accumulate()`` would
+(two attack calls before one ``perturb()`` add up; under DDP ``ascent_sync="global"`` averages it
+over the ranks at ``perturb()``). ``x_adv`` is bit-identical to the attack without ``awp=``; no
+``.grad`` is touched. Then ``awp.perturb()`` *without* a closure applies it: one forward and one
+backward fewer per step than a separate ascent pass, at the price of the direction being taken at
+``x^(K-1)`` in the attack's mode instead of at ``x_adv`` in train mode (an approximation, measured
+in docs/reproduction.md). The loss's scale and reduction (mean or sum) do not matter to AWP: its
+rule uses each layer's direction only. Nothing is computed when the wrapper needs no new
+direction (gamma 0, e.g. a warm-up; a step of ``ascent_every`` that re-uses the stored one).
+``steps=0`` with ``awp=`` is refused (there is no attack step); ``eps=0`` gives the gradient at the
+clean input. Under FSDP2 it is refused: autograd cannot reach the sharded parameters (use the
+separate ascent, ``awp.perturb(closure)``, with ``ascent_every=K`` to amortize it).
+
 With ``random_start=False`` :class:`PGD` produces the same examples as torchattacks'
 ``PGD`` / ``PGDL2`` (mean cross-entropy, the same step / projection / clamp order).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Optional
 
 import torch
@@ -66,6 +85,49 @@ def _input_grad(loss: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def _input_and_weight_grad(loss: torch.Tensor, x_adv: torch.Tensor, awp, weights) -> torch.Tensor:
+    """The input gradient, and the selected weights' gradient handed to ``awp`` (one backward)."""
+    if not loss.requires_grad:
+        return _input_grad(loss, x_adv)  # raises its error
+    gs = torch.autograd.grad(loss, [x_adv, *weights], only_inputs=True, allow_unused=True)
+    if gs[0] is None:
+        return _input_grad(loss, x_adv)
+    awp._add_direction(list(gs[1:]))
+    return gs[0]
+
+
+def _check_sizes(who: str, eps, alpha, steps) -> None:
+    for name, v in (("eps", eps), ("alpha", alpha)):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = math.nan
+        if isinstance(v, (bool, str)) or not (math.isfinite(f) and f >= 0):
+            raise ValueError(f"{who}: {name} must be a finite number >= 0, got {v!r}")
+    if isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"{who}: steps must be an integer >= 0, got {steps!r}")
+
+
+def _check_awp(who: str, awp, steps: int):
+    if awp is None:
+        return None
+    if not (callable(getattr(awp, "_direction_request", None)) and callable(getattr(awp, "_add_direction", None))):
+        raise TypeError(f"{who}(awp=...) takes an awpfast weight-perturbation wrapper such as awpfast.AWP, got "
+                        f"{type(awp).__name__}")
+    if steps == 0:
+        raise ValueError(f"{who}(awp=...) needs steps >= 1: the AWP direction is the last attack step's weight "
+                         "gradient (for none, drop awp= and call awp.perturb(closure))")
+    return awp
+
+
+def _wanted(who: str, awp, steps: int):
+    """The weights whose gradient this call's last step returns (None: no direction wanted)."""
+    if awp is None:
+        return None
+    _check_awp(who, awp, steps)  # steps may have been changed since construction
+    return awp._direction_request(who)
+
+
 def _check_inputs(x: torch.Tensor, y: Optional[torch.Tensor], check_range: bool = True) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("attack inputs must be a floating-point tensor with values in [0, 1]")
@@ -99,6 +161,9 @@ class PGD:
             recipe); by default the attack runs in eval mode.
         backend: the seam backend for the step op (``None``: the default choice).
         check_range: raise a ``ValueError`` when ``x`` leaves [0, 1] (one host sync per call).
+        awp: an :class:`awpfast.AWP` (or other awpfast wrapper): the last step also computes the
+            gradient of ``loss`` at ``x^(K-1)`` w.r.t. its selected weights and hands it over as the
+            ascent direction (see the module docstring); then call ``awp.perturb()`` without a closure.
 
     Call it as ``x_adv = attack(x, y)``: ``x`` in [0, 1]; the result stays in [0, 1] and
     within ``eps`` of ``x`` (for ``steps=0`` it is the starting point).
@@ -106,11 +171,11 @@ class PGD:
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
                  random_start: bool = True, norm: str = "Linf", loss: Optional[LossFn] = None,
-                 bn_train: bool = False, backend: Optional[str] = None, check_range: bool = True):
+                 bn_train: bool = False, backend: Optional[str] = None, check_range: bool = True, awp=None):
         if norm not in ("Linf", "L2"):
             raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
-        if eps < 0 or alpha < 0 or steps < 0:
-            raise ValueError(f"eps, alpha and steps must be >= 0 (got {eps}, {alpha}, {steps})")
+        _check_sizes("PGD", eps, alpha, steps)
+        self.awp = _check_awp("PGD", awp, steps)
         self.model = model
         self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
         self.random_start, self.norm = bool(random_start), norm
@@ -145,13 +210,17 @@ class PGD:
         _check_inputs(x, y, self.check_range)
         x = x.detach()
         x_adv = self.init(x)
+        weights = _wanted("PGD", self.awp, self.steps)
         if self.steps == 0:
             return x_adv
         with attack_mode(self.model, self.bn_train), torch.enable_grad():
-            for _ in range(self.steps):
+            for k in range(self.steps):
                 x_adv.requires_grad_(True)
                 loss = self.loss(self.model(x_adv), y)
-                g = _input_grad(loss, x_adv)
+                if weights is not None and k == self.steps - 1:
+                    g = _input_and_weight_grad(loss, x_adv, self.awp, weights)
+                else:
+                    g = _input_grad(loss, x_adv)
                 x_adv = x_adv.detach()
                 ops.pgd_step_(x_adv, g.to(x_adv.dtype), x, self.alpha, self.eps, self.norm,
                               backend=self.backend)
@@ -171,18 +240,25 @@ class TRADESAttack:
     (a zero gradient gives no step instead of the reference's NaN), clamp ``x + delta`` to
     [0, 1], then rescale ``delta`` into the eps-ball (``Tensor.renorm``, as the reference).
     The reference's own L2 step size is ``2 * eps / steps`` (its SGD learning rate on ``delta``).
+
+    ``awp=``: as for :class:`PGD`; the weight gradient is that of the attack's own objective at the
+    last iterate, ``sum_i KL(p(x_i) || p(x_i^(K-1)))`` with ``p(x)`` held fixed (computed without
+    gradient), i.e. the gradient of the robust (KL) term of the TRADES loss only: neither the natural
+    cross-entropy term nor the gradient through ``p(x)``, which the TRADES-AWP reference's ascent loss
+    (the whole TRADES objective) includes.
     """
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
                  random_start: bool = True, norm: str = "Linf", bn_train: bool = False,
-                 backend: Optional[str] = None, check_range: bool = True, l2_order: str = "renorm-clamp"):
+                 backend: Optional[str] = None, check_range: bool = True, l2_order: str = "renorm-clamp",
+                 awp=None):
         if norm not in ("Linf", "L2"):
             raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
         if l2_order not in L2_ORDERS:
             raise ValueError(f"l2_order must be one of {', '.join(L2_ORDERS)}, got {l2_order!r}")
         self.l2_order = l2_order
-        if eps < 0 or alpha < 0 or steps < 0:
-            raise ValueError(f"eps, alpha and steps must be >= 0 (got {eps}, {alpha}, {steps})")
+        _check_sizes("TRADESAttack", eps, alpha, steps)
+        self.awp = _check_awp("TRADESAttack", awp, steps)
         self.check_range = bool(check_range)
         self.model = model
         self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
@@ -202,17 +278,21 @@ class TRADESAttack:
         """Adversarial examples for ``x`` (detached); ``y`` is ignored."""
         _check_inputs(x, y, self.check_range)
         x = x.detach()
+        weights = _wanted("TRADESAttack", self.awp, self.steps)
         with attack_mode(self.model, self.bn_train):
             with torch.no_grad():
                 p_nat = F.softmax(_wide(self.model(x)), dim=1)
             x_adv = x + 0.001 * torch.randn_like(x) if self.random_start else x.clone()
             # (the reference does not clamp the start; the first step clamps to [0, 1])
             with torch.enable_grad():
-                for _ in range(self.steps):
+                for k in range(self.steps):
                     x_adv.requires_grad_(True)
                     logp_adv = F.log_softmax(_wide(self.model(x_adv)), dim=1)
                     loss = F.kl_div(logp_adv, p_nat, reduction="sum")
-                    g = _input_grad(loss, x_adv)
+                    if weights is not None and k == self.steps - 1:
+                        g = _input_and_weight_grad(loss, x_adv, self.awp, weights)
+                    else:
+                        g = _input_grad(loss, x_adv)
                     x_adv = x_adv.detach()
                     if self.norm == "L2" and self.l2_order == "clamp-renorm":
                         x_adv = _l2_step_clamp_renorm(x_adv, g.to(x_adv.dtype), x, self.alpha, self.eps)

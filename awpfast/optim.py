@@ -17,7 +17,9 @@ Structure: :class:`WeightPerturbation` is the engine shared by every rule (shari
 ``param_groups``/``state`` with the base optimizer, step hooks, restore orders, the
 ``perturbed()`` context, ``state_dict`` nesting, the ascent gradient with BatchNorm statistics
 frozen, DDP / FSDP2 detection and gradient sync, micro-batch accumulation, non-finite
-handling, following the optimizer's parameters). A rule (:class:`awpfast.AWP`,
+handling, following the optimizer's parameters); where the ascent direction comes from (closure,
+``accumulate()``, an attack built with ``awp=``, ``.grad``, ``ascent_every``'s stored direction)
+is :mod:`awpfast.ascent`. A rule (:class:`awpfast.AWP`,
 :class:`awpfast.SAM`, :class:`awpfast.BoxAWP`, all in :mod:`awpfast.rules`) only says how big
 the perturbation is and applies it through the seam. ``rules`` imports this module, never the
 reverse; ``awpfast.optim.AWP`` still resolves (a module ``__getattr__``).
@@ -34,7 +36,8 @@ import torch
 import torch.optim.optimizer as _optim_mod
 from torch import nn
 
-from .distributed import Setting, all_reduce_mean_flat, detect
+from .ascent import AscentSource, Closure, check_ascent_every, frozen_batchnorm_stats
+from .distributed import Setting, detect
 from .perturb import PerturbState, default_include
 
 __all__ = ["AWP", "WeightPerturbation", "frozen_batchnorm_stats"]
@@ -42,26 +45,7 @@ __all__ = ["AWP", "WeightPerturbation", "frozen_batchnorm_stats"]
 _RESTORE_MODES = ("after_step", "before_step")
 _STATE_KEY = "awpfast"  # the wrapper's own entry in its state dict, next to the base optimizer's
 
-Closure = Callable[[], torch.Tensor]
-
-
-@contextlib.contextmanager
-def frozen_batchnorm_stats(model: nn.Module):
-    """Inside: BatchNorm layers (SyncBatchNorm included) in train mode normalize with batch
-    statistics as usual but update neither running_mean/var nor num_batches_tracked.
-    Eval-mode layers are unaffected."""
-    bns = [m for m in model.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in bns:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in bns:
-            m.track_running_stats = True
-
-
-class WeightPerturbation(torch.optim.Optimizer):
+class WeightPerturbation(AscentSource, torch.optim.Optimizer):
     """The engine behind every weight-perturbation rule (:class:`awpfast.AWP`; :class:`awpfast.SAM`
     with ASAM; :class:`awpfast.BoxAWP`).
 
@@ -81,6 +65,12 @@ class WeightPerturbation(torch.optim.Optimizer):
     closure and nothing was accumulated (the clean gradient of the batch: no extra pass; under
     DDP it is already averaged by DDP's own backward, so no further collective runs).
 
+    ``ascent_every=K`` (K > 1): the direction is computed on the 0th, K-th, 2K-th... ``perturb()``
+    call with the rule active (and whenever none is stored for the current selection, or the last
+    one was not finite); the calls in between run no closure and re-use the stored direction,
+    re-scaled by the rule to the current weights. Memory: one copy of the selected weights (their
+    local shards under FSDP2), saved in ``state_dict()``.
+
     Selected parameters: the include rule, intersected with the parameters the base optimizer
     holds, restricted to those that require grad *now* (a ``requires_grad`` change after
     wrapping is followed at the next ``perturb()``).
@@ -96,7 +86,7 @@ class WeightPerturbation(torch.optim.Optimizer):
                  include: Optional[Callable[[str, nn.Parameter], bool]] = None,
                  restore: Optional[str] = None, backend: Optional[str] = None,
                  nonfinite: str = "skip", ascent_sync: str = "global", store_deltas: Optional[bool] = None,
-                 extra_defaults: Optional[dict] = None):
+                 extra_defaults: Optional[dict] = None, ascent_every: int = 1):
         name = type(self).__name__
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{name} wraps a torch.optim.Optimizer, got {type(optimizer).__name__}; build the base "
@@ -137,8 +127,7 @@ class WeightPerturbation(torch.optim.Optimizer):
             backend=backend, model=None if setting.sharded else setting.module,
             reduce=setting.all_reduce_sum if setting.sharded else None)
         self._skipped_host = 0
-        self._pending: Optional[List[torch.Tensor]] = None   # accumulated ascent directions
-        self._pending_gen = -1
+        self._init_ascent(check_ascent_every(ascent_every))
         self._perturb_called = False  # perturb() since the last step(); a plain step() warns once
         self._warned = set()
         self.perturb_count = 0
@@ -234,95 +223,6 @@ class WeightPerturbation(torch.optim.Optimizer):
         else:
             self._sel.refresh()
 
-    # ----------------------------------------------------------------- ascent gradient
-    def _closure_directions(self, closure: Closure) -> List[torch.Tensor]:
-        """Flat ascent directions of one closure (this rank's own; FSDP2's are already averaged
-        over the ranks by its reduce-scatter). BatchNorm statistics and every ``.grad`` untouched."""
-        if not callable(closure):
-            raise TypeError(f"perturb() needs a closure returning the ascent loss, got {type(closure).__name__}")
-        s = self._setting
-        params = self._sel.params
-        grads = None
-        with torch.enable_grad(), frozen_batchnorm_stats(self.model), s.ascent_context():
-            loss = closure()
-            self._check_loss(loss)
-            if s.kind == "fsdp2":
-                grads = self._fsdp2_grads(loss)
-        if grads is None:
-            grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
-        if all(g is None for g in grads):
-            raise ValueError(
-                "the ascent closure's loss is not connected to any selected parameter: compute the loss "
-                "with the model passed to the wrapper, or change include=")
-        return self._sel.flat_directions(grads)
-
-    @staticmethod
-    def _check_loss(loss) -> None:
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(
-                f"the AWP closure returned {type(loss).__name__}, not a tensor; return the ascent loss, "
-                "e.g. lambda: F.cross_entropy(model(x_adv), y)")
-        if loss.numel() != 1:
-            raise ValueError(f"the AWP closure must return a scalar loss, got shape {tuple(loss.shape)}; "
-                             "reduce it (e.g. .mean())")
-        if not loss.requires_grad:
-            raise ValueError(
-                "the AWP closure's loss does not depend on the selected parameters (it has no grad_fn): "
-                "compute it with gradients enabled and without .detach()")
-
-    def _fsdp2_grads(self, loss: torch.Tensor):
-        """FSDP2: autograd.grad cannot reach the sharded parameters, so run an ordinary backward
-        (FSDP2 reduce-scatters the mean gradient into each rank's shard of ``.grad``), take the
-        selected local shards, and put every parameter's ``.grad`` back as it was."""
-        self._setting.check_group()
-        from .distributed import local_data
-        ps = [p for p in self.model.parameters()]
-        saved = [p.grad for p in ps]
-        for p in ps:
-            p.grad = None
-        try:
-            loss.reshape(()).backward()
-            return [None if p.grad is None else local_data(p.grad) for p in self._sel.params]
-        finally:
-            for p, g in zip(ps, saved):
-                p.grad = g
-
-    def _directions(self, closures: Sequence[Closure]) -> List[torch.Tensor]:
-        if len(closures) == 1:  # no loop around autograd.grad's graph break under torch.compile
-            return self._closure_directions(closures[0])
-        dirs = None
-        for c in closures:
-            d = self._closure_directions(c)
-            if dirs is None:
-                dirs = d
-            else:
-                torch._foreach_add_(dirs, d)
-        return dirs
-
-    def _synced(self, dirs: List[torch.Tensor]) -> List[torch.Tensor]:
-        """``ascent_sync='global'`` under DDP: the ranks' mean, one all-reduce of one flat buffer."""
-        if self._setting.averages_ascent:
-            return all_reduce_mean_flat(dirs, self._setting)
-        return dirs
-
-    def accumulate(self, closure: Closure) -> None:
-        """Micro-batched ascent: add the ascent gradient of ``closure()``'s loss to a pending
-        direction (no collective, weights untouched); the next ``perturb()`` called without a
-        closure applies the sum. Give each micro-batch loss its weight in the full batch (e.g.
-        ``loss / n_micro`` for equal sizes) if the sum should equal the full-batch gradient;
-        the per-layer rule only uses its direction."""
-        if self._sel.active:
-            raise RuntimeError(f"{type(self).__name__}.accumulate() called while the weights are perturbed: "
-                               "call step() or restore() first")
-        self._sync_selection()
-        if not self._sel.params:
-            raise RuntimeError(f"{type(self).__name__}.accumulate(): no selected parameter requires grad")
-        d = self._closure_directions(closure)
-        if self._pending is None or self._pending_gen != self._sel.generation:
-            self._pending, self._pending_gen = d, self._sel.generation
-        else:
-            torch._foreach_add_(self._pending, d)
-
     # ----------------------------------------------------------------- rule interface
     def _rule_active(self) -> bool:
         raise NotImplementedError
@@ -352,20 +252,6 @@ class WeightPerturbation(torch.optim.Optimizer):
 
     _grad_source = False  # perturb() without a closure may use .grad (SAM, Box AWP)
     _off_hint = "gamma 0"  # how a user switches this rule off (named in the plain-step warning)
-
-    def _grad_directions(self) -> List[torch.Tensor]:
-        """Flat directions from the selected parameters' ``.grad`` (their local shards under
-        FSDP2); used in place, not copied, when the layouts match."""
-        grads = [p.grad for p in self._sel.params]
-        if all(g is None for g in grads):
-            raise ValueError(
-                f"{type(self).__name__}.perturb() without a closure takes the direction from .grad, and no "
-                "selected parameter has a gradient: call loss.backward() first, or pass a closure returning the "
-                "loss")
-        if self._setting.sharded:
-            from .distributed import local_data
-            grads = [None if g is None else local_data(g) for g in grads]
-        return self._sel.flat_directions(grads)
 
     # ----------------------------------------------------------------- non-finite
     @property
@@ -403,7 +289,10 @@ class WeightPerturbation(torch.optim.Optimizer):
 
         ``closure``: a callable returning the ascent loss; or a list of callables (micro-batches:
         the direction is the gradient of the sum of their losses, and multi-step ascent re-runs
-        them all); or None to apply the direction gathered by ``accumulate()``.
+        them all); or None to apply the direction gathered by ``accumulate()`` or by an attack
+        built with ``awp=`` (while the rule is inactive, e.g. gamma 0, None simply returns False).
+        With ``ascent_every=K`` the closure is not called on the steps that re-use the stored
+        direction.
 
         Returns True when the weights are now perturbed, False when this step's perturbation was
         skipped (rule inactive, e.g. gamma 0; a non-finite ascent gradient with
@@ -431,10 +320,6 @@ class WeightPerturbation(torch.optim.Optimizer):
             later, "later must be a closure returning the loss (or a list of them)")
         pending = self._pending if self._pending_gen == self._sel.generation else None
         self._pending = None
-        from_grad = closures is None and pending is None
-        if from_grad and not self._grad_source:
-            raise TypeError(f"{name}.perturb() without a closure applies the direction gathered by "
-                            "accumulate(closure), and nothing was accumulated; pass the ascent closure")
         if closures is not None and pending is not None:
             raise RuntimeError(f"{name}.perturb(closure) after accumulate(): the accumulated direction would be "
                                "lost; call perturb() without a closure to apply it")
@@ -444,15 +329,32 @@ class WeightPerturbation(torch.optim.Optimizer):
             return False
         if not self._rule_active():
             return False  # e.g. gamma 0: no ascent pass at all
+        reuse = pending is None and self._reuse_due()  # ascent_every: no closure runs this step
+        from_grad = closures is None and pending is None and not reuse
+        if from_grad and not self._grad_source:
+            raise TypeError(f"{name}.perturb() without a closure applies the direction gathered by "
+                            "accumulate(closure) (or by an attack built with awp=), and nothing was accumulated; "
+                            "pass the ascent closure")
         passes = self._rule_passes()
         if nexts is None and passes > 1:
             raise ValueError(self._later_closures_msg(passes))
-        if from_grad:
+        if reuse:
+            dirs = self._stored
+        elif from_grad:
             dirs = self._grad_directions()  # already what the user's backward made of it: no sync
         else:
             dirs = self._synced(pending if closures is None else self._directions(closures))
+        self._ascent_calls += 1
+        if self.ascent_every > 1 and not reuse:
+            self._store(dirs)
         dn = self._rule_first(dirs)
-        if not self._finite_or_handle(dn):
+        ok = False
+        try:
+            ok = self._finite_or_handle(dn)
+        finally:
+            if not ok:
+                self._stored = None  # a non-finite direction is not re-used
+        if not ok:
             return False
         try:
             for _ in range(passes - 1):
@@ -548,7 +450,7 @@ class WeightPerturbation(torch.optim.Optimizer):
     def _meta(self) -> dict:
         return {"rule": self.rule_name, "format": 2, "skipped_steps": self.skipped_steps,
                 "perturb_count": self.perturb_count, "restore": self.restore_mode,
-                "ascent_sync": self._setting.sync, **self._rule_config()}
+                "ascent_sync": self._setting.sync, **self._rule_config(), **self._ascent_meta()}
 
     def state_dict(self):
         """The base optimizer's state dict (``state``, ``param_groups``, loadable by the base
@@ -566,7 +468,9 @@ class WeightPerturbation(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """Load ``state_dict()`` output, an older awpfast checkpoint (``{"base_optimizer", "awp"}``)
         or a plain base-optimizer state dict. Settings that differ from the checkpoint's
-        (``steps``, ``restore``...) are kept as constructed, with a warning naming them."""
+        (``steps``, ``restore``, ``ascent_every``...) are kept as constructed, with a warning naming
+        them. A state dict of another optimizer type or of other parameter shapes is refused (a
+        ``ValueError``, the wrapper unchanged)."""
         name = type(self).__name__
         if self._sel.active:
             raise RuntimeError(f"{name}.load_state_dict() called while the weights are perturbed: call step() "
@@ -581,9 +485,12 @@ class WeightPerturbation(torch.optim.Optimizer):
         else:
             raise ValueError("not an optimizer state dict: expected AWP.state_dict() output or a plain "
                              "torch.optim state dict with 'state' and 'param_groups'")
+        _check_base_fits(self.optimizer, base, name)
+        direction = None if meta is None else self._check_ascent_meta(meta)
         self.optimizer.load_state_dict(base)
         if meta is not None:
             self._check_meta(meta)
+            self._load_ascent_meta(meta, direction)
             self._skipped_host = int(meta.get("skipped_steps", 0))
             if self._sel.skipped_device is not None:
                 self._sel.skipped_device.zero_()
@@ -597,8 +504,9 @@ class WeightPerturbation(torch.optim.Optimizer):
         pass
 
     def _check_meta(self, meta: dict) -> None:
-        mine = self._meta()
-        keys = ["rule", "restore", "ascent_sync", *self._rule_config().keys()]
+        mine = dict(self._meta(), ascent_every=self.ascent_every)
+        meta = dict(meta, ascent_every=meta.get("ascent_every", 1))
+        keys = ["rule", "restore", "ascent_sync", "ascent_every", *self._rule_config().keys()]
         diff = [k for k in keys if k in meta and meta[k] != mine[k]]
         if diff:
             warnings.warn(
@@ -607,6 +515,46 @@ class WeightPerturbation(torch.optim.Optimizer):
                 + ", ".join(f"{k}={mine[k]!r}" for k in diff)
                 + ". Continuing with the current settings (build the wrapper with the checkpoint's settings "
                 "to resume the same training).", UserWarning, stacklevel=3)
+
+
+# param-group flags that torch fills in when an older state dict lacks them (not a sign of another type)
+_FILLED_BY_TORCH = {"foreach", "maximize", "differentiable", "fused", "capturable", "decoupled_weight_decay",
+                    "param_names", "initial_lr"}
+
+
+def _check_base_fits(opt: torch.optim.Optimizer, sd: dict, who: str) -> None:
+    """Refuse, before anything is loaded, a base state dict saved by another optimizer type (its
+    param groups lack this optimizer's hyper-parameters, or its per-parameter state has other
+    entries) or for parameters of other shapes. Group-size mismatches are left to torch's own error."""
+    kind = type(opt).__name__
+    groups, saved = opt.param_groups, sd.get("param_groups")
+    if not isinstance(saved, list) or len(saved) != len(groups) or any(
+            not isinstance(s, dict) or len(s.get("params", ())) != len(g["params"]) for s, g in zip(saved, groups)):
+        return
+    need = set(opt.defaults) - _FILLED_BY_TORCH
+    for s in saved:
+        missing = sorted(need - set(s))
+        if missing:
+            extra = sorted(set(s) - set(groups[0]) - {"params"} - _FILLED_BY_TORCH)
+            raise ValueError(f"{who}.load_state_dict: the state dict is not a {kind} one (its param groups lack "
+                             f"{missing}{f' and have {extra}' if extra else ''}): load a state dict saved from "
+                             f"{kind}, or wrap the optimizer type that saved it")
+    state = sd.get("state", {})
+    mine = next((set(st) for st in opt.state.values() if st), None)  # this type's state entries, once stepped
+    for s, g in zip(saved, groups):
+        for pid, p in zip(s["params"], g["params"]):
+            st = state.get(pid)
+            if not isinstance(st, dict):
+                continue
+            if mine and st and not set(st) & mine:
+                raise ValueError(f"{who}.load_state_dict: the state dict's per-parameter state has "
+                                 f"{sorted(st)}, this {kind} keeps {sorted(mine)}: load a state dict saved "
+                                 f"from {kind}, or wrap the optimizer type that saved it")
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(f"{who}.load_state_dict: the state dict's {k!r} of parameter {pid} has shape "
+                                     f"{tuple(v.shape)}, the parameter {tuple(p.shape)}: it was saved for a model "
+                                     "with other parameter shapes; load it into the same architecture")
 
 
 def _closure_tuple(value, what: str) -> tuple:
@@ -643,6 +591,7 @@ def _eager_under_old_dynamo(cls, force: bool = False):
     return cls
 
 
+_eager_under_old_dynamo(AscentSource)  # accumulate()
 _eager_under_old_dynamo(WeightPerturbation)
 
 

@@ -109,6 +109,16 @@ class AWP(WeightPerturbation):
             whole batch and is identical on every rank) or ``"local"`` (each DDP rank uses its own
             batch's gradient, no collective). FSDP2 is always global. Without DDP/FSDP2: no effect.
         eps: the ``1e-20`` of the reference.
+        ascent_every: ``K >= 1``. 1 (default): a fresh ascent direction every step. ``K > 1``: the
+            direction is computed on every K-th ``perturb()`` with gamma > 0 (counted from the first;
+            also whenever none is stored), and the steps in between call no closure and perturb along
+            the stored one re-scaled to the current weights, ``v_l = gamma ||w_l|| d_l / ||d_l||``.
+            The stored direction is one copy of the selected weights (the synced one under DDP, local
+            shards under FSDP2), saved in ``state_dict()`` for an exact resume. Needs ``steps=1``.
+
+    The direction can also come from the attack itself: ``PGD(model, ..., awp=awp)`` (or
+    :class:`awpfast.attacks.TRADESAttack`) computes the selected weights' gradient of its own loss
+    in its last step, and ``awp.perturb()`` without a closure applies it (no ascent pass).
     """
 
     rule_name = "AWP"
@@ -117,8 +127,11 @@ class AWP(WeightPerturbation):
                  steps: int = 1, step_size: Optional[float] = None,
                  include: Optional[Callable[[str, nn.Parameter], bool]] = None,
                  restore: Optional[str] = None, backend: Optional[str] = None,
-                 nonfinite: str = "skip", ascent_sync: str = "global", eps: float = 1e-20):
+                 nonfinite: str = "skip", ascent_sync: str = "global", eps: float = 1e-20,
+                 ascent_every: int = 1):
         _check_gamma(gamma, "gamma")
+        if type(ascent_every) is int and ascent_every > 1 and steps != 1:
+            raise ValueError(f"ascent_every={ascent_every} re-uses a one-step direction: use steps=1 (got steps={steps})")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}; use steps=1 for the reference AWP")
         if step_size is not None and not (_is_number(step_size) and 0 < step_size < float("inf")):
@@ -128,13 +141,16 @@ class AWP(WeightPerturbation):
         self.steps, self.step_size, self.eps = steps, step_size, float(eps)
         self._default_gamma = float(gamma)
         super().__init__(optimizer, model, include=include, restore=restore, backend=backend,
-                         nonfinite=nonfinite, ascent_sync=ascent_sync, extra_defaults={"awp_gamma": float(gamma)})
+                         nonfinite=nonfinite, ascent_sync=ascent_sync, extra_defaults={"awp_gamma": float(gamma)},
+                         ascent_every=ascent_every)
         for g in optimizer.param_groups:
             g.setdefault("awp_gamma", float(gamma))
         self._size_key, self._any_gamma = None, True
 
     def __repr__(self):
-        return (f"AWP(gamma={[g.get('awp_gamma') for g in self.param_groups]}, steps={self.steps}, "
+        every = getattr(self, "ascent_every", 1)
+        every = f", ascent_every={every}" if every > 1 else ""
+        return (f"AWP(gamma={[g.get('awp_gamma') for g in self.param_groups]}, steps={self.steps}{every}, "
                 f"restore={self.restore_mode!r}, layers={len(self._sel.params)}, "
                 f"setting={self._setting.kind}/{self._setting.sync},\n  base={self.optimizer!r})")
 

@@ -313,3 +313,15 @@ def test_model_that_ignores_its_input_gets_a_clear_error(cls):
         cls(_IgnoresInput(), steps=1)(x, y)
     with pytest.raises(ValueError, match="does not depend on the input"):
         cls(_NoGrad(), steps=1)(x, y)
+
+
+@pytest.mark.parametrize("cls", [PGD, TRADESAttack])
+@pytest.mark.parametrize("name,value", [("eps", float("nan")), ("eps", float("inf")), ("eps", -0.1),
+                                        ("alpha", float("nan")), ("alpha", -1.0), ("eps", "0.1")])
+def test_non_finite_or_negative_sizes_refused_by_name(cls, name, value):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=f"{cls.__name__}: {name} must be a finite number >= 0") as e:
+        cls(model, **{name: value})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="steps must be an integer >= 0"):
+        cls(model, steps=-1)

@@ -14,7 +14,7 @@ FLOORS = [  # top down: a module may import its own floor or lower ones, never a
     {"train", "demo"},
     {"landscape", "evaluate", "integrations", "family"},
     {"models", "rules"},
-    {"data", "checkpoint", "optim", "extra_data"},
+    {"data", "checkpoint", "optim", "extra_data", "ascent"},
     {"continual", "attacks", "perturb", "cli"},
     {"ops", "losses", "distributed"},
     {"errors", "choices"},

@@ -694,3 +694,71 @@ def test_compiled_step_breaks_graph_in_awpfast_only_at_autograd_grad():
     bad = [r.split("\n")[:5] for r in ours if "torch.autograd.grad" not in r and "Optimizer.zero_grad" not in r]
     assert not bad, bad
     assert not awp.is_perturbed and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- load_state_dict refusals
+def _stepped(opt_cls, model, **kw):
+    awp = AWP(opt_cls(model.parameters(), lr=0.1, **kw), model, gamma=0.01)
+    x, y = batch()
+    awp.perturb(lambda: F.cross_entropy(model(x), y))
+    awp.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    awp.step()
+    return awp
+
+
+def _state(awp):
+    return [{k: v.clone() for k, v in st.items() if isinstance(v, torch.Tensor)} for st in awp.state.values()]
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "stepped"])
+def test_load_state_dict_refuses_another_optimizer_type(fresh):
+    """An Adam state dict into AWP(SGD) (and back) is refused at load time, one line, wrapper unchanged."""
+    adam = _stepped(torch.optim.Adam, small_net()).optimizer.state_dict()
+    sgd_model = small_net()
+    awp = AWP(torch.optim.SGD(sgd_model.parameters(), lr=0.1, momentum=0.9), sgd_model) if fresh else \
+        _stepped(torch.optim.SGD, sgd_model, momentum=0.9)
+    before = _state(awp)
+    with pytest.raises(ValueError, match=r"not a SGD one \(its param groups lack \['dampening', 'momentum', "
+                                         r"'nesterov'\].*load a state dict saved from SGD") as e:
+        awp.load_state_dict(adam)
+    assert "\n" not in str(e.value)
+    after = _state(awp)
+    assert awp.param_groups[0]["lr"] == 0.1 and len(after) == len(before)
+    assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(after, before))
+    sgd = _stepped(torch.optim.SGD, small_net(), momentum=0.9).state_dict()
+    m = small_net()
+    with pytest.raises(ValueError, match="not a Adam one"):
+        AWP(torch.optim.Adam(m.parameters(), lr=0.1), m).load_state_dict(sgd)
+
+
+def test_load_state_dict_refuses_other_parameter_shapes():
+    src = small_net()
+    sd = _stepped(torch.optim.SGD, src, momentum=0.9).state_dict()
+    k = max(sd["state"], key=lambda i: sd["state"][i]["momentum_buffer"].dim())
+    sd["state"][k]["momentum_buffer"] = torch.zeros(*[s + 1 for s in sd["state"][k]["momentum_buffer"].shape])
+    m = small_net()
+    awp = AWP(torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9), m)
+    with pytest.raises(ValueError, match="'momentum_buffer' of parameter .* has shape .* the parameter .*"
+                                         "load it into the same architecture"):
+        awp.load_state_dict(sd)
+    assert awp.param_groups[0]["lr"] == 0.5 and not awp.state  # unchanged
+
+
+def test_load_state_dict_still_accepts_its_layouts():
+    """state_dict() output, a plain base state dict, the awpfast <= 0.1 layout, and an SGD state dict
+    without the flags that newer torch versions added to the param groups."""
+    src = small_net()
+    a = _stepped(torch.optim.SGD, src, momentum=0.9)
+    full = a.state_dict()
+    plain = a.optimizer.state_dict()
+    old = {"base_optimizer": plain, "awp": {"skipped_steps": 0}}
+    older = copy.deepcopy(plain)
+    for g in older["param_groups"]:
+        for k in ("fused", "differentiable", "foreach", "maximize"):
+            g.pop(k, None)
+    for sd in (full, plain, old, older):
+        m = small_net()
+        b = AWP(torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9), m)
+        b.load_state_dict(sd)
+        assert b.param_groups[0]["lr"] == 0.1

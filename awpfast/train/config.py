@@ -56,7 +56,8 @@ DEFAULTS = {
     "recipe": None, "method": "at", "beta": 6.0,
     "awp_gamma": Derived(lambda a: DEFAULT_GAMMA[a.method]),
     "awp_warmup": Derived(lambda a: DEFAULT_WARMUP[a.method]),
-    "awp_steps": 1, "awp_restore": "after_step", "forward_order": "ours", "backend": None,
+    "awp_steps": 1, "awp_restore": "after_step", "awp_ascent": "separate", "awp_every": 1,
+    "forward_order": "ours", "backend": None,
     # model and data
     "model": "small-cnn",
     "width": Derived(lambda a: 32 if a.model == "small-cnn" else None),
@@ -106,7 +107,8 @@ _RUN_KEYS = ("method", "beta", "awp_gamma", "awp_warmup", "awp_steps", "model", 
              "amp", "channels_last", "seed", "augment", "awp_restore", "train_samples", "val_samples",
              "input_norm", "pad_mode", "recipe", "forward_order", "trades_l2_order", "label_noise", "dtype",
              "track_flatness", "flatness_alpha", "flatness_directions", "flatness_samples", "flatness_steps",
-             "eps_warmup", "eval_every", "threads", "backend", "compile", "flatness_split")
+             "eps_warmup", "eval_every", "threads", "backend", "compile", "flatness_split", "awp_ascent",
+             "awp_every")
 # what checkpoints written before an option existed did (they stay loadable and resume as they ran):
 # today's default, except four options whose behaviour before them was not today's default
 # (--flatness-split: flatness was measured on the first training images before it existed)
@@ -115,7 +117,7 @@ _OLD_RUN_DEFAULTS = dict({k: DEFAULTS[k] for k in ("recipe", "forward_order", "t
                                                    "extra_data", "steps_per_epoch", "nesterov",
                                                    "dtype", "track_flatness", "flatness_alpha", "flatness_directions",
                                                    "flatness_samples", "flatness_steps", "eps_warmup", "eval_every",
-                                                   "threads", "backend", "compile")},
+                                                   "threads", "backend", "compile", "awp_ascent", "awp_every")},
                          **_LEGACY)
 
 
@@ -226,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--awp-restore", choices=("after_step", "before_step"),
                    help="after_step: step at w+v then subtract v (the reference); before_step: restore w exactly, "
                         "then step")
+    a.add_argument("--awp-ascent", choices=("separate", "attack"),
+                   help="where the AWP direction comes from: separate (a train-mode ascent pass on x_adv, the "
+                        "reference) or attack (the training attack's last step also returns the weight gradient at "
+                        "its last iterate, in the attack's mode: one forward+backward fewer per step; an "
+                        "approximation, see docs/reproduction.md)")
+    a.add_argument("--awp-every", type=int,
+                   help="compute the AWP direction every K steps and re-use it (re-scaled to the weights) in "
+                        "between (1: every step)")
     a.add_argument("--forward-order", choices=FORWARD_ORDERS,
                    help="how BatchNorm's running statistics are fed; reference: as the reference scripts: AT: the "
                         "train-mode attack's extra loss forward on x_adv and a clean train-mode forward after the "
@@ -453,7 +463,7 @@ def _check_extra(args) -> None:
 
 def validate_args(args) -> None:
     """Check every option (after :func:`resolve_defaults`); raises :class:`UsageError`."""
-    for key in ("epochs", "batch_size", "awp_steps", "eval_every"):
+    for key in ("epochs", "batch_size", "awp_steps", "eval_every", "awp_every"):
         _need_int(args, key, 1)
     for key in ("awp_warmup", "attack_steps", "eval_steps", "train_eval_samples", "val_samples", "eps_warmup"):
         _need_int(args, key, 0)
@@ -495,6 +505,13 @@ def validate_args(args) -> None:
                          f"{args.method} has none: drop --forward-order")
     if args.trades_l2_order not in L2_ORDERS:
         raise UsageError(f"--trades-l2-order must be one of {', '.join(L2_ORDERS)}, got {args.trades_l2_order!r}")
+    if args.awp_ascent not in ("separate", "attack"):
+        raise UsageError(f"--awp-ascent must be separate or attack, got {args.awp_ascent!r}")
+    if args.awp_ascent == "attack" and args.attack_steps == 0:
+        raise UsageError("--awp-ascent attack takes the AWP direction from the attack's last step and "
+                         "--attack-steps is 0: give --attack-steps >= 1 or --awp-ascent separate")
+    if args.awp_every > 1 and args.awp_steps > 1:
+        raise UsageError(f"--awp-every {args.awp_every} re-uses a one-step direction: drop it or use --awp-steps 1")
     if args.track_flatness:
         _need_float(args, "flatness_alpha", -math.inf)
         if args.flatness_alpha == 0:
@@ -595,6 +612,9 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
     if dist.enabled and args.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {args.batch_size} is the global batch and must split evenly over "
                          f"{dist.world_size} processes")
+    if dist.mode == "fsdp" and args.awp_ascent == "attack":
+        raise UsageError("--awp-ascent attack is not available with --fsdp (autograd cannot reach the sharded "
+                         "weights): use --awp-ascent separate, with --awp-every K to compute it every K steps")
     if dist.mode == "fsdp" and args.compile:
         raise UsageError("--fsdp with --compile is not supported yet: drop one of them")
     if dist.mode == "fsdp" and args.track_flatness:

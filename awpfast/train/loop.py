@@ -72,10 +72,11 @@ def lr_factor(schedule: str, t: float, epochs: int) -> float:
     return 0.01
 
 
-def make_attack(model, args, steps: int, train: bool):
-    """The training (TRADES KL or PGD) or evaluation (PGD) attack of a run."""
+def make_attack(model, args, steps: int, train: bool, awp=None):
+    """The training (TRADES KL or PGD) or evaluation (PGD) attack of a run; ``awp``: the training
+    attack also sources the AWP direction (``--awp-ascent attack``)."""
     kw = dict(eps=args.eps, alpha=args.alpha, steps=steps, random_start=True, norm=args.norm,
-              bn_train=(train and args.attack_bn == "train"), backend=args.backend)
+              bn_train=(train and args.attack_bn == "train"), backend=args.backend, awp=awp)
     if train and args.method == "trades":
         return TRADESAttack(model, l2_order=args.trades_l2_order, **kw)
     return PGD(model, **kw)
@@ -177,7 +178,7 @@ def setup(cfg: RunConfig) -> Trainer:
                            nesterov=args.nesterov)
     # the DDP / FSDP-wrapped model under torchrun (AWP detects it); one process: the plain module
     awp = AWP(base, wrapped if dist.enabled else model, gamma=args.awp_gamma, steps=args.awp_steps,
-              restore=args.awp_restore, backend=args.backend)
+              restore=args.awp_restore, backend=args.backend, ascent_every=args.awp_every)
     if args.extra_data:  # a fixed share of every batch from the extra set (the base split alone otherwise)
         extra = open_extra(args.extra_data, ds.num_classes, ds.image_size, ds.in_channels)
         batches = MixedBatches(train, extra, args.batch_size, args.extra_fraction, args.steps_per_epoch,
@@ -194,7 +195,8 @@ def setup(cfg: RunConfig) -> Trainer:
                 eval_fwd=eval_fwd, awp=awp, sched=sched, scaler=scaler,
                 loss_fn=get_loss(args.method, args.beta, args.forward_order),
                 ascent_loss_fn=get_loss(args.method, args.beta),
-                attack=make_attack(eval_fwd, args, args.attack_steps, train=True), batches=batches, n_iter=n_iter,
+                attack=make_attack(eval_fwd, args, args.attack_steps, train=True,
+                                   awp=awp if args.awp_ascent == "attack" else None), batches=batches, n_iter=n_iter,
                 dtype=dtype, best={"epoch": None, "selected_on": "val" if len(val) else "test"})
     if ckpt is not None:
         load_optimizer(awp, model, ckpt["optimizer"], dist.mode == "fsdp")
@@ -286,7 +288,8 @@ def train_step(t: Trainer, x: torch.Tensor, y: torch.Tensor):
         with autocast(device, args.amp):
             return t.ascent_loss_fn(t.fwd, x, x_adv, y) * scale
 
-    with t.awp.perturbed(closure):
+    # --awp-ascent attack: the attack left the direction pending (none at gamma 0 or on a re-use step)
+    with t.awp.perturbed(None if args.awp_ascent == "attack" else closure):
         t.awp.zero_grad(set_to_none=True)
         with autocast(device, args.amp):
             loss, logits_adv = t.loss_fn(t.fwd, x, x_adv, y, return_logits=True)
