@@ -187,3 +187,19 @@ def test_cli_rejects_bad_extra_options_before_torch(tmp_path, capsys):
     p = write_npz(str(tmp_path / "g.npz"), n=20)
     assert T.main(CLI + ["--extra-data", p, "--extra-fraction", "1.5", "--out", str(tmp_path / "o")]) == 2
     assert "--extra-fraction" in capsys.readouterr().err
+
+
+def test_two_gloo_processes_read_their_shards_and_together_the_batch(tmp_path):
+    """2 gloo processes: each reads its shard of every global batch from both sources; gathered,
+    the shards are exactly the one-process batches."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _dist_launch import launch, skip_without_gloo
+    from _extra_dist_worker import base_split, digest
+    skip_without_gloo()
+    write_npz(str(tmp_path / "extra.npz"), n=300)
+    reports = launch("_extra_dist_worker.py", tmp_path)
+    ex = open_extra(str(tmp_path / "extra.npz"), 10, S)
+    one = [digest(x, y) for x, y in MixedBatches(base_split(), ex, 10, 0.7, augment="crop+flip", seed=5)]
+    assert reports[0]["digests"] == reports[1]["digests"] == one
+    assert reports[0]["local_rows"] == 5  # half of the global batch of 10 per process
