@@ -21,6 +21,24 @@ biases them alike; the median per configuration is reported.
 
     python benchmarks/bench_train_step.py                                 # CPU, PreActResNet-18, batch 16
     python benchmarks/bench_train_step.py --device cuda --model wrn34-10 --batch 128 --json out.json
+
+``--ladder`` (issue 19): an ablation ladder measured in one run, each rung changing one thing
+over the rung before it (see :data:`LADDER`): (a) the reference pattern; (b) awpfast's AWP with
+the same recipe (train-mode attack through a full backward); (c) + input-only attack gradients
+(the same ``x_adv``, asserted); (d) + an eval-mode attack (a recipe change: a different attack);
+(e) + bf16 autocast; (f) + channels_last; (g) + torch.compile. (a) -> (b) -> (c) is the same
+algorithm. Each rung is timed as an AT-AWP step, an AT step (the same rung without AWP, a plain
+SGD step) and one plain forward+backward; medians, quartiles and extremes over ``--repeats``
+interleaved rounds after ``--warmup`` rounds, the AWP extra as the median of the per-round paired
+differences AT-AWP - AT. ``--cheap-at d`` adds, at that rung's settings, the cheap-ascent rows of
+issue 18: the ascent direction sourced from the attack's last backward (``PGD(..., awp=awp)``,
+then ``awp.perturb()`` with no closure) and ``AWP(..., ascent_every=2)`` / ``=4`` (the amortized
+step: the median of the steps that compute a direction and of those that reuse it, weighted
+1 : K-1). The load average (``os.getloadavg()``) is recorded each round.
+
+    python benchmarks/bench_train_step.py --ladder --batch 32 --repeats 10 --json ladder.json      # CPU
+    python benchmarks/bench_train_step.py --ladder --device cuda --model wrn34-10 --batch 128 \
+        --rungs a,b,c,d,e,f --cheap-at d,f --repeats 10 --json ladder.json
 """
 from __future__ import annotations
 
@@ -168,6 +186,384 @@ class AwpfastStep:
         return loss.detach()
 
 
+# ----------------------------------------------------------------------------- the ladder (issue 19)
+LADDER = [
+    # (rung, name, what it changes over the rung before, same algorithm as (a)?)
+    ("a", "reference pattern", "proxy-model AWP (state-dict copy, SGD step, per-layer diff, add, subtract); "
+     "train-mode attack through a full backward (every parameter's .grad filled at each PGD step); fp32", True),
+    ("b", "awpfast AWP, same recipe", "awpfast.AWP instead of the proxy model; the attack unchanged (train mode, "
+     "full backward, `--recipe at-awp-reference` semantics)", True),
+    ("c", "+ input-only attack gradients", "the attack asks autograd for the input gradient only "
+     "(awpfast.attacks.PGD(bn_train=True)); the same x_adv as (b), asserted", True),
+    ("d", "+ eval-mode attack", "RECIPE CHANGE: the attack runs in eval mode (awpfast's default), a different "
+     "attack from the reference's train-mode one", False),
+    ("e", "+ bf16 autocast", "precision: every forward and backward under bf16 autocast", False),
+    ("f", "+ channels_last", "memory layout: model and inputs channels_last", False),
+    ("g", "+ torch.compile", "compiler: the model wrapped in torch.compile (Inductor)", False),
+]
+RUNG_SETTINGS = {
+    # attack: train-full (train mode, loss.backward()), train-input (train mode, input gradient only),
+    # eval-input (eval mode, input gradient only)
+    "b": dict(attack="train-full"),
+    "c": dict(attack="train-input"),
+    "d": dict(attack="eval-input"),
+    "e": dict(attack="eval-input", amp=torch.bfloat16),
+    "f": dict(attack="eval-input", amp=torch.bfloat16, channels_last=True),
+    "g": dict(attack="eval-input", amp=torch.bfloat16, channels_last=True, compile=True),
+}
+
+
+class LadderStep:
+    """One rung's AT-AWP step, AT step (``kind="at"``: a plain SGD step, no AWP at all) or a
+    cheap-ascent variant (``kind="sourced"`` / ``"every"``) at the rung's settings."""
+
+    def __init__(self, model, gamma, attack_steps, attack="eval-input", amp=None, channels_last=False,
+                 compile=False, kind="awp", ascent_every=1, backend=None, lr=0.1):
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model, self.amp, self.cl, self.kind = model, amp, channels_last, kind
+        self.fwd = torch.compile(model) if compile else model
+        self.attack_kind, self.steps = attack, attack_steps
+        self.base = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        self.awp = None
+        if kind == "awp":
+            self.awp = awpfast.AWP(self.base, model, gamma=gamma, backend=backend)
+        elif kind == "every":
+            self.awp = awpfast.AWP(self.base, model, gamma=gamma, backend=backend, ascent_every=ascent_every)
+        elif kind == "sourced":
+            self.awp = awpfast.AWP(self.base, model, gamma=gamma, backend=backend)
+        self.ascent_every = ascent_every
+        pgd_kw = dict(eps=EPS, alpha=ALPHA, steps=attack_steps, bn_train=attack != "eval-input", backend=backend,
+                      check_range=False)
+        if kind == "sourced":
+            pgd_kw["awp"] = self.awp
+        self.attack = PGD(self.fwd, **pgd_kw)
+        self.backend = backend
+        self.device_type = next(model.parameters()).device.type
+        self.count = 0  # steps taken (ascent_every's clock: a direction on steps 0, K, 2K, ...)
+
+    def _ac(self):
+        if self.amp is None:
+            return torch.autocast(self.device_type, enabled=False)
+        return torch.autocast(self.device_type, dtype=self.amp)
+
+    def _prep(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.cl else x
+
+    def full_backward_attack(self, x, y):
+        """The reference's attack with awpfast's step op: train mode, ``loss.backward()`` (parameter
+        gradients accumulate in ``.grad``, as the reference), the same start as :class:`PGD`."""
+        from awpfast import ops
+        self.model.train()
+        x_adv = self.attack.init(x)
+        for _ in range(self.steps):
+            x_adv.requires_grad_(True)
+            with self._ac():
+                loss = F.cross_entropy(self.fwd(x_adv), y)
+            loss.backward()
+            g = x_adv.grad
+            x_adv = x_adv.detach()
+            ops.pgd_step_(x_adv, g.to(x_adv.dtype), x, ALPHA, EPS, "Linf", backend=self.backend)
+        return x_adv
+
+    def adversarial(self, x, y):
+        x = self._prep(x)
+        if self.attack_kind == "train-full":
+            return x, self.full_backward_attack(x, y)
+        with self._ac():
+            return x, self.attack(x, y)
+
+    def fwd_bwd(self, x, y):
+        """One plain forward + backward of the same model, batch, precision, layout and compiler."""
+        x = self._prep(x)
+        self.model.train()
+        self.base.zero_grad(set_to_none=True)
+        with self._ac():
+            loss = F.cross_entropy(self.fwd(x), y)
+        loss.backward()
+        return loss.detach()
+
+    def __call__(self, x, y):
+        x, x_adv = self.adversarial(x, y)
+        model, fwd = self.model, self.fwd
+        model.train()
+        self.count += 1
+        if self.awp is None:  # AT
+            self.base.zero_grad(set_to_none=True)
+            with self._ac():
+                loss = F.cross_entropy(fwd(x_adv), y)
+            loss.backward()
+            self.base.step()
+            return loss.detach()
+
+        def closure():
+            with self._ac():
+                return F.cross_entropy(fwd(x_adv), y)
+
+        with self.awp.perturbed(None if self.kind == "sourced" else closure):
+            self.awp.zero_grad(set_to_none=True)
+            with self._ac():
+                loss = F.cross_entropy(fwd(x_adv), y)
+            loss.backward()
+            self.awp.step()
+        return loss.detach()
+
+
+def _cheap_api():
+    """Whether the cheap-ascent API of issue 18 is importable: (ok, why not)."""
+    import inspect
+    why = []
+    if "awp" not in inspect.signature(PGD.__init__).parameters:
+        why.append("awpfast.attacks.PGD has no awp= argument")
+    if "ascent_every" not in inspect.signature(awpfast.AWP.__init__).parameters:
+        try:
+            from awpfast.optim import WeightPerturbation
+            if "ascent_every" not in inspect.signature(WeightPerturbation.__init__).parameters:
+                why.append("awpfast.AWP has no ascent_every= argument")
+        except ImportError:
+            why.append("awpfast.AWP has no ascent_every= argument")
+    return not why, "; ".join(why)
+
+
+def _stats(ts):
+    """ms: median, quartiles, extremes of a list of seconds."""
+    v = sorted(1e3 * t for t in ts)
+    if not v:
+        return None
+    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
+    return {"median": statistics.median(v), "p25": q[0], "p75": q[2], "min": v[0], "max": v[-1], "n": len(v)}
+
+
+def check_same_x_adv(base_model, x, y, attack_steps, backend, device):
+    """(b) and (c) give the same x_adv from the same weights and random start: the input-only
+    gradient is the same gradient as the full backward's. Returns the record (raises on a mismatch
+    beyond the sign of a near-zero gradient)."""
+    out = {}
+    for rung in ("b", "c"):
+        st = LadderStep(copy.deepcopy(base_model), 0.0, attack_steps, kind="at", backend=backend,
+                        **RUNG_SETTINGS[rung])
+        torch.manual_seed(1234)
+        out[rung] = st.adversarial(x, y)[1]
+    diff = (out["b"] - out["c"]).abs()
+    rec = {"bitwise_equal": bool(torch.equal(out["b"], out["c"])), "max_abs_diff": float(diff.max()),
+           "elements_differing": int((diff > 0).sum()), "elements": diff.numel()}
+    # a PGD step moves by alpha = 2/255 per element: any real difference is a flipped sign; allow none
+    # beyond float rounding of the clamp
+    if rec["max_abs_diff"] > 1e-6:
+        raise AssertionError(f"rung (c)'s x_adv differs from rung (b)'s: {rec}")
+    return rec
+
+
+def ladder_main(args):
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rungs = [r.strip() for r in args.rungs.split(",") if r.strip()]
+    known = [r for r, *_ in LADDER]
+    bad = [r for r in rungs if r not in known]
+    if bad:
+        raise SystemExit(f"--rungs: unknown {bad}; choose from {','.join(known)}")
+    cheap_at = [r.strip() for r in args.cheap_at.split(",") if r.strip()]
+    if any(r not in RUNG_SETTINGS for r in cheap_at):
+        raise SystemExit(f"--cheap-at: choose from {','.join(RUNG_SETTINGS)}")
+    everys = [int(k) for k in args.ascent_every.split(",") if k.strip()]
+    load_start = os.getloadavg()
+    t_start = time.time()
+
+    torch.manual_seed(0)
+    base_model = create_model(args.model, num_classes=10).to(device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+
+    same = None
+    if "b" in rungs and "c" in rungs:
+        same = check_same_x_adv(base_model, x, y, args.attack_steps, args.backend, device)
+        print(f"x_adv (b) vs (c): {same}", file=sys.stderr, flush=True)
+
+    # configs: (label, runner, method): method "step" or "fwd_bwd"
+    configs = []
+    meta = {}
+    for r in rungs:
+        if r == "a":
+            ref = ReferenceStep(copy.deepcopy(base_model), args.gamma, args.attack_steps)
+            configs += [(("a", "AT-AWP"), lambda x, y, ref=ref: ref(x, y, True)),
+                        (("a", "AT"), lambda x, y, ref=ref: ref(x, y, False)),
+                        (("a", "fwd+bwd"), ref.fwd_bwd)]
+            continue
+        kw = dict(RUNG_SETTINGS[r], backend=args.backend)
+        awp = LadderStep(copy.deepcopy(base_model), args.gamma, args.attack_steps, kind="awp", **kw)
+        at = LadderStep(copy.deepcopy(base_model), 0.0, args.attack_steps, kind="at", **kw)
+        configs += [((r, "AT-AWP"), awp), ((r, "AT"), at), ((r, "fwd+bwd"), at.fwd_bwd)]
+    cheap_ok, cheap_why = _cheap_api()
+    cheap_rows_wanted = [(r, kind, k) for r in cheap_at for kind, k in [("sourced", 1)] + [("every", k) for k in everys]]
+    if cheap_at and not cheap_ok:
+        print(f"cheap-ascent rows skipped: {cheap_why}", file=sys.stderr, flush=True)
+    elif cheap_at:
+        for r, kind, k in cheap_rows_wanted:
+            kw = dict(RUNG_SETTINGS[r], backend=args.backend)
+            st = LadderStep(copy.deepcopy(base_model), args.gamma, args.attack_steps, kind=kind, ascent_every=k, **kw)
+            configs.append(((r, f"{kind}{k if kind == 'every' else ''}"), st))
+            meta[(r, f"{kind}{k if kind == 'every' else ''}")] = (kind, k, st)
+            if not any(c[0] == (r, "AT") for c in configs):  # the AT and fwd+bwd of that rung's settings
+                at = LadderStep(copy.deepcopy(base_model), 0.0, args.attack_steps, kind="at", **kw)
+                configs += [((r, "AT"), at), ((r, "fwd+bwd"), at.fwd_bwd)]
+            if not any(c[0] == (r, "AT-AWP") for c in configs):
+                configs.append(((r, "AT-AWP"), LadderStep(copy.deepcopy(base_model), args.gamma, args.attack_steps,
+                                                          kind="awp", **kw)))
+
+    times = {c: [] for c, _ in configs}
+    step_index = {c: [] for c, _ in configs}  # for ascent_every: which steps computed a direction
+    loads = []
+    n_rounds = args.warmup + args.repeats
+
+    def write(partial):
+        res = _ladder_result(args, device, rungs, configs, times, step_index, meta, same, loads, load_start,
+                             t_start, cheap_at, cheap_ok, cheap_why, partial)
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(res, f, indent=1)
+            os.replace(tmp, args.json)
+        return res
+
+    for it in range(n_rounds):
+        for c, fn in configs:
+            runner = getattr(fn, "__self__", None) if c[1] == "fwd+bwd" else fn
+            idx = runner.count if isinstance(runner, LadderStep) else None
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = fn(x, y)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{c}: non-finite loss")
+            if it >= args.warmup:
+                times[c].append(dt)
+                step_index[c].append(idx)
+        loads.append({"round": it + 1, "loadavg": os.getloadavg(), "time": time.strftime("%H:%M:%S")})
+        print(f"  round {it + 1}/{n_rounds}" + (" (warm-up)" if it < args.warmup else "")
+              + f"  load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+        if it >= args.warmup:
+            write(partial=True)
+    res = write(partial=False)
+    _print_ladder(res)
+    if args.json:
+        print(f"wrote {args.json}")
+    return res
+
+
+def _ladder_result(args, device, rungs, configs, times, step_index, meta, same, loads, load_start, t_start,
+                   cheap_at, cheap_ok, cheap_why, partial):
+    st = {c: _stats(ts) for c, ts in times.items()}
+
+    def paired(c1, c2):  # per-round differences (interleaved: the same round's load for both)
+        d = [a - b for a, b in zip(times[c1], times[c2])]
+        return _stats(d)
+
+    rows = []
+    ref_awp = st.get(("a", "AT-AWP"))
+    prev = None
+    for rung, name, change, same_alg in LADDER:
+        if rung not in rungs or st.get((rung, "AT-AWP")) is None:
+            continue
+        a, b, fb = st[(rung, "AT-AWP")], st[(rung, "AT")], st[(rung, "fwd+bwd")]
+        extra = paired((rung, "AT-AWP"), (rung, "AT"))
+        row = {"rung": rung, "name": name, "changes": change, "same_algorithm_as_a": same_alg,
+               "at_awp_ms": a, "at_ms": b, "fwd_bwd_ms": fb, "awp_extra_ms": extra,
+               "awp_extra_over_fwd_bwd": extra["median"] / fb["median"],
+               "at_awp_over_at": a["median"] / b["median"]}
+        if ref_awp:
+            row["speedup_at_awp_vs_a"] = ref_awp["median"] / a["median"]
+            row["speedup_at_vs_a"] = st[("a", "AT")]["median"] / b["median"]
+        if prev is not None:
+            row["speedup_at_awp_vs_previous_rung"] = st[(prev, "AT-AWP")]["median"] / a["median"]
+            row["previous_rung"] = prev
+        rows.append(row)
+        prev = rung
+    cheap = []
+    for r in cheap_at:
+        if st.get((r, "AT")) is None:
+            continue
+        at, fb = st[(r, "AT")], st[(r, "fwd+bwd")]
+        base = [("separate", (r, "AT-AWP"))] + [(lab, (r, lab)) for (rr, lab) in meta if rr == r]
+        for lab, c in base:
+            if st.get(c) is None:
+                continue
+            row = {"at_rung": r, "row": {"separate": "AT-AWP, separate ascent pass (exact AWP)"}.get(lab, lab),
+                   "label": lab}
+            if c in meta and meta[c][0] == "every":
+                k = meta[c][1]
+                idx = step_index[c]
+                fresh = [t for t, i in zip(times[c], idx) if i % k == 0]
+                reuse = [t for t, i in zip(times[c], idx) if i % k != 0]
+                sf, sr = _stats(fresh), _stats(reuse)
+                row["row"] = f"AT-AWP, ascent_every={k} (a direction every {k} steps, re-scaled in between)"
+                row["fresh_step_ms"], row["reuse_step_ms"] = sf, sr
+                if sf and sr:
+                    step_ms = (sf["median"] + (k - 1) * sr["median"]) / k
+                    row["step_ms"] = step_ms
+                    row["step_ms_note"] = f"amortized: (median of steps computing a direction + {k - 1} x median " \
+                                          f"of steps reusing it) / {k}"
+                    row["awp_extra_ms"] = step_ms - at["median"]
+            else:
+                if lab == "sourced":
+                    row["row"] = "AT-AWP, attack-sourced direction (PGD(..., awp=awp), awp.perturb() no closure)"
+                row["step_ms"] = st[c]["median"]
+                row["step_spread_ms"] = st[c]
+                row["awp_extra_ms"] = paired(c, (r, "AT"))["median"]
+            if "step_ms" in row:
+                row["awp_extra_over_fwd_bwd"] = row["awp_extra_ms"] / fb["median"]
+            cheap.append(row)
+        cheap.insert(len(cheap) - len(base), {"at_rung": r, "row": "AT (no AWP)", "label": "AT",
+                                              "step_ms": at["median"], "step_spread_ms": at,
+                                              "awp_extra_ms": 0.0, "awp_extra_over_fwd_bwd": 0.0})
+    la = [lr["loadavg"][0] for lr in loads]
+    return {"benchmark": "train_step_ladder", "partial": partial, "model": args.model, "batch": args.batch,
+            "image_size": args.image_size, "attack_steps": args.attack_steps, "gamma": args.gamma,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            (platform.processor() or platform.machine()),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "warmup_rounds": args.warmup, "measured_rounds": args.repeats,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
+            "elapsed_s": round(time.time() - t_start, 1),
+            "loadavg": {"start": load_start, "per_round": loads,
+                        "one_minute_median": statistics.median(la) if la else None,
+                        "one_minute_min": min(la) if la else None, "one_minute_max": max(la) if la else None,
+                        "note": "os.getloadavg() (1, 5, 15 min) at the start and after each round"},
+            "x_adv_b_equals_c": same,
+            "notes": ["AWP extra = median over rounds of the paired difference (AT-AWP - AT) of the same round",
+                      "AT = the same rung without AWP: a plain SGD step on the attack's x_adv",
+                      "the reference script's bookkeeping forwards (its restart-selection loss forward and the "
+                      "clean forward after the restore) are left out of every rung: they change no gradient"],
+            "cheap_ascent_api": {"available": cheap_ok, "why_not": cheap_why or None},
+            "rungs": rows, "cheap_rows": cheap,
+            "raw_s": {f"{c[0]} {c[1]}": ts for c, ts in times.items()},
+            "raw_step_index": {f"{c[0]} {c[1]}": ix for c, ix in step_index.items() if c in meta}}
+
+
+def _print_ladder(res):
+    print(f"\nAblation ladder: one training step, {res['model']}, batch {res['batch']}, {res['image_size']}px, "
+          f"PGD-{res['attack_steps']}, {res['device']} ({res['device_name']}, {res['threads']} threads), "
+          f"median of {res['measured_rounds']} rounds; load average (1 min) median "
+          f"{res['loadavg']['one_minute_median']:.2f} ({res['loadavg']['one_minute_min']:.2f}-"
+          f"{res['loadavg']['one_minute_max']:.2f})")
+    print(f"{'rung':<36} {'AT-AWP ms':>10} {'AT ms':>9} {'fwd+bwd':>8} {'extra ms':>9} {'extra/fb':>9} "
+          f"{'vs (a)':>7} {'vs prev':>8}")
+    for r in res["rungs"]:
+        print(f"({r['rung']}) {r['name']:<32} {r['at_awp_ms']['median']:10.1f} {r['at_ms']['median']:9.1f} "
+              f"{r['fwd_bwd_ms']['median']:8.1f} {r['awp_extra_ms']['median']:9.1f} "
+              f"{r['awp_extra_over_fwd_bwd']:9.2f} {r.get('speedup_at_awp_vs_a', float('nan')):6.2f}x "
+              f"{r.get('speedup_at_awp_vs_previous_rung', float('nan')):7.2f}x")
+    for r in res["cheap_rows"]:
+        print(f"  at ({r['at_rung']}) {r['label']:<12} step {r.get('step_ms', float('nan')):9.1f} ms  extra "
+              f"{r.get('awp_extra_ms', float('nan')):8.1f} ms  extra/fb {r.get('awp_extra_over_fwd_bwd', float('nan')):5.2f}")
+    if not res["cheap_ascent_api"]["available"]:
+        print(f"  cheap-ascent rows: not run ({res['cheap_ascent_api']['why_not']})")
+
+
 # ----------------------------------------------------------------------------- driver
 def _sync(device):
     if device.type == "cuda":
@@ -189,7 +585,15 @@ def main(argv=None):
     p.add_argument("--backend", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--ladder", action="store_true",
+                   help="the ablation ladder (a)-(g), one change per rung (see the module docstring)")
+    p.add_argument("--rungs", default="a,b,c,d,e,f", help="ladder rungs to time (of a,b,c,d,e,f,g; g: torch.compile)")
+    p.add_argument("--cheap-at", default="d",
+                   help="ladder: rungs at whose settings the cheap-ascent rows are timed (comma list; '' for none)")
+    p.add_argument("--ascent-every", default="2,4", help="ladder: the ascent_every values of the cheap-ascent rows")
     args = p.parse_args(argv)
+    if args.ladder:
+        return ladder_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

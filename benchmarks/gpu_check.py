@@ -25,7 +25,14 @@ subprocess, so a crash, a hang or a CUDA error in one of them cannot take the ot
                 (SAM / ASAM / Box AWP seam ops on CUDA against float64, capture, no host sync)
   bench_family  benchmarks/bench_family_kernels.py: the family seam ops on WRN-34-10 per
                 backend, error against float64 in every row (ok below 1e-4)
-  tests_compile pytest over tests/test_compile.py on CUDA (Inductor compiles: slow, so last)
+  tests_compile pytest over tests/test_compile.py on CUDA (Inductor compiles: slow)
+  bench_ladder  benchmarks/bench_train_step.py --ladder: the ablation ladder of a training step
+                (issue 19), WRN-34-10, batch 128, PGD-10, 10 measured rounds after 2 warm-up
+                rounds: (a) reference pattern, (b) awpfast AWP with the same train-mode attack,
+                (c) + input-only attack gradients, (d) + eval-mode attack, (e) + bf16, (f) +
+                channels_last, and the cheap-ascent rows (attack-sourced, ascent_every 2 and 4)
+                at the settings of (d) and (f); last, so that a short budget skips it first
+                (``--only bench_ladder`` runs it alone, about 2 minutes on an H100)
 
 Tests run without ``-x``, with a per-test timeout (AWPFAST_TEST_TIMEOUT, see
 tests/conftest.py) and, where pytest-xdist is installed, 4 worker processes.
@@ -76,6 +83,7 @@ SECTIONS = [
     ("tests_family", 90, 20),
     ("bench_family", 60, 15),
     ("tests_compile", 90, 20),
+    ("bench_ladder", 240, 60),
 ]
 NAMES = [n for n, _, _ in SECTIONS]
 TESTS_KERNELS = ["tests/test_ops.py", "tests/test_ops_add_scaled.py", "tests/test_native.py", "tests/test_triton.py"]
@@ -518,6 +526,17 @@ class Check:
         ok = rc == 0 and bool(res.get("rows"))
         return res, ok, "timeout" if rc is None else ("ok" if ok else "failed")
 
+    def sec_bench_ladder(self, timeout):
+        if self.dry:
+            args = ["--device", "cpu", "--model", "small-cnn", "--batch", "4", "--attack-steps", "1",
+                    "--repeats", "2", "--warmup", "0", "--rungs", "a,b,c,d,e,f", "--cheap-at", "d"]
+        else:
+            args = ["--device", "cuda", "--model", "wrn34-10", "--batch", "128", "--attack-steps", "10",
+                    "--repeats", "10", "--warmup", "2", "--rungs", "a,b,c,d,e,f", "--cheap-at", "d,f"]
+        res, rc = self._script(["benchmarks/bench_train_step.py", "--ladder"] + args, timeout, "ladder.json")
+        ok = rc == 0 and bool(res.get("rungs")) and not res.get("partial", True)
+        return res, ok, "timeout" if rc is None else ("ok" if ok else "failed")
+
 
 # --------------------------------------------------------------------------- targets (issue 8)
 def _t(value, target, ok, **kw):
@@ -591,6 +610,15 @@ def targets(data):
         out["train_at_awp_over_at"] = _t(fast["awp_overhead"], "<= 1.10", fast["awp_overhead"] <= 1.10)
         if "awp_extra_over_fwd_bwd" in fast:
             out["train_awp_extra_over_fwd_bwd"] = _t(fast["awp_extra_over_fwd_bwd"], "report (floor 1.0)", None)
+    lad = {r["rung"]: r for r in _res(data, "bench_ladder").get("rungs", [])}
+    if "a" in lad and "c" in lad:  # issue 19: the same algorithm, reported (no target)
+        out["ladder_same_algorithm_a_to_c"] = _t(lad["c"].get("speedup_at_awp_vs_a"), "report", None,
+                                                 note="AT-AWP step, reference pattern -> awpfast with the same "
+                                                      "train-mode attack and input-only gradients (same x_adv)")
+    for rung in ("c", "f"):
+        if rung in lad:
+            out[f"ladder_{rung}_awp_extra_over_fwd_bwd"] = _t(lad[rung].get("awp_extra_over_fwd_bwd"),
+                                                              "report (floor 1.0)", None)
     outcomes = _res(data, "tests_cuda").get("outcomes") or {}
     for be in ("triton", "native"):
         got = sorted({o for t, o in outcomes.items() if "capture_full_awp_step" in t and be in t})
@@ -665,6 +693,20 @@ def summary(data):
             lines.append(f"    {r['config']:18s} {r['at_awp_ms']:8.1f} {r['at_ms']:8.1f} {r['awp_overhead']:6.3f} "
                          f"{r.get('fwd_bwd_ms', float('nan')):8.1f} {r.get('awp_extra_over_fwd_bwd', float('nan')):6.3f} "
                          f"{r['speedup_vs_reference_at_awp']:6.2f}x")
+    lr = _res(data, "bench_ladder")
+    if lr.get("rungs"):
+        la = (lr.get("loadavg") or {}).get("one_minute_median")
+        lines.append(f"  ladder ({lr.get('model')}, batch {lr.get('batch')}, PGD-{lr.get('attack_steps')}, "
+                     f"{lr.get('measured_rounds')} rounds, load {la}): AT-AWP ms, AT ms, AWP extra ms, "
+                     "extra / fwd+bwd, vs (a)")
+        for r in lr["rungs"]:
+            lines.append(f"    ({r['rung']}) {r['name'][:30]:30s} {r['at_awp_ms']['median']:8.1f} "
+                         f"{r['at_ms']['median']:8.1f} {r['awp_extra_ms']['median']:7.1f} "
+                         f"{r['awp_extra_over_fwd_bwd']:6.2f} {r.get('speedup_at_awp_vs_a', float('nan')):6.2f}x")
+        for r in lr.get("cheap_rows", []):
+            if "step_ms" in r:
+                lines.append(f"    at ({r['at_rung']}) {r['label']:10s} step {r['step_ms']:8.1f} ms, extra "
+                             f"{r['awp_extra_ms']:7.1f} ms, {r['awp_extra_over_fwd_bwd']:5.2f} x fwd+bwd")
     fk = _res(data, "bench_family")
     if fk.get("rows"):
         lines.append(f"  family seam ops on WRN-34-10, ms (copy bw {fk.get('copy_bandwidth_gbs', 0):.0f} GB/s): "

@@ -80,7 +80,7 @@ def test_quick_selects_sections_not_ok(tmp_path):
                              "tests_cuda": {"status": "running", "ok": False}, "bench_pgd": {"status": "skipped"}}}
     wanted = [n for n in gc.NAMES if chk.wanted(n)]
     assert wanted == ["build", "tests_cuda", "ddp_smoke", "bench_weight", "bench_pgd", "bench_train", "tests_family",
-                      "bench_family", "tests_compile"]
+                      "bench_family", "tests_compile", "bench_ladder"]
     chk.only = ["build", "env"]
     assert [n for n in gc.NAMES if chk.wanted(n)] == ["build"]
 
@@ -235,3 +235,25 @@ def test_pytest_section_outside_dry_run(tmp_path):
     assert (ok, status) == (False, "timeout") and res["rc"] is None
     assert res["counts"]["passed"] >= 1 and res["counts"]["failed"] == 1, res
     assert "TIMEOUT after 8 s" in (out / "gpu_check.log").read_text()
+
+
+def test_bench_ladder_section_dry(tmp_path):
+    """The ladder section (issue 19) on the CPU, tiny: every rung a-f, the cheap-ascent rows at (d),
+    the load average per round, (b) and (c) give the same x_adv; its targets and summary lines."""
+    chk = gc.Check(str(tmp_path), True, 600, False, None)
+    chk.data = {"sections": {}}
+    res, ok, status = chk.sec_bench_ladder(300)
+    assert ok and status == "ok", (status, res.get("rc"), open(chk.log_path).read()[-3000:])
+    assert [r["rung"] for r in res["rungs"]] == ["a", "b", "c", "d", "e", "f"]
+    assert [r["same_algorithm_as_a"] for r in res["rungs"]] == [True, True, True, False, False, False]
+    assert res["x_adv_b_equals_c"]["max_abs_diff"] <= 1e-6
+    assert len(res["loadavg"]["per_round"]) == 2 and len(res["loadavg"]["start"]) == 3
+    for r in res["rungs"]:
+        assert r["at_awp_ms"]["n"] == 2 and r["awp_extra_ms"]["median"] == r["awp_extra_ms"]["median"]
+    assert {r["label"] for r in res["cheap_rows"]} >= {"AT", "separate", "sourced", "every2", "every4"}
+    data = {"device": "cpu", "dry_run": False, "order": gc.NAMES,
+            "sections": {"bench_ladder": {"ok": True, "status": "ok", "result": res}}}
+    t = gc.targets(data)
+    assert t["ladder_same_algorithm_a_to_c"]["ok"] is None and t["ladder_c_awp_extra_over_fwd_bwd"]["value"] > -1e9
+    data["targets"] = t
+    assert "(c) + input-only attack gradients" in gc.summary(data)
