@@ -1,7 +1,7 @@
-"""One rank of the 2-process gloo checks of tests/test_family_distributed.py (float64, CPU):
+"""One rank of the 2-process gloo checks of tests/test_rules_distributed.py (float64, CPU):
 SAM / ASAM and Box AWP under DDP and FSDP2 against a single process on the full batch.
 
-Run as ``python tests/_family_dist_worker.py OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR and
+Run as ``python tests/_rules_dist_worker.py OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT set; writes ``OUT_DIR/rank{r}.json``. Reuses the model, data and helpers of
 tests/_dist_worker.py (the AWP checks).
 """

@@ -4,7 +4,7 @@
 * Trajectory fidelity (float64, ``--dtype float64``): 3 training steps of ``train.train_epoch`` (the
   real loop: loader, attack, AWP, loss, forward order, schedule) under ``--recipe at-awp-reference``
   and ``--recipe trades-awp-reference`` equal the port of the reference loop in
-  ``test_reference_port.py`` (proxy model, state-dict copy, the reference attacks) to 1e-10, weights
+  ``test_train_reference_port.py`` (proxy model, state-dict copy, the reference attacks) to 1e-10, weights
   and BatchNorm statistics; with our own forward order they do not.
 * The presets resolve to the reference scripts' values, explicit options override them, args.json
   records the resolved values and the overrides.
@@ -24,7 +24,7 @@ from awpfast import landscape as L
 from awpfast import train as T
 from awpfast.attacks import TRADESAttack
 from awpfast.data import Split, load_dataset
-from test_reference_port import port_at, port_trades
+from test_train_reference_port import port_at, port_trades
 
 TOL = 1e-10
 STEPS = 3  # training steps of the fidelity tests (batches of 8)

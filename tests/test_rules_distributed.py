@@ -1,6 +1,6 @@
 """SAM / ASAM and Box AWP under DDP and FSDP2: 2 gloo processes on the CPU, float64.
 
-One launch of ``tests/_family_dist_worker.py`` on 2 ranks runs every case; each rank reports
+One launch of ``tests/_rules_dist_worker.py`` on 2 ranks runs every case; each rank reports
 its parameters' distance to a single process on the full global batch, whether the ranks
 hold bitwise-equal parameters, and the collectives awpfast issued in each step.
 """
@@ -13,7 +13,7 @@ skip_without_gloo()
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return launch("_family_dist_worker.py", tmp_path_factory.mktemp("family_dist"))
+    return launch("_rules_dist_worker.py", tmp_path_factory.mktemp("rules_dist"))
 
 
 SAM_CASES = [f"sam_{k}_{f}_{a}" for k in ("ddp", "fsdp") for f in ("closure", "first_step") for a in ("sam", "asam")]

@@ -20,7 +20,7 @@ with both sides seeded identically before each attack and feeding BatchNorm in t
   clean train-mode forward for logging. TRADES-AWP: eval-mode attack, then at ``w + v`` the
   forwards adversarial, clean (KL target), clean (CE). awpfast reproduces these with
   ``PGD(bn_train=True)`` and extra forwards written in the test: what the
-  ``--recipe at-awp-reference`` / ``trades-awp-reference`` presets do; ``test_recipes.py`` runs
+  ``--recipe at-awp-reference`` / ``trades-awp-reference`` presets do; ``test_train_recipes.py`` runs
   this port against ``awpfast.train``'s own loop under those presets.
 """
 import copy
