@@ -17,7 +17,7 @@ FLOORS = [  # top down: a module may import its own floor or lower ones, never a
     {"data", "checkpoint", "optim", "extra_data", "ascent"},
     {"continual", "attacks", "perturb", "cli"},
     {"ops", "losses", "distributed"},
-    {"errors", "choices"},
+    {"errors", "choices", "_lazy"},
 ]
 
 

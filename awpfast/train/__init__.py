@@ -19,14 +19,8 @@ grad scaler, the loader's generator and the torch / CUDA / numpy / python RNG st
 Every option is validated before anything is written; errors are one line (set
 ``AWPFAST_DEBUG=1`` for the traceback).
 
-The training step is the reference recipe (Wu et al. 2020) without its proxy model::
-
-    x_adv = attack(x, y)                                   # eval-mode PGD, input gradients only
-    model.train()
-    with awp.perturbed(lambda: loss_fn(model, x, x_adv, y)):   # w <- w + v (BN stats frozen)
-        loss = loss_fn(model, x, x_adv, y); loss.backward()
-        awp.step()                                         # SGD step at w + v, then w -= v
-    scheduler.step()                                       # piecewise LR, per iteration
+The training step is the reference recipe (Wu et al. 2020) without its proxy model: see
+:mod:`awpfast.train.loop`.
 
 ``--recipe at-awp-reference`` / ``trades-awp-reference`` (and ``at-reference`` / ``trades-reference``)
 set the options of the reference scripts instead of ours, including the train-mode AT attack and the
@@ -46,9 +40,9 @@ The package: :mod:`.config` (recipes, the parser, the defaults table, the valida
 """
 from __future__ import annotations
 
-import importlib
 import sys
 
+from .._lazy import lazy_getattr
 from ..cli import UsageError, cli_main, explicit_options, parse_float, resolve_device
 from .config import (DEFAULTS, LR_SCHEDULES, RECIPES, RunConfig, apply_recipe, build_parser, make_config, preflight,
                      recipe_overrides, resolve_defaults, validate_args)
@@ -73,15 +67,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'awpfast.train' has no attribute {name!r}")
-    where = _LAZY[name]
-    value = importlib.import_module(f".{name}" if where is None else where, __name__)
-    if where is not None:
-        value = getattr(value, name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional
 
 from ..choices import (BACKENDS, DATASETS, DTYPE_NAMES, FORWARD_ORDERS, INPUT_NORM_NAMES, L2_ORDERS, METHODS,
                        MODEL_NAMES, PAD_MODES)
-from ..cli import ArgumentParser, HelpFormatter, parse_float, resolve_device
+from ..cli import ArgumentParser, HelpFormatter, check_out_dir, parse_float, resolve_device
 from ..errors import UsageError
 
 # torch-free at import: parsing and validating a command line (:func:`preflight`) needs no torch; the
@@ -533,15 +533,7 @@ def validate_args(args) -> None:
 
 def _check_out(args, resume_path: Optional[str]) -> None:
     out = args.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out} is an existing file, not a folder: choose another --out")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"--out {out}: {parent} is a file, so the folder cannot be created")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"--out {out}: {parent} is not writable")
+    check_out_dir(out, "--out")
     from ..checkpoint import run_files
     found = run_files(out)
     if resume_path is not None:
