@@ -39,7 +39,6 @@ With ``random_start=False`` :class:`PGD` produces the same examples as torchatta
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, Optional
 
@@ -56,19 +55,29 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 from .choices import L2_ORDERS  # noqa: E402  (the names, torch-free)
 
 
-@contextlib.contextmanager
-def attack_mode(model: nn.Module, train: bool = False):
+class attack_mode:
     """Put every submodule in eval (or train) mode; restore each one's own flag after.
 
     Restoring per module (not just ``model.train(was_training)``) keeps mixed modes that a
     caller set on purpose, e.g. a frozen BatchNorm inside a training model.
+
+    A class, not a ``@contextmanager`` generator: inside a compiled training step the attack
+    runs eagerly after its ``autograd.grad`` graph break, and Dynamo cannot compile a generator
+    frame entered there (it falls back to eager on it).
     """
-    saved = [(m, m.training) for m in model.modules()]
-    model.train(train)
-    try:
-        yield model
-    finally:
-        for m, flag in saved:
+
+    def __init__(self, model: nn.Module, train: bool = False):
+        self.model, self.train = model, train
+
+    def __enter__(self) -> nn.Module:
+        self.saved = []
+        for m in self.model.modules():
+            self.saved.append((m, m.training))
+        self.model.train(self.train)
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for m, flag in self.saved:
             m.training = flag
 
 

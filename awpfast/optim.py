@@ -190,7 +190,13 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- selection
     def _param_group_key(self):
-        return tuple((id(g), len(g["params"])) for g in self.optimizer.param_groups)
+        # Loops, not comprehensions, in the bookkeeping that runs every step: after the ascent's
+        # graph break Dynamo runs these methods eagerly and tries each comprehension (its own frame
+        # on Python < 3.12) as a frame of its own, which it cannot compile ("falling back to eager").
+        key = []
+        for g in self.optimizer.param_groups:
+            key.append((id(g), len(g["params"])))
+        return tuple(key)
 
     def _candidates(self, first: bool = False):
         """Include rule ∩ the optimizer's parameters, in model order (frozen ones included:

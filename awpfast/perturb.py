@@ -157,6 +157,12 @@ class PerturbState:
         self.groups = [_Group(dev, dt, idx, [flat(self.local[i]) for i in idx])
                        for (dev, dt), idx in _ops.group_indices(self.local).items()]
         self._built, self._built_ptrs = now, ptrs
+        for g in self.groups:
+            # Here (eagerly, when AWP is built) rather than at the first perturb(): the backend's
+            # first import cannot be traced, and buffers allocated inside a compiled step would
+            # make the second step recompile (the guards see the lists grow).
+            self._backend(g)
+            self._ensure_buffers(g)
         if self.params:
             dev = self.params[0].device
             if self.skipped_device is None:
@@ -169,10 +175,12 @@ class PerturbState:
     def set_sizes(self, gammas: Sequence[float], etas: Sequence[float]) -> None:
         """Per-layer radius and step size (in selection order), split by group once."""
         self._sizes = (list(gammas), list(etas))
-        for g in self.groups:
-            g.gammas = [gammas[i] for i in g.index]
-            g.etas = [etas[i] for i in g.index]
-            g.project_first = any(e > r for e, r in zip(g.etas, g.gammas))
+        for g in self.groups:  # loops, not comprehensions: see _ensure_buffers
+            g.gammas, g.etas, g.project_first = [], [], False
+            for i in g.index:
+                g.gammas.append(gammas[i])
+                g.etas.append(etas[i])
+                g.project_first = g.project_first or etas[i] > gammas[i]
             if self.reduce is not None:
                 g.gammas_t = torch.tensor(g.gammas, dtype=torch.float64, device=g.device)
                 g.etas_t = torch.tensor(g.etas, dtype=torch.float64, device=g.device)
@@ -203,10 +211,17 @@ class PerturbState:
         return [p.data_ptr() for p in self.cand_params]
 
     def _ensure_buffers(self, g: _Group) -> None:
+        # Plain loops: code that may run eagerly inside a compiled step (Dynamo resumes frame by
+        # frame after the ascent's graph break) has no comprehension over tensors, which Python
+        # < 3.12 runs as a frame of its own that Dynamo cannot compile ("falling back to eager").
         if len(g.backups) != len(g.params):
-            g.backups = [torch.empty_like(p) for p in g.params]
+            g.backups = []
+            for p in g.params:
+                g.backups.append(torch.empty_like(p))
         if self.store_deltas and len(g.deltas) != len(g.params):
-            g.deltas = [torch.empty_like(p) for p in g.params]
+            g.deltas = []
+            for p in g.params:
+                g.deltas.append(torch.empty_like(p))
 
     def _refresh_deltas(self, g: _Group) -> None:
         """deltas <- params - backups (after a projection moved the perturbation)."""
@@ -393,9 +408,12 @@ class PerturbState:
         """Per selected parameter: its rho and whether ASAM's ``T = |w| + eta`` applies to it."""
         if len(rhos) != len(self.params) or len(adaptive) != len(self.params):
             raise ValueError("set_sam needs one rho and one adaptive flag per selected parameter")
-        self._sam_cfg = (list(rhos), [bool(a) for a in adaptive])
+        self._sam_cfg = (list(rhos), list(adaptive))
         for g in self.groups:
+            # built now (eagerly, before sam_perturb is traced), not lazily inside a compiled step,
+            # whose guards would then see the plan appear and recompile at the next step
             g.plan = None
+            self._sam_plan(g)
 
     def _sam_plan(self, g: _Group) -> "_SamPlan":
         if g.plan is None:

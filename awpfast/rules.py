@@ -146,6 +146,7 @@ class AWP(WeightPerturbation):
         for g in optimizer.param_groups:
             g.setdefault("awp_gamma", float(gamma))
         self._size_key, self._any_gamma = None, True
+        self._update_sizes()  # now, eagerly: a compiled first step then finds them ready (no recompile)
 
     def __repr__(self):
         every = getattr(self, "ascent_every", 1)
@@ -178,19 +179,27 @@ class AWP(WeightPerturbation):
         """Push the per-layer gamma and step size to the perturb state when a param group's
         ``awp_gamma``, the groups themselves or the selection changed; returns whether any gamma
         is > 0. The steady state is one small tuple comparison per step, no loop over layers."""
+        # plain loops: under torch.compile this runs eagerly after the ascent's graph break, where
+        # Dynamo cannot start a frame on a comprehension (see WeightPerturbation._param_group_key)
         groups = self.param_groups
-        key = (tuple((id(g), g.get("awp_gamma")) for g in groups), self._sel.generation)
+        key = []
+        for g in groups:
+            key.append((id(g), g.get("awp_gamma")))
+        key = (tuple(key), self._sel.generation)
         if key == self._size_key:
             return self._any_gamma
-        where = {id(p): g for g in groups for p in g["params"]}
-        per_group = {}
+        per_param = {}
         for g in groups:
             val = g.get("awp_gamma", self._default_gamma)
             _check_gamma(val, "awp_gamma in a param group")
-            per_group[id(g)] = float(val)
-        gammas = [per_group[id(where[id(p)])] if id(p) in where else self._default_gamma for p in self._sel.params]
+            for p in g["params"]:
+                per_param[id(p)] = float(val)
         k = self.steps
-        etas = [self.step_size if self.step_size is not None else (g if k == 1 else 2.5 * g / k) for g in gammas]
+        gammas, etas = [], []
+        for p in self._sel.params:
+            g = per_param.get(id(p), self._default_gamma)
+            gammas.append(g)
+            etas.append(self.step_size if self.step_size is not None else (g if k == 1 else 2.5 * g / k))
         self._sel.set_sizes(gammas, etas)
         self._size_key, self._any_gamma = key, any(gammas)
         return self._any_gamma
@@ -269,6 +278,7 @@ class SAM(WeightPerturbation):
         for g in optimizer.param_groups:
             g.setdefault("sam_rho", float(rho))
         self._size_key, self._any_rho = None, True
+        self._update_sizes()  # now, eagerly: a compiled first step then finds them ready (no recompile)
 
     def __repr__(self):
         return (f"SAM(rho={[g.get('sam_rho') for g in self.param_groups]}, adaptive={self.adaptive}, "
@@ -296,18 +306,23 @@ class SAM(WeightPerturbation):
     def _update_sizes(self) -> bool:
         """Push per-parameter rho and the adaptive flags to the perturb state when a group's
         ``sam_rho``, the groups or the selection changed (one tuple comparison per step)."""
-        groups = self.param_groups
-        key = (tuple((id(g), g.get("sam_rho")) for g in groups), self._sel.generation)
+        groups = self.param_groups  # plain loops: see AWP._update_sizes
+        key = []
+        for g in groups:
+            key.append((id(g), g.get("sam_rho")))
+        key = (tuple(key), self._sel.generation)
         if key == self._size_key:
             return self._any_rho
-        where = {id(p): g for g in groups for p in g["params"]}
-        rhos = []
-        for p in self._sel.params:
+        where = {}
+        for g in groups:
+            for p in g["params"]:
+                where[id(p)] = g
+        rhos, adaptive = [], []
+        for n, p in zip(self._sel.names, self._sel.params):
             g = where.get(id(p))
             val = self._default_rho if g is None else g.get("sam_rho", self._default_rho)
             rhos.append(_check_nonneg(val, "sam_rho in a param group"))
-        adaptive = [self.adaptive and bool(self.adaptive_include(n, p))
-                    for n, p in zip(self._sel.names, self._sel.params)]
+            adaptive.append(self.adaptive and bool(self.adaptive_include(n, p)))
         self._sel.set_sam(rhos, adaptive)
         self._size_key, self._any_rho = key, any(rhos)
         return self._any_rho
