@@ -126,6 +126,7 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
             named, store_deltas=(restore == "after_step") if store_deltas is None else store_deltas,
             backend=backend, model=None if setting.sharded else setting.module,
             reduce=setting.all_reduce_sum if setting.sharded else None)
+        self._report_selection()
         self._skipped_host = 0
         self._init_ascent(check_ascent_every(ascent_every))
         self._perturb_called = False  # perturb() since the last step(); a plain step() warns once
@@ -216,6 +217,21 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
                 "parameters the optimizer holds (the default takes those with ndim > 1 and 'weight' in the "
                 "name). Pass include=lambda name, p: ... to choose them.")
         return cands
+
+    def _report_selection(self) -> None:
+        """Log once (logger ``awpfast``, when the wrapper is built) what the selection leaves out,
+        by category with counts; WARNING when it leaves out tensors with ndim >= 2 (a ViT's
+        ``pos_embed`` and ``cls_token`` lack "weight" in their names)."""
+        import logging
+        from .perturb import left_out, left_out_message
+        held = set()
+        for g in self.optimizer.param_groups:
+            for p in g["params"]:
+                held.add(id(p))
+        cats = left_out(list(self._setting.module.named_parameters()), self.include, held)
+        level, msg = left_out_message(type(self).__name__, len(self._sel.params), cats,
+                                      self.include is default_include)
+        logging.getLogger("awpfast").log(level, msg)
 
     def _sync_selection(self) -> None:
         """Follow the optimizer's param groups, ``requires_grad`` changes and new storage

@@ -30,6 +30,63 @@ def default_include(name: str, param: torch.Tensor) -> bool:
     return param.ndim > 1 and "weight" in name
 
 
+def include_matrices(name: str, param: torch.Tensor) -> bool:
+    """The include rule for transformers and ViTs: every tensor with ``ndim >= 2``, whatever its
+    name (linear and conv weights, embedding tables, ``pos_embed``, ``cls_token``); LayerNorm
+    weights and biases (1-D) stay out, as in the reference rule."""
+    return param.ndim >= 2
+
+
+def left_out(named: Sequence[Tuple[str, nn.Parameter]], include: Include, held: set) -> dict:
+    """What the selection leaves out of ``named`` (a model's parameters), by category:
+    ``"1-D weights"`` and ``"non-'weight' tensors"`` (left out by ``include``; the latter split
+    further into those with ``ndim >= 2``, the ones a ViT needs: ``"non-'weight' tensors, ndim >= 2"``),
+    ``"other (include rule)"``, ``"frozen"`` (``requires_grad`` False) and ``"not in the optimizer"``.
+    Values are lists of names."""
+    out = {"1-D weights": [], "non-'weight' tensors": [], "non-'weight' tensors, ndim >= 2": [],
+           "other (include rule)": [], "frozen": [], "not in the optimizer": []}
+    for n, p in named:
+        if id(p) not in held:
+            out["not in the optimizer"].append(n)
+        elif not include(n, p):
+            if "weight" not in n:
+                out["non-'weight' tensors"].append(n)
+                if p.ndim >= 2:
+                    out["non-'weight' tensors, ndim >= 2"].append(n)
+            elif p.ndim <= 1:
+                out["1-D weights"].append(n)
+            else:
+                out["other (include rule)"].append(n)
+        elif not p.requires_grad:
+            out["frozen"].append(n)
+    return out
+
+
+def left_out_message(who: str, n_selected: int, cats: dict, default_rule: bool) -> Tuple[int, str]:
+    """``(logging level, message)`` describing ``left_out()``'s result: WARNING when tensors with
+    ``ndim >= 2`` are left out by the include rule (a ViT's ``pos_embed``/``cls_token`` under the
+    reference rule), INFO otherwise."""
+    import logging
+    parts = []
+    for key in ("1-D weights", "non-'weight' tensors", "other (include rule)", "frozen", "not in the optimizer"):
+        names = cats[key]
+        if names:
+            extra = ""
+            if key == "non-'weight' tensors" and cats["non-'weight' tensors, ndim >= 2"]:
+                big = cats["non-'weight' tensors, ndim >= 2"]
+                extra = f", {len(big)} of them with ndim >= 2: {', '.join(big[:4])}{', ...' if len(big) > 4 else ''}"
+            parts.append(f"{len(names)} {key} (e.g. {names[0]}{extra})")
+    if not parts:
+        return logging.INFO, f"{who} perturbs {n_selected} tensors: all of the model's parameters"
+    big = cats["non-'weight' tensors, ndim >= 2"] or cats["other (include rule)"]
+    msg = f"{who} perturbs {n_selected} tensors and leaves out " + "; ".join(parts) + "."
+    if big:
+        msg += (" For transformers / ViTs pass include=awpfast.perturb.include_matrices (every tensor with "
+                "ndim >= 2, whatever its name)" if default_rule else " (include= decides)") + "."
+        return logging.WARNING, msg
+    return logging.INFO, msg
+
+
 def select_parameters(model: nn.Module, include: Optional[Include] = None) -> List[Tuple[str, nn.Parameter]]:
     """(name, parameter) pairs the include rule picks, in model order; frozen parameters are
     skipped. (The wrappers further intersect this with the optimizer's parameters.)"""
