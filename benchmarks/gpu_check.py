@@ -26,6 +26,9 @@ subprocess, so a crash, a hang or a CUDA error in one of them cannot take the ot
   bench_family  benchmarks/bench_family_kernels.py: the family seam ops on WRN-34-10 per
                 backend, error against float64 in every row (ok below 1e-4)
   tests_compile pytest over tests/test_compile.py on CUDA (Inductor compiles: slow)
+  continual_cifar  python -m awpfast.continual --preset cifar100-paper, GPM and FS-DGPM, 2 tasks x 1
+                epoch on synthetic files in the cifar-100-python format (AlexNet, multi-head, conv
+                bases, second-order FS step on CUDA); ok when both runs finish with a 2 x 2 matrix
   bench_ladder  benchmarks/bench_train_step.py --ladder: the ablation ladder of a training step
                 (issue 19), WRN-34-10, batch 128, PGD-10, 10 measured rounds after 2 warm-up
                 rounds: (a) reference pattern, (b) awpfast AWP with the same train-mode attack,
@@ -83,6 +86,7 @@ SECTIONS = [
     ("tests_family", 90, 20),
     ("bench_family", 60, 15),
     ("tests_compile", 90, 20),
+    ("continual_cifar", 90, 20),
     ("bench_ladder", 240, 60),
 ]
 NAMES = [n for n, _, _ in SECTIONS]
@@ -525,6 +529,24 @@ class Check:
         res, rc = self._script(["benchmarks/bench_train_step.py"] + args, timeout, "train.json")
         ok = rc == 0 and bool(res.get("rows"))
         return res, ok, "timeout" if rc is None else ("ok" if ok else "failed")
+
+    def sec_continual_cifar(self, timeout):
+        data = os.path.join(self.tmp, "cifar-100-python")
+        n = (3, 2) if self.dry else (100, 20)
+        code = f"from awpfast.continual.cifar import write_synthetic_cifar100 as w; w({data!r}, {n[0]}, {n[1]})"
+        t0 = time.time()
+        rc, _ = self.sub([self.py, "-c", code], max(10, timeout / 3))
+        res, ok = {"write_rc": rc}, rc == 0
+        for i, method in enumerate(("gpm", "fs-dgpm") if ok else ()):
+            left = (timeout - (time.time() - t0)) / (2 - i)
+            r, rc = self._script(["-m", "awpfast.continual", "--preset", "cifar100-paper", "--method", method,
+                                  "--data-dir", data, "--tasks", "2", "--epochs", "1", "--quiet", "--overwrite",
+                                  "--device", "cpu" if self.dry else "cuda"] + (["--samples-per-task", "8"] if self.dry
+                                                                                else []), max(5, left), f"cl_{method}.json")
+            A = r.get("acc_matrix") or []
+            res[method] = {k: r.get(k) for k in ("rc", "device", "acc", "seconds_per_task", "basis_sizes")}
+            ok = ok and rc == 0 and len(A) == 2 and all(len(row) == 2 for row in A)
+        return res, ok, "ok" if ok else "failed"
 
     def sec_bench_ladder(self, timeout):
         if self.dry:

@@ -86,16 +86,21 @@ class GPMMemory:
 
     ``GPMMemory(model, params)`` protects every ``nn.Linear`` / ``nn.Conv2d`` of ``model``
     whose weight is in ``params`` (the list the optimizer and the FS step use; default: all
-    trainable parameters). Gradient lists passed to the projections are aligned with
+    trainable parameters); ``layers`` narrows the protected modules (e.g. leave out task heads).
+    Gradient lists passed to the projections are aligned with
     ``params``; entries of parameters that are not protected are left alone.
     """
 
-    def __init__(self, model: nn.Module, params: Optional[Sequence[torch.Tensor]] = None):
+    def __init__(self, model: nn.Module, params: Optional[Sequence[torch.Tensor]] = None,
+                 layers: Optional[Sequence[nn.Module]] = None):
         self.params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
         index = {id(p): i for i, p in enumerate(self.params)}
+        chosen = None if layers is None else {id(m) for m in layers}
         self.layers: List[nn.Module] = []
         self.param_index: List[int] = []
         for m in model.modules():
+            if chosen is not None and id(m) not in chosen:
+                continue
             if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m.weight) in index:
                 if isinstance(m, nn.Conv2d):
                     _conv_padding(m)

@@ -28,7 +28,7 @@ soft weights per task). docs/continual.md says more.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -38,9 +38,10 @@ from .fs import fs_step
 from .gpm import GPMMemory
 from .replay import ReservoirMemory
 
-__all__ = ["METHODS", "Config", "ContinualLearner", "mlp"]
+__all__ = ["METHODS", "Config", "ContinualLearner", "mlp", "acc_bwt"]
 
 METHODS = ("sgd", "gpm", "fs-er", "fs-dgpm")
+SOFT = ("sigmoid", "bounded")
 
 
 @dataclass
@@ -53,11 +54,13 @@ class Config:
     glances: int = 5            #: updates per incoming batch
     epochs: int = 1
     grad_clip: float = 2.0      #: global gradient-norm clip, and the FS perturbation's element clip
+    norm_clip: bool = True      #: apply the global gradient-norm clip (GPM's own code has none)
     memory_size: int = 200      #: reservoir replay capacity (fs-er, fs-dgpm)
     rep_samples: int = 300      #: samples used for the basis SVD after each task
+    rep_layer_samples: Optional[Tuple[int, ...]] = None  #: per protected layer, the first n of those (GPM's batch_list)
     basis: str = "auto"         #: "task" (GPM: the finished task's samples, bases grow) or
     #: "replay" (official FS-DGPM: rebuild from the replay memory); "auto": gpm->task, fs-dgpm->replay
-    thres: float = 0.99         #: energy threshold of the first task
+    thres: Union[float, Tuple[float, ...]] = 0.99  #: energy threshold of the first task (one, or one per layer)
     thres_add: float = 0.0005   #: added per task
     thres_last: float = 0.99999999999
     eta1: float = 0.05          #: FS perturbation step
@@ -66,6 +69,11 @@ class Config:
     tau: float = 10.0           #: sigmoid temperature, lam = sigmoid(tau * theta)
     lam_init: float = 1.0       #: initial theta of each task
     learn_lambda: bool = True   #: False: lam stays sigmoid(tau * lam_init), the official code's effective behaviour
+    soft: str = "sigmoid"       #: "sigmoid": lam = sigmoid(tau*theta); "bounded": lam itself, projected SGD on [lam_floor, 1]
+    lam_floor: float = 0.5      #: lower bound of the bounded soft weights
+    task_classes: int = 0       #: > 0: multi-head, label y uses the output block y // task_classes (its task's head)
+    freeze_bn_after_first: bool = False  #: BatchNorm affine parameters learn on task 0 only (GPM's AlexNet)
+    eval_batch: int = 1000      #: test batch (matters for BatchNorm without running statistics)
     second_order: bool = False  #: FS through the inner gradients (functional path)
     backend: Optional[str] = None  #: seam backend for the perturb/restore ops
 
@@ -81,6 +89,19 @@ class Config:
         for name in ("lr", "eta1", "eta2", "grad_clip", "tau"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.soft not in SOFT:
+            raise ValueError(f"soft must be one of {', '.join(SOFT)}, got {self.soft!r}")
+        if not 0.0 <= self.lam_floor < 1.0:
+            raise ValueError(f"lam_floor must be in [0, 1), got {self.lam_floor}")
+        ths = self.thres if isinstance(self.thres, (tuple, list)) else (self.thres,)
+        if not ths or not all(0.0 < float(t) <= 1.0 for t in ths):
+            raise ValueError(f"thres must lie in (0, 1], got {self.thres}")
+        if self.rep_layer_samples is not None and any(int(k) < 1 for k in self.rep_layer_samples):
+            raise ValueError(f"rep_layer_samples must be >= 1 each, got {self.rep_layer_samples}")
+        if self.task_classes < 0 or self.eval_batch < 1:
+            raise ValueError("task_classes must be >= 0 and eval_batch >= 1")
         if self.memory_size < 0:
             raise ValueError(f"memory_size must be >= 0, got {self.memory_size}")
         if self.basis_source == "replay" and self.memory_size < 1:
@@ -105,8 +126,28 @@ class Config:
             return self.basis
         return "replay" if self.method == "fs-dgpm" else "task"
 
+    def threshold(self, task: int):
+        """The energy threshold(s) after ``task``: ``thres + task * thres_add``, capped at ``thres_last``."""
+        if isinstance(self.thres, (tuple, list)):
+            return [min(float(t) + task * self.thres_add, self.thres_last) for t in self.thres]
+        return min(self.thres + task * self.thres_add, self.thres_last)
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for k in ("thres", "rep_layer_samples"):
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
+        return d
+
+
+def acc_bwt(acc_matrix) -> tuple:
+    """(ACC, BWT) of a T x T accuracy matrix: ACC = mean of the last row; BWT = mean over
+    j < T-1 of ``acc[T-1][j] - acc[j][j]`` (0 for one task)."""
+    T = len(acc_matrix)
+    last = acc_matrix[T - 1]
+    acc = sum(last) / T
+    bwt = sum(last[j] - acc_matrix[j][j] for j in range(T - 1)) / (T - 1) if T > 1 else 0.0
+    return acc, bwt
 
 
 def mlp(n_in: int, hidden: int = 100, n_out: int = 10) -> nn.Sequential:
@@ -127,15 +168,21 @@ class ContinualLearner:
     """Trains ``model`` on a stream of tasks with one of ``METHODS`` (see the module docstring).
 
     ``generator`` (CPU) drives every random choice outside the model's initialization:
-    batch shuffles, replay sampling, the samples used for the bases.
+    batch shuffles, replay sampling, the samples used for the bases. ``protect``: the
+    ``nn.Linear`` / ``nn.Conv2d`` modules GPM protects (default: all of them; leave task
+    heads out).
     """
 
-    def __init__(self, model: nn.Module, cfg: Config, generator: Optional[torch.Generator] = None):
+    def __init__(self, model: nn.Module, cfg: Config, generator: Optional[torch.Generator] = None,
+                 protect: Optional[Sequence[nn.Module]] = None):
         self.cfg = cfg.validate()
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.memory = GPMMemory(model, self.params) if cfg.uses_gpm else None
+        self.memory = GPMMemory(model, self.params, layers=protect) if cfg.uses_gpm else None
+        self.bn_index = [i for i, p in enumerate(self.params)
+                         if any(p is q for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                for q in m.parameters(recurse=False))]
         self.replay = ReservoirMemory(cfg.memory_size if (cfg.uses_replay or cfg.basis_source == "replay") else 0,
                                       self.gen)
         self.backups = [torch.empty_like(p) for p in self.params] if cfg.uses_fs else None
@@ -152,8 +199,8 @@ class ContinualLearner:
         self.optimizer = torch.optim.SGD(self.params, lr=self.cfg.lr, momentum=self.cfg.momentum)
         self.theta, self.opt_theta = None, None
         if self.cfg.method == "fs-dgpm" and not self.memory.is_empty():
-            self.theta = [None if M is None else torch.full((M.shape[1],), float(self.cfg.lam_init),
-                                                            dtype=M.dtype, device=M.device)
+            start = 1.0 if self.cfg.soft == "bounded" else float(self.cfg.lam_init)
+            self.theta = [None if M is None else torch.full((M.shape[1],), start, dtype=M.dtype, device=M.device)
                           for M in self.memory.bases]
             live = [th for th in self.theta if th is not None]
             self.opt_theta = torch.optim.SGD(live, lr=self.cfg.eta2, momentum=self.cfg.momentum)
@@ -162,6 +209,8 @@ class ContinualLearner:
         """The soft weights in use (``None``: hard projection, lam = 1)."""
         if self.theta is None:
             return None
+        if self.cfg.soft == "bounded":
+            return [None if th is None else th.clone() for th in self.theta]
         return [None if th is None else torch.sigmoid(self.cfg.tau * th) for th in self.theta]
 
     @torch.no_grad()
@@ -170,16 +219,16 @@ class ContinualLearner:
         if self.memory is None:
             return
         cfg = self.cfg
-        th = min(cfg.thres + self.task * cfg.thres_add, cfg.thres_last)
-        if cfg.basis_source == "replay":
-            xs, _ = self.replay.all()
-            pick = torch.randperm(len(xs), generator=self.gen)[:cfg.rep_samples]
-            self.memory.update(self.memory.representations(xs[pick]), th, rebuild=True)
-        else:
-            pick = torch.randperm(len(x_task), generator=self.gen)[:cfg.rep_samples]
-            self.memory.update(self.memory.representations(x_task[pick]), th)
+        th = cfg.threshold(self.task)
+        xs = self.replay.all()[0] if cfg.basis_source == "replay" else x_task
+        pick = torch.randperm(len(xs), generator=self.gen)[:cfg.rep_samples]
+        reps = self.memory.representations(xs[pick])
+        if cfg.rep_layer_samples:
+            n = len(pick)  # columns are sample-major: the first k samples are the first k * (columns / n)
+            reps = [R[:, :min(k, n) * (R.shape[1] // n)] for R, k in zip(reps, cfg.rep_layer_samples)]
+        self.memory.update(reps, th, rebuild=cfg.basis_source == "replay")
         if self.theta is not None:
-            lam = torch.cat([torch.sigmoid(cfg.tau * t) for t in self.theta if t is not None])
+            lam = torch.cat([t for t in self.lambdas() if t is not None])
             self.stats.lam_min.append(float(lam.min()))
             self.stats.lam_mean.append(float(lam.mean()))
 
@@ -190,11 +239,20 @@ class ContinualLearner:
                 "replay": self.replay.memory_bytes()}
 
     # ------------------------------------------------------------------ training
+    def _block(self, logits, y):
+        """Multi-head outputs: each sample's own task block of ``task_classes`` logits and its label in it."""
+        C = self.cfg.task_classes
+        blocks = logits.reshape(logits.shape[0], -1, C)
+        return blocks[torch.arange(len(y), device=y.device), torch.div(y, C, rounding_mode="floor")], y % C
+
     def _loss(self, logits, y):
+        if self.cfg.task_classes:
+            logits, y = self._block(logits, y)
         return F.cross_entropy(logits, y)
 
-    def observe(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Train on one incoming batch (``glances`` updates); returns the last loss."""
+    def observe(self, x: torch.Tensor, y: torch.Tensor, remember: bool = True) -> float:
+        """Train on one incoming batch (``glances`` updates); returns the last loss.
+        ``remember=False``: do not offer the batch to the replay memory (later epochs)."""
         if self.optimizer is None:
             raise RuntimeError("call begin_task(t) before observe()")
         loss = 0.0
@@ -202,7 +260,7 @@ class ContinualLearner:
             perm = torch.randperm(x.shape[0], generator=self.gen)
             xb, yb = x[perm], y[perm]
             loss = self._update(xb, yb)
-        if self.replay.capacity:
+        if self.replay.capacity and remember:
             self.replay.add(x, y)
         return loss
 
@@ -230,7 +288,11 @@ class ContinualLearner:
             loss = self._loss(self.model(x), y)
             loss.backward()
             loss = loss.detach()
-        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        if self.task > 0 and cfg.freeze_bn_after_first:
+            for i in self.bn_index:
+                self.params[i].grad.zero_()
+        if cfg.norm_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         lambdas = None
         if self.theta is not None and lam_grads is not None:
             lambdas = self._step_theta(lam_grads)
@@ -241,23 +303,36 @@ class ContinualLearner:
         return float(loss)
 
     def _step_theta(self, lam_grads):
-        """d loss / d theta = d loss / d lam * tau * lam * (1 - lam); clip; SGD step. Returns the new lam."""
+        """Sigmoid: d loss / d theta = d loss / d lam * tau * lam * (1 - lam); clip; SGD step.
+        Bounded: the same step on lam itself (d loss / d lam), then lam clamped to [lam_floor, 1].
+        Returns the new lam."""
         cfg = self.cfg
         live = []
         for th, gl in zip(self.theta, lam_grads):
             if th is None:
                 continue
-            lam = torch.sigmoid(cfg.tau * th)
-            th.grad = (gl if gl is not None else torch.zeros_like(th)) * (cfg.tau * lam * (1 - lam))
+            g = gl if gl is not None else torch.zeros_like(th)
+            if cfg.soft == "sigmoid":
+                lam = torch.sigmoid(cfg.tau * th)
+                g = g * (cfg.tau * lam * (1 - lam))
+            th.grad = g
             live.append(th)
         torch.nn.utils.clip_grad_norm_(live, cfg.grad_clip)
         self.opt_theta.step()
+        if cfg.soft == "bounded":
+            with torch.no_grad():
+                for th in live:
+                    th.clamp_(cfg.lam_floor, 1.0)
         return self.lambdas()
 
     @torch.no_grad()
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
-        """Top-1 accuracy in percent."""
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch: Optional[int] = None) -> float:
+        """Top-1 accuracy in percent (multi-head: within each sample's task block)."""
         correct = 0
+        batch = batch or self.cfg.eval_batch
         for i in range(0, len(y), batch):
-            correct += int((self.model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+            out, yy = self.model(x[i:i + batch]), y[i:i + batch]
+            if self.cfg.task_classes:
+                out, yy = self._block(out, yy)
+            correct += int((out.argmax(1) == yy).sum())
         return 100.0 * correct / max(len(y), 1)

@@ -25,33 +25,41 @@ import torch
 
 from ..cli import USAGE_ERRORS, ArgumentParser, HelpFormatter, UsageError, check_out_file, cli_main, write_json
 from .data import DATASETS, load_pool, make_tasks
-from .learner import METHODS, Config, ContinualLearner, mlp
+from .learner import METHODS, Config, ContinualLearner, acc_bwt, mlp
 
-__all__ = ["PRESETS", "run_experiment", "acc_bwt", "plot_matrix", "main"]
+__all__ = ["PRESETS", "PROTOCOLS", "run_experiment", "acc_bwt", "plot_matrix", "main"]
 
 PRESETS = {
     "quick": {"dataset": "digits", "n_tasks": 5, "samples_per_task": 1000},
     "paper": {"dataset": "digits", "n_tasks": 20, "samples_per_task": 1000},
 }
 
-
-def acc_bwt(acc_matrix) -> tuple:
-    """(ACC, BWT) of a T x T accuracy matrix: ACC = mean of the last row; BWT = mean over
-    j < T-1 of ``acc[T-1][j] - acc[j][j]`` (0 for one task)."""
-    T = len(acc_matrix)
-    last = acc_matrix[T - 1]
-    acc = sum(last) / T
-    bwt = sum(last[j] - acc_matrix[j][j] for j in range(T - 1)) / (T - 1) if T > 1 else 0.0
-    return acc, bwt
+#: Training settings, independent of the stream. ``fs-dgpm``: the official FS-DGPM PMNIST
+#: settings (the ``Config`` defaults). ``gpm``: GPM's own PMNIST code (main_pmnist.py of
+#: sahagobinda/GPM): plain SGD lr 0.01 without momentum, batch 10, 5 epochs, one update per
+#: batch, no gradient clip, thresholds 0.95/0.99/0.99 with no increment, bases from 300 of
+#: the finished task's own training samples. For ``--method gpm`` only.
+PROTOCOLS = {
+    "fs-dgpm": {},
+    "gpm": {"lr": 0.01, "momentum": 0.0, "batch_size": 10, "epochs": 5, "glances": 1, "norm_clip": False,
+            "thres": (0.95, 0.99, 0.99), "thres_add": 0.0, "rep_samples": 300, "basis": "task"},
+}
 
 
 def run_experiment(method: str, preset: str = "quick", seed: int = 0, dataset: Optional[str] = None,
                    n_tasks: Optional[int] = None, samples_per_task: Optional[int] = None,
-                   mnist_path: Optional[str] = None, progress: bool = False, **overrides) -> dict:
+                   mnist_path: Optional[str] = None, progress: bool = False, protocol: str = "fs-dgpm",
+                   **overrides) -> dict:
     """Run one method on one permuted-task stream; returns the result dict (see the module
-    docstring). ``overrides`` set ``Config`` fields."""
+    docstring). ``protocol`` picks the training settings (``PROTOCOLS``); ``overrides`` set
+    ``Config`` fields on top."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "gpm" and method != "gpm":
+        raise ValueError(f"protocol 'gpm' (GPM's own settings) is for --method gpm, not {method!r}")
+    overrides = {**PROTOCOLS[protocol], **overrides}
     spec = dict(PRESETS[preset])
     if dataset is not None:
         spec["dataset"] = dataset
@@ -96,7 +104,7 @@ def run_experiment(method: str, preset: str = "quick", seed: int = 0, dataset: O
     seconds = time.perf_counter() - t0
     a, b = acc_bwt(acc)
     return {
-        "method": method, "preset": preset, "seed": int(seed), "dataset": spec["dataset"],
+        "method": method, "preset": preset, "protocol": protocol, "seed": int(seed), "dataset": spec["dataset"],
         "n_tasks": T, "samples_per_task": int(len(tasks[0].y_train)),
         "acc": a, "bwt": b, "acc_matrix": acc,
         "seconds": seconds, "steps": learner.stats.steps,
@@ -143,8 +151,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="fs-dgpm",
                    help="sgd: plain fine-tuning; gpm: gradient projection memory; fs-er: flattening sharpness with "
                         "replay; fs-dgpm: flattening sharpness with dynamic gradient projection memory")
-    p.add_argument("--preset", choices=tuple(PRESETS), default="quick",
-                   help="quick: 5 permuted-digits tasks; paper: 20 tasks (see the module docstring)")
+    p.add_argument("--preset", choices=tuple(PRESETS) + ("cifar100-paper",), default="quick",
+                   help="quick: 5 permuted-digits tasks; paper: 20 tasks (see the module docstring); cifar100-paper: "
+                        "10-split CIFAR-100 with the AlexNet of GPM/FS-DGPM and each method's paper settings "
+                        "(needs --data-dir; see awpfast/continual/cifar.py)")
+    p.add_argument("--data-dir", metavar="DIR", help="the extracted cifar-100-python folder (train, test, meta) "
+                                                      "for --preset cifar100-paper; nothing is downloaded")
+    p.add_argument("--epochs", type=int, help="override the epochs per task (>= 1)")
+    p.add_argument("--device", default="cpu", help="torch device for --preset cifar100-paper (e.g. cuda)")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="fs-dgpm",
+                   help="training settings: fs-dgpm (the official FS-DGPM PMNIST settings, all methods) or gpm "
+                        "(GPM's own PMNIST code: SGD lr 0.01 no momentum, 5 epochs, 1 update per batch, no clip, "
+                        "thresholds 0.95/0.99/0.99 fixed, bases from the task's own data; --method gpm only)")
     p.add_argument("--seed", type=int, default=0, help="random seed (permutations, initialisation, batch order)")
     p.add_argument("--json", metavar="PATH", help="write the result JSON here (checked before the run)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json / --plot file")
@@ -156,8 +174,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--quiet", action="store_true", help="no per-task progress lines")
     for name, typ in (("lr", float), ("eta1", float), ("eta2", float), ("glances", int), ("tau", float),
-                      ("lam_init", float), ("basis", str), ("memory_size", int)):
+                      ("lam_init", float), ("basis", str), ("memory_size", int), ("soft", str),
+                      ("lam_floor", float)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=f"override Config.{name}")
+    p.add_argument("--thres", type=float, nargs="+", metavar="T",
+                   help="energy threshold of the first task: one, or one per protected layer (override)")
+    p.add_argument("--thres-add", type=float, metavar="A", help="threshold increment per task (override)")
     p.add_argument("--second-order", action="store_true", help="FS through the inner gradients")
     p.add_argument("--fixed-lambda", action="store_true",
                    help="keep lam = sigmoid(tau * lam_init) (what the official code's update amounts to)")
@@ -166,9 +188,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check(args) -> None:
     for flag, v in (("--tasks", args.tasks), ("--samples-per-task", args.samples_per_task),
-                    ("--threads", args.threads)):
+                    ("--threads", args.threads), ("--epochs", args.epochs)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v} (leave it out for the preset's value)")
+    if args.preset == "cifar100-paper":
+        if not args.data_dir:
+            raise UsageError("--preset cifar100-paper needs --data-dir DIR (the extracted cifar-100-python folder: "
+                             "train, test, meta); nothing is downloaded")
+        if args.protocol != "fs-dgpm":
+            raise UsageError("--protocol applies to the permuted presets; cifar100-paper sets each method's own "
+                             "paper settings")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA device here")
     check_out_file(args.json, "--json", overwrite=args.overwrite)
     check_out_file(args.plot, "--plot", overwrite=args.overwrite)
 
@@ -182,14 +213,26 @@ def main(argv=None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         overrides = {k: getattr(args, k) for k in ("lr", "eta1", "eta2", "glances", "tau", "lam_init", "basis",
-                                                    "memory_size") if getattr(args, k) is not None}
+                                                    "memory_size", "soft", "lam_floor") if getattr(args, k) is not None}
+        if args.thres is not None:
+            overrides["thres"] = args.thres[0] if len(args.thres) == 1 else tuple(args.thres)
+        if args.thres_add is not None:
+            overrides["thres_add"] = args.thres_add
         if args.second_order:
             overrides["second_order"] = True
         if args.fixed_lambda:
             overrides["learn_lambda"] = False
-        res = run_experiment(args.method, args.preset, args.seed, dataset=args.dataset, n_tasks=args.tasks,
-                             samples_per_task=args.samples_per_task, mnist_path=args.mnist_csv,
-                             progress=not args.quiet, **overrides)
+        if args.preset == "cifar100-paper":
+            from .cifar import run_cifar
+            res = run_cifar(args.method, args.seed, args.data_dir, n_tasks=args.tasks or 10, epochs=args.epochs,
+                            samples_per_task=args.samples_per_task, device=args.device, progress=not args.quiet,
+                            **overrides)
+        else:
+            if args.epochs is not None:
+                overrides["epochs"] = args.epochs
+            res = run_experiment(args.method, args.preset, args.seed, dataset=args.dataset, n_tasks=args.tasks,
+                                 samples_per_task=args.samples_per_task, mnist_path=args.mnist_csv,
+                                 progress=not args.quiet, protocol=args.protocol, **overrides)
         print(f"{res['method']} {res['preset']} ({res['dataset']}, {res['n_tasks']} tasks, seed {res['seed']}): "
               f"ACC {res['acc']:.2f}%  BWT {res['bwt']:.2f}%  ({res['seconds']:.1f} s)")
         print(f"  ({ACC_BWT_TEXT})")

@@ -115,12 +115,24 @@ def main(argv=None) -> int:
     p.add_argument("--tau", type=float)
     p.add_argument("--basis")
     p.add_argument("--fixed-lambda", action="store_true")
+    p.add_argument("--protocol", choices=("fs-dgpm", "gpm"), default="fs-dgpm")
+    p.add_argument("--soft", choices=("sigmoid", "bounded"))
+    p.add_argument("--lam-floor", type=float)
+    p.add_argument("--thres", type=float, nargs="+")
+    p.add_argument("--thres-add", type=float)
     args = p.parse_args(argv)
     if not os.path.isdir(args.out):
         print(f"error: folder {args.out!r} does not exist; create it first", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    overrides = {k: getattr(args, k) for k in ("lam_init", "tau", "basis") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("lam_init", "tau", "basis", "soft", "lam_floor")
+                 if getattr(args, k) is not None}
+    if args.protocol != "fs-dgpm":
+        overrides["protocol"] = args.protocol
+    if args.thres is not None:
+        overrides["thres"] = args.thres[0] if len(args.thres) == 1 else tuple(args.thres)
+    if args.thres_add is not None:
+        overrides["thres_add"] = args.thres_add
     if args.fixed_lambda:
         overrides["learn_lambda"] = False
     try:
