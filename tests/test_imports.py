@@ -16,7 +16,7 @@ FLOORS = [  # top down: a module may import its own floor or lower ones, never a
     {"models", "rules"},
     {"data", "checkpoint", "optim", "extra_data", "ascent"},
     {"continual", "attacks", "perturb", "cli"},
-    {"ops", "losses", "distributed"},
+    {"ops", "losses", "distributed", "compiled"},
     {"errors", "choices", "_lazy"},
 ]
 
