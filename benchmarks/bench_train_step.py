@@ -523,10 +523,10 @@ def _ladder_result(args, device, rungs, configs, times, step_index, meta, same, 
     return {"benchmark": "train_step_ladder", "partial": partial, "model": args.model, "batch": args.batch,
             "image_size": args.image_size, "attack_steps": args.attack_steps, "gamma": args.gamma,
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-            (platform.processor() or platform.machine()),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "warmup_rounds": args.warmup, "measured_rounds": args.repeats,
+            "warmup_rounds": args.warmup, "measured_rounds": max(0, len(loads) - args.warmup),
+            "planned_rounds": args.repeats,
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
             "elapsed_s": round(time.time() - t_start, 1),
             "loadavg": {"start": load_start, "per_round": loads,
@@ -542,6 +542,17 @@ def _ladder_result(args, device, rungs, configs, times, step_index, meta, same, 
             "rungs": rows, "cheap_rows": cheap,
             "raw_s": {f"{c[0]} {c[1]}": ts for c, ts in times.items()},
             "raw_step_index": {f"{c[0]} {c[1]}": ix for c, ix in step_index.items() if c in meta}}
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _print_ladder(res):

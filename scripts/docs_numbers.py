@@ -32,7 +32,7 @@ import sys
 from typing import Callable, Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["docs/reproduction.md"]
+DOCS = ["docs/reproduction.md", "README.md", "docs/performance.md"]
 START = re.compile(r"^<!-- numbers: (?P<name>[\w.-]+) \((?P<files>[^)]*)\) -->\s*$")
 END = "<!-- /numbers -->"
 
@@ -246,7 +246,13 @@ def earlier_runs_awp(files):
 
 # ----------------------------------------------------------------------------- the training-step ladder
 def _ms(v):
-    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}"
+
+
+def _device(d):
+    if d["device"] == "cpu":
+        return f"{d.get('cpu_count') or '?'}-core CPU ({d['device_name']})"
+    return d["device_name"] or d["device"]
 
 
 def ladder_table(files):
@@ -282,7 +288,7 @@ def ladder_conditions(files):
     la = d["loadavg"]
     return table(["model", "batch", "attack", "device", "threads", "measured rounds (after warm-up)",
                   "load average, 1 min: median (min–max) over the rounds", "x_adv of (c) equals (b)"],
-                 [[d["model"], d["batch"], f"PGD-{d['attack_steps']}", d["device_name"] or d["device"], d["threads"],
+                 [[d["model"], d["batch"], f"PGD-{d['attack_steps']}", _device(d), d["threads"],
                    f"{d['measured_rounds']} ({d['warmup_rounds']})",
                    f"{la['one_minute_median']:.2f} ({la['one_minute_min']:.2f}–{la['one_minute_max']:.2f})",
                    "bitwise" if (d.get("x_adv_b_equals_c") or {}).get("bitwise_equal") else
@@ -340,15 +346,18 @@ def readme_results(files):
                  "the same file, section `bench_train`"])
     rg = {r["rung"]: r for r in ladder["rungs"]}
     a, b, c = rg["a"], rg["b"], rg["c"]
-    rows.append([f"**Training step, same algorithm** ({ladder['device_name'] or 'CPU'} "
-                 f"{ladder['threads']} threads, load {ladder['loadavg']['one_minute_median']:.1f}; "
+    rows.append([f"**Training step, same algorithm** ({_device(ladder)}, {ladder['threads']} threads, load "
+                 f"average {ladder['loadavg']['one_minute_median']:.1f}; "
                  f"{ladder['model']}, batch {ladder['batch']}, PGD-{ladder['attack_steps']}: ladder rungs a → b → c)",
                  f"AT-AWP step {a['at_awp_ms']['median'] / 1e3:.2f} s (reference pattern) → "
                  f"{b['at_awp_ms']['median'] / 1e3:.2f} s (awpfast's AWP, same attack: "
                  f"{b['speedup_at_awp_vs_a']:.2f}×) → {c['at_awp_ms']['median'] / 1e3:.2f} s (input-only attack "
                  f"gradients, the same x_adv: {c['speedup_at_awp_vs_a']:.2f}×); AWP's extra over AT "
                  f"{a['awp_extra_over_fwd_bwd']:.2f} / {b['awp_extra_over_fwd_bwd']:.2f} / "
-                 f"{c['awp_extra_over_fwd_bwd']:.2f}× one forward + backward. The eval-mode attack, bf16 and "
+                 f"{c['awp_extra_over_fwd_bwd']:.2f}× one forward + backward"
+                 + ("; the quartiles of (a) and (c) overlap at this load, so this CPU run does not resolve the "
+                    "speed-up" if c["at_awp_ms"]["p75"] >= a["at_awp_ms"]["p25"] else "")
+                 + ". The eval-mode attack, bf16 and "
                  f"channels_last rungs change the algorithm or the precision: "
                  f"[docs/performance.md](docs/performance.md#a-training-step-one-change-at-a-time)",
                  f"`{files[3]}`"])
