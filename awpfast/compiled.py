@@ -83,6 +83,12 @@ class DynamoEvents(logging.Handler):
     def __enter__(self) -> "DynamoEvents":
         import torch._dynamo  # noqa: F401
         torch._logging.set_logs(dynamo=logging.INFO, graph_breaks=True, recompiles=True)
+        self._muted = []  # recorded here, not printed: torch's own handlers are silenced inside
+        for name, lg in list(logging.root.manager.loggerDict.items()):
+            if name.startswith("torch") and isinstance(lg, logging.Logger):
+                for h in lg.handlers:
+                    self._muted.append((h, h.level))
+                    h.setLevel(logging.CRITICAL + 1)
         logging.getLogger("torch._dynamo").addHandler(self)
         self._start = self._counts()
         return self
@@ -91,6 +97,8 @@ class DynamoEvents(logging.Handler):
         g, f = self._counts()
         self.graphs, self.frames = g - self._start[0], f - self._start[1]
         logging.getLogger("torch._dynamo").removeHandler(self)
+        for h, level in self._muted:
+            h.setLevel(level)
         torch._logging.set_logs()
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -36,6 +36,11 @@ subprocess, so a crash, a hang or a CUDA error in one of them cannot take the ot
                 channels_last, and the cheap-ascent rows (attack-sourced, ascent_every 2 and 4)
                 at the settings of (d) and (f); last, so that a short budget skips it first
                 (``--only bench_ladder`` runs it alone, about 2 minutes on an H100)
+  bench_compile benchmarks/bench_compile.py (issue 21): one whole AT-AWP step (PGD-10, AWP,
+                descent, SGD) eager against torch.compile(mode="reduce-overhead"), WRN-34-10,
+                bf16, batch 128: compile time cold (fresh Inductor cache) and warm, steady-state
+                ms (median of 10 steps), graphs, graph breaks and fallbacks by site, anything
+                compiled again in steady state
 
 Tests run without ``-x``, with a per-test timeout (AWPFAST_TEST_TIMEOUT, see
 tests/conftest.py) and, where pytest-xdist is installed, 4 worker processes.
@@ -88,6 +93,7 @@ SECTIONS = [
     ("tests_compile", 90, 20),
     ("continual_cifar", 90, 20),
     ("bench_ladder", 240, 60),
+    ("bench_compile", 300, 30),
 ]
 NAMES = [n for n, _, _ in SECTIONS]
 TESTS_KERNELS = ["tests/test_ops.py", "tests/test_ops_add_scaled.py", "tests/test_native.py", "tests/test_triton.py"]
@@ -557,6 +563,22 @@ class Check:
                     "--repeats", "10", "--warmup", "2", "--rungs", "a,b,c,d,e,f", "--cheap-at", "d,f"]
         res, rc = self._script(["benchmarks/bench_train_step.py", "--ladder"] + args, timeout, "ladder.json")
         ok = rc == 0 and bool(res.get("rungs")) and not res.get("partial", True)
+        return res, ok, "timeout" if rc is None else ("ok" if ok else "failed")
+
+    def sec_bench_compile(self, timeout):
+        if self.dry:  # the plumbing only: Dynamo with the eager backend, no Inductor build
+            args = ["--device", "cpu", "--models", "small-cnn", "--batch", "4", "--attack-steps", "1",
+                    "--steps", "2", "--warmup", "0", "--backend", "eager"]
+        else:
+            args = ["--device", "cuda", "--models", "wrn34-10", "--dtype", "bfloat16", "--batch", "128",
+                    "--attack-steps", "10", "--steps", "10", "--warmup", "2"]
+        res, rc = self._script(["benchmarks/bench_compile.py"] + args, timeout, "compile.json")
+        rows = res.get("rows", [])
+        bad = [r for r in rows if "error" in r or r.get("fallbacks_in_awpfast")
+               or (r.get("steady_state") or {}).get("frames")]
+        res["rows_not_ok"] = [{k: r.get(k) for k in ("model", "error", "fallbacks_in_awpfast", "steady_state")}
+                              for r in bad]
+        ok = rc == 0 and bool(rows) and not bad and res.get("complete", False)
         return res, ok, "timeout" if rc is None else ("ok" if ok else "failed")
 
 
