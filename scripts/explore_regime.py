@@ -84,6 +84,15 @@ CANDIDATES["long-awp0.01-flat"] = _with(_REGIME, awp_gamma="0.01", awp_warmup=10
 CANDIDATES["long-trades"] = _with(_REGIME, method="trades", beta=6, attack_bn="eval")
 CANDIDATES["long-trades-awp"] = _with(_REGIME, method="trades", beta=6, attack_bn="eval", awp_gamma="0.005",
                                       awp_warmup=10)
+# the issue-18 cheap ascents of AT-AWP g0.01 (compared with "long-awp0.01", the separate ascent): the
+# direction from the regime's train-mode attack's last step, and the separate ascent every 2 / 4 steps;
+# then the attack-sourced direction from an eval-mode attack, beside exact AT-AWP with that attack
+_AWP01 = CANDIDATES["long-awp0.01"]
+CANDIDATES["long-awp0.01-attack"] = _with(_AWP01, awp_ascent="attack")
+CANDIDATES["long-awp0.01-every2"] = _with(_AWP01, awp_every=2)
+CANDIDATES["long-awp0.01-every4"] = _with(_AWP01, awp_every=4)
+CANDIDATES["long-awp0.01-evalbn"] = _with(_AWP01, attack_bn="eval")
+CANDIDATES["long-awp0.01-evalbn-attack"] = _with(_AWP01, attack_bn="eval", awp_ascent="attack")
 
 
 def _run_one(options, eval_every: int) -> None:
