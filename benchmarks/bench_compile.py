@@ -117,7 +117,7 @@ def run_model(name, a, dev, dtype):
     print(f"{name}: eager {row['eager']['median_ms']} ms/step", flush=True)
 
     compile_kw = {"backend": a.backend} if a.backend != "inductor" else {"mode": mode}
-    for phase in ("cold", "warm"):
+    for phase in ("cold", "warm") if a.warm else ("cold",):
         torch._dynamo.reset()
         step, args, _ = build(name, dev, dtype, batch, size, k)
         cstep = torch.compile(step, **compile_kw)
@@ -160,6 +160,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backend", default="inductor", help="torch.compile backend (eager/aot_eager: plumbing)")
     p.add_argument("--mode", default=None, help="default: awpfast.compiled.compile_mode(device)")
+    p.add_argument("--no-warm", dest="warm", action="store_false",
+                   help="skip the warm compile (the steady state then runs on the cold-compiled step)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)

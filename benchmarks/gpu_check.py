@@ -569,8 +569,8 @@ class Check:
 
     def sec_bench_compile(self, timeout):
         if self.dry:  # the plumbing only: Dynamo with the eager backend, no Inductor build
-            args = ["--device", "cpu", "--models", "small-cnn", "--batch", "4", "--attack-steps", "1",
-                    "--steps", "2", "--warmup", "0", "--backend", "eager"]
+            args = ["--device", "cpu", "--models", "small-cnn", "--batch", "2", "--attack-steps", "1",
+                    "--steps", "1", "--warmup", "0", "--backend", "eager", "--no-warm"]
         else:
             args = ["--device", "cuda", "--models", "wrn34-10", "--dtype", "bfloat16", "--batch", "128",
                     "--attack-steps", "10", "--steps", "10", "--warmup", "2"]

@@ -249,9 +249,14 @@ def test_compiled_step_counts(rule, with_attack):
         assert (ev.graphs, ev.frames, ev.recompiles, ev.fallbacks) == (0, 0, [], []), (k, ev.recompiles)
 
 
+_F32, _F64 = (torch.float32, 1e-5), (torch.float64, 1e-10)
+_SLOW = pytest.mark.slow  # the CI budget: fp32 for SAM and Box AWP under make test-all only
+
+
 @pytest.mark.skipif(not DYNAMO_TRACES_WRAPPER, reason="torch < 2.13 runs the wrapper's methods eagerly")
-@pytest.mark.parametrize("rule,with_attack", [("AWP", True), ("SAM", False), ("BoxAWP", False)])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("rule,with_attack,dtype,tol", [
+    ("AWP", True, *_F32), ("AWP", True, *_F64), ("SAM", False, *_F64), ("BoxAWP", False, *_F64),
+    pytest.param("SAM", False, *_F32, marks=_SLOW), pytest.param("BoxAWP", False, *_F32, marks=_SLOW)])
 def test_compiled_step_equals_eager(rule, with_attack, dtype, tol):
     """Five compiled steps (Dynamo + AOTAutograd, ``aot_eager``) give the eager weights and
     BatchNorm statistics."""
