@@ -108,7 +108,10 @@ Floats = Union[float, Sequence[float]]
 
 def _import(name: str):
     """(module, ok, why) of a backend; cached after the first call (a plain dict lookup, so
-    Dynamo traces it; the first import runs outside any compiled graph)."""
+    Dynamo traces it; the first import runs outside any compiled graph). The weight-perturbation
+    wrappers import their backends when they are built (``PerturbState.refresh``), so a compiled
+    training step never reaches ``_import_first``, which is kept out of Dynamo (a graph break
+    when a compiled region calls it first)."""
     hit = _loaded.get(name)
     if hit is not None:
         return hit
