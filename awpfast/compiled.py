@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["compile_mode", "prime_base_state", "DynamoEvents"]
+__all__ = ["compile_mode", "prime_base_state", "DynamoEvents", "DYNAMO_TRACES_WRAPPER"]
 
 
 def compile_mode(device) -> str:
@@ -129,3 +129,24 @@ def _site(line: str) -> str:
         if key in line:
             return line.split(key, 1)[1].strip()
     return line
+
+
+# Dynamo before torch 2.13 (2.11 seen on an H100, 2026-11-27) cannot trace an attribute store
+# on an Optimizer subclass ("Attempted setattr on a user-defined object that does not have an
+# AttributeMutation mutation_type"). There the public methods run eagerly: a compiled training
+# step gets a graph break at each call into awpfast and the same results; from 2.13 on they
+# are traced (tests/test_compile.py checks both).
+DYNAMO_TRACES_WRAPPER = torch.torch_version.TorchVersion(torch.__version__) >= "2.13"
+_EAGER_METHODS = ("perturb", "restore", "step", "accumulate", "zero_grad", "set_gamma", "enable", "disable",
+                  "first_step", "second_step")
+
+
+def _eager_under_old_dynamo(cls, force: bool = False):
+    """Keep ``cls``'s own public step methods out of Dynamo on torch < 2.13 (or when ``force``)."""
+    if force or not DYNAMO_TRACES_WRAPPER:
+        no_dynamo = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+        for name in _EAGER_METHODS:
+            fn = cls.__dict__.get(name)
+            if callable(fn):
+                setattr(cls, name, no_dynamo(fn))
+    return cls

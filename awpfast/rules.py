@@ -45,7 +45,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .optim import Closure, WeightPerturbation, _eager_under_old_dynamo
+from .compiled import _eager_under_old_dynamo
+from .optim import Closure, WeightPerturbation
 
 __all__ = ["AWP", "SAM", "BoxAWP"]
 
