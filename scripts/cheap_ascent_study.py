@@ -154,7 +154,7 @@ def table(runs, seeds, out_prefix, cost_file) -> dict:
     for arm, rows in per.items():
         summary[arm] = {k: _ms([r.get(k) for r in rows.values()]) for k in KEYS}
         for base_key, base in (("vs_exact", EXACT.get(arm, "AT-AWP separate")), ("vs_AT", "AT")):
-            if arm == base or base not in per:
+            if arm == base or base not in per or (base_key == "vs_exact" and arm in ("AT", *EXACT.values())):
                 continue
             summary[arm][base_key] = {"base": base}
             for k in ("last_pgd20", "autoattack", "best_pgd20"):
@@ -167,8 +167,10 @@ def table(runs, seeds, out_prefix, cost_file) -> dict:
         within = all(ve.get(k) and ve[k]["mean"] >= -1.0 for k in ("last_pgd20", "autoattack"))
         sig = all(va.get(k) and va[k]["n"] > 1 and va[k]["mean"] > 0 and va[k]["t"] > T_CRIT[va[k]["n"] - 1]
                   for k in ("last_pgd20", "autoattack"))
-        summary[arm]["keeps_gain"] = bool(within and sig)
+        enough = all(ve.get(k) and va.get(k) and va[k]["n"] > 1 for k in ("last_pgd20", "autoattack"))
+        summary[arm]["keeps_gain"] = bool(within and sig) if enough else None  # None: too few seeds to decide
         summary[arm]["within_1pt_of_exact"], summary[arm]["beats_AT_significantly"] = within, sig
+    partial = at_common_epoch(runs, seeds)
     cpu = None
     if cost_file and os.path.isfile(cost_file):
         with open(cost_file) as f:
@@ -177,12 +179,42 @@ def table(runs, seeds, out_prefix, cost_file) -> dict:
               "eval_every": 5, "seeds": seeds, "criterion": "keeps the gain: mean paired difference to the exact "
               "arm >= -1.0 point on last-epoch test PGD-20 and on AutoAttack of last.pt, and paired gain over AT "
               "significant (two-sided t, 5 %) on both", "summary": summary,
-              "runs": {a: {str(s): r for s, r in rows.items()} for a, rows in per.items()}, "cpu_cost": cpu}
+              "runs": {a: {str(s): r for s, r in rows.items()} for a, rows in per.items()}, "cpu_cost": cpu,
+              "at_common_epoch": partial}
     with open(out_prefix + ".json", "w") as f:
         json.dump(result, f, indent=1)
     _print(summary, seeds, cpu)
     _plot(summary, cpu, out_prefix + ".png")
     return result
+
+
+def at_common_epoch(runs, seeds) -> dict:
+    """Test PGD-20 at the latest evaluated epoch that every started run (finished or not) has reached,
+    per arm and seed, and the paired differences to exact AT-AWP and to AT there: the comparison
+    that includes runs still going at a deadline (clearly not the last epoch)."""
+    curves = {}
+    for arm, name in ARMS.items():
+        for s in seeds:
+            d = _dir(runs, name, s)
+            if os.path.isfile(os.path.join(d, "metrics.jsonl")):
+                curves.setdefault(arm, {})[s] = {r["epoch"]: 100 * r["test_robust_acc"] for r in E.load(d)
+                                                  if not math.isnan(r["test_robust_acc"])}
+    reached = [max(c) for rows in curves.values() for c in rows.values() if c]
+    if not reached:
+        return {}
+    ep = min(reached)
+    out = {"epoch": ep, "pgd20": {a: {str(s): c.get(ep) for s, c in rows.items()} for a, rows in curves.items()}}
+    for arm, rows in curves.items():
+        for key, base in (("vs_exact", EXACT.get(arm, "AT-AWP separate")), ("vs_AT", "AT")):
+            if arm == base or base not in curves or (key == "vs_exact" and arm in ("AT", *EXACT.values())):
+                continue
+            diffs = [rows[s][ep] - curves[base][s][ep] for s in rows if s in curves[base]]
+            out.setdefault("paired", {}).setdefault(arm, {})[key] = dict(_ms(diffs), base=base)
+    f = lambda m: f"{m['mean']:.1f} ± {m['std']:.1f} (n={m['n']}" + (f", t {m['t']:.1f})" if "t" in m else ")")  # noqa
+    print(f"\nat epoch {ep} (every started run has reached it):")
+    for arm, d in out.get("paired", {}).items():
+        print(f"  {arm}: " + "; ".join(f"− {v['base']} {f(v)}" for v in d.values()))
+    return out
 
 
 def _print(summary, seeds, cpu) -> None:
@@ -203,7 +235,8 @@ def _print(summary, seeds, cpu) -> None:
             if key not in s:
                 continue
             d = s[key]
-            keep = {True: "yes", False: "no"}.get(s.get("keeps_gain")) if key == "vs_exact" else ""
+            keep = {True: "yes", False: "no", None: "not decided (too few seeds with AutoAttack)"}[
+                s.get("keeps_gain")] if key == "vs_exact" else ""
             print(f"| {arm} − {d['base']} | {f(d['last_pgd20'])} | {ft(d['last_pgd20'])} | {f(d['autoattack'])} | "
                   f"{ft(d['autoattack'])} | {f(d['best_pgd20'])} | {ft(d['best_pgd20'])} | {keep or ''} |")
 
