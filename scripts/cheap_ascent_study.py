@@ -217,19 +217,23 @@ def at_common_epoch(runs, seeds) -> dict:
     return out
 
 
-def _print(summary, seeds, cpu) -> None:
+def markdown(summary, seeds, cpu) -> str:
+    """The study's two tables as markdown (docs/reproduction.md's `cheap-ascent` numbers block)."""
+    out = []
+    line = out.append
     f = lambda m: "–" if not m else f"{m['mean']:.1f} ± {m['std']:.1f}"  # noqa: E731
     ft = lambda m: "–" if not m or "t" not in m else f"{m['t']:.1f}"  # noqa: E731
-    print(f"| arm (seeds {' '.join(map(str, seeds))}) | n | last PGD-20 | AutoAttack | best PGD-20 | last clean | "
+    line(f"| arm (seeds {' '.join(map(str, seeds))}) | n | last PGD-20 | AutoAttack | best PGD-20 | last clean | "
           "robust gap | wall s / AWP epoch | CPU s / AWP epoch |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    line("|---|---|---|---|---|---|---|---|---|")
     for arm, s in summary.items():
         c = cpu["cpu_s_per_epoch"].get(ARMS[arm]) if cpu else None
-        print(f"| {arm} | {s['last_pgd20']['n']} | {f(s['last_pgd20'])} | {f(s['autoattack'])} | {f(s['best_pgd20'])} | "
+        line(f"| {arm} | {s['last_pgd20']['n']} | {f(s['last_pgd20'])} | {f(s['autoattack'])} | {f(s['best_pgd20'])} | "
               f"{f(s['last_clean'])} | {f(s['robust_gap'])} | {f(s['train_s_per_awp_epoch'])} | "
               f"{'–' if c is None else f'{c:.2f}'} |")
-    print("\n| arm − base (paired by seed) | last PGD-20 | t | AutoAttack | t | best PGD-20 | t | keeps the gain |")
-    print("|---|---|---|---|---|---|---|---|")
+    line("")
+    line("| arm − base (paired by seed) | last PGD-20 | t | AutoAttack | t | best PGD-20 | t | keeps the gain |")
+    line("|---|---|---|---|---|---|---|---|")
     for arm, s in summary.items():
         for key in ("vs_exact", "vs_AT"):
             if key not in s:
@@ -237,8 +241,13 @@ def _print(summary, seeds, cpu) -> None:
             d = s[key]
             keep = {True: "yes", False: "no", None: "not decided (too few seeds with AutoAttack)"}[
                 s.get("keeps_gain")] if key == "vs_exact" else ""
-            print(f"| {arm} − {d['base']} | {f(d['last_pgd20'])} | {ft(d['last_pgd20'])} | {f(d['autoattack'])} | "
+            line(f"| {arm} − {d['base']} | {f(d['last_pgd20'])} | {ft(d['last_pgd20'])} | {f(d['autoattack'])} | "
                   f"{ft(d['autoattack'])} | {f(d['best_pgd20'])} | {ft(d['best_pgd20'])} | {keep or ''} |")
+    return "\n".join(out)
+
+
+def _print(summary, seeds, cpu) -> None:
+    print(markdown(summary, seeds, cpu))
 
 
 def _plot(summary, cpu, path) -> None:

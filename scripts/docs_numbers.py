@@ -364,6 +364,17 @@ def readme_results(files):
     return table(["what", "result", "data"], rows)
 
 
+def cheap_ascent(files):
+    """The issue-18 study's tables, as scripts/cheap_ascent_study.py writes them."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cheap_ascent_study",
+                                                  os.path.join(ROOT, "scripts", "cheap_ascent_study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    d = load(files[0])
+    return study.markdown(d["summary"], d["seeds"], d["cpu_cost"])
+
+
 BLOCKS: Dict[str, Callable[[List[str]], str]] = {
     "regime-arms": regime_arms,
     "regime-at-seeds": regime_at_seeds,
@@ -377,6 +388,7 @@ BLOCKS: Dict[str, Callable[[List[str]], str]] = {
     "ladder-cheap": ladder_cheap,
     "ladder-conditions": ladder_conditions,
     "readme-results": readme_results,
+    "cheap-ascent": cheap_ascent,
 }
 
 
