@@ -85,6 +85,10 @@ def main(argv=None) -> int:
     def body(args):
         from .loop import run
         run(args)
+        if "torch.distributed" in sys.modules:  # under torchrun: every rank done (rank 0 writes last)
+            import torch.distributed as dist   # before any rank tears its process group down
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
         return 0
 
     return cli_main("awpfast-train", parse, body)
