@@ -109,14 +109,13 @@ def cost(names, reps: int, out: str) -> dict:
 
 
 def _ms(vals):
-    vals = [v for v in vals if v is not None]
-    if not vals:
+    """explore_regime's mean/sd summary, plus the one-sample t."""
+    out = E._ms(vals)
+    if out is None:
         return None
-    m = sum(vals) / len(vals)
-    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-    out = {"mean": m, "std": sd, "n": len(vals), "values": vals}
-    if len(vals) > 1:
-        out["t"] = m / (sd / len(vals) ** 0.5) if sd > 0 else (math.inf if m else 0.0)
+    m, sd = out["mean"], out["std"]
+    if out["n"] > 1:
+        out["t"] = m / (sd / out["n"] ** 0.5) if sd > 0 else (math.inf if m else 0.0)
     return out
 
 
