@@ -12,11 +12,18 @@ nothing above it; ``optim`` imports it). The direction of a ``perturb()`` comes 
 * ``.grad`` (SAM, Box AWP: ``_grad_source``);
 * the stored direction of ``ascent_every=K`` (K > 1): the synced direction of the last step that
   computed one, kept in one buffer the size of the selected weights (their local shards under
-  FSDP2) and re-scaled to the current weights by the rule. It is part of ``state_dict()``.
+  FSDP2) and re-scaled to the current weights by the rule. It is part of ``state_dict()``;
+* a sub-batch (``ascent_fraction=F < 1``): the closure takes one argument, ``pick``, and computes its
+  loss on ``pick(x_adv, y)``, the same ``ceil(F * n)`` rows of each tensor, drawn without
+  replacement from the wrapper's own generator (seeded, saved in ``state_dict()``: reproducible and
+  resumable). The pass costs about F of a full-batch forward + backward;
+* the base optimizer's momentum (``ascent="momentum"``): SGD's ``momentum_buffer`` or Adam's
+  ``exp_avg`` of each selected weight, no extra pass (``perturb()`` without a closure).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -25,9 +32,45 @@ from torch import nn
 from .distributed import all_reduce_mean_flat, local_data
 from .perturb import flat, flat_like
 
-__all__ = ["AscentSource", "frozen_batchnorm_stats"]
+__all__ = ["AscentSource", "RowPicker", "frozen_batchnorm_stats", "ASCENT_SOURCES"]
 
 Closure = Callable[[], torch.Tensor]
+ASCENT_SOURCES = ("gradient", "momentum")  # AWP(ascent=...): a closure's (or the attack's) gradient, or momentum
+_MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")  # SGD, Adam/AdamW/NAdam/RAdam
+
+
+class RowPicker:
+    """The ``pick`` argument of a sub-batch ascent closure: ``pick(a, b, ...)`` returns the same
+    rows of every tensor (one tensor: the tensor itself). The rows are drawn on the first call,
+    ``ceil(fraction * n)`` of the ``n`` rows without replacement, in ascending order, from
+    ``generator``; ``fraction=1`` (or ``generator=None``) picks every row and draws nothing."""
+
+    def __init__(self, fraction: float = 1.0, generator: Optional[torch.Generator] = None):
+        self.fraction, self.generator = fraction, generator
+        self.rows: Optional[torch.Tensor] = None
+        self.n: Optional[int] = None
+
+    def __call__(self, *tensors: torch.Tensor):
+        if not tensors or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in tensors):
+            raise TypeError("pick(...) takes the batch tensors (e.g. pick(x_adv, y)): tensors with a batch "
+                            "dimension")
+        n = tensors[0].shape[0]
+        if any(t.shape[0] != n for t in tensors):
+            raise ValueError(f"pick(...) got tensors of different batch sizes {[t.shape[0] for t in tensors]}: "
+                             "pass the tensors of one batch")
+        if self.n is None:
+            self.n = n
+            if self.generator is not None and self.fraction < 1:
+                k = max(1, math.ceil(self.fraction * n - 1e-9))
+                self.rows = torch.randperm(n, generator=self.generator)[:k].sort().values
+        elif n != self.n:
+            raise ValueError(f"pick(...) was called with batches of {self.n} and {n} rows in one closure call: "
+                             "pass the tensors of one batch")
+        if self.rows is None:
+            out = tensors
+        else:
+            out = tuple(t.index_select(0, self.rows.to(t.device)) for t in tensors)
+        return out[0] if len(out) == 1 else out
 
 
 @contextlib.contextmanager
@@ -53,30 +96,82 @@ def check_ascent_every(value) -> int:
     return value
 
 
+def check_ascent_fraction(value) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < float(value) <= 1
+    if not ok:
+        raise ValueError(f"ascent_fraction must be a number in (0, 1] (the share of the batch the ascent pass "
+                         f"uses; 1: all of it), got {value!r}")
+    return float(value)
+
+
+def _check_has_momentum(opt: torch.optim.Optimizer) -> None:
+    d = opt.defaults
+    if "betas" in d or ("momentum" in d and all(float(g.get("momentum", 0)) > 0 for g in opt.param_groups)):
+        return
+    raise ValueError(f"ascent='momentum' takes the direction from the base optimizer's momentum, and this "
+                     f"{type(opt).__name__} keeps none: use SGD with momentum > 0 or Adam/AdamW, or "
+                     "ascent='gradient'")
+
+
 class AscentSource:
     """The ascent-direction half of the engine (see the module docstring). Uses the engine's
     ``_sel`` (:class:`awpfast.perturb.PerturbState`), ``_setting``, ``model``, ``_sync_selection``
     and ``_rule_active``."""
 
-    def _init_ascent(self, ascent_every: int) -> None:
+    def _init_ascent(self, ascent_every: int, fraction: float = 1.0, seed: Optional[int] = None,
+                     source: str = "gradient") -> None:
         self._pending: Optional[List[torch.Tensor]] = None   # accumulated ascent directions
         self._pending_gen = -1
         self.ascent_every = check_ascent_every(ascent_every)
         self._ascent_calls = 0      # perturb() calls with the rule active (ascent_every's clock)
         self._stored: Optional[List[torch.Tensor]] = None
         self._stored_key = None
+        self.ascent_fraction = check_ascent_fraction(fraction)
+        self._rows_gen: Optional[torch.Generator] = None
+        if self.ascent_fraction < 1:
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+                raise ValueError(f"ascent_seed must be an integer in [0, 2**63) or None, got {seed!r}")
+            self._rows_gen = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
+        if source not in ASCENT_SOURCES:
+            raise ValueError(f"ascent must be one of {', '.join(map(repr, ASCENT_SOURCES))}, got {source!r}")
+        self.ascent_source = source
+        if source == "momentum":
+            if self.ascent_fraction < 1 or self.ascent_every > 1:
+                raise ValueError("ascent='momentum' runs no ascent pass: drop ascent_fraction / ascent_every")
+            _check_has_momentum(self.optimizer)
 
     # ----------------------------------------------------------------- closures
-    def _closure_directions(self, closure: Closure) -> List[torch.Tensor]:
+    def _call_closure(self, closure: Closure, full: bool = False):
+        """``closure()``, or with ``ascent_fraction < 1`` ``closure(pick)`` (``full``: a ``pick`` that
+        keeps every row and draws nothing)."""
+        if self.ascent_fraction >= 1:
+            return closure()
+        pick = RowPicker() if full else RowPicker(self.ascent_fraction, self._rows_gen)
+        try:
+            loss = closure(pick)
+        except TypeError as e:
+            if pick.n is None and "positional argument" in str(e):
+                raise TypeError(f"{type(self).__name__}(ascent_fraction={self.ascent_fraction:g}) calls the ascent "
+                                "closure with one argument, pick, that selects the sub-batch: write it as "
+                                "lambda pick: loss_fn(model(pick(x_adv)), pick(y)) (or pick(x_adv, y))") from None
+            raise
+        if pick.n is None and not full:
+            raise ValueError(f"{type(self).__name__}(ascent_fraction={self.ascent_fraction:g}): the ascent closure "
+                             "never called pick(...), so the pass ran on the whole batch; compute the loss on "
+                             "pick(x_adv, y)")
+        return loss
+
+    def _closure_directions(self, closure: Closure, full: bool = False) -> List[torch.Tensor]:
         """Flat ascent directions of one closure (this rank's own; FSDP2's are already averaged
-        over the ranks by its reduce-scatter). BatchNorm statistics and every ``.grad`` untouched."""
+        over the ranks by its reduce-scatter). BatchNorm statistics and every ``.grad`` untouched.
+        ``full``: a sub-batch closure gets every row (see :meth:`_call_closure`)."""
         if not callable(closure):
             raise TypeError(f"perturb() needs a closure returning the ascent loss, got {type(closure).__name__}")
         s = self._setting
         params = self._sel.params
         grads = None
         with torch.enable_grad(), frozen_batchnorm_stats(self.model), s.ascent_context():
-            loss = closure()
+            loss = self._call_closure(closure, full)
             self._check_loss(loss)
             if s.kind == "fsdp2":
                 grads = self._fsdp2_grads(loss)
@@ -149,6 +244,31 @@ class AscentSource:
             grads = [None if g is None else local_data(g) for g in grads]
         return self._sel.flat_directions(grads)
 
+    def _momentum_directions(self) -> Optional[List[torch.Tensor]]:
+        """Flat directions from the base optimizer's momentum of each selected weight (SGD's
+        ``momentum_buffer``, Adam's ``exp_avg``; their local shards under FSDP2); None before the
+        first base step made one. No collective: the buffers are built from synced gradients."""
+        grads, found = [], False
+        for p in self._sel.params:
+            st = self.optimizer.state.get(p, {})
+            buf = next((st[k] for k in _MOMENTUM_KEYS if isinstance(st.get(k), torch.Tensor)), None)
+            found = found or buf is not None
+            grads.append(None if buf is None else (local_data(buf) if self._setting.sharded else buf))
+        return self._sel.flat_directions(grads) if found else None
+
+    def ascent_direction(self, closure: Closure) -> List[torch.Tensor]:
+        """The exact ascent direction of ``closure`` at the current weights, without perturbing:
+        one tensor per selected parameter (``perturbed_parameters`` order), shaped like its local
+        data, synced over the ranks as ``perturb()`` would (``ascent_sync="global"``). BatchNorm
+        statistics, ``.grad``, a pending direction and the sub-batch generator are untouched; a
+        sub-batch closure gets every row. Meant for diagnostics such as :meth:`direction_cosines`."""
+        if self._sel.active:
+            raise RuntimeError(f"{type(self).__name__}.ascent_direction() called while the weights are perturbed: "
+                               "call it before perturb()")
+        self._sync_selection()
+        dirs = self._synced(self._closure_directions(closure, full=True))
+        return [d.view_as(t) if t.is_contiguous() else d for d, t in zip(dirs, self._sel.local)]
+
     # ----------------------------------------------------------------- pending directions
     def _add_pending(self, d: List[torch.Tensor]) -> None:
         if self._pending is None or self._pending_gen != self._sel.generation:
@@ -219,13 +339,19 @@ class AscentSource:
         self._stored_key = key
 
     def _ascent_meta(self) -> dict:
-        """The ``ascent_every`` entries of the state dict (none for ascent_every 1). The stored
+        """The ``ascent_every`` entries of the state dict (none for ascent_every 1), the sub-batch
+        generator's state and the ascent source. The stored
         direction is saved shaped like the parameters; under FSDP2 it is gathered into whole
         tensors (a collective: every rank calls ``state_dict()``), so that it loads on any number
         of processes."""
+        out = {}
+        if self.ascent_fraction < 1:
+            out.update(ascent_fraction=self.ascent_fraction, ascent_rng=self._rows_gen.get_state())
+        if self.ascent_source != "gradient":
+            out["ascent"] = self.ascent_source
         if self.ascent_every == 1:
-            return {}
-        out = {"ascent_every": self.ascent_every, "ascent_calls": self._ascent_calls, "direction": None}
+            return out
+        out.update({"ascent_every": self.ascent_every, "ascent_calls": self._ascent_calls, "direction": None})
         if self._stored is not None and self._stored_key == self._stored_layout():
             tensors = []
             for d, t, p in zip(self._stored, self._sel.local, self._sel.params):
@@ -265,6 +391,9 @@ class AscentSource:
         return out
 
     def _load_ascent_meta(self, meta: dict, direction: Optional[List[torch.Tensor]]) -> None:
+        rng = meta.get("ascent_rng")
+        if self._rows_gen is not None and isinstance(rng, torch.Tensor):
+            self._rows_gen.set_state(rng)
         self._ascent_calls = int(meta.get("ascent_calls", 0))
         self._stored = direction
         self._stored_key = None if direction is None else self._stored_layout()

@@ -329,6 +329,17 @@ def symmetric_label_noise(split: Split, p: float, num_classes: int, seed: int = 
     return Split(split.x, y)
 
 
+def heldout_split(ds, val_samples: Optional[int], train_samples: Optional[int] = None) -> Split:
+    """Every image a run never trained on nor validated with: the test split, then the training
+    images beyond its ``train_samples`` cut (after the validation hold-out; their labels are the
+    data set's, never label-noised). Without a cut it is the test split."""
+    rest, _ = split_validation(ds.train, int(val_samples or 0))
+    if train_samples is None or train_samples >= len(rest):
+        return ds.test
+    unused = Split(rest.x[train_samples:], rest.y[train_samples:])
+    return Split(torch.cat([to_float(ds.test.x), to_float(unused.x)]), torch.cat([ds.test.y, unused.y]))
+
+
 def training_splits(ds, val_samples: Optional[int], train_samples: Optional[int] = None, label_noise: float = 0.0):
     """``(train, val)``: the images a run trained on and its held-out validation images, from the
     dataset and the run's ``val_samples`` / ``train_samples`` / ``label_noise`` (``checkpoint["args"]``;

@@ -28,7 +28,7 @@ from .attacks import PGD
 from .checkpoint import read_model_checkpoint
 from .cli import (ArgumentParser, HelpFormatter, UsageError, check_out_file, cli_main, parse_float, resolve_device,
                   write_json)
-from .data import DATASETS, Batches, Split, load_dataset, to_float
+from .data import DATASETS, Batches, Split, heldout_split, load_dataset, to_float
 from .distributed import dist_sum
 from .models import INPUT_NORMS, MODEL_NAMES, build_model
 
@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=parse_float, default=None, help="default: the checkpoint's (eps/4)")
     p.add_argument("--steps", type=int, nargs="+", default=[20, 100], help="PGD step counts")
     p.add_argument("--samples", type=int, default=None, help="evaluate the first N test images (default: all)")
+    p.add_argument("--split", choices=("test", "heldout"), default="test",
+                   help="test: the data set's test split; heldout: the test split plus every training image the "
+                        "checkpoint's run neither trained on nor validated with (its --train-samples cut; "
+                        "digits with --train-samples 320: 1377 images)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--autoattack", choices=AUTOATTACK_IMPLS, default="auto",
                    help="AutoAttack implementation; auto: autoattack if installed, else torchattacks, else skipped")
@@ -372,14 +376,22 @@ def evaluate_checkpoint(args) -> dict:
            "input_norm": cfg.input_norm, "norm": cfg.norm, "eps": cfg.eps, "alpha": cfg.alpha, "n": None}
     t0 = time.perf_counter()
     clean = None
+    test = ds.test
+    if getattr(args, "split", "test") == "heldout":
+        saved = ck["args"]
+        if cfg.data != saved.get("data"):
+            raise UsageError(f"--split heldout needs the checkpoint's own data set ({saved.get('data')}), not "
+                             f"{cfg.data}")
+        test = heldout_split(ds, saved.get("val_samples"), saved.get("train_samples"))
+    res["split"] = getattr(args, "split", "test")
     for steps in args.steps:
-        r = evaluate_split(model, ds.test, args.batch_size, cfg.eps, cfg.alpha, steps, cfg.norm, device=device,
+        r = evaluate_split(model, test, args.batch_size, cfg.eps, cfg.alpha, steps, cfg.norm, device=device,
                            amp=args.amp, limit=args.samples, check_finite=True)
         res["n"] = r["n"]
         clean = r["clean_acc"]
         res[f"pgd{steps}_acc"] = r["robust_acc"]
     if clean is None:
-        r = evaluate_split(model, ds.test, args.batch_size, cfg.eps, cfg.alpha, 0, cfg.norm, device=device,
+        r = evaluate_split(model, test, args.batch_size, cfg.eps, cfg.alpha, 0, cfg.norm, device=device,
                            limit=args.samples, check_finite=True)
         res["n"], clean = r["n"], r["clean_acc"]
     res["clean_acc"] = clean
@@ -389,7 +401,7 @@ def evaluate_checkpoint(args) -> dict:
         res["autoattack"] = "skipped (--autoattack off)" if (args.no_autoattack or args.autoattack == "off") \
             else AUTOATTACK_HINT
     else:
-        split = ds.test.subset(args.samples)
+        split = test.subset(args.samples)
         x, y = to_float(split.x).to(device), split.y.to(device)
         res["autoattack_acc"] = autoattack_accuracy(model, x, y, cfg.norm, cfg.eps, args.batch_size,
                                                     impl=cfg.autoattack, num_classes=num_classes, seed=args.seed)
@@ -406,7 +418,7 @@ def main(argv=None) -> int:
 
     def body(args):
         res = evaluate_checkpoint(args)
-        print(f"{res['checkpoint']} (epoch {res['epoch']}): {res['model']} on {res['data']}, {res['n']} test images, "
+        print(f"{res['checkpoint']} (epoch {res['epoch']}): {res['model']} on {res['data']}, {res['n']} {res['split']} images, "
               f"{res['norm']} eps={res['eps']:.4g} alpha={res['alpha']:.4g}")
         print(f"  clean        {100 * res['clean_acc']:6.2f} %")
         for s in args.steps:

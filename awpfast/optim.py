@@ -39,7 +39,7 @@ from torch import nn
 from .ascent import AscentSource, Closure, check_ascent_every, frozen_batchnorm_stats
 from .compiled import DYNAMO_TRACES_WRAPPER, _eager_under_old_dynamo  # noqa: F401  (tests import them from here)
 from .distributed import Setting, detect
-from .perturb import PerturbState, default_include
+from .perturb import PerturbState, default_include, flat_like
 
 __all__ = ["AWP", "WeightPerturbation", "frozen_batchnorm_stats"]
 
@@ -87,7 +87,8 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
                  include: Optional[Callable[[str, nn.Parameter], bool]] = None,
                  restore: Optional[str] = None, backend: Optional[str] = None,
                  nonfinite: str = "skip", ascent_sync: str = "global", store_deltas: Optional[bool] = None,
-                 extra_defaults: Optional[dict] = None, ascent_every: int = 1):
+                 extra_defaults: Optional[dict] = None, ascent_every: int = 1, ascent_fraction: float = 1.0,
+                 ascent_seed: Optional[int] = None, ascent: str = "gradient"):
         name = type(self).__name__
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{name} wraps a torch.optim.Optimizer, got {type(optimizer).__name__}; build the base "
@@ -129,7 +130,7 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
             reduce=setting.all_reduce_sum if setting.sharded else None)
         self._report_selection()
         self._skipped_host = 0
-        self._init_ascent(check_ascent_every(ascent_every))
+        self._init_ascent(check_ascent_every(ascent_every), ascent_fraction, ascent_seed, ascent)
         self._perturb_called = False  # perturb() since the last step(); a plain step() warns once
         self._warned = set()
         self.perturb_count = 0
@@ -352,6 +353,15 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
             return False
         if not self._rule_active():
             return False  # e.g. gamma 0: no ascent pass at all
+        if self.ascent_source == "momentum":
+            if closures is not None or pending is not None:
+                raise TypeError(f"{name}(ascent='momentum') takes the direction from the base optimizer's momentum: "
+                                "call perturb() without a closure (and without accumulate() or an attack's awp=)")
+            pending = self._momentum_directions()
+            if pending is None:
+                self._warn_once("nomomentum", f"{name}(ascent='momentum'): the base optimizer has no momentum yet "
+                                              "(before its first step); this step is not perturbed")
+                return False
         reuse = pending is None and self._reuse_due()  # ascent_every: no closure runs this step
         from_grad = closures is None and pending is None and not reuse
         if from_grad and not self._grad_source:
@@ -365,6 +375,8 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
             dirs = self._stored
         elif from_grad:
             dirs = self._grad_directions()  # already what the user's backward made of it: no sync
+        elif self.ascent_source == "momentum":
+            dirs = pending  # built from synced gradients: equal on every rank already
         else:
             dirs = self._synced(pending if closures is None else self._directions(closures))
         self._ascent_calls += 1
@@ -390,6 +402,27 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
         self.perturb_count += 1
         self.last_direction_norms = dn
         return True
+
+    def direction_cosines(self, exact: Sequence[torch.Tensor]) -> torch.Tensor:
+        """While perturbed: the cosine, per selected parameter, between the perturbation ``v``
+        applied (``w + v`` minus the backup) and ``exact`` (e.g. :meth:`ascent_direction`'s output,
+        computed before ``perturb()``), as a float64 CPU vector (NaN where either is zero). A
+        diagnostic of cheap ascents: 1 for the exact direction. Under FSDP2 the dot products and
+        norms are summed over the shards. One host sync."""
+        if not self._sel.active:
+            raise RuntimeError(f"{type(self).__name__}.direction_cosines() needs the weights perturbed: call it "
+                               "after perturb() returned True, before step()")
+        vs = self._sel.perturbation()
+        if len(exact) != len(vs):
+            raise ValueError(f"direction_cosines() needs one tensor per selected parameter ({len(vs)}), "
+                             f"got {len(exact)}")
+        parts = torch.stack([torch.stack([(v.double() * flat_like(e, t).double()).sum(), v.double().square().sum(),
+                                          e.double().square().sum()])
+                             for v, e, t in zip(vs, exact, self._sel.local)]).cpu()
+        if self._setting.sharded:
+            parts = self._setting.all_reduce_sum(parts.to(self._sel.local[0].device)).cpu()
+        den = (parts[:, 1] * parts[:, 2]).sqrt()
+        return torch.where(den > 0, parts[:, 0] / den, torch.full_like(den, float("nan")))
 
     def restore(self) -> bool:
         """Put back the unperturbed weights, bit-exactly. Returns False if nothing was perturbed."""
@@ -527,9 +560,12 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
         pass
 
     def _check_meta(self, meta: dict) -> None:
-        mine = dict(self._meta(), ascent_every=self.ascent_every)
-        meta = dict(meta, ascent_every=meta.get("ascent_every", 1))
-        keys = ["rule", "restore", "ascent_sync", "ascent_every", *self._rule_config().keys()]
+        mine = dict(self._meta(), ascent_every=self.ascent_every, ascent_fraction=self.ascent_fraction,
+                    ascent=self.ascent_source)
+        meta = dict(meta, ascent_every=meta.get("ascent_every", 1), ascent_fraction=meta.get("ascent_fraction", 1.0),
+                    ascent=meta.get("ascent", "gradient"))
+        keys = ["rule", "restore", "ascent_sync", "ascent_every", "ascent_fraction", "ascent",
+                *self._rule_config().keys()]
         diff = [k for k in keys if k in meta and meta[k] != mine[k]]
         if diff:
             warnings.warn(

@@ -286,6 +286,14 @@ class PerturbState:
             torch._foreach_copy_(g.deltas, g.params)
             torch._foreach_sub_(g.deltas, g.backups)
 
+    def perturbation(self) -> List[torch.Tensor]:
+        """While perturbed: ``v = w + v - backup`` per selected parameter, flat, in selection order."""
+        out: List[Optional[torch.Tensor]] = [None] * len(self.params)
+        for g in self.groups:
+            for i, p, b in zip(g.index, g.params, g.backups):
+                out[i] = p - b
+        return out
+
     def flat_directions(self, grads: Sequence[Optional[torch.Tensor]]) -> List[torch.Tensor]:
         """Gradients (one per selected parameter, shaped like its local data; None = unused)
         as 1-D tensors in the element order of the parameter views."""

@@ -116,6 +116,18 @@ class AWP(WeightPerturbation):
             the stored one re-scaled to the current weights, ``v_l = gamma ||w_l|| d_l / ||d_l||``.
             The stored direction is one copy of the selected weights (the synced one under DDP, local
             shards under FSDP2), saved in ``state_dict()`` for an exact resume. Needs ``steps=1``.
+        ascent_fraction: ``F`` in (0, 1]. Below 1 the ascent pass runs on a sub-batch: the closure
+            takes one argument, ``pick``, and returns the loss on ``pick(x_adv, y)`` (the same
+            ``ceil(F * n)`` rows of each tensor, drawn without replacement from the wrapper's own
+            generator, a fresh draw per closure call); about F of a forward + backward. The
+            generator is seeded with ``ascent_seed`` (default ``torch.initial_seed()``) and saved in
+            ``state_dict()``. Under DDP every rank draws the same row positions of its own batch.
+        ascent: ``"gradient"`` (default: the closure's, an accumulated or an attack's gradient) or
+            ``"momentum"``: the base optimizer's momentum of each layer (SGD's ``momentum_buffer``,
+            Adam's ``exp_avg``), re-scaled per layer as above; ``perturb()`` takes no closure and runs
+            no ascent pass; before the base optimizer's first step there is no momentum and the step
+            is not perturbed (warned once). Not an approximation of AWP's direction (see
+            docs/reproduction.md); it regularises like momentum-SAM.
 
     The direction can also come from the attack itself: ``PGD(model, ..., awp=awp)`` (or
     :class:`awpfast.attacks.TRADESAttack`) computes the selected weights' gradient of its own loss
@@ -129,7 +141,8 @@ class AWP(WeightPerturbation):
                  include: Optional[Callable[[str, nn.Parameter], bool]] = None,
                  restore: Optional[str] = None, backend: Optional[str] = None,
                  nonfinite: str = "skip", ascent_sync: str = "global", eps: float = 1e-20,
-                 ascent_every: int = 1):
+                 ascent_every: int = 1, ascent_fraction: float = 1.0, ascent_seed: Optional[int] = None,
+                 ascent: str = "gradient"):
         _check_gamma(gamma, "gamma")
         if type(ascent_every) is int and ascent_every > 1 and steps != 1:
             raise ValueError(f"ascent_every={ascent_every} re-uses a one-step direction: use steps=1 (got steps={steps})")
@@ -143,7 +156,8 @@ class AWP(WeightPerturbation):
         self._default_gamma = float(gamma)
         super().__init__(optimizer, model, include=include, restore=restore, backend=backend,
                          nonfinite=nonfinite, ascent_sync=ascent_sync, extra_defaults={"awp_gamma": float(gamma)},
-                         ascent_every=ascent_every)
+                         ascent_every=ascent_every, ascent_fraction=ascent_fraction, ascent_seed=ascent_seed,
+                         ascent=ascent)
         for g in optimizer.param_groups:
             g.setdefault("awp_gamma", float(gamma))
         self._size_key, self._any_gamma = None, True
@@ -152,6 +166,10 @@ class AWP(WeightPerturbation):
     def __repr__(self):
         every = getattr(self, "ascent_every", 1)
         every = f", ascent_every={every}" if every > 1 else ""
+        if getattr(self, "ascent_fraction", 1.0) < 1:
+            every += f", ascent_fraction={self.ascent_fraction:g}"
+        if getattr(self, "ascent_source", "gradient") != "gradient":
+            every += f", ascent={self.ascent_source!r}"
         return (f"AWP(gamma={[g.get('awp_gamma') for g in self.param_groups]}, steps={self.steps}{every}, "
                 f"restore={self.restore_mode!r}, layers={len(self._sel.params)}, "
                 f"setting={self._setting.kind}/{self._setting.sync},\n  base={self.optimizer!r})")

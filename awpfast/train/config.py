@@ -37,6 +37,7 @@ DEFAULT_VAL = {"cifar10": 1000, "digits": 100, "synthetic": 100}
 EXTRA_FRACTION = 0.5  # RST's unsup_fraction (awpfast.extra_data.DEFAULT_FRACTION)
 LR_SCHEDULES = ("piecewise", "piecewise-epoch", "cosine", "constant")
 FLATNESS_SPLITS = ("val", "train")
+AWP_ASCENTS = ("separate", "attack", "momentum")
 
 
 # ----------------------------------------------------------------------------- the defaults table
@@ -58,6 +59,7 @@ DEFAULTS = {
     "awp_gamma": Derived(lambda a: DEFAULT_GAMMA[a.method]),
     "awp_warmup": Derived(lambda a: DEFAULT_WARMUP[a.method]),
     "awp_steps": 1, "awp_restore": "after_step", "awp_ascent": "separate", "awp_every": 1,
+    "awp_ascent_fraction": 1.0, "awp_cosine_every": 0,
     "forward_order": "ours", "backend": None,
     # model and data
     "model": "small-cnn",
@@ -109,7 +111,7 @@ _RUN_KEYS = ("method", "beta", "awp_gamma", "awp_warmup", "awp_steps", "model", 
              "input_norm", "pad_mode", "recipe", "forward_order", "trades_l2_order", "label_noise", "dtype",
              "track_flatness", "flatness_alpha", "flatness_directions", "flatness_samples", "flatness_steps",
              "eps_warmup", "eval_every", "threads", "backend", "compile", "flatness_split", "awp_ascent",
-             "awp_every")
+             "awp_every", "awp_ascent_fraction", "awp_cosine_every")
 # what checkpoints written before an option existed did (they stay loadable and resume as they ran):
 # today's default, except four options whose behaviour before them was not today's default
 # (--flatness-split: flatness was measured on the first training images before it existed)
@@ -118,7 +120,8 @@ _OLD_RUN_DEFAULTS = dict({k: DEFAULTS[k] for k in ("recipe", "forward_order", "t
                                                    "extra_data", "steps_per_epoch", "nesterov",
                                                    "dtype", "track_flatness", "flatness_alpha", "flatness_directions",
                                                    "flatness_samples", "flatness_steps", "eps_warmup", "eval_every",
-                                                   "threads", "backend", "compile", "awp_ascent", "awp_every")},
+                                                   "threads", "backend", "compile", "awp_ascent", "awp_every",
+                                                   "awp_ascent_fraction", "awp_cosine_every")},
                          **_LEGACY)
 
 
@@ -141,11 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--awp-restore", choices=("after_step", "before_step"),
                    help="after_step: step at w+v then subtract v (the reference); before_step: restore w exactly, "
                         "then step")
-    a.add_argument("--awp-ascent", choices=("separate", "attack"),
+    a.add_argument("--awp-ascent", choices=AWP_ASCENTS,
                    help="where the AWP direction comes from: separate (a train-mode ascent pass on x_adv, the "
-                        "reference) or attack (the training attack's last step also returns the weight gradient at "
+                        "reference), attack (the training attack's last step also returns the weight gradient at "
                         "its last iterate, in the attack's mode: one forward+backward fewer per step; an "
-                        "approximation, see docs/reproduction.md)")
+                        "approximation, see docs/reproduction.md) or momentum (SGD's momentum buffer, re-scaled "
+                        "per layer: no extra pass; not an approximation of AWP's direction)")
+    a.add_argument("--awp-ascent-fraction", type=parse_float, metavar="F",
+                   help="the separate ascent pass on a random F of each batch (rows drawn from the wrapper's own "
+                        "seeded stream, resumable): about F of one forward+backward; 1: the whole batch")
+    a.add_argument("--awp-cosine-every", type=int, metavar="N",
+                   help="every N steps, also compute the exact AWP direction on the side and log the per-layer "
+                        "cosine of the applied perturbation to it (metrics.jsonl 'awp_cosine'); the trajectory is "
+                        "unchanged; 0: off")
     a.add_argument("--awp-every", type=int,
                    help="compute the AWP direction every K steps and re-use it (re-scaled to the weights) in "
                         "between (1: every step)")
@@ -418,13 +429,28 @@ def validate_args(args) -> None:
                          f"{args.method} has none: drop --forward-order")
     if args.trades_l2_order not in L2_ORDERS:
         raise UsageError(f"--trades-l2-order must be one of {', '.join(L2_ORDERS)}, got {args.trades_l2_order!r}")
-    if args.awp_ascent not in ("separate", "attack"):
-        raise UsageError(f"--awp-ascent must be separate or attack, got {args.awp_ascent!r}")
+    if args.awp_ascent not in AWP_ASCENTS:
+        raise UsageError(f"--awp-ascent must be one of {', '.join(AWP_ASCENTS)}, got {args.awp_ascent!r}")
     if args.awp_ascent == "attack" and args.attack_steps == 0:
         raise UsageError("--awp-ascent attack takes the AWP direction from the attack's last step and "
                          "--attack-steps is 0: give --attack-steps >= 1 or --awp-ascent separate")
+    if args.awp_ascent != "separate" and args.awp_steps > 1:
+        raise UsageError(f"--awp-ascent {args.awp_ascent} gives one direction per step and --awp-steps "
+                         f"{args.awp_steps} needs a new one at each ascent step: use --awp-steps 1 or --awp-ascent "
+                         "separate")
     if args.awp_every > 1 and args.awp_steps > 1:
         raise UsageError(f"--awp-every {args.awp_every} re-uses a one-step direction: drop it or use --awp-steps 1")
+    _need_float(args, "awp_ascent_fraction", 0, strict=True, hi=1.0, what=" (the share of the batch)")
+    if args.awp_ascent_fraction < 1 and args.awp_ascent != "separate":
+        raise UsageError(f"--awp-ascent-fraction applies to the separate ascent pass, not to --awp-ascent "
+                         f"{args.awp_ascent}: drop one of them")
+    if args.awp_ascent == "momentum":
+        if args.awp_every > 1:
+            raise UsageError("--awp-ascent momentum runs no ascent pass, so --awp-every has nothing to save: drop it")
+        if not float(args.momentum) > 0:
+            raise UsageError("--awp-ascent momentum reads SGD's momentum buffer and --momentum is 0: give "
+                             "--momentum > 0 or another --awp-ascent")
+    _need_int(args, "awp_cosine_every", 0)
     if args.track_flatness:
         _need_float(args, "flatness_alpha", -math.inf)
         if args.flatness_alpha == 0:

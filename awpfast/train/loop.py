@@ -106,6 +106,10 @@ class Trainer:
     start: int = 0
     history: list = field(default_factory=list)
     best: dict = field(default_factory=dict)
+    cosines: list = field(default_factory=list)  # --awp-cosine-every: this epoch's per-layer cosines
+
+    def record_cosines(self, c: torch.Tensor) -> None:
+        self.cosines.append(c.tolist())
 
     def say(self, *a) -> None:
         if self.cfg.dist.is_main and not self.cfg.args.quiet:
@@ -178,7 +182,9 @@ def setup(cfg: RunConfig) -> Trainer:
                            nesterov=args.nesterov)
     # the DDP / FSDP-wrapped model under torchrun (AWP detects it); one process: the plain module
     awp = AWP(base, wrapped if dist.enabled else model, gamma=args.awp_gamma, steps=args.awp_steps,
-              restore=args.awp_restore, backend=args.backend, ascent_every=args.awp_every)
+              restore=args.awp_restore, backend=args.backend, ascent_every=args.awp_every,
+              ascent_fraction=args.awp_ascent_fraction, ascent_seed=args.seed,
+              ascent="momentum" if args.awp_ascent == "momentum" else "gradient")
     if args.extra_data:  # a fixed share of every batch from the extra set (the base split alone otherwise)
         extra = open_extra(args.extra_data, ds.num_classes, ds.image_size, ds.in_channels)
         batches = MixedBatches(train, extra, args.batch_size, args.extra_fraction, args.steps_per_epoch,
@@ -284,12 +290,18 @@ def train_step(t: Trainer, x: torch.Tensor, y: torch.Tensor):
             t.eval_fwd(x_adv)
     scale = t.scaler.get_scale() if t.scaler is not None else 1.0
 
-    def closure():
+    def closure(pick=None):
         with autocast(device, args.amp):
-            return t.ascent_loss_fn(t.fwd, x, x_adv, y) * scale
+            if pick is None:
+                return t.ascent_loss_fn(t.fwd, x, x_adv, y) * scale
+            return t.ascent_loss_fn(t.fwd, *pick(x, x_adv, y)) * scale  # --awp-ascent-fraction: a sub-batch
 
-    # --awp-ascent attack: the attack left the direction pending (none at gamma 0 or on a re-use step)
-    with t.awp.perturbed(None if args.awp_ascent == "attack" else closure):
+    exact = _exact_direction(t, x, x_adv, y)  # --awp-cosine-every: on the side, before the perturbation
+    # --awp-ascent attack: the attack left the direction pending (none at gamma 0 or on a re-use step);
+    # --awp-ascent momentum: the direction is SGD's momentum buffer
+    with t.awp.perturbed(closure if args.awp_ascent == "separate" else None):
+        if exact is not None and t.awp.is_perturbed:
+            t.record_cosines(t.awp.direction_cosines(exact))
         t.awp.zero_grad(set_to_none=True)
         with autocast(device, args.amp):
             loss, logits_adv = t.loss_fn(t.fwd, x, x_adv, y, return_logits=True)
@@ -305,6 +317,19 @@ def train_step(t: Trainer, x: torch.Tensor, y: torch.Tensor):
             t.eval_fwd(x)
     t.sched.step()
     return loss, logits_adv
+
+
+def _exact_direction(t: Trainer, x, x_adv, y):
+    """``--awp-cosine-every N``: on every N-th step (the scheduler's step count) with AWP on, the exact
+    AWP direction at the current weights (the separate train-mode ascent on the full batch), or None.
+    Computed on the side: BatchNorm statistics, ``.grad``, the RNG streams and the trajectory are
+    untouched."""
+    every = t.cfg.args.awp_cosine_every
+    if not every or t.sched.last_epoch % every or not any(g.get("awp_gamma") for g in t.awp.param_groups):
+        return None
+    args, device = t.cfg.args, t.cfg.device
+    with autocast(device, args.amp):
+        return t.awp.ascent_direction(lambda *_: t.ascent_loss_fn(t.fwd, x, x_adv, y))
 
 
 def train_epoch(t: Trainer, epoch: int) -> dict:
@@ -347,7 +372,20 @@ def train_epoch(t: Trainer, epoch: int) -> dict:
            "img_per_s": n / max(train_time, 1e-9)}
     if ramp:
         rec["train_eps"] = eps_now  # the radius of the epoch's last step
+    if args.awp_cosine_every:
+        rec.update(_cosine_record(t.cosines))
+        t.cosines = []
     return rec
+
+
+def _cosine_record(rows: list) -> dict:
+    """The epoch's ``--awp-cosine-every`` samples: per-layer mean cosine, their mean, the sample count."""
+    if not rows:
+        return {"awp_cosine": None, "awp_cosine_mean": None, "awp_cosine_samples": 0}
+    per_layer = [sum(c) / len(c) for c in zip(*rows)]
+    finite = [v for v in per_layer if math.isfinite(v)]
+    return {"awp_cosine": per_layer, "awp_cosine_mean": sum(finite) / len(finite) if finite else None,
+            "awp_cosine_samples": len(rows)}
 
 
 def full_eval_due(args, epoch: int) -> bool:
