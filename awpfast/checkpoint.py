@@ -7,17 +7,22 @@ Every failure to read is a one-line :class:`~awpfast.errors.UsageError`.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import random
 import shutil
-from typing import List, Optional
+import socket
+import time
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
 
 from .errors import UsageError
 
-__all__ = ["repair_best", "remove_stale_tmp", "checkpoint_epoch", "copy_atomic", "CKPT_FORMAT", "RUN_FILES", "TRAIN_KEYS", "read_checkpoint", "read_model_checkpoint", "atomic_save",
+__all__ = ["run_lock", "LOCK_FILE", "folder_run_id", "check_belongs", "repair_best", "remove_stale_tmp", "checkpoint_epoch", "copy_atomic", "CKPT_FORMAT", "RUN_FILES", "TRAIN_KEYS", "read_checkpoint", "read_model_checkpoint", "atomic_save",
            "run_files", "rng_state", "set_rng_state", "full_state_dicts", "load_optimizer"]
 
 CKPT_FORMAT = "awpfast-train/1"
@@ -76,10 +81,126 @@ def read_model_checkpoint(path: str, what: str = "checkpoint") -> dict:
 
 
 def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to ``path.tmp``, then an atomic rename: a reader never sees half a file."""
+    """``torch.save`` to ``path.tmp``, then an atomic rename: a reader never sees half a file. A full
+    disk (or another write failure) removes the partial ``.tmp`` and raises a one-line
+    :class:`UsageError` naming the folder; ``path`` keeps what it held."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        if _disk_full(e):
+            raise UsageError(f"the disk holding {os.path.dirname(os.path.abspath(path))} is full: {os.path.basename(path)} "
+                             "was not written (the partial file is removed, the previous one kept); free space and "
+                             "--resume") from None
+        if isinstance(e, OSError):
+            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)  # torch's zip writer reports a short write as "unexpected pos" / "file write failed"
+    return isinstance(e, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)
+
+
+# ----------------------------------------------------------------------------- one run per folder
+LOCK_FILE = ".awpfast.lock"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str, what: str = "--out") -> Iterator[None]:
+    """Hold an exclusive lock on the run folder ``folder`` (created if needed) for the ``with`` body.
+
+    A second holder is refused with a one-line :class:`UsageError` naming the first's pid and start
+    time. The lock is an ``flock`` on ``folder/.awpfast.lock``: the kernel drops it when its process
+    dies, so a killed run's lock is stale at once and taken over (with a note in the file). On
+    systems without ``fcntl`` it is a no-op."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_FILE)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = _read_lock(path)
+            who = f"pid {holder.get('pid', '?')}" + (f" on {holder['host']}" if holder.get("host") else "") + \
+                (f", started {holder['started']}" if holder.get("started") else "")
+            raise UsageError(f"{what} {folder} is in use by another awpfast-train run ({who}): wait for it to end, "
+                             f"or choose another {what}") from None
+        try:  # the file may have been replaced between open and flock: lock the one at the path
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                os.close(fd)
+                continue
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        break
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the flock; the file stays (removing it would race a waiting opener)
+
+
+def _read_lock(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.loads(f.read() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def folder_run_id(folder: str) -> Optional[str]:
+    """The ``run_id`` the run in ``folder`` recorded in its ``args.json`` (None: none recorded)."""
+    try:
+        with open(os.path.join(folder, "args.json")) as f:
+            return json.load(f).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _checkpoint_run_id(path: str) -> Optional[str]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("run_id")
+    except Exception:
+        return None
+
+
+def check_belongs(ckpt: dict, ckpt_path: str, folder: str) -> None:
+    """Refuse (one-line :class:`UsageError`) to resume ``ckpt`` into ``folder`` unless it proves it is
+    that folder's run: its ``run_id`` equals the one in the folder's ``args.json`` and ``best.pt``
+    (checkpoints from before run ids: the folder it recorded is this one). Reads only."""
+    mine = ckpt.get("run_id")
+    theirs = {"args.json": folder_run_id(folder)}
+    best = os.path.join(folder, "best.pt")
+    if os.path.isfile(best) and not os.path.samefile(best, ckpt_path):
+        theirs["best.pt"] = _checkpoint_run_id(best)
+    recorded = (ckpt.get("args") or {}).get("out")
+    for name, rid in theirs.items():
+        if rid is not None and rid != mine:
+            raise UsageError(f"--resume {ckpt_path} is from another run (run id {mine or 'none'}) than the one in "
+                             f"{folder} ({name}: {rid}): resume that run's own last.pt, or continue this checkpoint "
+                             "into a new --out")
+    if mine is None and recorded and os.path.realpath(recorded) != os.path.realpath(folder) \
+            and any(os.path.isfile(os.path.join(folder, f)) for f in ("best.pt", "metrics.jsonl", "args.json")):
+        raise UsageError(f"--resume {ckpt_path} was written by the run in {recorded}, not by the one in {folder}: "
+                         "resume it into its own folder, or into a new --out")
 
 
 def copy_atomic(src: str, dst: str) -> None:

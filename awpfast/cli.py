@@ -128,7 +128,7 @@ def _writable_folder(path: str, flag: str) -> None:
         raise UsageError(f"{flag} {path}: {parent} is not writable")
 
 
-def check_out_file(path: Optional[str], flag: str, overwrite: bool = True, create_parent: bool = False) -> None:
+def check_out_file(path: Optional[str], flag: str, overwrite: bool = False, create_parent: bool = False) -> None:
     """Check, before any work, that the output file ``path`` (of option ``flag``) can be written:
     not a folder, its folder exists (or, with ``create_parent``, can be created) and is writable,
     and (without ``overwrite``) it does not exist yet. ``None`` passes."""

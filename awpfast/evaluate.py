@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0, help="random seed (PGD random starts, AutoAttack)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     return p
 
 
@@ -305,7 +306,7 @@ def make_eval_config(args) -> EvalConfig:
     _finite(args.alpha, "--alpha")
     if args.seed is not None and not (0 <= args.seed < 2 ** 32):
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
-    check_out_file(args.json, "--json")
+    check_out_file(args.json, "--json", overwrite=getattr(args, "overwrite", False))
     aa = autoattack_backend("off" if args.no_autoattack else args.autoattack)
     ck = load_checkpoint(args.checkpoint)
     saved = ck["args"]

@@ -50,7 +50,13 @@ class Derived:
 
 
 def _default_out(a) -> str:
-    return os.path.join("runs", f"{a.method}{'-awp' if a.awp_gamma > 0 else ''}-{a.model}-{a.data}-s{a.seed}")
+    """``runs/<method>[-awp]-<model>-<data>-s<seed>-<hash>``: the hash covers every option that defines
+    the run (``_RUN_KEYS`` and ``--epochs``), so two runs that differ in any of them (lr, eps, ...)
+    never share a default folder."""
+    import hashlib
+    key = repr(sorted((k, repr(getattr(a, k, None))) for k in _RUN_KEYS + ("epochs",) if k != "seed"))
+    tag = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return os.path.join("runs", f"{a.method}{'-awp' if a.awp_gamma > 0 else ''}-{a.model}-{a.data}-s{a.seed}-{tag}")
 
 
 DEFAULTS = {
@@ -269,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, help="random seed")
     r.add_argument("--out",
-                   help="output folder (default: runs/<method>[-awp]-<model>-<data>-s<seed>)")
+                   help="output folder, locked while a run uses it (default: runs/<method>[-awp]-<model>-<data>-"
+                        "s<seed>-<hash of the options that change the numbers>)")
     r.add_argument("--resume", nargs="?", const="", metavar="CKPT",
                    help="continue from CKPT (default: OUT/last.pt) exactly")
     r.add_argument("--overwrite", action="store_true",
@@ -327,6 +334,19 @@ class RunConfig:
     checkpoint: Optional[dict] = None
     notes: List[str] = field(default_factory=list)
     finished: bool = False  # --resume of a run that already trained all its epochs (only its files get repaired)
+    run_id: str = ""        # the run's identity: in args.json and every checkpoint; --resume keeps it
+    resume_stat: Optional[tuple] = None  # (mtime_ns, size) of the --resume file when it was read
+
+
+def recheck(cfg: RunConfig) -> None:
+    """Repeat, under the run folder's lock, the checks whose answer another process could have changed
+    since :func:`make_config` (the folder's files, the ``--resume`` checkpoint). Raises :class:`UsageError`."""
+    _check_out(cfg.args, cfg.resume_path)
+    if cfg.resume_path is not None:
+        st = os.stat(cfg.resume_path)
+        if (st.st_mtime_ns, st.st_size) != cfg.resume_stat:
+            raise UsageError(f"--resume {cfg.resume_path} changed while this command started (another run wrote "
+                             "it): run the command again")
 
 
 def resolve_defaults(args) -> argparse.Namespace:
@@ -505,15 +525,18 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
                     if v is not None and v != (parser_default(k) if k in DEFAULTS else None)}
     dist = _distributed().dist_from_env(args.ddp, args.fsdp)
     notes: List[str] = []
-    ckpt = resume_path = None
+    ckpt = resume_path = resume_stat = None
     if args.resume is not None:
         if args.out is None and args.resume:
             args.out = os.path.dirname(os.path.abspath(args.resume))
         if args.out is None:
             raise UsageError("--resume without a path needs --out DIR (the run to continue)")
         resume_path = args.resume or os.path.join(args.out, "last.pt")
-        from ..checkpoint import read_checkpoint
+        from ..checkpoint import check_belongs, read_checkpoint
+        st = os.stat(resume_path) if os.path.isfile(resume_path) else None
         ckpt = read_checkpoint(resume_path, "--resume")
+        resume_stat = (st.st_mtime_ns, st.st_size) if st is not None else None
+        check_belongs(ckpt, resume_path, args.out)
         saved = dict(ckpt["args"])
         for k in _RUN_KEYS:
             old = saved.get(k, _OLD_RUN_DEFAULTS.get(k))
@@ -554,5 +577,7 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
     device = resolve_device(args.device, dist)
     _check_out(args, resume_path)
     finished = ckpt is not None and int(ckpt["epoch"]) >= args.epochs  # run() repairs its files, or refuses
+    import uuid
+    run_id = (ckpt.get("run_id") if ckpt is not None else None) or uuid.uuid4().hex
     return RunConfig(args=args, device=device, dist=dist, resume_path=resume_path, checkpoint=ckpt, notes=notes,
-                     finished=finished)
+                     finished=finished, run_id=run_id, resume_stat=resume_stat)

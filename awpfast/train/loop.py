@@ -28,17 +28,18 @@ import numpy as np
 import torch
 
 from ..attacks import PGD, TRADESAttack
-from ..checkpoint import (CKPT_FORMAT, RUN_FILES, atomic_save, full_state_dicts, load_optimizer, remove_stale_tmp,
-                          repair_best, rng_state, run_files, set_rng_state)
+from ..checkpoint import (CKPT_FORMAT, LOCK_FILE, RUN_FILES, atomic_save, full_state_dicts, load_optimizer,
+                          remove_stale_tmp, repair_best, rng_state, run_files, run_lock, set_rng_state)
 from ..data import Batches, load_dataset, training_splits
 from ..distributed import dist_sum
+from ..cli import atomic_write_text
 from ..errors import UsageError
 from ..evaluate import autocast, evaluate_split
 from ..extra_data import MixedBatches, open_extra
 from ..losses import get_loss
 from ..models import build_model
 from ..rules import AWP
-from .config import RunConfig, make_config, recipe_overrides
+from .config import RunConfig, make_config, recheck, recipe_overrides
 from .report import done_line, epoch_line, note, repair_outputs, start_line, write_outputs
 
 __all__ = ["Trainer", "setup", "run", "train_step", "train_epoch", "evaluate_epoch", "flatness_epoch",
@@ -237,10 +238,10 @@ def prepare_out(t: Trainer) -> None:
                 os.remove(p)
     rec = {k: v for k, v in vars(cfg.args).items()}
     rec["world_size"] = cfg.dist.world_size
+    rec["run_id"] = cfg.run_id
     if cfg.args.recipe:  # the options given explicitly that moved the run away from its recipe
         rec["recipe_overrides"] = recipe_overrides(cfg.args)
-    with open(os.path.join(out, "args.json"), "w") as f:
-        json.dump(rec, f, indent=1, sort_keys=True)
+    atomic_write_text(os.path.join(out, "args.json"), json.dumps(rec, indent=1, sort_keys=True))
 
 
 def epoch_gamma(args, epoch: int) -> float:
@@ -489,7 +490,7 @@ def save_checkpoint(t: Trainer, epoch: int, is_best: bool) -> None:
     model_sd, optim_sd = full_state_dicts(t.model, t.awp, cfg.dist.mode == "fsdp", cfg.dist.is_main)  # collective
     if not cfg.dist.is_main:
         return
-    state = {"format": CKPT_FORMAT, "epoch": epoch + 1, "model": model_sd,
+    state = {"format": CKPT_FORMAT, "run_id": cfg.run_id, "epoch": epoch + 1, "model": model_sd,
              "optimizer": optim_sd, "scheduler": t.sched.state_dict(),
              "scaler": t.scaler.state_dict() if t.scaler is not None else None,
              "rng": rng, "rng_ranks": rng_ranks, "world_size": cfg.dist.world_size,
@@ -508,18 +509,23 @@ def run(args) -> dict:
     if cfg.dist.is_main:
         for n in cfg.notes:
             note(n)
-    if cfg.finished:
-        return _finish_resume(cfg)
-    _init_distributed(cfg)
-    t = setup(cfg)
     out_existed = os.path.isdir(args.out)
     try:
-        prepare_out(t)
-        return _train_loop(t)
+        # one run per folder: rank 0 (the one that writes) holds the folder's lock for the whole run,
+        # and repeats under it the checks another process could have changed since make_config
+        with run_lock(args.out) if cfg.dist.is_main else contextlib.nullcontext():
+            if cfg.dist.is_main:
+                recheck(cfg)
+            if cfg.finished:
+                return _finish_resume(cfg)
+            _init_distributed(cfg)
+            t = setup(cfg)
+            prepare_out(t)
+            return _train_loop(t)
     except BaseException:
         # a run that failed before writing anything leaves no empty folder behind
         if cfg.dist.is_main and not out_existed and os.path.isdir(args.out) and not run_files(args.out):
-            for f in ("args.json",):
+            for f in ("args.json", LOCK_FILE):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(args.out, f))
             with contextlib.suppress(OSError):
