@@ -170,11 +170,20 @@ class AscentSource:
         s = self._setting
         params = self._sel.params
         grads = None
-        with torch.enable_grad(), frozen_batchnorm_stats(self.model), s.ascent_context():
-            loss = self._call_closure(closure, full)
-            self._check_loss(loss)
-            if s.kind == "fsdp2":
-                grads = self._fsdp2_grads(loss)
+        # FSDP2: every parameter's .grad is set aside *before* the closure's forward, while the
+        # modules hold their sharded parameters (after the forward a unit that does not reshard,
+        # such as the root, holds unsharded ones, and their shards' .grad would be accumulated into)
+        saved = self._fsdp2_set_aside_grads() if s.kind == "fsdp2" else None
+        try:
+            with torch.enable_grad(), frozen_batchnorm_stats(self.model), s.ascent_context():
+                loss = self._call_closure(closure, full)
+                self._check_loss(loss)
+                if s.kind == "fsdp2":
+                    grads = self._fsdp2_grads(loss)
+        finally:
+            if saved is not None:
+                for p, g in saved:
+                    p.grad = g
         if grads is None:
             grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
         if all(g is None for g in grads):
@@ -197,21 +206,31 @@ class AscentSource:
                 "the AWP closure's loss does not depend on the selected parameters (it has no grad_fn): "
                 "compute it with gradients enabled and without .detach()")
 
-    def _fsdp2_grads(self, loss: torch.Tensor):
-        """FSDP2: autograd.grad cannot reach the sharded parameters, so run an ordinary backward
-        (FSDP2 reduce-scatters the mean gradient into each rank's shard of ``.grad``), take the
-        selected local shards, and put every parameter's ``.grad`` back as it was."""
-        self._setting.check_group()
-        ps = [p for p in self.model.parameters()]
-        saved = [p.grad for p in ps]
+    def _fsdp2_set_aside_grads(self) -> list:
+        """FSDP2: ``[(sharded parameter, its .grad)]`` for every parameter, each ``.grad`` set to None.
+        The sharded parameters are the FSDP units' own (``reshard()`` first where a unit still holds
+        its unsharded ones, e.g. after a forward without backward)."""
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+        ps = list(self.model.parameters())
+        if not all(isinstance(p, DTensor) for p in ps):
+            for m in self.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+            ps = list(self.model.parameters())
+        saved = [(p, p.grad) for p in ps]
         for p in ps:
             p.grad = None
-        try:
-            loss.reshape(()).backward()
-            return [None if p.grad is None else local_data(p.grad) for p in self._sel.params]
-        finally:
-            for p, g in zip(ps, saved):
-                p.grad = g
+        return saved
+
+    def _fsdp2_grads(self, loss: torch.Tensor):
+        """FSDP2: autograd.grad cannot reach the sharded parameters, so run an ordinary backward
+        (FSDP2 reduce-scatters the mean gradient into each rank's shard of ``.grad``, set aside and
+        cleared by :meth:`_fsdp2_set_aside_grads` before the forward) and take the selected local
+        shards; the caller puts every ``.grad`` back."""
+        self._setting.check_group()
+        loss.reshape(()).backward()
+        return [None if p.grad is None else local_data(p.grad) for p in self._sel.params]
 
     def _directions(self, closures: Sequence[Closure]) -> List[torch.Tensor]:
         if len(closures) == 1:  # no loop around autograd.grad's graph break under torch.compile

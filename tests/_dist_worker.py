@@ -250,10 +250,12 @@ def check_ddp_one_rank_group(res):
 
 
 # ----------------------------------------------------------------------------- FSDP2
-def fsdp_model(bn=False):
+def fsdp_model(bn=False, root_params=False):
+    """Every layer its own FSDP2 unit; ``root_params``: fc and gate stay in the root unit, which
+    keeps its parameters unsharded from its forward to its backward (as awpfast-train's small CNN)."""
     from torch.distributed.fsdp import fully_shard
     m = make_net(bn)
-    for sub in (m.conv1, m.conv2, m.fc, m.gate):
+    for sub in (m.conv1, m.conv2) if root_params else (m.conv1, m.conv2, m.fc, m.gate):
         fully_shard(sub)
     fully_shard(m)
     return m
@@ -264,11 +266,15 @@ def full(model):
 
 
 def check_fsdp(res):
-    for restore, awp_steps, micro, mode in [("after_step", 1, 1, "closure"), ("before_step", 1, 1, "closure"),
-                                            ("after_step", 3, 1, "closure"), ("after_step", 1, 2, "accumulate")]:
-        key = f"fsdp_{restore}_k{awp_steps}_m{micro}"
+    # each step's perturb() runs with the previous step's .grad still set (zero_grad comes after it)
+    for restore, awp_steps, micro, mode, root in [("after_step", 1, 1, "closure", False),
+                                                  ("before_step", 1, 1, "closure", False),
+                                                  ("after_step", 3, 1, "closure", False),
+                                                  ("after_step", 1, 2, "accumulate", False),
+                                                  ("after_step", 1, 1, "closure", True)]:
+        key = f"fsdp_{restore}_k{awp_steps}_m{micro}" + ("_root" if root else "")
         ref = reference_run(3, restore, awp_steps)
-        model = fsdp_model()
+        model = fsdp_model(root_params=root)
         awp = AWP(torch.optim.SGD(model.parameters(), **OPT), model, gamma=0.01, restore=restore, steps=awp_steps)
         errs, equal = [], []
         for s in range(3):

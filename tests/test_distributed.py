@@ -68,7 +68,7 @@ def test_ddp_global_with_batchnorm(ranks):
         assert all(c["buffer_sync"] == 0 and c["all_reduce"] == 1 for c in rep["collectives"])
 
 
-@pytest.mark.parametrize("key", FSDP + ["fsdp_after_step_k1_m2"])
+@pytest.mark.parametrize("key", FSDP + ["fsdp_after_step_k1_m2", "fsdp_after_step_k1_m1_root"])
 def test_fsdp2_global_equals_single_process_full_batch(ranks, key):
     for rep in _both(ranks, key):
         assert rep["kind"] == "fsdp2"

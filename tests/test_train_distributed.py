@@ -178,3 +178,37 @@ def test_torchrun_fsdp_resumes_and_writes_a_full_checkpoint(tmp_path):
         assert base["state"][i]["momentum_buffer"].shape == p_.shape
     assert T.main(["--resume", str(out / "last.pt"), "--quiet", "--no-plot"]) == 0
     assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 3
+
+
+@needs_dist
+def test_torchrun_fsdp_awp_resume_is_exact(tmp_path):
+    """FSDP2 with AWP, stopped after one epoch and resumed, ends bit for bit where the uninterrupted run
+    ends (the resumed run used to take its first AWP direction without the previous step's stale
+    gradient, which the uninterrupted one wrongly added for the root unit's layers)."""
+    args = TINY + ["--epochs", "2", "--seed", "3", "--quiet", "--fsdp"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for extra in (["--out", str(whole)], ["--out", str(parts), "--stop-after", "1"],
+                  ["--resume", str(parts / "last.pt"), "--fsdp", "--quiet"]):
+        p, _ = _torchrun(args + extra if "--resume" not in extra else extra, tmp_path)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    a = torch.load(whole / "last.pt", weights_only=False)
+    b = torch.load(parts / "last.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2 and a["optimizer"]["awpfast"]["perturb_count"] > 0
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for i, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"]), i
+
+
+def test_resuming_an_fsdp_run_under_torchrun_without_fsdp_is_refused(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert T.main(TINY + ["--epochs", "2", "--stop-after", "1", "--out", str(out), "--quiet"]) == 0
+    ck = torch.load(out / "last.pt", weights_only=False)
+    ck["args"]["fsdp"], ck["world_size"] = True, 2  # as written by a 2-process --fsdp run
+    torch.save(ck, out / "last.pt")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert T.main(["--resume", str(out / "last.pt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "trained under FSDP2" in err and "pass --fsdp" in err and len(err.strip().splitlines()) == 1

@@ -550,6 +550,13 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
             setattr(args, k, old)
         if "no_plot" not in explicit:  # the run's outputs stay as they were (the plot, or none)
             args.no_plot = bool(saved.get("no_plot", False))
+        if dist.enabled and saved.get("fsdp") and dist.mode != "fsdp" and not args.ddp:
+            raise UsageError(f"--resume {resume_path}: the run trained under FSDP2 (--fsdp); pass --fsdp to continue "
+                             "it so, or --ddp to switch it to DistributedDataParallel deliberately")
+        if dist.enabled and dist.mode != ("fsdp" if saved.get("fsdp") else "ddp") and int(ckpt.get("world_size", 1)) > 1:
+            notes.append(f"--resume: the run trained under {'FSDP2' if saved.get('fsdp') else 'DDP'} and continues "
+                         f"under {'FSDP2' if dist.mode == 'fsdp' else 'DDP'}: the same numbers up to rounding, no "
+                         "longer bit for bit")
         saved_device = saved.get("device", "auto")
         if "device" in explicit and args.device != saved_device:
             notes.append(f"--resume: --device {args.device} differs from the checkpoint's {saved_device!r}; using "
