@@ -20,7 +20,7 @@ from typing import Iterator, List, Optional
 import numpy as np
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, deferred_interrupts
 
 __all__ = ["run_lock", "LOCK_FILE", "folder_run_id", "check_belongs", "repair_best", "remove_stale_tmp", "checkpoint_epoch", "copy_atomic", "CKPT_FORMAT", "RUN_FILES", "TRAIN_KEYS", "read_checkpoint", "read_model_checkpoint", "atomic_save",
            "run_files", "rng_state", "set_rng_state", "full_state_dicts", "load_optimizer"]
@@ -86,8 +86,9 @@ def atomic_save(obj, path: str) -> None:
     :class:`UsageError` naming the folder; ``path`` keeps what it held."""
     tmp = path + ".tmp"
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        with deferred_interrupts():  # Ctrl-C / SIGTERM: the write finishes first
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -205,8 +206,9 @@ def check_belongs(ckpt: dict, ckpt_path: str, folder: str) -> None:
 
 def copy_atomic(src: str, dst: str) -> None:
     """Copy ``src`` to ``dst`` through ``dst.tmp`` and an atomic rename (byte-identical)."""
-    shutil.copyfile(src, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
+    with deferred_interrupts():
+        shutil.copyfile(src, dst + ".tmp")
+        os.replace(dst + ".tmp", dst)
 
 
 def checkpoint_epoch(path: str) -> Optional[int]:

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from .errors import UsageError
+from .errors import Interrupted, UsageError, deferred_interrupts, handle_interrupts
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -158,10 +158,17 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through ``path.tmp`` and an atomic rename."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    """Write ``text`` to ``path`` through ``path.tmp`` and an atomic rename (Ctrl-C / SIGTERM wait for
+    it; a failed write removes the ``.tmp``)."""
+    with deferred_interrupts():
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+            raise
 
 
 def write_json(path: str, obj, **kw) -> None:
@@ -188,12 +195,15 @@ def cli_main(prog: str, parse: Callable, body: Callable, usage: Sequence[type] =
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     usage = tuple(usage)
     try:
-        return body(parse())
-    except KeyboardInterrupt:
+        with handle_interrupts():
+            return body(parse())
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        name = str(e) if isinstance(e, Interrupted) else "SIGINT"
+        print(f"{prog}: stopped by {name} (Ctrl-C)" if name == "SIGINT" else f"{prog}: stopped by {name}",
+              "; every file written is complete (a write in progress was finished first)", sep="", file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else 130
     except Exception as e:
         if debug:
             raise

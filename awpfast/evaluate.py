@@ -30,6 +30,7 @@ from .cli import (ArgumentParser, HelpFormatter, UsageError, check_out_file, cli
                   write_json)
 from .data import DATASETS, Batches, Split, heldout_split, load_dataset, to_float
 from .distributed import dist_sum
+from .errors import check_interrupted
 from .models import INPUT_NORMS, MODEL_NAMES, build_model
 
 __all__ = ["main", "load_checkpoint", "evaluate_checkpoint", "evaluate_split", "autocast", "autoattack_accuracy",
@@ -114,6 +115,7 @@ def evaluate_split(model, split, batch_size: int, eps: float, alpha: float, step
     n = 0
     try:
         for x, y in Batches(split, batch_size, device=device):
+            check_interrupted()
             if x.dtype != dtype and dtype == torch.float64:
                 x = x.to(dtype)
             if channels_last:

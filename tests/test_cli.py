@@ -24,6 +24,8 @@ def _digest(folder):
     """name -> sha256 of every file in a folder (the run's files, to prove nothing changed)."""
     out = {}
     for f in sorted(os.listdir(folder)):
+        if f == ".awpfast.lock":  # the run lock's holder record, not a file of the run
+            continue
         with open(os.path.join(folder, f), "rb") as fh:
             out[f] = hashlib.sha256(fh.read()).hexdigest()
     return out

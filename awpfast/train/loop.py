@@ -33,7 +33,7 @@ from ..checkpoint import (CKPT_FORMAT, LOCK_FILE, RUN_FILES, atomic_save, full_s
 from ..data import Batches, load_dataset, training_splits
 from ..distributed import dist_sum
 from ..cli import atomic_write_text
-from ..errors import UsageError
+from ..errors import UsageError, check_interrupted
 from ..evaluate import autocast, evaluate_split
 from ..extra_data import MixedBatches, open_extra
 from ..losses import get_loss
@@ -354,6 +354,7 @@ def train_epoch(t: Trainer, epoch: int) -> dict:
         if ramp:
             eps_now = set_train_eps(t, epoch, i)
         loss, logits_adv = train_step(t, x, y)
+        check_interrupted()  # a Ctrl-C / SIGTERM that landed where Python swallows exceptions
         sums += torch.stack([loss.detach().double() * len(y), (logits_adv.detach().argmax(1) == y).sum().double()])
         n_local += len(y)
         if bar is not None:
@@ -509,7 +510,7 @@ def run(args) -> dict:
     if cfg.dist.is_main:
         for n in cfg.notes:
             note(n)
-    out_existed = os.path.isdir(args.out)
+    created = _missing_dirs(args.out)  # the folders this run creates (removed again if it writes nothing)
     try:
         # one run per folder: rank 0 (the one that writes) holds the folder's lock for the whole run,
         # and repeats under it the checks another process could have changed since make_config
@@ -524,13 +525,26 @@ def run(args) -> dict:
             return _train_loop(t)
     except BaseException:
         # a run that failed before writing anything leaves no empty folder behind
-        if cfg.dist.is_main and not out_existed and os.path.isdir(args.out) and not run_files(args.out):
+        if cfg.dist.is_main and created and os.path.isdir(args.out) and not run_files(args.out):
             for f in ("args.json", LOCK_FILE):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(args.out, f))
-            with contextlib.suppress(OSError):
-                os.rmdir(args.out)
+            for d in created:  # innermost first
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
         raise
+
+
+def _missing_dirs(path: str) -> list:
+    """``path`` and its parents that do not exist yet, innermost first."""
+    out, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        out.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return out
 
 
 def repair(cfg: RunConfig) -> list:
@@ -586,6 +600,7 @@ def _train_loop(t: Trainer) -> dict:
                       "test_robust_acc": rec["test_robust_acc"], "test_clean_acc": rec["test_clean_acc"]}
         save_checkpoint(t, epoch, is_best)
         t.say(epoch_line(rec, args, is_best))
+        check_interrupted()
     history, best = t.history, t.best
     summary = {"out": args.out, "epochs_done": len(history), "best": best, "last": history[-1] if history else None}
     if history:

@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from ..cli import atomic_write_text
 from ..cli import note as _cli_note
+from ..errors import deferred_interrupts
 
 __all__ = ["note", "start_line", "epoch_line", "done_line", "write_metrics", "plot_metrics", "plot_title",
            "write_outputs", "repair_outputs", "metrics_text"]
@@ -148,7 +149,8 @@ def plot_metrics(history, path: str, title: str = "") -> Optional[str]:
         ax3.legend(lines, labels, loc="upper left", fontsize=8)
         ax3.set_title("flatness and robust generalization gap")
     fig.tight_layout()
-    fig.savefig(path + ".tmp", dpi=100, format="png")
-    plt.close(fig)
-    os.replace(path + ".tmp", path)
+    with deferred_interrupts():  # Ctrl-C / SIGTERM wait for the file
+        fig.savefig(path + ".tmp", dpi=100, format="png")
+        plt.close(fig)
+        os.replace(path + ".tmp", path)
     return path
