@@ -4,14 +4,15 @@
 
 * ``awpfast._C``: the CPU kernels (pybind11, C++17, no torch headers). Always built, unless
   ``AWPFAST_NATIVE=0`` (then the package is pure Python and uses the foreach backend).
-  A source build without a working C++ compiler stops with a message saying so.
+  A source build without a working C++ compiler, or whose compile fails, stops with a message
+  that starts ``awpfast: the native extension awpfast._C was NOT built:`` and says why.
 * ``awpfast._C_cuda``: the CUDA kernels, built when ``nvcc`` is found. ``AWPFAST_CUDA=0``
   skips it, ``AWPFAST_CUDA=1`` makes a failure to build it an error (by default a failed
   CUDA build only warns, and the install goes on without it). ``AWPFAST_CUDA_ARCHS`` picks
   the GPU architectures (``"80;90"``, ``"8.0 9.0+PTX"``, ``"sm_80,sm_90"``; default
   ``"80;90+PTX"``: SASS for sm_80 and sm_90 plus PTX for newer GPUs). ``AWPFAST_NVCC`` or
   ``CUDA_HOME`` point at a specific toolkit. The module links the static CUDA runtime, so
-  it needs no libcudart.so at run time.
+  it needs no libcudart.so at run time. A build without it prints one line saying why.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ CXX_FLAGS = ["-O3", "-g0", "-std=c++17", "-ffp-contract=off", "-fno-trapping-mat
              "-Wall"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
               "-lineinfo"]
+# the start of the message of every build that leaves awpfast._C out (setup.py prints it too)
+NOT_BUILT = "awpfast: the native extension awpfast._C was NOT built: "
 
 
 def _env_flag(name: str):
@@ -151,6 +154,8 @@ def extensions():
     nvcc = find_nvcc() if cuda_wanted is not False else None
     if cuda_wanted and not nvcc:
         raise RuntimeError("AWPFAST_CUDA=1 but nvcc was not found (set CUDA_HOME or AWPFAST_NVCC)")
+    cuda_why = (None if nvcc else "AWPFAST_CUDA=0" if cuda_wanted is False
+                else "nvcc not found (set CUDA_HOME or AWPFAST_NVCC to build it)")
     if nvcc:
         cu = Extension(
             "awpfast._C_cuda",
@@ -168,6 +173,9 @@ def extensions():
         """build_ext that compiles .cu sources with nvcc and explains missing compilers."""
 
         def build_extensions(self):
+            if cuda_why and any(e.name == "awpfast._C" for e in self.extensions):
+                print(f"awpfast: the CUDA extension awpfast._C_cuda is not built: {cuda_why}",
+                      file=sys.stderr, flush=True)
             self._check_cxx()
             for ext in list(self.extensions):
                 if any(s.endswith(".cu") for s in ext.sources):
@@ -191,9 +199,9 @@ def extensions():
                     return
                 if ext.name == "awpfast._C":
                     raise RuntimeError(
-                        f"awpfast: building the native CPU extension failed: {e}. It needs a "
-                        "C++17 compiler (g++ >= 7 or clang >= 5). Set AWPFAST_NATIVE=0 to install "
-                        "without it (the 'foreach' backend is used then).") from e
+                        f"{NOT_BUILT}the compile failed (the compiler's output is above): {e}. It "
+                        "needs a C++17 compiler (g++ >= 7 or clang >= 5). Set AWPFAST_NATIVE=0 to "
+                        "install without it (the 'foreach' backend is used then).") from e
                 raise
 
         def _check_cxx(self):
@@ -205,7 +213,7 @@ def extensions():
                     break
             if cmd and shutil.which(cmd) is None and not os.path.exists(cmd):
                 raise RuntimeError(
-                    f"awpfast: no C++ compiler found (looked for {cmd!r}). The native extension "
+                    f"{NOT_BUILT}no C++ compiler found (looked for {cmd!r}). The native extension "
                     "awpfast._C needs one: install g++ or clang++ (e.g. apt-get install g++), "
                     "point CXX/CC at it, or set AWPFAST_NATIVE=0 to install the pure-Python "
                     "package (the 'foreach' backend is used then).")
