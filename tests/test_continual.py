@@ -1,5 +1,6 @@
 """awpfast.continual: GPM projection and bases, the FS step, replay, learners, the CLI."""
 import gzip
+import importlib
 import json
 import os
 
@@ -487,3 +488,119 @@ def test_config_rejects_bad_values():
         Config(eta1=0.0).validate()
     with pytest.raises(ValueError, match="replay"):
         Config(method="gpm", basis="replay", memory_size=0).validate()
+
+
+# ----------------------------------------------------------------------------- the CLI's user review
+_RUN = importlib.import_module("awpfast.continual.run")
+_QUICK = ["--preset", "quick", "--tasks", "1", "--samples-per-task", "10", "--glances", "1", "--quiet"]
+
+
+def _no_training(monkeypatch):
+    """Any run that gets past the checks fails loudly (exit 1), so a refusal must come before training."""
+    def boom(*a, **k):
+        raise AssertionError("training started")
+    monkeypatch.setattr(_RUN, "run_experiment", boom)
+    monkeypatch.setattr(importlib.import_module("awpfast.continual.cifar"), "run_cifar", boom)
+
+
+def _main(argv):
+    """``main``'s exit status, also where an older main let argparse raise SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_cli_device_cuda_without_cuda_is_refused(tmp_path, capsys, monkeypatch, one_thread):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
+    out = str(tmp_path / "r.json")
+    for dev in ("cuda", "cuda:0"):
+        assert main(_QUICK + ["--device", dev, "--json", out]) == 2  # the old code trained on the CPU (exit 0)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--device {dev}" in err[0] and "CUDA is not available" in err[0], err
+        assert "--device cpu" in err[0]  # the fix is named
+        assert not os.path.exists(out)
+    _no_training(monkeypatch)
+    assert main(_QUICK + ["--device", "bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device 'bogus' is not a device" in err[0]
+    # the cifar100-paper preset (the one that uses a device) goes through the same check, before reading data
+    assert main(["--preset", "cifar100-paper", "--data-dir", str(tmp_path / "none"), "--device", "cuda",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0]
+
+
+def test_cli_device_on_a_gpu_machine_is_refused_for_the_permuted_presets(capsys, monkeypatch):
+    monkeypatch.setattr(_RUN, "resolve_device", lambda spec, dist=None: torch.device("cuda", 0))
+    _no_training(monkeypatch)
+    assert main(_QUICK + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run on the CPU" in err[0] and "cifar100-paper" in err[0]
+
+
+@pytest.mark.parametrize("argv,flag,valid", [
+    (["--tau", "inf"], "--tau", "finite number > 0"),
+    (["--tau", "nan"], "--tau", "finite number > 0"),
+    (["--tau", "-1"], "--tau", "finite number > 0"),
+    (["--lr", "0"], "--lr", "finite number > 0"),
+    (["--lr", "inf"], "--lr", "finite number > 0"),
+    (["--eta1", "nan"], "--eta1", "finite number > 0"),
+    (["--eta2", "-0.01"], "--eta2", "finite number > 0"),
+    (["--lam-init=-inf"], "--lam-init", "finite number"),
+    (["--lam-floor", "1"], "--lam-floor", "[0, 1)"),
+    (["--lam-floor", "nan"], "--lam-floor", "[0, 1)"),
+    (["--thres", "0.9", "nan"], "--thres", "(0, 1]"),
+    (["--thres", "1.5"], "--thres", "(0, 1]"),
+    (["--thres-add", "-0.001"], "--thres-add", ">= 0"),
+    (["--thres-add", "inf"], "--thres-add", ">= 0"),
+    (["--glances", "0"], "--glances", ">= 1"),
+    (["--memory-size", "-1"], "--memory-size", ">= 0"),
+    (["--seed", "-1"], "--seed", "2**64-1"),
+    (["--seed", str(2 ** 64)], "--seed", "2**64-1"),
+    (["--tasks", "0"], "--tasks", ">= 1"),
+    (["--preset", "cifar100-paper", "--data-dir", "x", "--tasks", "11"], "--tasks", "1..10"),
+])
+def test_cli_numbers_are_checked_before_training(argv, flag, valid, tmp_path, capsys, monkeypatch):
+    """Each numeric option finite and in range, checked before any work: one line naming the option and
+    the valid range (the old code took --tau inf and failed after training with an SVD error)."""
+    monkeypatch.delenv("AWPFAST_DEBUG", raising=False)
+    _no_training(monkeypatch)
+    out = str(tmp_path / "r.json")
+    assert main(argv + ["--json", out, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"awpfast.continual: error: {flag} must be"), err
+    assert valid in err[0] and "Traceback" not in err[0]
+    assert not os.path.exists(out)
+
+
+def test_config_rejects_non_finite_values():
+    for field in ("lr", "eta1", "eta2", "tau", "lam_init", "thres_add", "grad_clip"):
+        for bad in (float("inf"), float("nan")):
+            with pytest.raises(ValueError, match=field):
+                Config(**{field: bad}).validate()
+    with pytest.raises(ValueError, match="thres_add"):
+        Config(thres_add=-0.01).validate()
+    Config(lam_init=-3.0, thres_add=0.0).validate()  # finite values in range still pass
+
+
+def test_cli_help_lists_choices_and_the_cifar100_preset(capsys):
+    assert _main(["--help"]) == 0
+    text = capsys.readouterr().out
+    description = text.split("options:")[0]
+    assert "CIFAR-100" in description and "--preset cifar100-paper" in description and "--data-dir" in description
+    assert "write_synthetic_cifar100" in description  # the writer for a run without the data set
+    assert "--basis {auto,task,replay}" in text and "--soft {sigmoid,bounded}" in text
+    flat = " ".join(text.split())
+    assert "--tau T override: sigmoid temperature" in flat and "a finite number > 0" in flat
+
+
+def test_cli_refuses_abbreviated_options(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    # the old parser took --data-d for --data-dir (and then read that folder), --meth for --method
+    for abbrev in ("--data-d", "--data"):
+        rc = _main(["--preset", "cifar100-paper", abbrev, str(tmp_path / "none"), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"unrecognized arguments: {abbrev}" in err, err
+    assert _main(["--meth", "gpm"] + _QUICK) == 2
+    assert "unrecognized arguments: --meth" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """awpfast.continual: the 10-split CIFAR-100 path (reader on files in the exact on-disk format,
 AlexNet, BatchNorm handling, multi-head), GPM's own protocol, per-layer thresholds and the
 bounded soft weights."""
+import inspect
 import json
 import os
 import pickle
@@ -12,7 +13,7 @@ import torch.nn as nn
 
 from awpfast.continual import Config, ContinualLearner, GPMMemory, mlp, run_experiment
 from awpfast.continual.cifar import AlexNet, read_cifar100, run_cifar, split_tasks, write_synthetic_cifar100
-from awpfast.continual.run import main
+from awpfast.continual.run import _parser, main
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,22 @@ def test_synthetic_files_are_in_the_standard_format(cifar_dir):
     assert isinstance(d[b"fine_labels"], list) and sorted(set(d[b"fine_labels"])) == list(range(100))
     with open(os.path.join(cifar_dir, "meta"), "rb") as f:
         assert len(pickle.load(f, encoding="bytes")[b"fine_label_names"]) == 100
+
+
+def test_synthetic_writer_is_documented_where_users_read(cifar_dir):
+    """docs/continual.md shows the writer's real call (parameters and defaults), what it writes, and a
+    snippet using it; the CLI's --help points at it."""
+    doc = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "docs", "continual.md")).read().split())
+    params = inspect.signature(write_synthetic_cifar100).parameters.values()
+    call = "write_synthetic_cifar100(" + ", ".join(
+        p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params) + ")"
+    assert call in doc, call
+    for what in ("b'data'", "b'fine_labels'", "b'coarse_labels'", "b'filenames'", "b'fine_label_names'",
+                 "b'coarse_label_names'", "uint8"):
+        assert what in doc.split("Without the data set: synthetic files")[1][:1500], what
+    assert "from awpfast.continual.cifar import read_cifar100, write_synthetic_cifar100" in doc
+    help_text = " ".join(_parser().format_help().split())
+    assert "awpfast.continual.cifar.write_synthetic_cifar100(DIR)" in help_text
 
 
 def test_reader_and_task_split(cifar_dir):

@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -498,3 +499,74 @@ def test_buffers_restored_and_warned_when_a_custom_attack_uses_train_mode():
     with pytest.warns(RuntimeWarning, match="buffer"):
         L.weight_landscape(m, x, y, [0.5], attack=sneaky)
     assert _bitwise_equal(m, snap)
+
+
+# ----------------------------------------------------------------------------- the CLI's user review
+def _exit_status(argv, capsys):
+    """(status, stdout, stderr) of ``L.main``, also where an older main let argparse raise SystemExit."""
+    try:
+        rc = L.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_cli_missing_out_is_one_line_naming_the_fix(ckpts, capsys, monkeypatch):
+    monkeypatch.delenv("AWPFAST_DEBUG", raising=False)
+    rc, _, err = _exit_status([ckpts["at"], "--no-progress"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "usage:" not in err, err  # the old parser dumped its usage
+    assert err.startswith("awpfast.landscape: error: --out DIR is missing") and "e.g." in err and "--out runs/" in err
+
+
+def _help_entries(text):
+    """``{option: its help text, continuation lines joined}`` from ``--help``."""
+    entries, cur = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            cur = line.split()[0].rstrip(",")
+            entries[cur] = line
+        elif cur is not None and line.startswith("     "):
+            entries[cur] += " " + line.strip()
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+def test_cli_help_shows_each_default_once_and_out_as_required(capsys):
+    rc, text, _ = _exit_status(["--help"], capsys)
+    assert rc == 0
+    entries = _help_entries(text)
+    assert {"--eps", "--attack-step", "--norm", "--out", "--batch-size", "--alphas"} <= set(entries)
+    for opt, entry in entries.items():
+        assert entry.count("(default") <= 1, entry  # the old help: "(default: eps/4) (default: None)"
+        assert "(default: None)" not in entry, entry
+    assert "required" in entries["--out"] and "default" not in entries["--out"]
+    assert "(default: 256)" in entries["--batch-size"] and "(default: -1:1:21)" in entries["--alphas"]
+    assert "--out DIR" in text.split("options:")[0]  # the usage line shows --out, without brackets
+    assert "[--out" not in text
+
+
+def test_cli_never_advises_an_option_it_does_not_have(ckpts, tmp_path, capsys, monkeypatch):
+    """Checkpoints of two data sets: the old advice was 'pass --data', which this command does not have
+    (argparse then took --data for --data-dir)."""
+    monkeypatch.delenv("AWPFAST_DEBUG", raising=False)
+    d = torch.load(ckpts["at"], weights_only=False)
+    d["args"] = dict(d["args"], data="digits")
+    other = str(tmp_path / "digits.pt")
+    torch.save(d, other)
+    rc, _, err = _exit_status([ckpts["at"], other, "--out", str(tmp_path / "o"), "--no-progress"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "different data sets" in err and "compare checkpoints of one data set" in err
+    options = {s for a in L.build_parser()._actions for s in a.option_strings}
+    assert "--data" not in options and "pass --data" not in err
+    for flag in re.findall(r"pass (--[\w-]+)", err):
+        assert flag in options, f"{flag} is advised but is not an option: {err}"
+
+
+def test_cli_refuses_abbreviated_options(ckpts, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    tiny = [ckpts["at"], "--out", out, "--alphas", "0", "--directions", "1", "--samples", "2", "--attack-steps", "0",
+            "--no-plot", "--no-progress"]
+    for abbrev, value in (("--data", str(tmp_path)), ("--data-d", str(tmp_path)), ("--overw", None)):
+        rc, _, err = _exit_status(tiny + [abbrev] + ([value] if value else []), capsys)
+        assert rc == 2 and f"unrecognized arguments: {abbrev}" in err, (abbrev, rc, err)
+        assert not os.path.exists(os.path.join(out, "landscape.json"))  # the old parser ran with --data-dir

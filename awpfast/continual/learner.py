@@ -27,6 +27,7 @@ soft weights per task). docs/continual.md says more.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -38,10 +39,11 @@ from .fs import fs_step
 from .gpm import GPMMemory
 from .replay import ReservoirMemory
 
-__all__ = ["METHODS", "Config", "ContinualLearner", "mlp", "acc_bwt"]
+__all__ = ["METHODS", "BASES", "SOFT", "Config", "ContinualLearner", "mlp", "acc_bwt"]
 
 METHODS = ("sgd", "gpm", "fs-er", "fs-dgpm")
-SOFT = ("sigmoid", "bounded")
+BASES = ("auto", "task", "replay")  #: Config.basis
+SOFT = ("sigmoid", "bounded")       #: Config.soft
 
 
 @dataclass
@@ -81,8 +83,12 @@ class Config:
         """Raise ValueError naming the bad field; return self."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.basis not in ("auto", "task", "replay"):
+        if self.basis not in BASES:
             raise ValueError(f"basis must be 'auto', 'task' or 'replay', got {self.basis!r}")
+        for name in ("lr", "momentum", "grad_clip", "eta1", "eta2", "tau", "lam_init", "lam_floor", "thres_add",
+                     "thres_last"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("batch_size", "glances", "epochs", "inner_steps", "rep_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -98,6 +104,8 @@ class Config:
         ths = self.thres if isinstance(self.thres, (tuple, list)) else (self.thres,)
         if not ths or not all(0.0 < float(t) <= 1.0 for t in ths):
             raise ValueError(f"thres must lie in (0, 1], got {self.thres}")
+        if not self.thres_add >= 0.0:
+            raise ValueError(f"thres_add must be >= 0 (the threshold grows per task), got {self.thres_add}")
         if self.rep_layer_samples is not None and any(int(k) < 1 for k in self.rep_layer_samples):
             raise ValueError(f"rep_layer_samples must be >= 1 each, got {self.rep_layer_samples}")
         if self.task_classes < 0 or self.eval_batch < 1:

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from .learner import METHODS
+from .learner import BASES, METHODS, SOFT
 from .run import PRESETS, run_experiment
 
 __all__ = ["run_study", "summarize", "main"]
@@ -101,7 +101,7 @@ def plot(summary, path, title):
 
 def main(argv=None) -> int:
     """CLI: run the study, write summary JSON, table and figure."""
-    p = argparse.ArgumentParser(prog="python -m awpfast.continual.study")
+    p = argparse.ArgumentParser(prog="python -m awpfast.continual.study", allow_abbrev=False)
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick")
     p.add_argument("--dataset", choices=("digits", "mnist"))
     p.add_argument("--mnist-csv", metavar="PATH")
@@ -113,10 +113,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lam-init", type=float)
     p.add_argument("--tau", type=float)
-    p.add_argument("--basis")
+    p.add_argument("--basis", choices=BASES)
     p.add_argument("--fixed-lambda", action="store_true")
     p.add_argument("--protocol", choices=("fs-dgpm", "gpm"), default="fs-dgpm")
-    p.add_argument("--soft", choices=("sigmoid", "bounded"))
+    p.add_argument("--soft", choices=SOFT)
     p.add_argument("--lam-floor", type=float)
     p.add_argument("--thres", type=float, nargs="+")
     p.add_argument("--thres-add", type=float)

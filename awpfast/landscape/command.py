@@ -14,7 +14,8 @@ from typing import List, Optional
 import torch
 
 from ..checkpoint import read_checkpoint
-from ..cli import USAGE_ERRORS, UsageError, check_out_dir, cli_main, parse_float, resolve_device
+from ..cli import (USAGE_ERRORS, ArgumentParser, HelpFormatter, UsageError, check_out_dir, cli_main, parse_float,
+                   resolve_device)
 from . import LANDSCAPE_FORMAT, filter_normalized_direction, weight_landscape
 
 __all__ = ["CLIError", "parse_alphas", "build_parser", "load_checkpoint", "run", "plot_landscape", "main"]
@@ -52,12 +53,21 @@ def parse_alphas(spec: str) -> List[float]:
     return vals
 
 
+PROG = "python -m awpfast.landscape"
+_OUT_MISSING = (f"--out DIR is missing: name the folder for landscape.json and landscape.png, e.g. "
+               f"{PROG} runs/at/last.pt --out runs/landscape")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m awpfast.landscape",
-        description="The weight loss landscape of awpfast-train checkpoints (the AWP paper's Figure 1): "
-                    "adversarial loss along filter-normalized random directions, PGD regenerated at each point.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The CLI's parser. ``--out`` is required, but checked after parsing (:func:`_require_out`), so that
+    leaving it out is one line naming the fix rather than argparse's usage dump."""
+    p = ArgumentParser(
+        prog=PROG, allow_abbrev=False,
+        usage=f"{PROG} CKPT [CKPT ...] --out DIR [options]",
+        description="The weight loss landscape of awpfast-train checkpoints (the AWP paper's Figure 1):\n"
+                    "adversarial loss along filter-normalized random directions, PGD regenerated at each point.\n"
+                    "The data set, model and threat model come from the checkpoints (which must agree).",
+        formatter_class=HelpFormatter)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="awpfast-train checkpoints (last.pt, best.pt)")
     p.add_argument("--labels", nargs="+", default=None, help="legend names, one per checkpoint")
     p.add_argument("--alphas", default="-1:1:21", help="START:STOP:POINTS or a comma list")
@@ -70,13 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", default=None, help="attack radius (default: the checkpoints'); '8/255' works")
     p.add_argument("--attack-step", default=None, help="PGD step size (default: eps/4)")
     p.add_argument("--norm", choices=("Linf", "L2"), default=None, help="threat model (default: the checkpoints')")
-    p.add_argument("--data-dir", default=None, help="override the checkpoints' --data-dir (CIFAR-10)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="override the checkpoints' --data-dir (CIFAR-10)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--seed", type=int, default=0, help="directions and PGD random starts")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--backend", default=None, help="awpfast seam backend for the weight moves")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", required=True, help="output folder (landscape.json, landscape.png)")
+    p.add_argument("--out", metavar="DIR", help="output folder (landscape.json, landscape.png); required")
     p.add_argument("--overwrite", action="store_true", help="replace existing landscape.json / landscape.png")
     p.add_argument("--no-plot", action="store_true", help="JSON only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,7 +122,14 @@ def _label(ck: dict, path: str) -> str:
     return name
 
 
+def _require_out(args) -> None:
+    """A missing ``--out``: one line naming the fix (:class:`CLIError`)."""
+    if getattr(args, "out", None) is None:
+        raise CLIError(_OUT_MISSING)
+
+
 def _check_args(args) -> List[float]:
+    _require_out(args)
     alphas = parse_alphas(args.alphas)
     if args.directions < 1:
         raise CLIError(f"--directions must be >= 1, got {args.directions}")
@@ -138,14 +155,19 @@ def _outputs(args) -> dict:
     return paths
 
 
-def _setting(cks, key, given, default=None):
-    """One value of a run option shared by all checkpoints (or the one given on the command line)."""
+def _setting(cks, key, given, default=None, fixed: Optional[str] = None):
+    """One value of a run option shared by all checkpoints (or the one given on the command line).
+    ``fixed``: what the option is, when this command has no ``--KEY`` to settle a disagreement with."""
     if given is not None:
         return given
     vals = {repr(c["args"].get(key, default)) for c in cks}
     if len(vals) > 1:
-        raise CLIError(f"the checkpoints disagree on --{key.replace('_', '-')} ({', '.join(sorted(vals))}); "
-                       f"pass --{key.replace('_', '-')} to compare them at one value")
+        flag = "--" + key.replace("_", "-")
+        if fixed is not None:
+            raise CLIError(f"the checkpoints were trained on different {fixed}s ({', '.join(sorted(vals))}); "
+                           f"compare checkpoints of one {fixed}")
+        raise CLIError(f"the checkpoints disagree on {flag} ({', '.join(sorted(vals))}); "
+                       f"pass {flag} to compare them at one value")
     return cks[0]["args"].get(key, default)
 
 
@@ -159,7 +181,7 @@ def run(args) -> dict:
     paths = _outputs(args)
     device = resolve_device(args.device)
     cks = [load_checkpoint(p) for p in args.checkpoints]
-    data = _setting(cks, "data", None, "digits")
+    data = _setting(cks, "data", None, "digits", fixed="data set")  # awpfast-train's --data: not an option here
     image_size = {c.get("image_size", c["args"].get("image_size")) for c in cks}
     if len(image_size) > 1:
         raise CLIError(f"the checkpoints use different image sizes ({sorted(map(str, image_size))}); "
@@ -300,8 +322,13 @@ def main(argv=None) -> int:
             argv[i:i + 2] = [f"--alphas={argv[i + 1]}"]
             break
 
-    def parse():
+    try:
         args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse's own error (two lines, already printed) or --help: the status, returned
+        return e.code if isinstance(e.code, int) else 2
+
+    def parse():
+        _require_out(args)
         if args.threads:
             torch.set_num_threads(args.threads)
         return args
