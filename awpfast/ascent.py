@@ -32,7 +32,7 @@ from torch import nn
 from .distributed import all_reduce_mean_flat, local_data
 from .perturb import flat, flat_like
 
-__all__ = ["AscentSource", "RowPicker", "frozen_batchnorm_stats", "ASCENT_SOURCES"]
+__all__ = ["AscentSource", "RowPicker", "backward_in_closure_advice", "frozen_batchnorm_stats", "ASCENT_SOURCES"]
 
 Closure = Callable[[], torch.Tensor]
 ASCENT_SOURCES = ("gradient", "momentum")  # AWP(ascent=...): a closure's (or the attack's) gradient, or momentum
@@ -111,6 +111,17 @@ def _check_has_momentum(opt: torch.optim.Optimizer) -> None:
     raise ValueError(f"ascent='momentum' takes the direction from the base optimizer's momentum, and this "
                      f"{type(opt).__name__} keeps none: use SGD with momentum > 0 or Adam/AdamW, or "
                      "ascent='gradient'")
+
+
+def backward_in_closure_advice(who, e: RuntimeError) -> RuntimeError:
+    """The error for a closure that ran ``backward()`` itself (``e``: autograd's "backward through the
+    graph a second time"), or ``e`` unchanged for any other RuntimeError."""
+    if "backward through the graph a second time" not in str(e):
+        return e
+    return RuntimeError(f"{type(who).__name__}: the ascent closure called backward() itself (a torch.optim "
+                        "closure): an ascent closure only returns the loss, e.g. lambda: "
+                        "F.cross_entropy(model(x_adv), y); the wrapper takes the gradient and leaves .grad "
+                        "alone (the closure's backward has added to .grad: zero it)")
 
 
 class AscentSource:

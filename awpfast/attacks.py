@@ -40,6 +40,7 @@ With ``random_start=False`` :class:`PGD` produces the same examples as torchatta
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -113,8 +114,14 @@ def _check_sizes(who: str, eps, alpha, steps) -> None:
             f = math.nan
         if isinstance(v, (bool, str)) or not (math.isfinite(f) and f >= 0):
             raise ValueError(f"{who}: {name} must be a finite number >= 0, got {v!r}")
-    if isinstance(steps, bool) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"{who}: steps must be an integer >= 0, got {steps!r}")
+
+
+def _check_model(who: str, model) -> None:
+    if not callable(model):
+        raise TypeError(f"{who} needs the model to attack (an nn.Module mapping a [0, 1] batch to logits), got "
+                        f"{type(model).__name__}")
 
 
 def _check_awp(who: str, awp, steps: int):
@@ -183,6 +190,7 @@ class PGD:
                  bn_train: bool = False, backend: Optional[str] = None, check_range: bool = True, awp=None):
         if norm not in ("Linf", "L2"):
             raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+        _check_model("PGD", model)
         _check_sizes("PGD", eps, alpha, steps)
         self.awp = _check_awp("PGD", awp, steps)
         self.model = model
@@ -266,6 +274,7 @@ class TRADESAttack:
         if l2_order not in L2_ORDERS:
             raise ValueError(f"l2_order must be one of {', '.join(L2_ORDERS)}, got {l2_order!r}")
         self.l2_order = l2_order
+        _check_model("TRADESAttack", model)
         _check_sizes("TRADESAttack", eps, alpha, steps)
         self.awp = _check_awp("TRADESAttack", awp, steps)
         self.check_range = bool(check_range)

@@ -57,8 +57,24 @@ def parse_float(s) -> float:
         raise NumberError(f"{text!r} is not a number (e.g. 0.03 or 8/255)") from None
 
 
+def package_version() -> str:
+    """The installed awpfast version (``unknown`` when the package metadata is missing)."""
+    from importlib import metadata
+    try:
+        return metadata.version("awpfast")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a two-line error (the problem, then where to look) instead of the full usage."""
+    """argparse with a two-line error (the problem, then where to look) instead of the full usage,
+    no abbreviated options (``--data`` is never taken for ``--data-dir``) and ``--version``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=f"%(prog)s (awpfast {package_version()})",
+                          help="print the awpfast version and exit")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")

@@ -350,6 +350,10 @@ def training_splits(ds, val_samples: Optional[int], train_samples: Optional[int]
     except ValueError as e:
         raise UsageError(str(e)) from None
     if train_samples is not None:
+        if train_samples > len(train):
+            held = f" after the {len(val)} validation images held out" if len(val) else ""
+            raise UsageError(f"--train-samples {train_samples} is more than the {len(train)} training images{held}: "
+                             f"give at most {len(train)}, or leave it out to train on all of them")
         train = train.subset(train_samples)
     if label_noise:
         train = symmetric_label_noise(train, label_noise, ds.num_classes)

@@ -27,7 +27,7 @@ EXPECTED_S = 30
 
 import torch
 
-from .cli import cli_main
+from .cli import ArgumentParser, cli_main
 from .train import build_parser, run
 
 
@@ -46,7 +46,9 @@ def _load_note() -> str:
 def main(argv=None) -> int:
     """``make demo`` / ``python -m awpfast.demo [OUT]``: returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    out = argv[0] if argv else "runs/demo"
+    p = ArgumentParser(prog="python -m awpfast.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", nargs="?", default="runs/demo", help="output folder (replaced if it holds an earlier demo)")
+    out = p.parse_args(argv).out
     cli = ["--method", "at", "--awp-gamma", "0.01", "--model", "small-cnn", "--width", "16",
            "--data", "digits", "--image-size", "8", "--eps", "0.15", "--alpha", "0.0375",
            "--lr", "0.05", "--epochs", "25", "--train-eval-samples", "300", "--eval-every", "5", "--seed", "0",

@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (same as --autoattack off)")
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast precision (default: fp32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0, help="random seed (PGD random starts, AutoAttack)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the PGD random starts and AutoAttack; awpfast-train's per-epoch evaluation "
+                        "draws its starts from the run's own random stream instead, so its PGD-20 of the same "
+                        "weights differs by the random start's noise (about 1 point on 500 images)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     return p
@@ -337,6 +340,11 @@ def make_eval_config(args) -> EvalConfig:
     # the image size belongs to the checkpoint's dataset: carry it over only when that is the one used
     image_size = args.image_size if args.image_size is not None else \
         (saved.get("image_size") if data == saved.get("data") else None)
+    trained_size = ck.get("image_size") or saved.get("image_size")
+    if args.image_size is not None and trained_size and data == saved.get("data") and args.image_size != trained_size:
+        notes.append(f"the model was trained on {trained_size}x{trained_size} images; --image-size {args.image_size} "
+                     f"evaluates it on {args.image_size}x{args.image_size} ones (another input distribution: drop "
+                     "--image-size to evaluate it as trained)")
     if data == "cifar10":
         if args.image_size not in (None, 32):
             raise UsageError(f"CIFAR-10 images are 32x32: drop --image-size {args.image_size}")
@@ -376,7 +384,8 @@ def evaluate_checkpoint(args) -> dict:
     model.to(device).eval()
     torch.manual_seed(args.seed)
     res = {"checkpoint": args.checkpoint, "epoch": ck["epoch"], "model": cfg.model_name, "data": cfg.data,
-           "input_norm": cfg.input_norm, "norm": cfg.norm, "eps": cfg.eps, "alpha": cfg.alpha, "n": None}
+           "input_norm": cfg.input_norm, "norm": cfg.norm, "eps": cfg.eps, "alpha": cfg.alpha, "n": None,
+           "seed": args.seed}
     t0 = time.perf_counter()
     clean = None
     test = ds.test
@@ -422,7 +431,7 @@ def main(argv=None) -> int:
     def body(args):
         res = evaluate_checkpoint(args)
         print(f"{res['checkpoint']} (epoch {res['epoch']}): {res['model']} on {res['data']}, {res['n']} {res['split']} images, "
-              f"{res['norm']} eps={res['eps']:.4g} alpha={res['alpha']:.4g}")
+              f"{res['norm']} eps={res['eps']:.4g} alpha={res['alpha']:.4g}, seed {res['seed']} (PGD random starts)")
         print(f"  clean        {100 * res['clean_acc']:6.2f} %")
         for s in args.steps:
             print(f"  PGD-{s:<8d} {100 * res[f'pgd{s}_acc']:6.2f} %")

@@ -36,7 +36,7 @@ import torch
 import torch.optim.optimizer as _optim_mod
 from torch import nn
 
-from .ascent import AscentSource, Closure, check_ascent_every, frozen_batchnorm_stats
+from .ascent import AscentSource, Closure, backward_in_closure_advice, check_ascent_every, frozen_batchnorm_stats
 from .compiled import DYNAMO_TRACES_WRAPPER, _eager_under_old_dynamo  # noqa: F401  (tests import them from here)
 from .distributed import Setting, detect
 from .perturb import PerturbState, default_include, flat_like
@@ -124,6 +124,12 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
         self._setting: Setting = setting
         self._group_key = self._param_group_key()
         named = self._candidates(first=True)
+        meta = [n for n, p in named if p.is_meta]
+        if meta:
+            raise ValueError(f"{name}: {len(meta)} selected parameter(s) are on the meta device (not materialized), "
+                             f"e.g. {meta[0]}: materialize the model first (model.to_empty(device=...) and "
+                             "initialize it, or load its weights), then build the optimizer and the wrapper")
+        self._warn_foreign_params()
         self._sel = PerturbState(
             named, store_deltas=(restore == "after_step") if store_deltas is None else store_deltas,
             backend=backend, model=None if setting.sharded else setting.module,
@@ -220,6 +226,17 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
                 "name). Pass include=lambda name, p: ... to choose them.")
         return cands
 
+    def _warn_foreign_params(self) -> None:
+        """Warn once when the optimizer holds parameters that are not the model's (they are stepped by
+        the base optimizer but never perturbed)."""
+        mine = {id(p) for p in self._setting.module.parameters()}
+        foreign = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in mine]
+        if foreign:
+            shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            warnings.warn(f"{type(self).__name__}: the optimizer holds {len(foreign)} parameter(s) that are not in the "
+                          f"model (shapes {shapes}); the base optimizer steps them, but they are never perturbed. "
+                          "Pass the module that owns them as model= if they should be.", UserWarning, stacklevel=4)
+
     def _report_selection(self) -> None:
         """Log once (logger ``awpfast``, when the wrapper is built) what the selection leaves out,
         by category with counts; WARNING when it leaves out tensors with ndim >= 2 (a ViT's
@@ -299,8 +316,8 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
             return True
         self._sel.restore()
         self._skipped_host += 1
-        msg = ("AWP: the ascent gradient is not finite (inf/NaN in the closure's loss or its backward); "
-               "the weights were restored exactly")
+        msg = (f"{type(self).__name__}: the ascent gradient is not finite (inf/NaN in the closure's loss or its "
+               "backward); the weights were restored exactly")
         if self.nonfinite == "raise":
             raise FloatingPointError(msg + ". Lower the learning rate or gamma, or pass nonfinite='skip'.")
         warnings.warn(f"{msg} and this step's perturbation is skipped ({self.skipped_steps} skipped so far).",
@@ -378,7 +395,13 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
         elif self.ascent_source == "momentum":
             dirs = pending  # built from synced gradients: equal on every rank already
         else:
-            dirs = self._synced(pending if closures is None else self._directions(closures))
+            try:
+                dirs = self._synced(pending if closures is None else self._directions(closures))
+            except RuntimeError as e:
+                advice = backward_in_closure_advice(self, e)
+                if advice is e:
+                    raise
+                raise advice from None
         self._ascent_calls += 1
         if self.ascent_every > 1 and not reuse:
             self._store(dirs)
@@ -533,6 +556,7 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
                                "or restore() first.")
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        _check_state_dict_shape(state_dict, name)
         if "base_optimizer" in state_dict:  # awpfast <= 0.1 layout
             base, meta = state_dict["base_optimizer"], dict(state_dict.get("awp", {}), rule="AWP")
         elif "state" in state_dict and "param_groups" in state_dict:
@@ -579,6 +603,29 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
 # param-group flags that torch fills in when an older state dict lacks them (not a sign of another type)
 _FILLED_BY_TORCH = {"foreach", "maximize", "differentiable", "fused", "capturable", "decoupled_weight_decay",
                     "param_names", "initial_lr"}
+
+
+def _check_state_dict_shape(sd: dict, who: str) -> None:
+    """A one-line ValueError for a dict that is not laid out as an optimizer state dict (before any
+    of it is read): ``state`` a dict of dicts, ``param_groups`` a list of dicts with a ``params`` list."""
+    base = sd.get("base_optimizer", sd)
+    if not isinstance(base, dict):
+        raise ValueError(f"{who}.load_state_dict: 'base_optimizer' must be a dict, got {type(base).__name__}")
+    state, groups = base.get("state"), base.get("param_groups")
+    if state is None and groups is None:
+        return  # not an optimizer state dict at all: load_state_dict says so
+    bad = None
+    if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+        bad = f"'state' must be a dict of per-parameter dicts, got {type(state).__name__}"
+    elif not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), (list, tuple))
+                                                  for g in groups):
+        bad = "'param_groups' must be a list of dicts, each with a 'params' list"
+    meta = sd.get(_STATE_KEY)
+    if bad is None and meta is not None and not isinstance(meta, dict):
+        bad = f"its {_STATE_KEY!r} entry must be a dict, got {type(meta).__name__}"
+    if bad:
+        raise ValueError(f"{who}.load_state_dict: not an optimizer state dict ({bad}); load what state_dict() "
+                         "returned")
 
 
 def _check_base_fits(opt: torch.optim.Optimizer, sd: dict, who: str) -> None:

@@ -72,11 +72,24 @@ def _check_nonneg(value, what: str) -> float:
     return float(value)
 
 
+RHO_MAX = 100.0  # SAM's rho bound: a neighbourhood larger than this (in weight norm) is not a local one
+
+
+def _check_rho(rho, what: str) -> float:
+    value = _check_nonneg(rho, what)
+    if value > RHO_MAX:
+        raise ValueError(f"{what} must be <= {RHO_MAX:g} (SAM moves the weights by rho in norm: usual values are "
+                         f"0.01-2, ASAM's up to 5), got {rho!r}")
+    return value
+
+
 def _check_gamma(gamma, what):
-    ok = _is_number(gamma) and 0 <= float(gamma) < float("inf")
+    ok = _is_number(gamma) and 0 <= float(gamma) <= 1
     if not ok:
-        raise ValueError(f"{what} must be a finite number >= 0 (0 disables AWP), got {gamma!r}"
-                         + (" (a string: pass a float, e.g. 0.01)" if isinstance(gamma, str) else ""))
+        raise ValueError(f"{what} must be a finite number >= 0 and <= 1 (each layer's perturbation relative to its "
+                         f"weights: 0 disables AWP, the paper uses 0.005-0.01; above 1 it swamps the weights), got "
+                         f"{gamma!r}" + (" (a string: pass a float, e.g. 0.01)" if isinstance(gamma, str) else ""))
+
 
 
 class AWP(WeightPerturbation):
@@ -148,8 +161,9 @@ class AWP(WeightPerturbation):
             raise ValueError(f"ascent_every={ascent_every} re-uses a one-step direction: use steps=1 (got steps={steps})")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}; use steps=1 for the reference AWP")
-        if step_size is not None and not (_is_number(step_size) and 0 < step_size < float("inf")):
-            raise ValueError(f"step_size must be a finite number > 0 (or None for the default), got {step_size!r}")
+        if step_size is not None and not (_is_number(step_size) and 0 < step_size <= 1):
+            raise ValueError(f"step_size must be a number > 0 and <= 1 (relative to each layer's weights, like gamma; "
+                             f"or None for the default), got {step_size!r}")
         if not (_is_number(eps) and 0 <= eps < float("inf")):
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         self.steps, self.step_size, self.eps = steps, step_size, float(eps)
@@ -279,7 +293,7 @@ class SAM(WeightPerturbation):
                  adaptive: bool = False, eta: float = 0.0, adaptive_include: Optional[Include] = None,
                  eps: float = 1e-12, include: Optional[Include] = None, backend: Optional[str] = None,
                  nonfinite: str = "skip", ascent_sync: str = "global"):
-        _check_nonneg(rho, "rho")
+        _check_rho(rho, "rho")
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be True or False, got {type(adaptive).__name__}")
         self.eta = _check_nonneg(eta, "eta")
@@ -312,7 +326,7 @@ class SAM(WeightPerturbation):
 
     def set_rho(self, rho: float) -> None:
         """Set ``sam_rho`` of every param group."""
-        _check_nonneg(rho, "rho")
+        _check_rho(rho, "rho")
         for g in self.param_groups:
             g["sam_rho"] = float(rho)
 
@@ -340,7 +354,7 @@ class SAM(WeightPerturbation):
         for n, p in zip(self._sel.names, self._sel.params):
             g = where.get(id(p))
             val = self._default_rho if g is None else g.get("sam_rho", self._default_rho)
-            rhos.append(_check_nonneg(val, "sam_rho in a param group"))
+            rhos.append(_check_rho(val, "sam_rho in a param group"))
             adaptive.append(self.adaptive and bool(self.adaptive_include(n, p)))
         self._sel.set_sam(rhos, adaptive)
         self._size_key, self._any_rho = key, any(rhos)

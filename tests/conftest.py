@@ -13,6 +13,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Inductor's on-disk cache keys its compiled C++ by the machine's vector ISA, not by an
+# ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA override: a kernel cached by a plain run is then reused
+# under the override and fails to compile ("'at::vec' has not been declared"). Give each override
+# a cache of its own.
+_isa = os.environ.get("ATEN_CPU_CAPABILITY", "") + os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+if _isa and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"torchinductor_awpfast_{_isa.lower()}")
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

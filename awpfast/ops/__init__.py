@@ -159,8 +159,7 @@ def _default_name(device: torch.device) -> str:
         if "native-missing" not in _warned:
             _warned.add("native-missing")
             warnings.warn(
-                f"awpfast: the native CPU extension is not available ({why}); using the "
-                "'foreach' backend. Reinstall with a C++ compiler to build awpfast._C.",
+                f"awpfast: the native CPU extension is not available ({why}); using the 'foreach' backend.",
                 RuntimeWarning, stacklevel=4)
     return "foreach"
 

@@ -319,7 +319,7 @@ def preflight(args: argparse.Namespace, explicit: Optional[set] = None) -> None:
 def _apply_defaults(p: argparse.ArgumentParser) -> None:
     """Set every option's default from :data:`DEFAULTS` (the one place they are written)."""
     for act in p._actions:
-        if act.dest != "help":
+        if act.dest not in ("help", "version"):
             act.default = parser_default(act.dest)
 
 
@@ -490,6 +490,22 @@ def validate_args(args) -> None:
             raise UsageError(f"--backend {args.backend!r} is unknown: choose one of {', '.join(BACKENDS)}")
 
 
+def _check_warmups(args, explicit: set, notes: List[str]) -> None:
+    """A warm-up as long as the run: refused when given explicitly (the run would not do what its start
+    line says), a note when it is a default (TRADES' 10 AWP warm-up epochs in a short run)."""
+    for key, what, active in (("awp_warmup", "AWP would never switch on", args.awp_gamma > 0),
+                              ("eps_warmup", "the attack would never reach --eps", args.eps_warmup > 0)):
+        n = getattr(args, key)
+        long = n >= args.epochs if key == "awp_warmup" else n > args.epochs
+        if not (active and long):
+            continue
+        msg = f"{_opt(key)} {n} with --epochs {args.epochs}: {what}"
+        if key in explicit:
+            raise UsageError(msg + f"; shorten {_opt(key)} or train longer")
+        source = f"--recipe {args.recipe}" if args.recipe and key in RECIPES[args.recipe] else f"--method {args.method}"
+        notes.append(msg + f" (the {_opt(key)} of {source}; give a shorter one to change it)")
+
+
 def _check_out(args, resume_path: Optional[str]) -> None:
     out = args.out
     check_out_dir(out, "--out")
@@ -570,6 +586,8 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
         apply_recipe(args, explicit)
     resolve_defaults(args)
     validate_args(args)
+    if resume_path is None:
+        _check_warmups(args, explicit, notes)
     if dist.enabled and args.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {args.batch_size} is the global batch and must split evenly over "
                          f"{dist.world_size} processes")

@@ -28,10 +28,29 @@ def _pct(v) -> str:
     return "  -  " if v is None else f"{100 * v:.2f}"
 
 
+def _awp_text(args) -> str:
+    """`` + AWP(gamma=..., ascent ...) from epoch N`` for the start line; empty without AWP."""
+    if not args.awp_gamma > 0:
+        return ""
+    parts = [f"gamma={args.awp_gamma:g}"]
+    ascent = getattr(args, "awp_ascent", "separate")
+    fraction = getattr(args, "awp_ascent_fraction", 1.0)
+    parts.append(f"ascent {ascent}" + (f" on {fraction:g} of the batch" if fraction < 1 else ""))
+    if getattr(args, "awp_every", 1) > 1:
+        parts.append(f"every {args.awp_every} steps")
+    if getattr(args, "awp_steps", 1) > 1:
+        parts.append(f"{args.awp_steps} steps")
+    warm = getattr(args, "awp_warmup", 0)
+    when = "" if not warm else (f" from epoch {warm + 1}" if warm < args.epochs else " never (warm-up >= epochs)")
+    return f" + AWP({', '.join(parts)}){when}"
+
+
 def start_line(args, train_split, val_split, ds, cfg) -> str:
     """The run's first line: method, model, data sizes, threat model, device, output folder."""
-    return (f"awpfast-train: {args.method}{' + AWP(gamma=%g)' % args.awp_gamma if args.awp_gamma > 0 else ''}"
+    return (f"awpfast-train: {args.method}{_awp_text(args)}"
             + (f" [recipe {args.recipe}]" if args.recipe else "")
+            + (f" [extra data {os.path.basename(args.extra_data)}, {args.extra_fraction:g} of each batch]"
+               if getattr(args, "extra_data", None) else "")
             + (f" [label noise {args.label_noise:g}]" if args.label_noise else "") + " | "
             f"{args.model} on {args.data} ({len(train_split)} train / {len(val_split)} val / {len(ds.test)} test, "
             f"{ds.image_size}px) | {args.norm} eps={args.eps:.4g} alpha={args.alpha:.4g}"
