@@ -179,6 +179,36 @@ def _cifar10(data_dir: Optional[str]) -> Dataset:
     return Dataset("cifar10", Split(xs, ys), Split(torch.from_numpy(xt), torch.from_numpy(yt)), 10, 3, 32, "crop+flip")
 
 
+def write_synthetic_cifar10(data_dir: str, train_per_class: int = 10, test_per_class: int = 5, seed: int = 0) -> str:
+    """Write a small random data set in the exact ``cifar-10-batches-py`` format into
+    ``data_dir/cifar-10-batches-py`` (five pickled ``data_batch_i`` and ``test_batch`` dicts with
+    ``b'data'`` uint8 N x 3072 and ``b'labels'``, and ``batches.meta``), for smoke runs and tests of
+    ``--data cifar10 --data-dir DATA_DIR``. Each class gets its own mean colour, so the classes can be
+    learned. Returns the ``cifar-10-batches-py`` folder."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    centre = rng.integers(40, 216, size=(10, 3072))
+
+    def batch(labels):
+        x = np.clip(centre[labels] + rng.integers(-40, 41, size=(len(labels), 3072)), 0, 255).astype(np.uint8)
+        return {b"data": x, b"labels": [int(v) for v in labels]}
+
+    train = np.repeat(np.arange(10), train_per_class)
+    rng.shuffle(train)
+    for i, part in enumerate(np.array_split(train, 5), 1):
+        with open(os.path.join(folder, f"data_batch_{i}"), "wb") as f:
+            pickle.dump(batch(part), f, protocol=2)
+    test = np.repeat(np.arange(10), test_per_class)
+    rng.shuffle(test)
+    with open(os.path.join(folder, "test_batch"), "wb") as f:
+        pickle.dump(batch(test), f, protocol=2)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer", "dog",
+                                                              "frog", "horse", "ship", "truck")]}, f, protocol=2)
+    return folder
+
+
 # ----------------------------------------------------------------------------- synthetic
 def _synthetic(image_size: int, n_train: int = 512, n_test: int = 256, num_classes: int = 10) -> Dataset:
     g = torch.Generator().manual_seed(1234)

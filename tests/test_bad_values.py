@@ -197,3 +197,12 @@ def test_abbreviated_options_are_not_guessed(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         T.main(TINY + ["--label-nois", "0.2", "--out", str(tmp_path / "a")])
     assert e.value.code == 2 and "unrecognized arguments: --label-nois" in capsys.readouterr().err
+
+
+def test_the_synthetic_cifar10_writer_feeds_the_cifar10_path(tmp_path):
+    from awpfast.data import load_dataset, write_synthetic_cifar10
+    folder = write_synthetic_cifar10(str(tmp_path), train_per_class=3, test_per_class=2)
+    assert folder.endswith("cifar-10-batches-py")
+    ds = load_dataset("cifar10", str(tmp_path))
+    assert ds.train.x.shape == (30, 3, 32, 32) and len(ds.test) == 20
+    assert sorted(ds.train.y.tolist()) == sorted(list(range(10)) * 3)
