@@ -424,7 +424,7 @@ def validate_args(args) -> None:
     _need_float(args, "momentum", 0)
     _need_float(args, "weight_decay", 0)
     _need_float(args, "beta", 0)
-    _need_float(args, "awp_gamma", 0, what=" (0 disables AWP)")
+    _need_float(args, "awp_gamma", 0, hi=1.0, what=" (0 disables AWP; above 1 the perturbation swamps the weights)")
     _need_float(args, "eps", 0, hi=1.0 if args.norm == "Linf" else None, what=" (inputs live in [0, 1])")
     _need_float(args, "alpha", 0)
     if args.alpha == 0 and args.eps > 0 and args.attack_steps > 0:
