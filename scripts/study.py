@@ -192,9 +192,18 @@ def _commit() -> str | None:
         return None
 
 
+RECORDS = os.path.join(ROOT, "docs", "study", "runs")  # one committed JSON per finished run
+
+
+def _record_path(arm: str, seed: int, records: str = RECORDS) -> str:
+    return os.path.join(records, f"{arm}-s{seed}.json")
+
+
 def _state(d: str) -> str:
-    """done (trained and evaluated), trained (evaluation left), started (resumable), new."""
-    if os.path.isfile(os.path.join(d, "final_eval.json")):
+    """done (trained and evaluated, or its record committed), trained (evaluation left), started
+    (resumable), new."""
+    name = os.path.basename(d)
+    if os.path.isfile(os.path.join(d, "final_eval.json")) or os.path.isfile(os.path.join(RECORDS, name + ".json")):
         return "done"
     if os.path.isfile(os.path.join(d, "study_run.json")):
         return "trained"
@@ -322,6 +331,267 @@ def status(seeds, arms, runs: str) -> None:
         print(f"{a:14s} " + "  ".join(f"{k}: {' '.join(map(str, v))}" for k, v in sorted(c.items())))
 
 
+# ----------------------------------------------------------------------------- records
+_KEEP = ("epoch", "lr", "awp_gamma", "train_loss", "train_adv_acc", "train_time_s", "val_clean_acc", "val_robust_acc",
+         "test_clean_acc", "test_robust_acc", "train_clean_acc", "train_robust_acc", "awp_cosine",
+         "awp_cosine_mean", "awp_cosine_samples")
+
+
+def _r6(v):
+    if isinstance(v, float):
+        return round(v, 6)
+    if isinstance(v, list):
+        return [_r6(x) for x in v]
+    return v
+
+
+def collect(runs: str, records: str = RECORDS) -> list:
+    """Write the committed record of every finished run in ``runs`` that has none yet: its options,
+    machine, per-epoch history (the keys of ``_KEEP``), the selected best epoch and the final
+    evaluation. Returns the records written."""
+    import torch
+    os.makedirs(records, exist_ok=True)
+    written = []
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        d = os.path.join(runs, name)
+        out = os.path.join(records, name + ".json")
+        if os.path.isfile(out) or not os.path.isfile(os.path.join(d, "final_eval.json")):
+            continue
+        with open(os.path.join(d, "study_run.json")) as f:
+            machine = json.load(f)
+        with open(os.path.join(d, "final_eval.json")) as f:
+            final = json.load(f)
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            hist = [{k: _r6(r.get(k)) for k in _KEEP if k in r} for r in map(json.loads, f)]
+        ck = torch.load(os.path.join(d, "last.pt"), map_location="cpu", weights_only=False)
+        rec = {"arm": machine["arm"], "seed": machine["seed"], "machine": machine, "options": ARMS[machine["arm"]],
+               "regime": REGIME, "best": ck["best"], "final_eval": {k: final.get(k) for k in (
+                   "split", "n", "clean_acc", "pgd20_acc", "autoattack_acc", "autoattack", "seed", "time_s",
+                   "versions")},
+               "history": hist}
+        with open(out, "w") as f:
+            json.dump(rec, f, separators=(",", ":"))
+        written.append(out)
+    return written
+
+
+def load_records(records: str = RECORDS) -> dict:
+    """``{arm: {seed: record}}`` of the committed records."""
+    out = {}
+    for f in sorted(os.listdir(records)) if os.path.isdir(records) else []:
+        if f.endswith(".json"):
+            with open(os.path.join(records, f)) as fh:
+                r = json.load(fh)
+            out.setdefault(r["arm"], {})[int(r["seed"])] = r
+    return out
+
+
+def run_metrics(rec: dict) -> dict:
+    """One run's numbers (percent): last-epoch test PGD-20, the mean of the last 3 scheduled test
+    evaluations, the validation-selected epoch's test PGD-20, the final checkpoint's PGD-20 and
+    AutoAttack on every held-out image, the mean cosine to the exact direction by phase, the
+    training seconds per epoch with AWP on."""
+    h = rec["history"]
+    epochs = len(h)
+    sched = [r for r in h if r.get("test_robust_acc") is not None and (r["epoch"] % 5 == 0 or r["epoch"] == epochs)]
+    best = rec["best"]
+    fe = rec["final_eval"]
+    cos = [(r["epoch"], r["awp_cosine_mean"]) for r in h if r.get("awp_cosine_mean") is not None]
+
+    def phase(lo, hi):
+        v = [c for e, c in cos if lo < e <= hi]
+        return sum(v) / len(v) if v else None
+    awp = [r["train_time_s"] for r in h if r["epoch"] > AWP_FROM]
+    return {"last_pgd20": 100 * h[-1]["test_robust_acc"], "last3_pgd20": 100 * sum(r["test_robust_acc"]
+                                                                                    for r in sched[-3:]) / 3,
+            "best_val_epoch": best.get("epoch"), "best_val_test_pgd20": 100 * best["test_robust_acc"],
+            "heldout_pgd20": 100 * fe["pgd20_acc"], "autoattack": None if fe.get("autoattack_acc") is None
+            else 100 * fe["autoattack_acc"], "heldout_n": fe["n"], "last_clean": 100 * h[-1]["test_clean_acc"],
+            "cosine": phase(0, epochs), "cosine_by_phase": {"11-100": phase(AWP_FROM, epochs // 2),
+                                                            "101-150": phase(epochs // 2, 3 * epochs // 4),
+                                                            "151-200": phase(3 * epochs // 4, epochs)},
+            "train_s_per_awp_epoch": sum(awp) / len(awp), "cpu_model": rec["machine"].get("cpu_model"),
+            "torch": rec["machine"].get("torch")}
+
+
+METRICS = ("last3_pgd20", "autoattack", "last_pgd20", "heldout_pgd20", "best_val_test_pgd20", "last_clean")
+DECIDING = ("last3_pgd20", "autoattack")
+
+
+def _paired(per, arm, base, key):
+    """Paired differences ``arm - base`` over the seeds both have, on one machine (CPU model and torch)."""
+    a, b = per.get(arm, {}), per.get(base, {})
+    seeds = sorted(s for s in a if s in b and a[s][key] is not None and b[s][key] is not None
+                   and (a[s]["cpu_model"], a[s]["torch"]) == (b[s]["cpu_model"], b[s]["torch"]))
+    out = paired([a[s][key] - b[s][key] for s in seeds])
+    if out:
+        out["seeds"] = seeds
+    return out
+
+
+def summarize(records: str = RECORDS) -> dict:
+    """Per arm: mean / s.d. of every metric; per AWP arm: paired differences to AT; per cheap arm: paired
+    differences to its exact arm and the verdict (computed, never typed), with the cosines next to it."""
+    recs = load_records(records)
+    per = {arm: {s: run_metrics(r) for s, r in rows.items()} for arm, rows in recs.items()}
+    out = {"regime": REGIME, "arms": {}, "margin_points": MARGIN, "criterion": __doc__.split("Verdicts")[1].strip()}
+    for arm in ARMS:
+        if arm not in per:
+            continue
+        rows = per[arm]
+        entry = {"label": LABELS[arm], "options": ARMS[arm], "seeds": sorted(rows),
+                 "machines": sorted({f"{r['cpu_model']} / torch {r['torch']}" for r in rows.values()}),
+                 "metrics": {k: paired([r[k] for r in rows.values()]) for k in METRICS + ("cosine",
+                                                                                           "train_s_per_awp_epoch")},
+                 "cosine_by_phase": {ph: paired([r["cosine_by_phase"][ph] for r in rows.values()
+                                                 if r["cosine_by_phase"][ph] is not None])
+                                     for ph in ("11-100", "101-150", "151-200")},
+                 "per_seed": {str(s): {k: r[k] for k in METRICS + ("best_val_epoch", "cosine")} for s, r in
+                              sorted(rows.items())}}
+        if arm != "AT":
+            entry["vs_AT"] = {k: _paired(per, arm, "AT", k) for k in METRICS}
+        if arm in CHEAP:
+            exact = EXACT.get(arm, "AWP")
+            entry["vs_exact"] = dict({k: _paired(per, arm, exact, k) for k in METRICS}, base=exact)
+            entry["verdict"] = verdict(entry["vs_exact"], entry["vs_AT"], pilot=arm in PILOT)
+        out["arms"][arm] = entry
+    return out
+
+
+def verdict(vs_exact: dict, vs_at: dict, pilot: bool = False) -> dict:
+    """keeps / loses / undecided (design brief section 13) from the paired differences on DECIDING."""
+    ds = [vs_exact.get(k) for k in DECIDING]
+    gs = [vs_at.get(k) for k in DECIDING]
+    if any(d is None or d["n"] < 2 for d in ds):
+        return {"verdict": "undecided", "why": "fewer than 2 paired seeds on a deciding metric", "seeds_needed": None}
+    keeps = all(d["ci90"][0] >= -MARGIN for d in ds) and all(g and g["n"] > 1 and g["ci95"][0] > 0 for g in gs)
+    loses = any(d["ci95"][1] < -MARGIN for d in ds)
+    if keeps:
+        return {"verdict": "keeps the gain", "why": "90 % lower bounds >= -1 point on both, gain over AT significant",
+                "seeds_needed": None}
+    if loses:
+        k = next(k for k, d in zip(DECIDING, ds) if d["ci95"][1] < -MARGIN)
+        return {"verdict": "loses", "why": f"95 % upper bound below -1 point on {k}", "seeds_needed": None}
+    need = [seeds_needed(d["mean"], d["sd"]) for d in ds]
+    n = None if any(v is None for v in need) else max(need)
+    return {"verdict": "undecided", "why": "neither bound clears the margin", "seeds_needed": n,
+            "pilot_promotion": (all(d["mean"] >= -2.0 for d in ds) if pilot else None)}
+
+
+def markdown(summary: dict) -> str:
+    """The study's tables: per arm (mean ± s.d. over seeds) and the verdicts."""
+    def ms(m, nd=1):
+        if not m:
+            return "–"
+        return f"{m['mean']:.{nd}f} ± {m['sd']:.{nd}f}" if "sd" in m else f"{m['mean']:.{nd}f}"
+
+    def ci(m, level="ci95"):
+        if not m or level not in m:
+            return "–"
+        return f"{m['mean']:+.1f} [{m[level][0]:+.1f}, {m[level][1]:+.1f}]"
+    lines = ["| arm | seeds | last-3 PGD-20 | AutoAttack (held-out) | last PGD-20 | held-out PGD-20 | "
+             "val-selected PGD-20 | last clean | cosine to exact | train s / AWP epoch |", "|" + "---|" * 10]
+    for arm, e in summary["arms"].items():
+        m = e["metrics"]
+        lines.append(f"| {e['label']} | {len(e['seeds'])} | {ms(m['last3_pgd20'])} | {ms(m['autoattack'])} | "
+                     f"{ms(m['last_pgd20'])} | {ms(m['heldout_pgd20'])} | {ms(m['best_val_test_pgd20'])} | "
+                     f"{ms(m['last_clean'])} | {ms(m['cosine'], 2) if arm != 'AT' else '–'} | "
+                     f"{ms(m['train_s_per_awp_epoch'], 2)} |")
+    lines += ["", "| arm | − | last-3 PGD-20, mean [95 % CI] | AutoAttack | vs AT: last-3 PGD-20 | vs AT: AutoAttack | "
+              "verdict |", "|" + "---|" * 7]
+    for arm, e in summary["arms"].items():
+        if arm == "AT":
+            continue
+        ve, va = e.get("vs_exact"), e["vs_AT"]
+        v = e.get("verdict")
+        vt = "–" if not v else v["verdict"] + (f" ({v['seeds_needed']} seeds would decide it)"
+                                               if v.get("seeds_needed") else "")
+        base = summary["arms"].get(ve["base"], {}).get("label", ve["base"]) if ve else "–"
+        lines.append(f"| {e['label']} | {base if ve else '–'} | {ci(ve and ve['last3_pgd20'])} | "
+                     f"{ci(ve and ve['autoattack'])} | {ci(va['last3_pgd20'])} | {ci(va['autoattack'])} | {vt} |")
+    return "\n".join(lines)
+
+
+def table(records: str, out_prefix: str) -> dict:
+    summary = summarize(records)
+    with open(out_prefix + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
+    print(markdown(summary))
+    return summary
+
+
+# ----------------------------------------------------------------------------- cost
+COST_MODELS = {
+    "small-cnn": REGIME,  # the study's own model and data
+    "preact18": ["--data", "synthetic", "--image-size", "32", "--model", "preact18", "--method", "at",
+                 "--batch-size", "16", "--attack-steps", "3", "--attack-bn", "train", "--epochs", "200",
+                 "--awp-gamma", "0"],
+}
+
+
+def cost(model: str, reps: int, steps: int, arms, out: str) -> dict:
+    """CPU seconds (``time.process_time``, one thread) of one training step of each arm, the arms
+    interleaved ``reps`` times (``steps`` steps each, after one warm-up round), AWP on at gamma 0.01
+    and the full eps; per arm the paired differences to AT of the same round: median, quartiles, and
+    the median as a fraction of exact AWP's own extra."""
+    import tempfile
+
+    import torch
+
+    from awpfast import train as T
+    from awpfast.train import loop
+    torch.set_num_threads(1)
+    trainers = {}
+    for arm in arms:
+        argv = COST_MODELS[model] + [a for a in ARMS[arm] if a != "--awp-cosine-every"]
+        if "--awp-cosine-every" in argv:
+            i = argv.index("--awp-cosine-every")
+            del argv[i:i + 2]
+        args = T.build_parser().parse_args(argv + ["--out", tempfile.mkdtemp(), "--threads", "1", "--quiet",
+                                                   "--no-plot", "--awp-warmup", "0", "--eps-warmup", "0"])
+        t = loop.setup(T.make_config(args))
+        x, y = next(iter(t.batches))
+        trainers[arm] = (t, x, y)
+    times = {a: [] for a in arms}
+    for r in range(reps + 1):
+        for arm, (t, x, y) in trainers.items():
+            c0 = time.process_time()
+            for _ in range(steps):
+                loop.train_step(t, x, y)
+            if r:  # round 0 warms up (and gives the momentum arm its first buffer)
+                times[arm].append((time.process_time() - c0) / steps)
+
+    def q(v, p):
+        v = sorted(v)
+        k = (len(v) - 1) * p
+        lo, hi = math.floor(k), math.ceil(k)
+        return v[lo] + (v[hi] - v[lo]) * (k - lo)
+    res = {"model": model, "reps": reps, "steps_per_rep": steps, "threads": 1, "cpu_model": _cpu_model(),
+           "torch": torch.__version__, "load_before": os.getloadavg(), "arms": {}}
+    base = times.get("AT")
+    extra_awp = None
+    if base and "AWP" in times:
+        extra_awp = q([a - b for a, b in zip(times["AWP"], base)], 0.5)
+    for arm, v in times.items():
+        e = {"median_s": q(v, 0.5), "q1_s": q(v, 0.25), "q3_s": q(v, 0.75), "all_s": v}
+        if base and arm != "AT":
+            d = [a - b for a, b in zip(v, base)]
+            e["extra_vs_AT"] = {"median_s": q(d, 0.5), "q1_s": q(d, 0.25), "q3_s": q(d, 0.75)}
+            if extra_awp:
+                e["fraction_of_awp_extra"] = q(d, 0.5) / extra_awp
+        res["arms"][arm] = e
+    res["load_after"] = os.getloadavg()
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    for arm, e in res["arms"].items():
+        fr = e.get("fraction_of_awp_extra")
+        print(f"{arm:14s} {1e3 * e['median_s']:8.1f} ms/step" + (
+            f"  extra over AT {1e3 * e['extra_vs_AT']['median_s']:7.1f} ms [IQR {1e3 * e['extra_vs_AT']['q1_s']:.1f}, "
+            f"{1e3 * e['extra_vs_AT']['q3_s']:.1f}]" if "extra_vs_AT" in e else "")
+              + (f" = {fr:.2f} of exact AWP's extra" if fr is not None else ""))
+    return res
+
+
 def parse_seeds(text: str) -> list:
     out = []
     for part in text.split(","):
@@ -348,7 +618,27 @@ def main(argv=None) -> None:
         c.add_argument("--runs", default=RUNS)
         if name == "run":
             c.add_argument("--jobs", type=int, default=2)
+    c = sub.add_parser("collect", help="commit-ready records of the finished runs (docs/study/runs)")
+    c.add_argument("--runs", default=RUNS)
+    c = sub.add_parser("table", help="the summary, verdicts and tables from the committed records")
+    c.add_argument("--out", default=OUT)
+    c = sub.add_parser("cost", help="CPU time of a training step per arm, interleaved, one thread")
+    c.add_argument("--model", choices=list(COST_MODELS), default="small-cnn")
+    c.add_argument("--reps", type=int, default=9)
+    c.add_argument("--steps", type=int, default=4, help="steps per arm and round (even: every 2 alternates)")
+    c.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    c.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    if a.cmd == "collect":
+        for w in collect(a.runs):
+            print("wrote", os.path.relpath(w, ROOT))
+        return
+    if a.cmd == "table":
+        table(RECORDS, a.out)
+        return
+    if a.cmd == "cost":
+        cost(a.model, a.reps, a.steps, a.arms, a.out or f"{OUT}_cost_{a.model}.json")
+        return
     if a.cmd == "_job":
         _job(a.arm, a.seed, a.runs)
     elif a.cmd == "run":

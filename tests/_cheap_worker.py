@@ -100,8 +100,75 @@ def check_fsdp_every(res):
         res["fsdp_attack_error"] = str(e)
 
 
+def _picked_rows(steps, seed=5, n=W.LOCAL, k=W.LOCAL // 2):
+    """The rows every rank's sub-batch generator draws (the same positions of each rank's local batch)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n, generator=g)[:k].sort().values for _ in range(steps)]
+
+
+def check_ddp_new_ascents(res):
+    rows = _picked_rows(STEPS)
+    # one process on the global batch: the sub-batch is the union of the ranks' rows
+    model = W.make_net()
+    awp = AWP(torch.optim.SGD(model.parameters(), **W.OPT), model, gamma=0.01)
+    ref_sub = []
+    for s in range(STEPS):
+        x, y = W.data(s)
+        idx = torch.cat([r * W.LOCAL + rows[s] for r in range(W.WORLD)])
+        awp.perturb(lambda: F.cross_entropy(model(x[idx]), y[idx]))
+        awp.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        awp.step()
+        ref_sub.append([p.detach().clone() for p in model.parameters()])
+    model = W.make_net()
+    awp = AWP(torch.optim.SGD(model.parameters(), **W.OPT), model, gamma=0.01, ascent="momentum")
+    ref_mom = []
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for s in range(STEPS):
+            x, y = W.data(s)
+            awp.perturb()
+            awp.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            awp.step()
+            ref_mom.append([p.detach().clone() for p in model.parameters()])
+        for key, ref in (("ddp_subbatch", ref_sub), ("ddp_momentum", ref_mom)):
+            ddp = W.ddp_model()
+            kw = dict(ascent_fraction=0.5, ascent_seed=5) if key == "ddp_subbatch" else dict(ascent="momentum")
+            awp = AWP(torch.optim.SGD(ddp.parameters(), **W.OPT), ddp, gamma=0.01, **kw)
+            errs, equal, reduces = [], [], []
+            for s in range(STEPS):
+                x, y = W.local(*W.data(s))
+                with W.Counter(ddp) as c:
+                    if key == "ddp_subbatch":
+                        awp.perturb(lambda pick: F.cross_entropy(ddp(pick(x)), pick(y)))
+                    else:
+                        awp.perturb()
+                    reduces.append(c["all_reduce"])  # the ascent's own collectives (before the descent)
+                    awp.zero_grad()
+                    F.cross_entropy(ddp(x), y).backward()
+                    awp.step()
+                errs.append(W.max_rel(list(ddp.module.parameters()), ref[s]))
+                equal.append(W.gathered_equal(W.flat_params(ddp.module)))
+            res[key] = {"max_rel": max(errs), "ranks_equal": all(equal), "all_reduce": reduces}
+        model = W.fsdp_model()
+        awp = AWP(torch.optim.SGD(model.parameters(), **W.OPT), model, gamma=0.01, ascent="momentum")
+        errs, equal = [], []
+        for s in range(STEPS):
+            x, y = W.local(*W.data(s))
+            awp.perturb()
+            awp.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            awp.step()
+            f = W.full(model)
+            errs.append(W.max_rel(f, ref_mom[s]))
+            equal.append(W.gathered_equal(torch.cat([t.reshape(-1) for t in f])))
+        res["fsdp_momentum"] = {"max_rel": max(errs), "ranks_equal": all(equal)}
+
+
 def checks(out):
-    return [("ddp", check_ddp), ("fsdp_every", check_fsdp_every)]
+    return [("ddp", check_ddp), ("fsdp_every", check_fsdp_every), ("new_ascents", check_ddp_new_ascents)]
 
 
 if __name__ == "__main__":

@@ -344,6 +344,20 @@ def test_fsdp2_ascent_every_state_dict_and_attack_refused(ranks):
         assert "FSDP2" in rep["fsdp_attack_error"] and "\n" not in rep["fsdp_attack_error"]
 
 
+# ----------------------------------------------------------------------------- 2 processes: sub-batch and momentum ascents (test_cheap_ascent_more.py)
+@pytest.mark.parametrize("key,reduces", [("ddp_subbatch", [1, 1, 1, 1]), ("ddp_momentum", [0, 0, 0, 0])])
+def test_ddp_new_ascents_equal_one_process(ranks, key, reduces):
+    for rep in ranks:
+        assert rep[key]["max_rel"] < 1e-10, rep[key]
+        assert rep[key]["ranks_equal"] is True
+        assert rep[key]["all_reduce"] == reduces  # the sub-batch direction synced once; momentum: no collective
+
+
+def test_fsdp2_momentum_equals_one_process(ranks):
+    for rep in ranks:
+        assert rep["fsdp_momentum"]["max_rel"] < 1e-10 and rep["fsdp_momentum"]["ranks_equal"] is True
+
+
 # ----------------------------------------------------------------------------- CLI
 CLI = ["--data", "synthetic", "--image-size", "8", "--model", "small-cnn", "--width", "4", "--batch-size", "32",
        "--attack-steps", "2", "--eval-steps", "1", "--eval-samples", "32", "--train-eval-samples", "32",
