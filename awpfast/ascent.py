@@ -7,7 +7,7 @@ nothing above it; ``optim`` imports it). The direction of a ``perturb()`` comes 
   BatchNorm statistics frozen; under FSDP2 an ordinary backward whose reduce-scattered ``.grad``
   shards are taken and every ``.grad`` put back;
 * a *pending* direction: the sum of ``accumulate(closure)`` calls, or the weight gradient that an
-  attack built with ``awp=`` computed in its last step (:meth:`AscentSource._add_direction`, the
+  attack built with ``awp=`` computed in its last step (:meth:`AscentSource.add_direction`, the
   same path: the DDP all-reduce of ``ascent_sync="global"`` runs at ``perturb()`` unchanged);
 * ``.grad`` (SAM, Box AWP: ``_grad_source``);
 * the stored direction of ``ascent_every=K`` (K > 1): the synced direction of the last step that
@@ -321,7 +321,7 @@ class AscentSource:
         self._add_pending(self._closure_directions(closure))
 
     # ----------------------------------------------------------------- attack-sourced directions
-    def _direction_request(self, who: str) -> Optional[List[torch.Tensor]]:
+    def direction_request(self, who: str) -> Optional[List[torch.Tensor]]:
         """For an attack built with ``awp=self``: the selected parameters whose gradient its last
         step should return, or None when the next ``perturb()`` needs no new direction (rule
         inactive, e.g. gamma 0; a step of ``ascent_every`` that reuses the stored one; nothing
@@ -339,8 +339,8 @@ class AscentSource:
             return None
         return list(self._sel.params)
 
-    def _add_direction(self, grads: Sequence[Optional[torch.Tensor]]) -> None:
-        """The gradients of :meth:`_direction_request`'s parameters (None: not connected) join the
+    def add_direction(self, grads: Sequence[Optional[torch.Tensor]]) -> None:
+        """The gradients of :meth:`direction_request`'s parameters (None: not connected) join the
         pending direction, exactly as ``accumulate()``'s would."""
         if all(g is None for g in grads):
             raise ValueError("the attack's loss is not connected to any parameter the AWP wrapper perturbs: "

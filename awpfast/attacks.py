@@ -102,7 +102,7 @@ def _input_and_weight_grad(loss: torch.Tensor, x_adv: torch.Tensor, awp, weights
     gs = torch.autograd.grad(loss, [x_adv, *weights], only_inputs=True, allow_unused=True)
     if gs[0] is None:
         return _input_grad(loss, x_adv)
-    awp._add_direction(list(gs[1:]))
+    awp.add_direction(list(gs[1:]))
     return gs[0]
 
 
@@ -127,7 +127,7 @@ def _check_model(who: str, model) -> None:
 def _check_awp(who: str, awp, steps: int):
     if awp is None:
         return None
-    if not (callable(getattr(awp, "_direction_request", None)) and callable(getattr(awp, "_add_direction", None))):
+    if not (callable(getattr(awp, "direction_request", None)) and callable(getattr(awp, "add_direction", None))):
         raise TypeError(f"{who}(awp=...) takes an awpfast weight-perturbation wrapper such as awpfast.AWP, got "
                         f"{type(awp).__name__}")
     if steps == 0:
@@ -141,7 +141,7 @@ def _wanted(who: str, awp, steps: int):
     if awp is None:
         return None
     _check_awp(who, awp, steps)  # steps may have been changed since construction
-    return awp._direction_request(who)
+    return awp.direction_request(who)
 
 
 def _check_inputs(x: torch.Tensor, y: Optional[torch.Tensor], check_range: bool = True) -> None:

@@ -19,10 +19,10 @@ Structure: :class:`WeightPerturbation` is the engine shared by every rule (shari
 frozen, DDP / FSDP2 detection and gradient sync, micro-batch accumulation, non-finite
 handling, following the optimizer's parameters); where the ascent direction comes from (closure,
 ``accumulate()``, an attack built with ``awp=``, ``.grad``, ``ascent_every``'s stored direction)
-is :mod:`awpfast.ascent`. A rule (:class:`awpfast.AWP`,
-:class:`awpfast.SAM`, :class:`awpfast.BoxAWP`, all in :mod:`awpfast.rules`) only says how big
-the perturbation is and applies it through the seam. ``rules`` imports this module, never the
-reverse; ``awpfast.optim.AWP`` still resolves (a module ``__getattr__``).
+is :mod:`awpfast.ascent`. A rule (:class:`awpfast.AWP`, :class:`awpfast.SAM`,
+:class:`awpfast.BoxAWP`, one module each in :mod:`awpfast.rules`) owns its math and applies it
+through the seam, behind five hooks (see :class:`WeightPerturbation`). ``rules`` imports this module, never the
+reverse.
 """
 from __future__ import annotations
 
@@ -37,11 +37,11 @@ import torch.optim.optimizer as _optim_mod
 from torch import nn
 
 from .ascent import AscentSource, Closure, backward_in_closure_advice, check_ascent_every, frozen_batchnorm_stats
-from .compiled import DYNAMO_TRACES_WRAPPER, _eager_under_old_dynamo  # noqa: F401  (tests import them from here)
+from .compiled import _eager_under_old_dynamo
 from .distributed import Setting, detect
 from .perturb import PerturbState, default_include, flat_like
 
-__all__ = ["AWP", "WeightPerturbation", "frozen_batchnorm_stats"]
+__all__ = ["WeightPerturbation", "frozen_batchnorm_stats"]
 
 _RESTORE_MODES = ("after_step", "before_step")
 _STATE_KEY = "awpfast"  # the wrapper's own entry in its state dict, next to the base optimizer's
@@ -55,16 +55,29 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
     selected weights from ``w`` to ``w + v``), the user's backward at ``w + v``, ``step()``
     (base step and removal of ``v`` in the configured order).
 
-    A rule subclass sets ``rule_name`` and implements ``_rule_active()`` (False skips the
-    ascent pass), ``_rule_passes()`` (ascent passes per perturb), ``_rule_first(dirs)`` and
-    ``_rule_next(dirs)`` (apply the perturbation from the flat ascent directions; return the
-    direction norms), ``_rule_config()`` (saved in the state dict and compared on load), and
-    may override ``_rule_check(norms)`` (what the non-finite check looks at; None: no whole-step
-    check, the rule handles non-finite directions itself), ``_later_closures_msg()``,
-    ``_load_rule_meta(meta)`` and ``_on_new_group(group)``. A rule with ``_grad_source = True``
-    takes the direction from the gradients already in ``.grad`` when ``perturb()`` gets no
-    closure and nothing was accumulated (the clean gradient of the batch: no extra pass; under
-    DDP it is already averaged by DDP's own backward, so no further collective runs).
+    A rule (one module of :mod:`awpfast.rules`) subclasses the engine and implements its **five
+    hooks**:
+
+    1. ``_rule_active() -> bool``: whether this ``perturb()`` perturbs at all (False skips the
+       ascent pass: gamma 0, a warm-up, Box AWP before ``start``); it also refreshes the rule's
+       per-group sizes when the param groups, the selection or its layout changed;
+    2. ``_rule_apply(dirs, first) -> norms``: apply the perturbation from the flat ascent
+       directions (``first``: the first ascent pass, which writes the backups; later passes of a
+       multi-step rule move around them) through the rule's functional core; returns the direction
+       norms;
+    3. ``_rule_check(norms) -> tensor or None``: what the non-finite check looks at (default: the
+       norms; None: no whole-step check, the rule handles non-finite directions itself);
+    4. ``_rule_config() -> dict``: the rule's settings, saved in the state dict and compared on load
+       (except the keys named in ``_uncompared``: progress, or defaults the param groups carry);
+    5. ``_rule_load(meta)``: after ``load_state_dict`` (``meta``: the wrapper's saved entry, or None).
+
+    and sets class data: ``rule_name``; ``passes`` (ascent passes per ``perturb()``, default 1);
+    ``grad_source`` (True: ``perturb()`` without a closure and with nothing accumulated takes the
+    direction from ``.grad``, the clean gradient of the batch: no extra pass; under DDP it is
+    already averaged by DDP's own backward, so no further collective runs); ``off_hint`` (how a user
+    switches it off); ``later_hint`` (the message when several passes have no closure to re-run).
+    The param-group keys a rule reads (``awp_gamma``, ``sam_rho``) are its ``extra_defaults``: set in
+    every param group, also in groups added or loaded later.
 
     ``ascent_every=K`` (K > 1): the direction is computed on the 0th, K-th, 2K-th... ``perturb()``
     call with the rule active (and whenever none is stored for the current selection, or the last
@@ -80,8 +93,6 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
     on several DDP ranks (where ``"after_step"`` is refused). ``store_deltas`` (default: for
     ``"after_step"``) keeps ``v`` for the reference restore order.
     """
-
-    rule_name = "WeightPerturbation"
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *,
                  include: Optional[Callable[[str, nn.Parameter], bool]] = None,
@@ -142,7 +153,9 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
         self.perturb_count = 0
         self.last_direction_norms: Optional[torch.Tensor] = None
         # torch.optim.Optimizer bookkeeping without re-adding the base's parameters
-        self.defaults = dict(optimizer.defaults, **(extra_defaults or {}))
+        self._extra_defaults = dict(extra_defaults or {})
+        self.defaults = dict(optimizer.defaults, **self._extra_defaults)
+        self._fill_group_defaults()
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -188,10 +201,13 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
     def add_param_group(self, param_group):
         """Add a group to the base optimizer (its parameters join the selection)."""
         self.optimizer.add_param_group(param_group)
-        self._on_new_group(self.optimizer.param_groups[-1])
+        self._fill_group_defaults()
 
-    def _on_new_group(self, group: dict) -> None:
-        pass
+    def _fill_group_defaults(self) -> None:
+        """The rule's param-group keys (its ``extra_defaults``) in every group that lacks them."""
+        for g in self.optimizer.param_groups:
+            for k, v in self._extra_defaults.items():
+                g.setdefault(k, v)
 
     def zero_grad(self, set_to_none: bool = True):
         """The base optimizer's ``zero_grad``."""
@@ -265,34 +281,52 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
             self._sel.refresh()
 
     # ----------------------------------------------------------------- rule interface
+    rule_name = "WeightPerturbation"
+    passes = 1              # ascent passes per perturb()
+    grad_source = False     # perturb() without a closure may use .grad (SAM, Box AWP)
+    off_hint = "gamma 0"    # how a user switches this rule off (named in the plain-step warning)
+    later_hint = ("{name} with {passes} ascent steps re-evaluates the loss at w + v: pass the micro-batch "
+                  "closures as a list, perturb([c1, c2, ...]), instead of accumulate()")
+    _uncompared: tuple = ()  # _rule_config() keys saved but not compared on load
+
     def _rule_active(self) -> bool:
         raise NotImplementedError
 
-    def _rule_passes(self) -> int:
-        return 1
-
-    def _rule_first(self, dirs: List[torch.Tensor]) -> torch.Tensor:
+    def _rule_apply(self, dirs: List[torch.Tensor], first: bool) -> torch.Tensor:
         raise NotImplementedError
-
-    def _rule_next(self, dirs: List[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _rule_config(self) -> dict:
-        return {}
 
     def _rule_check(self, dnorms: torch.Tensor) -> Optional[torch.Tensor]:
         """The tensor whose non-finiteness skips the whole step (None: no check)."""
         return dnorms
 
-    def _later_closures_msg(self, passes: int) -> str:
-        return (f"{type(self).__name__} with {passes} ascent steps re-evaluates the loss at w + v: pass the "
-                "micro-batch closures as a list, perturb([c1, c2, ...]), instead of accumulate()")
+    def _rule_config(self) -> dict:
+        return {}
 
-    def _load_rule_meta(self, meta: dict) -> None:
+    def _rule_load(self, meta: Optional[dict]) -> None:
         pass
 
-    _grad_source = False  # perturb() without a closure may use .grad (SAM, Box AWP)
-    _off_hint = "gamma 0"  # how a user switches this rule off (named in the plain-step warning)
+    # ----------------------------------------------------------------- helpers for the rules
+    def _group_values_key(self, name: str) -> tuple:
+        """What a rule's per-group sizes depend on: each param group's ``name`` value, the selection
+        and its layout. Compared once per step (a small tuple; plain loops, see _param_group_key)."""
+        key = []
+        for g in self.optimizer.param_groups:
+            key.append((id(g), g.get(name)))
+        return (tuple(key), self._sel.generation, self._sel.layout_version)
+
+    def _per_parameter(self, name: str, default: float, check, what: str) -> List[float]:
+        """Each selected parameter's value of param-group key ``name`` (``check``-ed, one-line
+        errors naming ``what``), in selection order; ``default`` for a parameter of no group."""
+        per_param = {}
+        for g in self.optimizer.param_groups:
+            val = g.get(name, default)
+            check(val, what)
+            for p in g["params"]:
+                per_param[id(p)] = float(val)
+        out = []
+        for p in self._sel.params:
+            out.append(per_param.get(id(p), default))
+        return out
 
     # ----------------------------------------------------------------- non-finite
     @property
@@ -381,13 +415,13 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
                 return False
         reuse = pending is None and self._reuse_due()  # ascent_every: no closure runs this step
         from_grad = closures is None and pending is None and not reuse
-        if from_grad and not self._grad_source:
+        if from_grad and not self.grad_source:
             raise TypeError(f"{name}.perturb() without a closure applies the direction gathered by "
                             "accumulate(closure) (or by an attack built with awp=), and nothing was accumulated; "
                             "pass the ascent closure")
-        passes = self._rule_passes()
+        passes = self.passes
         if nexts is None and passes > 1:
-            raise ValueError(self._later_closures_msg(passes))
+            raise ValueError(self.later_hint.format(name=name, passes=passes))
         if reuse:
             dirs = self._stored
         elif from_grad:
@@ -405,7 +439,7 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
         self._ascent_calls += 1
         if self.ascent_every > 1 and not reuse:
             self._store(dirs)
-        dn = self._rule_first(dirs)
+        dn = self._rule_apply(dirs, True)
         ok = False
         try:
             ok = self._finite_or_handle(dn)
@@ -416,7 +450,7 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
             return False
         try:
             for _ in range(passes - 1):
-                dn = self._rule_next(self._synced(self._directions(nexts)))
+                dn = self._rule_apply(self._synced(self._directions(nexts)), False)
                 if not self._finite_or_handle(dn):
                     return False
         except BaseException:
@@ -502,7 +536,7 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
         else:
             self._warn_once("plain", f"{name}.step() without perturb() since the last step: a plain base-optimizer "
                                      "step, with no weight perturbation. Call perturb(closure) before the backward "
-                                     f"({self._off_hint} is the way to switch the perturbation off). This warning "
+                                     f"({self.off_hint} is the way to switch the perturbation off). This warning "
                                      "is shown once.")
 
     def _warn_once(self, key: str, msg: str) -> None:
@@ -575,13 +609,8 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
             if self._sel.skipped_device is not None:
                 self._sel.skipped_device.zero_()
             self.perturb_count = int(meta.get("perturb_count", 0))
-            self._load_rule_meta(meta)
-        for g in self.optimizer.param_groups:
-            self._on_new_group(g)
-        self._after_load()
-
-    def _after_load(self) -> None:
-        pass
+        self._fill_group_defaults()
+        self._rule_load(meta)
 
     def _check_meta(self, meta: dict) -> None:
         mine = dict(self._meta(), ascent_every=self.ascent_every, ascent_fraction=self.ascent_fraction,
@@ -589,7 +618,7 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
         meta = dict(meta, ascent_every=meta.get("ascent_every", 1), ascent_fraction=meta.get("ascent_fraction", 1.0),
                     ascent=meta.get("ascent", "gradient"))
         keys = ["rule", "restore", "ascent_sync", "ascent_every", "ascent_fraction", "ascent",
-                *self._rule_config().keys()]
+                *(k for k in self._rule_config() if k not in self._uncompared)]
         diff = [k for k in keys if k in meta and meta[k] != mine[k]]
         if diff:
             warnings.warn(
@@ -678,12 +707,3 @@ def _capturing(t: torch.Tensor) -> bool:
 
 _eager_under_old_dynamo(AscentSource)  # accumulate()
 _eager_under_old_dynamo(WeightPerturbation)
-
-
-def __getattr__(name: str):
-    """``awpfast.optim.AWP``, the rule's old home: imported from :mod:`awpfast.rules` on first use
-    (``rules`` imports this module, so importing it here at the top would be a circle)."""
-    if name == "AWP":
-        from .rules import AWP
-        return AWP
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Parameter selection and the perturb/restore state behind the weight-perturbation wrappers.
+"""Parameter selection and the perturb/restore state behind the weight-perturbation wrappers: the
+engine's half that knows no rule (the rules' math is in :mod:`awpfast.rules`).
 
 Everything per-layer is prepared once: the selected parameters are grouped by (device,
 dtype), flattened to 1-D views of their storage (so channels_last weights work with every
@@ -7,8 +8,8 @@ buffers. On the hot path each (device, dtype) group is one backend call.
 
 For FSDP2 the "storage" of a parameter is the rank's local shard: the views, backups and
 deltas are shard-sized, per-layer norms are all-reduced partial sums (one all-reduce for
-every layer), and the scaled update goes through ``ops.add_scaled_`` with the per-layer
-scales as a device tensor (no host sync).
+every layer, :meth:`PerturbState.global_norms`), and a rule applies its scaled update with
+``ops.add_scaled_`` and the per-layer scales as a device tensor (no host sync).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from . import ops as _ops
-from .ops._util import acc_dtype, is_dense
+from .ops._util import is_dense
 from .distributed import local_data
 
 Include = Callable[[str, nn.Parameter], bool]
@@ -115,7 +116,7 @@ def flat_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return flat(out)
 
 
-def _join_norms(norms: List[torch.Tensor]) -> torch.Tensor:
+def join_norms(norms: List[torch.Tensor]) -> torch.Tensor:
     """Per-group direction norms as one vector (selection order within groups)."""
     return norms[0] if len(norms) == 1 else torch.cat([n.float().to(norms[0].device) for n in norms])
 
@@ -128,13 +129,6 @@ class _Group:
     params: List[torch.Tensor]             # flat views of the parameters (local shards for FSDP2)
     backups: List[torch.Tensor] = field(default_factory=list)
     deltas: List[torch.Tensor] = field(default_factory=list)
-    gammas: List[float] = field(default_factory=list)     # radius gamma_l of each layer
-    etas: List[float] = field(default_factory=list)       # ascent step size of each layer
-    project_first: bool = False                           # first step larger than a radius
-    gammas_t: Optional[torch.Tensor] = None               # the same on the device (sharded path)
-    etas_t: Optional[torch.Tensor] = None
-    wnorms: Optional[torch.Tensor] = None                 # global ||w_l|| of the backups (sharded)
-    plan: Optional["_SamPlan"] = None                    # SAM/ASAM split of this group (built lazily)
 
 
 class PerturbState:
@@ -158,13 +152,12 @@ class PerturbState:
         self._model = model
         self._layout = None
         self._built = self._built_ptrs = None
-        self._sizes = None
+        self.layout_version = 0  # counts the rebuilds of the groups (a rule's per-group data follows it)
         self.names: List[str] = []
         self.params: List[torch.Tensor] = []
         self.local: List[torch.Tensor] = []
         # steps skipped for non-finite gradients inside compiled code (counted on the device)
         self.skipped_device: Optional[torch.Tensor] = None
-        self._sam_cfg = None   # (rho per selected parameter, adaptive flag per selected parameter)
         self.set_candidates(named)
 
     def set_candidates(self, named: Sequence[Tuple[str, nn.Parameter]]) -> None:
@@ -209,42 +202,32 @@ class PerturbState:
             self.params = [self.cand_params[i] for i in keep]
             self._sel_key = sel_key
             self.generation += 1
-            self._sizes = None
         self.local = [local_data(p) if self.reduce is not None else p.data for p in self.params]
         self.groups = [_Group(dev, dt, idx, [flat(self.local[i]) for i in idx])
                        for (dev, dt), idx in _ops.group_indices(self.local).items()]
         self._built, self._built_ptrs = now, ptrs
+        self.layout_version += 1
         for g in self.groups:
             # Here (eagerly, when AWP is built) rather than at the first perturb(): the backend's
             # first import cannot be traced, and buffers allocated inside a compiled step would
             # make the second step recompile (the guards see the lists grow).
-            self._backend(g)
-            self._ensure_buffers(g)
+            self.backend_of(g)
+            self.ensure_buffers(g)
         if self.params:
             dev = self.params[0].device
             if self.skipped_device is None:
                 self.skipped_device = torch.zeros((), dtype=torch.int64, device=dev)
             elif self.skipped_device.device != dev:
                 self.skipped_device = self.skipped_device.to(dev)
-        if self._sizes is not None:
-            self.set_sizes(*self._sizes)
-
-    def set_sizes(self, gammas: Sequence[float], etas: Sequence[float]) -> None:
-        """Per-layer radius and step size (in selection order), split by group once."""
-        self._sizes = (list(gammas), list(etas))
-        for g in self.groups:  # loops, not comprehensions: see _ensure_buffers
-            g.gammas, g.etas, g.project_first = [], [], False
-            for i in g.index:
-                g.gammas.append(gammas[i])
-                g.etas.append(etas[i])
-                g.project_first = g.project_first or etas[i] > gammas[i]
-            if self.reduce is not None:
-                g.gammas_t = torch.tensor(g.gammas, dtype=torch.float64, device=g.device)
-                g.etas_t = torch.tensor(g.etas, dtype=torch.float64, device=g.device)
 
     # ------------------------------------------------------------------ helpers
-    def _backend(self, g: _Group):
+    def backend_of(self, g: _Group):
+        """The seam backend of one (device, dtype) group."""
         return _ops.get_backend(self.backend, g.device, g.dtype)
+
+    def begin(self) -> None:
+        """A rule starts perturbing: record the layout that ``restore()`` checks against."""
+        self._layout = (self._built, self._built_ptrs)
 
     def layout(self):
         """Per candidate: shape, strides, dtype and device of its storage (the local shard under
@@ -267,7 +250,7 @@ class PerturbState:
             return [local_data(p).data_ptr() for p in self.cand_params]
         return [p.data_ptr() for p in self.cand_params]
 
-    def _ensure_buffers(self, g: _Group) -> None:
+    def ensure_buffers(self, g: _Group) -> None:
         # Plain loops: code that may run eagerly inside a compiled step (Dynamo resumes frame by
         # frame after the ascent's graph break) has no comprehension over tensors, which Python
         # < 3.12 runs as a frame of its own that Dynamo cannot compile ("falling back to eager").
@@ -280,7 +263,7 @@ class PerturbState:
             for p in g.params:
                 g.deltas.append(torch.empty_like(p))
 
-    def _refresh_deltas(self, g: _Group) -> None:
+    def refresh_deltas(self, g: _Group) -> None:
         """deltas <- params - backups (after a projection moved the perturbation)."""
         if self.store_deltas:
             torch._foreach_copy_(g.deltas, g.params)
@@ -305,13 +288,13 @@ class PerturbState:
         return sum(t.numel() for g in self.groups for t in (*g.backups, *g.deltas))
 
     # ------------------------------------------------------------------ sharded (FSDP2) helpers
-    def _global_norms(self, lists: Sequence[Sequence[Sequence[torch.Tensor]]]) -> List[List[torch.Tensor]]:
+    def global_norms(self, lists: Sequence[Sequence[Sequence[torch.Tensor]]]) -> List[List[torch.Tensor]]:
         """``lists[k][gi]`` is the k-th tensor list of group gi. Returns the global per-layer
         norms ``out[k][gi]`` (float64) from local partial sums: one all-reduce for all."""
         parts = []
         for per_group in lists:
             for g, ts in zip(self.groups, per_group):
-                parts.append(self._backend(g).norms(list(ts)).to(device=self.groups[0].device,
+                parts.append(self.backend_of(g).norms(list(ts)).to(device=self.groups[0].device,
                                                                  dtype=torch.float64).square())
         vec = self.reduce(torch.cat(parts)).sqrt()
         out, o = [], 0
@@ -323,98 +306,16 @@ class PerturbState:
             out.append(row)
         return out
 
-    def _dirs(self, dirs, g: _Group) -> List[torch.Tensor]:
+    def group_dirs(self, dirs, g: _Group) -> List[torch.Tensor]:
+        """The directions of one group's parameters (``dirs`` in selection order)."""
         return [dirs[i] for i in g.index]
 
-    def _project_sharded(self) -> None:
-        """params <- w + v * min(1, gamma_l ||w_l|| / ||v_l||), v = params - w (global norms)."""
-        vs = [torch._foreach_sub(g.params, g.backups) for g in self.groups]
-        (vn,) = self._global_norms([vs])
-        for g, v, n in zip(self.groups, vs, vn):
-            radius = g.gammas_t * g.wnorms
-            factor = torch.where(n > radius, radius / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
-            _ops.add_scaled_(g.params, v, factor.to(acc_dtype(g.dtype)), base=g.backups,
-                             deltas=g.deltas if self.store_deltas else None, backend=self.backend)
-
-    def _perturb_sharded(self, dirs, eps) -> torch.Tensor:
-        ds = [self._dirs(dirs, g) for g in self.groups]
-        wn, dn = self._global_norms([[g.params for g in self.groups], ds])
-        done = []
-        try:
-            for g, d, w, n in zip(self.groups, ds, wn, dn):
-                self._ensure_buffers(g)
-                g.wnorms = w
-                scale = (g.etas_t * w / (n + eps)).to(acc_dtype(g.dtype))
-                _ops.add_scaled_(g.params, d, scale, backups=g.backups,
-                                 deltas=g.deltas if self.store_deltas else None, backend=self.backend)
-                done.append(g)
-        except BaseException:
-            self._restore_groups(done)
-            raise
-        self.active = True
-        if any(g.project_first for g in self.groups):
-            self._project_sharded()
-        return _join_norms(dn)
-
-    def _ascent_step_sharded(self, dirs, eps) -> torch.Tensor:
-        ds = [self._dirs(dirs, g) for g in self.groups]
-        (dn,) = self._global_norms([ds])
-        for g, d, n in zip(self.groups, ds, dn):
-            scale = (g.etas_t * g.wnorms / (n + eps)).to(acc_dtype(g.dtype))
-            _ops.add_scaled_(g.params, d, scale, backend=self.backend)
-        self._project_sharded()
-        return _join_norms(dn)
-
-    def _restore_groups(self, groups) -> None:
+    def restore_groups(self, groups) -> None:
         """Weights of ``groups`` back from their backups (undoing a partly applied op)."""
         for g in groups:
-            self._backend(g).restore_(g.params, g.backups)
+            self.backend_of(g).restore_(g.params, g.backups)
 
     # ------------------------------------------------------------------ ops
-    def perturb(self, dirs, eps) -> torch.Tensor:
-        """First ascent step: backups <- w, w += step * ||w|| d / (||d|| + eps) per layer
-        (``dirs``: flat directions from ``flat_directions``); for a first step larger than the
-        radius, project. Returns all direction norms (one vector). The caller has run
-        ``refresh()`` since the parameters last changed."""
-        self._layout = (self._built, self._built_ptrs)
-        if self.reduce is not None:
-            try:
-                return self._perturb_sharded(dirs, eps)
-            except BaseException:
-                self.restore()  # after a failed projection; a no-op when nothing is perturbed
-                raise
-        done, norms = [], []
-        try:
-            for g in self.groups:
-                self._ensure_buffers(g)
-                be = self._backend(g)
-                deltas = g.deltas if self.store_deltas else None
-                norms.append(be.perturb_(g.params, self._dirs(dirs, g), g.etas, eps, g.backups, deltas))
-                done.append(g)
-                if g.project_first:
-                    be.project_(g.params, g.backups, g.gammas)
-                    self._refresh_deltas(g)
-        except BaseException:
-            self._restore_groups(done)
-            raise
-        self.active = True
-        return _join_norms(norms)
-
-    def ascent_step(self, dirs, eps) -> torch.Tensor:
-        """A later multi-step ascent step around the backed-up weights, with projection."""
-        try:
-            if self.reduce is not None:
-                return self._ascent_step_sharded(dirs, eps)
-            norms = []
-            for g in self.groups:
-                be = self._backend(g)
-                norms.append(be.ascent_step_(g.params, g.backups, self._dirs(dirs, g), g.etas, g.gammas, eps))
-                self._refresh_deltas(g)
-        except BaseException:
-            self.restore()
-            raise
-        return _join_norms(norms)
-
     def keep_if(self, ok: torch.Tensor) -> None:
         """Device-side select without a host sync: where ``ok`` is False, params <- backups and
         deltas <- 0 (the perturbation is dropped). Meant for compiled code, where this per-layer
@@ -449,9 +350,9 @@ class PerturbState:
             if bad:
                 keep = [k for k, i in enumerate(g.index) if self.names[i] not in bad]
                 if keep:
-                    self._backend(g).restore_([g.params[k] for k in keep], [g.backups[k] for k in keep])
+                    self.backend_of(g).restore_([g.params[k] for k in keep], [g.backups[k] for k in keep])
             else:
-                self._backend(g).restore_(g.params, g.backups)
+                self.backend_of(g).restore_(g.params, g.backups)
         self.active = False
         if bad:
             raise RuntimeError(
@@ -465,119 +366,5 @@ class PerturbState:
         if bad:
             self.restore()  # raises, naming them
         for g in self.groups:
-            self._backend(g).unperturb_(g.params, g.deltas)
+            self.backend_of(g).unperturb_(g.params, g.deltas)
         self.active = False
-
-    # ------------------------------------------------------------------ SAM / ASAM
-    def set_sam(self, rhos: Sequence[float], adaptive: Sequence[bool]) -> None:
-        """Per selected parameter: its rho and whether ASAM's ``T = |w| + eta`` applies to it."""
-        if len(rhos) != len(self.params) or len(adaptive) != len(self.params):
-            raise ValueError("set_sam needs one rho and one adaptive flag per selected parameter")
-        self._sam_cfg = (list(rhos), list(adaptive))
-        for g in self.groups:
-            # built now (eagerly, before sam_perturb is traced), not lazily inside a compiled step,
-            # whose guards would then see the plan appear and recompile at the next step
-            g.plan = None
-            self._sam_plan(g)
-
-    def _sam_plan(self, g: _Group) -> "_SamPlan":
-        if g.plan is None:
-            rhos, adaptive = self._sam_cfg
-            ad = [k for k, i in enumerate(g.index) if adaptive[i]]
-            pl = [k for k, i in enumerate(g.index) if not adaptive[i]]
-            self._ensure_buffers(g)
-
-            def rho_t(ks):
-                return torch.tensor([rhos[g.index[k]] for k in ks], dtype=torch.float64, device=g.device)
-            g.plan = _SamPlan(ad, pl, [g.params[k] for k in ad], [g.params[k] for k in pl],
-                              [g.backups[k] for k in ad], [g.backups[k] for k in pl], rho_t(ad), rho_t(pl))
-        return g.plan
-
-    def sam_perturb(self, dirs, eta: float, eps: float) -> torch.Tensor:
-        """SAM / ASAM in one pass over the groups: ``n = ||T g||`` over every selected parameter
-        (one fused reduction per group and kind; summed over the ranks under FSDP2), then
-        ``w <- w + rho_l * T^2 * g / (n + eps)`` with ``T = |w| + eta`` on adaptive parameters
-        and ``T = 1`` elsewhere, the backups written in the same pass. Returns ``n`` (0-dim,
-        float64) without a host sync."""
-        if self._sam_cfg is None or len(self._sam_cfg[0]) != len(self.params):
-            raise RuntimeError("SAM: set_sam() must be called for the current selection")
-        self._layout = (self._built, self._built_ptrs)
-        work, parts = [], []
-        for g in self.groups:
-            plan, be = self._sam_plan(g), self._backend(g)
-            ds = self._dirs(dirs, g)
-            d_ad, d_pl = [ds[k] for k in plan.ad], [ds[k] for k in plan.pl]
-            work.append((g, plan, be, d_ad, d_pl))
-            if d_ad:
-                parts.append(_ops._op(be, "global_sqnorm")(d_ad, plan.p_ad, eta))
-            if d_pl:
-                parts.append(_ops._op(be, "global_sqnorm")(d_pl, None, 0.0))
-        dev0 = self.groups[0].device
-        sq = parts[0].to(device=dev0, dtype=torch.float64).reshape(1)
-        for part in parts[1:]:
-            sq = sq + part.to(device=dev0, dtype=torch.float64)
-        if self.reduce is not None:
-            sq = self.reduce(sq)
-        norm = sq.sqrt().reshape(())
-        done = []
-        try:
-            for g, plan, be, d_ad, d_pl in work:
-                inv = 1.0 / (norm.to(g.device) + eps)
-                acc = acc_dtype(g.dtype)
-                if d_ad:
-                    _ops._op(be, "asam_apply_")(plan.p_ad, d_ad, (plan.rho_ad * inv).to(acc), eta, plan.b_ad)
-                if d_pl:
-                    _ops._op(be, "add_scaled_")(plan.p_pl, d_pl, (plan.rho_pl * inv).to(acc), None, None,
-                                                plan.b_pl, None)
-                done.append(g)
-        except BaseException:
-            self._restore_groups(done)
-            raise
-        self.active = True
-        return norm
-
-    # ------------------------------------------------------------------ Box AWP
-    def box_perturb(self, dirs, adv_lr: float, adv_eps: float, first: bool, eps: float) -> torch.Tensor:
-        """Box AWP's clamped step per layer (``ops.box_perturb_``): ``first`` writes the backups
-        (the box's centre ``w0``); later steps move the perturbed weights inside the same box.
-        Under FSDP2 the per-layer norms are all-reduced from the shards' partial sums first.
-        Returns all direction norms (one vector)."""
-        if first:
-            self._layout = (self._built, self._built_ptrs)
-        sharded = self.reduce is not None
-        if sharded:
-            ds_all = [self._dirs(dirs, g) for g in self.groups]
-            wn, dn = self._global_norms([[g.params for g in self.groups], ds_all])
-        norms, done = [], []
-        try:
-            for gi, g in enumerate(self.groups):
-                if first:
-                    self._ensure_buffers(g)
-                n = len(g.params)
-                given = (dn[gi], wn[gi]) if sharded else None
-                ds = ds_all[gi] if sharded else self._dirs(dirs, g)
-                norms.append(_ops._op(self._backend(g), "box_perturb_")(
-                    g.params, ds, [adv_lr] * n, [adv_eps] * n, g.backups, first, eps, given))
-                done.append(g)
-        except BaseException:
-            if first:
-                self._restore_groups(done)
-            else:
-                self.restore()
-            raise
-        self.active = True
-        return _join_norms(norms)
-
-
-@dataclass
-class _SamPlan:
-    """One group's parameters split into adaptive (ASAM) and plain (SAM) ones, with their
-    backups and rhos (float64, on the device)."""
-    ad: List[int]
-    pl: List[int]
-    p_ad: List[torch.Tensor]
-    p_pl: List[torch.Tensor]
-    b_ad: List[torch.Tensor]
-    b_pl: List[torch.Tensor]
-    rho_ad: torch.Tensor
-    rho_pl: torch.Tensor

@@ -24,7 +24,7 @@ if not CUDA:  # the triton backend runs on the CPU interpreter (must be set befo
 
 import awpfast.ops as ops  # noqa: E402
 from conftest import rel_err  # noqa: E402
-from awpfast.optim import DYNAMO_TRACES_WRAPPER  # noqa: E402
+from awpfast.compiled import DYNAMO_TRACES_WRAPPER  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 
@@ -141,7 +141,7 @@ def test_inductor_perturb_restore(backend):
 
 
 def _awp_setup(backend, cls=None):
-    from awpfast.optim import AWP
+    from awpfast import AWP
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)).to(DEV)
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
@@ -349,7 +349,8 @@ def test_compiled_perturb_skips_nonfinite_on_device(backend):
 def test_awp_step_eager_fallback_under_dynamo():
     """The torch < 2.13 fallback (public methods kept out of Dynamo), forced on any torch: a
     compiled training step gives the eager step's weights."""
-    from awpfast.optim import AWP, _eager_under_old_dynamo
+    from awpfast import AWP
+    from awpfast.compiled import _eager_under_old_dynamo
 
     class EagerAWP(AWP):
         pass

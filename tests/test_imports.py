@@ -6,13 +6,15 @@ alive (``awpfast.optim.AWP``) and ``TYPE_CHECKING`` blocks, which import nothing
 import ast
 import os
 
+import pytest
+
 import awpfast
 
 ROOT = os.path.dirname(awpfast.__file__)
 
 FLOORS = [  # top down: a module may import its own floor or lower ones, never a higher one
     {"train", "demo"},
-    {"landscape", "evaluate", "integrations", "family"},
+    {"landscape", "evaluate", "integrations"},
     {"models", "rules"},
     {"data", "checkpoint", "optim", "extra_data", "ascent"},
     {"continual", "attacks", "perturb", "cli"},
@@ -118,14 +120,20 @@ def test_train_layers():
     assert edges["awpfast.errors"] == set()
 
 
-def test_old_import_paths_still_work():
-    from awpfast.family import SAM, BoxAWP
-    from awpfast.optim import AWP, WeightPerturbation
+def test_no_compatibility_aliases_at_0x():
+    """Each name has one home: the rules in awpfast.rules (one module each), the engine in awpfast.optim."""
+    import importlib
+    from awpfast.optim import WeightPerturbation
+    from awpfast.rules import SAM, AWP, BoxAWP
     assert AWP is awpfast.AWP and SAM is awpfast.SAM and BoxAWP is awpfast.BoxAWP
     assert issubclass(AWP, WeightPerturbation)
-    from awpfast.landscape import CLIError
-    from awpfast.train import UsageError
-    assert CLIError is UsageError
+    assert AWP.__module__ == "awpfast.rules.awp" and SAM.__module__ == "awpfast.rules.sam"
+    assert BoxAWP.__module__ == "awpfast.rules.box"
+    with pytest.raises(ImportError):
+        importlib.import_module("awpfast.family")
+    with pytest.raises(ImportError):
+        from awpfast.optim import AWP as _  # noqa: F401
+    assert not hasattr(importlib.import_module("awpfast.landscape"), "CLIError")  # its errors are awpfast.errors.UsageError
 
 
 def test_bad_command_line_is_answered_before_torch_is_imported():

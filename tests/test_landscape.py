@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from awpfast import ops
 from awpfast import landscape as L
+from awpfast.errors import UsageError
 from awpfast.attacks import PGD
 from awpfast.models.small_cnn import SmallCNN
 from conftest import threads
@@ -337,7 +338,7 @@ def test_parse_alphas():
     assert L.parse_alphas("-1:1:21")[10] == 0.0 and len(L.parse_alphas("-1:1:21")) == 21
     assert L.parse_alphas("0,0.5, -2") == [0.0, 0.5, -2.0]
     for bad in ("1:-1:5", "-1:1:1", "a:b:c", "1:2", "", "0,nan", "-1:inf:3"):
-        with pytest.raises(L.CLIError):
+        with pytest.raises(UsageError):
             L.parse_alphas(bad)
 
 
@@ -461,7 +462,7 @@ def test_cli_errors_are_one_line(case, ckpts, tmp_path, capsys, monkeypatch):
 
 def test_cli_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("AWPFAST_DEBUG", "1")
-    with pytest.raises(L.CLIError):
+    with pytest.raises(UsageError):
         L.main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")])
 
 

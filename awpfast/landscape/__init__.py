@@ -53,7 +53,7 @@ from ..perturb import flat, flat_like
 __all__ = ["filter_normalized_direction", "weight_landscape", "flatness", "parse_alphas", "main"]
 
 # the command line (``python -m awpfast.landscape``) lives in .command; its names are importable from here
-__getattr__ = lazy_getattr(__name__, dict.fromkeys(("CLIError", "parse_alphas", "build_parser", "load_checkpoint",
+__getattr__ = lazy_getattr(__name__, dict.fromkeys(("parse_alphas", "build_parser", "load_checkpoint",
                                                     "run", "plot_landscape", "main"), ".command"))
 
 Direction = Dict[str, torch.Tensor]

@@ -18,11 +18,7 @@ from ..cli import (USAGE_ERRORS, ArgumentParser, HelpFormatter, UsageError, chec
                    resolve_device)
 from . import LANDSCAPE_FORMAT, filter_normalized_direction, weight_landscape
 
-__all__ = ["CLIError", "parse_alphas", "build_parser", "load_checkpoint", "run", "plot_landscape", "main"]
-
-
-CLIError = UsageError
-"""The landscape CLI's user error: :class:`awpfast.errors.UsageError` (one line, exit status 2)."""
+__all__ = ["parse_alphas", "build_parser", "load_checkpoint", "run", "plot_landscape", "main"]
 
 
 def parse_alphas(spec: str) -> List[float]:
@@ -35,9 +31,9 @@ def parse_alphas(spec: str) -> List[float]:
                 raise ValueError
             lo, hi, n = float(parts[0]), float(parts[1]), int(parts[2])
             if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise CLIError(f"--alphas {s!r}: start and stop must be finite numbers")
+                raise UsageError(f"--alphas {s!r}: start and stop must be finite numbers")
             if n < 2 or hi <= lo:
-                raise CLIError(f"--alphas {s!r}: need start < stop and at least 2 points, e.g. -1:1:21")
+                raise UsageError(f"--alphas {s!r}: need start < stop and at least 2 points, e.g. -1:1:21")
             vals = [lo + (hi - lo) * k / (n - 1) for k in range(n)]
             if n % 2 == 1 and lo == -hi:
                 vals[n // 2] = 0.0  # the centre exactly, not 1e-17
@@ -46,10 +42,10 @@ def parse_alphas(spec: str) -> List[float]:
     except UsageError:
         raise
     except ValueError:
-        raise CLIError(f"--alphas {s!r} is not a range START:STOP:POINTS (e.g. -1:1:21) nor a comma list "
+        raise UsageError(f"--alphas {s!r} is not a range START:STOP:POINTS (e.g. -1:1:21) nor a comma list "
                        "(e.g. -1,-0.5,0,0.5,1)") from None
     if not vals or not all(math.isfinite(v) for v in vals):
-        raise CLIError(f"--alphas {s!r}: give finite numbers, e.g. -1:1:21")
+        raise UsageError(f"--alphas {s!r}: give finite numbers, e.g. -1:1:21")
     return vals
 
 
@@ -97,19 +93,19 @@ def _number(name: str, s) -> float:
     try:
         v = parse_float(s)
     except ValueError:
-        raise CLIError(f"{name} {s!r} is not a number (e.g. 0.03 or 8/255)") from None
+        raise UsageError(f"{name} {s!r} is not a number (e.g. 0.03 or 8/255)") from None
     if not (math.isfinite(v) and v >= 0):
-        raise CLIError(f"{name} must be a finite number >= 0, got {s!r}")
+        raise UsageError(f"{name} must be a finite number >= 0, got {s!r}")
     return v
 
 
 def load_checkpoint(path: str) -> dict:
-    """An awpfast-train checkpoint as a dict, or a one-line :class:`CLIError` naming what is wrong
+    """An awpfast-train checkpoint as a dict, or a one-line :class:`~awpfast.errors.UsageError` naming what is wrong
     (:func:`awpfast.checkpoint.read_checkpoint`, plus the entries the landscape needs)."""
     ck = read_checkpoint(path, "checkpoint")
     missing = [k for k in ("num_classes", "in_channels") if k not in ck]
     if missing:
-        raise CLIError(f"{path}: incomplete awpfast-train checkpoint (missing {missing})")
+        raise UsageError(f"{path}: incomplete awpfast-train checkpoint (missing {missing})")
     return ck
 
 
@@ -123,24 +119,24 @@ def _label(ck: dict, path: str) -> str:
 
 
 def _require_out(args) -> None:
-    """A missing ``--out``: one line naming the fix (:class:`CLIError`)."""
+    """A missing ``--out``: one line naming the fix (:class:`~awpfast.errors.UsageError`)."""
     if getattr(args, "out", None) is None:
-        raise CLIError(_OUT_MISSING)
+        raise UsageError(_OUT_MISSING)
 
 
 def _check_args(args) -> List[float]:
     _require_out(args)
     alphas = parse_alphas(args.alphas)
     if args.directions < 1:
-        raise CLIError(f"--directions must be >= 1, got {args.directions}")
+        raise UsageError(f"--directions must be >= 1, got {args.directions}")
     if args.samples < 0:
-        raise CLIError(f"--samples must be >= 0 (0: all), got {args.samples}")
+        raise UsageError(f"--samples must be >= 0 (0: all), got {args.samples}")
     if args.attack_steps < 0:
-        raise CLIError(f"--attack-steps must be >= 0 (0: the clean loss), got {args.attack_steps}")
+        raise UsageError(f"--attack-steps must be >= 0 (0: the clean loss), got {args.attack_steps}")
     if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.labels is not None and len(args.labels) != len(args.checkpoints):
-        raise CLIError(f"--labels has {len(args.labels)} names for {len(args.checkpoints)} checkpoints")
+        raise UsageError(f"--labels has {len(args.labels)} names for {len(args.checkpoints)} checkpoints")
     return alphas
 
 
@@ -151,7 +147,7 @@ def _outputs(args) -> dict:
     check_out_dir(args.out, "--out")
     taken = [p for p in paths.values() if os.path.exists(p)]
     if taken and not args.overwrite:
-        raise CLIError(f"{taken[0]} already exists; pass --overwrite to replace it or choose another --out")
+        raise UsageError(f"{taken[0]} already exists; pass --overwrite to replace it or choose another --out")
     return paths
 
 
@@ -164,9 +160,9 @@ def _setting(cks, key, given, default=None, fixed: Optional[str] = None):
     if len(vals) > 1:
         flag = "--" + key.replace("_", "-")
         if fixed is not None:
-            raise CLIError(f"the checkpoints were trained on different {fixed}s ({', '.join(sorted(vals))}); "
+            raise UsageError(f"the checkpoints were trained on different {fixed}s ({', '.join(sorted(vals))}); "
                            f"compare checkpoints of one {fixed}")
-        raise CLIError(f"the checkpoints disagree on {flag} ({', '.join(sorted(vals))}); "
+        raise UsageError(f"the checkpoints disagree on {flag} ({', '.join(sorted(vals))}); "
                        f"pass {flag} to compare them at one value")
     return cks[0]["args"].get(key, default)
 
@@ -184,7 +180,7 @@ def run(args) -> dict:
     data = _setting(cks, "data", None, "digits", fixed="data set")  # awpfast-train's --data: not an option here
     image_size = {c.get("image_size", c["args"].get("image_size")) for c in cks}
     if len(image_size) > 1:
-        raise CLIError(f"the checkpoints use different image sizes ({sorted(map(str, image_size))}); "
+        raise UsageError(f"the checkpoints use different image sizes ({sorted(map(str, image_size))}); "
                        "compare checkpoints of one dataset")
     image_size = image_size.pop()
     norm = _setting(cks, "norm", args.norm, "Linf")
@@ -195,7 +191,7 @@ def run(args) -> dict:
     try:
         ds = load_dataset(data, data_dir, image_size)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
-        raise CLIError(str(e)) from None
+        raise UsageError(str(e)) from None
 
     labels = list(args.labels) if args.labels else [_label(c, p) for c, p in zip(cks, args.checkpoints)]
     if len(set(labels)) < len(labels):  # make the legend unambiguous: the run folder, else the path
@@ -223,7 +219,7 @@ def run(args) -> dict:
                 model.load_state_dict(ck["model"])
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 msg = str(e).strip().splitlines()[0][:200]
-                raise CLIError(f"{path}: the weights do not fit a {a['model']} model ({msg})") from None
+                raise UsageError(f"{path}: the weights do not fit a {a['model']} model ({msg})") from None
             model.to(device).eval()
             if args.split == "test":
                 split = ds.test
@@ -232,7 +228,7 @@ def run(args) -> dict:
                     split = training_splits(ds, a.get("val_samples"), a.get("train_samples"),
                                             a.get("label_noise") or 0.0)[0]
                 except ValueError as e:
-                    raise CLIError(f"{path}: {e}") from None
+                    raise UsageError(f"{path}: {e}") from None
             split = split.subset(args.samples or None)
             x, y = split.x, split.y
             attack = PGD(model, eps=eps, alpha=step, steps=args.attack_steps, norm=norm, random_start=True,
