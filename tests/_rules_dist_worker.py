@@ -1,5 +1,5 @@
 """One rank of the 2-process gloo checks of tests/test_rules_distributed.py (float64, CPU):
-SAM / ASAM and Box AWP under DDP and FSDP2 against a single process on the full batch.
+SAM / ASAM, Box AWP and RWP under DDP and FSDP2 against a single process on the full batch.
 
 Run as ``python tests/_rules_dist_worker.py OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT set; writes ``OUT_DIR/rank{r}.json``. Reuses the model, data and helpers of
@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _dist_worker as W  # noqa: E402  (sets float64, one thread, RANK/WORLD)
 from _dist_launch import worker_main  # noqa: E402
-from awpfast import SAM, BoxAWP  # noqa: E402
+from awpfast import RWP, SAM, BoxAWP  # noqa: E402
 
 STEPS = 3
 
@@ -43,6 +43,14 @@ def box_step(model, box, x, y, later):
     F.cross_entropy(model(x), y).backward()
     box.step()
     box.zero_grad()
+
+
+def rwp_step(model, rwp, x, y, arg):
+    rwp.perturb(lambda: F.cross_entropy(model(x), y, reduction="none"))
+    rwp.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    rwp.step()
+    rwp.zero_grad()
 
 
 def reference(cls, kw, step_fn, arg):
@@ -83,6 +91,8 @@ def checks(out):
         for later in (False, True):
             kw = dict(adv_lr=0.5, adv_eps=0.05, steps=2 if later else 1)
             cases.append((f"box_{kind}_k{2 if later else 1}", kind, BoxAWP, kw, box_step, later))
+        # loss_threshold 1.1: some examples of each batch kept, some masked
+        cases.append((f"rwp_{kind}", kind, RWP, dict(gamma=0.01, steps=3, loss_threshold=1.1), rwp_step, None))
     return [(key, lambda res, key=key, args=args: run(res, key, *args)) for key, *args in cases]
 
 

@@ -1,4 +1,4 @@
-"""SAM / ASAM and Box AWP under DDP and FSDP2: 2 gloo processes on the CPU, float64.
+"""SAM / ASAM, Box AWP and RWP under DDP and FSDP2: 2 gloo processes on the CPU, float64.
 
 One launch of ``tests/_rules_dist_worker.py`` on 2 ranks runs every case; each rank reports
 its parameters' distance to a single process on the full global batch, whether the ranks
@@ -47,3 +47,14 @@ def test_box_awp_distributed_equals_single_process_full_batch(ranks, key):
             assert all(c["all_reduce"] == (1 if later else 0) for c in rep["collectives"]), rep["collectives"]
         else:                # FSDP2: one all-reduce of the per-layer partial sums per ascent step
             assert all(c["all_reduce"] == (2 if later else 1) for c in rep["collectives"]), rep["collectives"]
+
+
+@pytest.mark.parametrize("key", ["rwp_ddp", "rwp_fsdp"])
+def test_rwp_distributed_equals_single_process_full_batch(ranks, key):
+    for rep in (r[key] for r in ranks):
+        assert rep["max_rel"] < 1e-10, rep["max_rel"]
+        assert rep["ranks_equal"] is True
+        if key == "rwp_ddp":   # one all-reduce of the ascent gradient per pass (3 passes)
+            assert all(c["all_reduce"] == 3 for c in rep["collectives"]), rep["collectives"]
+        else:                  # FSDP2: ||w||_all once, ||d||_all per pass: one float64 all-reduce each
+            assert all(c["all_reduce"] == 4 and c["bytes"] == 32 for c in rep["collectives"]), rep["collectives"]

@@ -38,6 +38,7 @@ EXTRA_FRACTION = 0.5  # RST's unsup_fraction (awpfast.extra_data.DEFAULT_FRACTIO
 LR_SCHEDULES = ("piecewise", "piecewise-epoch", "cosine", "constant")
 FLATNESS_SPLITS = ("val", "train")
 AWP_ASCENTS = ("separate", "attack", "momentum")
+AWP_RULES = ("awp", "rwp")
 
 
 # ----------------------------------------------------------------------------- the defaults table
@@ -65,7 +66,8 @@ DEFAULTS = {
     "awp_gamma": Derived(lambda a: DEFAULT_GAMMA[a.method]),
     "awp_warmup": Derived(lambda a: DEFAULT_WARMUP[a.method]),
     "awp_steps": 1, "awp_restore": "after_step", "awp_ascent": "separate", "awp_every": 1,
-    "awp_ascent_fraction": 1.0, "awp_cosine_every": 0,
+    "awp_ascent_fraction": 1.0, "awp_cosine_every": 0, "awp_rule": "awp", "rwp_steps": 10, "rwp_lr": 0.01,
+    "rwp_threshold": 1.7,
     "forward_order": "ours", "backend": None,
     # model and data
     "model": "small-cnn",
@@ -117,7 +119,8 @@ _RUN_KEYS = ("method", "beta", "awp_gamma", "awp_warmup", "awp_steps", "model", 
              "input_norm", "pad_mode", "recipe", "forward_order", "trades_l2_order", "label_noise", "dtype",
              "track_flatness", "flatness_alpha", "flatness_directions", "flatness_samples", "flatness_steps",
              "eps_warmup", "eval_every", "threads", "backend", "compile", "flatness_split", "awp_ascent",
-             "awp_every", "awp_ascent_fraction", "awp_cosine_every")
+             "awp_every", "awp_ascent_fraction", "awp_cosine_every", "awp_rule", "rwp_steps", "rwp_lr",
+             "rwp_threshold")
 # what checkpoints written before an option existed did (they stay loadable and resume as they ran):
 # today's default, except four options whose behaviour before them was not today's default
 # (--flatness-split: flatness was measured on the first training images before it existed)
@@ -127,7 +130,8 @@ _OLD_RUN_DEFAULTS = dict({k: DEFAULTS[k] for k in ("recipe", "forward_order", "t
                                                    "dtype", "track_flatness", "flatness_alpha", "flatness_directions",
                                                    "flatness_samples", "flatness_steps", "eps_warmup", "eval_every",
                                                    "threads", "backend", "compile", "awp_ascent", "awp_every",
-                                                   "awp_ascent_fraction", "awp_cosine_every")},
+                                                   "awp_ascent_fraction", "awp_cosine_every", "awp_rule",
+                                                   "rwp_steps", "rwp_lr", "rwp_threshold")},
                          **_LEGACY)
 
 
@@ -159,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--awp-ascent-fraction", type=parse_float, metavar="F",
                    help="the separate ascent pass on a random F of each batch (rows drawn from the wrapper's own "
                         "seeded stream, resumable): about F of one forward+backward; 1: the whole batch")
+    a.add_argument("--awp-rule", choices=AWP_RULES,
+                   help="the weight adversary: awp (Wu et al. 2020, per-layer) or rwp (Robust Weight Perturbation, "
+                        "Yu et al. 2022: --rwp-steps ascent passes on the examples whose loss is below "
+                        "--rwp-threshold, one global norm; --awp-gamma and --awp-warmup apply to both; --method at "
+                        "only; about --rwp-steps times AWP's extra cost)")
+    a.add_argument("--rwp-steps", type=int, help="RWP's ascent passes per step (the reference: 10)")
+    a.add_argument("--rwp-lr", type=parse_float, help="RWP's ascent step size (the reference's proxy lr)")
+    a.add_argument("--rwp-threshold", type=parse_float,
+                   help="RWP's Loss Stationary Condition: only examples whose adversarial loss is below it drive "
+                        "the perturbation")
     a.add_argument("--awp-cosine-every", type=int, metavar="N",
                    help="every N steps, also compute the exact AWP direction on the side and log the per-layer "
                         "cosine of the applied perturbation to it (metrics.jsonl 'awp_cosine'); the trajectory is "
@@ -471,6 +485,23 @@ def validate_args(args) -> None:
             raise UsageError("--awp-ascent momentum reads SGD's momentum buffer and --momentum is 0: give "
                              "--momentum > 0 or another --awp-ascent")
     _need_int(args, "awp_cosine_every", 0)
+    if args.awp_rule not in AWP_RULES:
+        raise UsageError(f"--awp-rule must be one of {', '.join(AWP_RULES)}, got {args.awp_rule!r}")
+    if args.awp_rule == "rwp":
+        _need_int(args, "rwp_steps", 1)
+        _need_float(args, "rwp_lr", 0, strict=True)
+        _need_float(args, "rwp_threshold", 0)
+        if args.method != "at":
+            raise UsageError(f"--awp-rule rwp masks the per-example adversarial cross-entropy of AT (its reference "
+                             f"trains AT); --method {args.method} has no such loss: use --method at or --awp-rule awp")
+        bad = [f for f, on in (("--awp-ascent " + args.awp_ascent, args.awp_ascent != "separate"),
+                               (f"--awp-every {args.awp_every}", args.awp_every > 1),
+                               (f"--awp-steps {args.awp_steps}", args.awp_steps > 1),
+                               (f"--awp-ascent-fraction {args.awp_ascent_fraction:g}", args.awp_ascent_fraction < 1))
+               if on]
+        if bad:
+            raise UsageError(f"{bad[0]} is an option of --awp-rule awp; --awp-rule rwp takes its own ascent passes "
+                             "(--rwp-steps): drop it")
     if args.track_flatness:
         _need_float(args, "flatness_alpha", -math.inf)
         if args.flatness_alpha == 0:

@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..attacks import PGD, TRADESAttack
 from ..checkpoint import (CKPT_FORMAT, LOCK_FILE, RUN_FILES, atomic_save, full_state_dicts, load_optimizer,
@@ -38,7 +39,7 @@ from ..evaluate import autocast, evaluate_split
 from ..extra_data import MixedBatches, open_extra
 from ..losses import get_loss
 from ..models import build_model
-from ..rules import AWP
+from ..rules import AWP, RWP
 from .config import RunConfig, make_config, recheck, recipe_overrides
 from .report import done_line, epoch_line, note, repair_outputs, start_line, write_outputs
 
@@ -95,7 +96,7 @@ class Trainer:
     wrapped: torch.nn.Module        # DDP / FSDP-wrapped, or ``model`` itself
     fwd: torch.nn.Module            # the training forward (maybe compiled)
     eval_fwd: torch.nn.Module       # attacks and evaluation (never a DDP wrapper)
-    awp: AWP
+    awp: object                     # the rule's wrapper: awpfast.AWP, or awpfast.RWP (--awp-rule rwp)
     sched: object
     scaler: object
     loss_fn: object                 # the descent loss at w + v (in the run's forward order)
@@ -182,10 +183,14 @@ def setup(cfg: RunConfig) -> Trainer:
     base = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                            nesterov=args.nesterov)
     # the DDP / FSDP-wrapped model under torchrun (AWP detects it); one process: the plain module
-    awp = AWP(base, wrapped if dist.enabled else model, gamma=args.awp_gamma, steps=args.awp_steps,
-              restore=args.awp_restore, backend=args.backend, ascent_every=args.awp_every,
-              ascent_fraction=args.awp_ascent_fraction, ascent_seed=args.seed,
-              ascent="momentum" if args.awp_ascent == "momentum" else "gradient")
+    target = wrapped if dist.enabled else model
+    if args.awp_rule == "rwp":
+        awp = RWP(base, target, gamma=args.awp_gamma, steps=args.rwp_steps, lr=args.rwp_lr,
+                  loss_threshold=args.rwp_threshold, restore=args.awp_restore, backend=args.backend)
+    else:
+        awp = AWP(base, target, gamma=args.awp_gamma, steps=args.awp_steps, restore=args.awp_restore,
+                  backend=args.backend, ascent_every=args.awp_every, ascent_fraction=args.awp_ascent_fraction,
+                  ascent_seed=args.seed, ascent="momentum" if args.awp_ascent == "momentum" else "gradient")
     if args.extra_data:  # a fixed share of every batch from the extra set (the base split alone otherwise)
         extra = open_extra(args.extra_data, ds.num_classes, ds.image_size, ds.in_channels)
         batches = MixedBatches(train, extra, args.batch_size, args.extra_fraction, args.steps_per_epoch,
@@ -293,6 +298,8 @@ def train_step(t: Trainer, x: torch.Tensor, y: torch.Tensor):
 
     def closure(pick=None):
         with autocast(device, args.amp):
+            if args.awp_rule == "rwp":  # RWP masks the per-example adversarial losses itself
+                return F.cross_entropy(t.fwd(x_adv), y, reduction="none")
             if pick is None:
                 return t.ascent_loss_fn(t.fwd, x, x_adv, y) * scale
             return t.ascent_loss_fn(t.fwd, *pick(x, x_adv, y)) * scale  # --awp-ascent-fraction: a sub-batch
@@ -313,7 +320,7 @@ def train_step(t: Trainer, x: torch.Tensor, y: torch.Tensor):
         else:
             loss.backward()
             t.awp.step()
-    if reference_at:
+    if reference_at and args.awp_rule == "awp":  # the AWP script's clean forward (RWP's script has none)
         with torch.no_grad(), autocast(device, args.amp):
             t.eval_fwd(x)
     t.sched.step()

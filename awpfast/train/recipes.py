@@ -46,8 +46,11 @@ _RST_AWP_REFERENCE = {  # RST (Carmon et al. 2019, yaircarmon/semisup-adv robust
     "eps": 0.031, "alpha": 0.007, "extra_fraction": 0.5,
     "steps_per_epoch": lambda a: math.ceil(50000 / a.batch_size),  # RST's "epoch": 50,000 images
 }
+_AT_RWP_REFERENCE = dict(  # ChaojianYu/Robust-Weight-Perturbation AT_AWP_RWP/train_cifar10.py: Rice et al.'s base
+    _AT_REFERENCE, awp_rule="rwp", rwp_steps=10, rwp_lr=0.01, rwp_threshold=1.7)
 RECIPES = {
     "at-awp-reference": _AT_REFERENCE,
+    "at-rwp-reference": _AT_RWP_REFERENCE,
     "at-reference": dict(_AT_REFERENCE, awp_gamma=0.0),
     "trades-awp-reference": _TRADES_REFERENCE,
     "trades-reference": dict(_TRADES_REFERENCE, awp_gamma=0.0),
