@@ -232,6 +232,13 @@ class LadderStep:
             self.awp = awpfast.AWP(self.base, model, gamma=gamma, backend=backend, ascent_every=ascent_every)
         elif kind == "sourced":
             self.awp = awpfast.AWP(self.base, model, gamma=gamma, backend=backend)
+        elif kind == "subbatch":
+            self.awp = awpfast.AWP(self.base, model, gamma=gamma, backend=backend, ascent_fraction=ascent_every,
+                                   ascent_seed=0)
+        elif kind == "momentum":
+            self.awp = awpfast.AWP(self.base, model, gamma=gamma, backend=backend, ascent="momentum")
+        elif kind == "rwp":
+            self.awp = awpfast.RWP(self.base, model, gamma=gamma, backend=backend, steps=int(ascent_every))
         self.ascent_every = ascent_every
         pgd_kw = dict(eps=EPS, alpha=ALPHA, steps=attack_steps, bn_train=attack != "eval-input", backend=backend,
                       check_range=False)
@@ -296,11 +303,15 @@ class LadderStep:
             self.base.step()
             return loss.detach()
 
-        def closure():
+        def closure(pick=None):
             with self._ac():
+                if self.kind == "rwp":  # per-example losses: RWP masks them
+                    return F.cross_entropy(fwd(x_adv), y, reduction="none")
+                if pick is not None:  # the sub-batch ascent
+                    return F.cross_entropy(fwd(pick(x_adv)), pick(y))
                 return F.cross_entropy(fwd(x_adv), y)
 
-        with self.awp.perturbed(None if self.kind == "sourced" else closure):
+        with self.awp.perturbed(None if self.kind in ("sourced", "momentum") else closure):
             self.awp.zero_grad(set_to_none=True)
             with self._ac():
                 loss = F.cross_entropy(fwd(x_adv), y)
@@ -396,15 +407,20 @@ def ladder_main(args):
         at = LadderStep(copy.deepcopy(base_model), 0.0, args.attack_steps, kind="at", **kw)
         configs += [((r, "AT-AWP"), awp), ((r, "AT"), at), ((r, "fwd+bwd"), at.fwd_bwd)]
     cheap_ok, cheap_why = _cheap_api()
-    cheap_rows_wanted = [(r, kind, k) for r in cheap_at for kind, k in [("sourced", 1)] + [("every", k) for k in everys]]
+    extra_kinds = [("subbatch", float(f)) for f in args.ascent_fraction.split(",") if f.strip()]
+    extra_kinds += [("momentum", 1)] if args.momentum_row else []
+    extra_kinds += [("rwp", int(k)) for k in args.rwp_steps.split(",") if k.strip()]
+    cheap_rows_wanted = [(r, kind, k) for r in cheap_at
+                         for kind, k in [("sourced", 1)] + [("every", k) for k in everys] + extra_kinds]
     if cheap_at and not cheap_ok:
         print(f"cheap-ascent rows skipped: {cheap_why}", file=sys.stderr, flush=True)
     elif cheap_at:
         for r, kind, k in cheap_rows_wanted:
             kw = dict(RUNG_SETTINGS[r], backend=args.backend)
             st = LadderStep(copy.deepcopy(base_model), args.gamma, args.attack_steps, kind=kind, ascent_every=k, **kw)
-            configs.append(((r, f"{kind}{k if kind == 'every' else ''}"), st))
-            meta[(r, f"{kind}{k if kind == 'every' else ''}")] = (kind, k, st)
+            label = f"{kind}{k:g}" if kind in ("every", "subbatch", "rwp") else kind
+            configs.append(((r, label), st))
+            meta[(r, label)] = (kind, k, st)
             if not any(c[0] == (r, "AT") for c in configs):  # the AT and fwd+bwd of that rung's settings
                 at = LadderStep(copy.deepcopy(base_model), 0.0, args.attack_steps, kind="at", **kw)
                 configs += [((r, "AT"), at), ((r, "fwd+bwd"), at.fwd_bwd)]
@@ -508,8 +524,13 @@ def _ladder_result(args, device, rungs, configs, times, step_index, meta, same, 
                                           f"of steps reusing it) / {k}"
                     row["awp_extra_ms"] = step_ms - at["median"]
             else:
-                if lab == "sourced":
-                    row["row"] = "AT-AWP, attack-sourced direction (PGD(..., awp=awp), awp.perturb() no closure)"
+                kind, k = meta[c][:2] if c in meta else (lab, None)
+                row["row"] = {
+                    "sourced": "AT-AWP, attack-sourced direction (PGD(..., awp=awp), awp.perturb() no closure)",
+                    "subbatch": f"AT-AWP, the ascent pass on a sub-batch (ascent_fraction={k})",
+                    "momentum": "AT-AWP, momentum-sourced direction (ascent='momentum': no ascent pass)",
+                    "rwp": f"AT-RWP ({k} ascent passes, the Loss Stationary Condition, one global norm)",
+                }.get(kind, row["row"])
                 row["step_ms"] = st[c]["median"]
                 row["step_spread_ms"] = st[c]
                 row["awp_extra_ms"] = paired(c, (r, "AT"))["median"]
@@ -602,6 +623,10 @@ def main(argv=None):
     p.add_argument("--cheap-at", default="d",
                    help="ladder: rungs at whose settings the cheap-ascent rows are timed (comma list; '' for none)")
     p.add_argument("--ascent-every", default="2,4", help="ladder: the ascent_every values of the cheap-ascent rows")
+    p.add_argument("--ascent-fraction", default="0.25", help="ladder: the sub-batch fractions of the cheap-ascent rows")
+    p.add_argument("--momentum-row", action=argparse.BooleanOptionalAction, default=True,
+                   help="ladder: a momentum-sourced ascent row next to the cheap-ascent rows")
+    p.add_argument("--rwp-steps", default="10", help="ladder: RWP rows with these ascent passes (RWP's reference: 10)")
     args = p.parse_args(argv)
     if args.ladder:
         return ladder_main(args)
