@@ -562,8 +562,8 @@ def cost(model: str, reps: int, steps: int, arms, out: str) -> dict:
     torch.set_num_threads(1)
     trainers = {}
     for arm in arms:
-        argv = COST_MODELS[model] + [a for a in ARMS[arm] if a != "--awp-cosine-every"]
-        if "--awp-cosine-every" in argv:
+        argv = COST_MODELS[model] + ARMS[arm]
+        if "--awp-cosine-every" in argv:  # the diagnostic's exact pass is not part of an arm's cost
             i = argv.index("--awp-cosine-every")
             del argv[i:i + 2]
         args = T.build_parser().parse_args(argv + ["--out", tempfile.mkdtemp(), "--threads", "1", "--quiet",
