@@ -302,19 +302,8 @@ def _weight_row(rows, model, dtype, variant):
 
 
 def readme_results(files):
-    reg, cpu, h100, ladder = (load(f) for f in files)
-    t = reg["table"]["AT-AWP g0.01"]
-    last = t["paired_last_vs_base"]
-    bm, bsd, bt = paired_best(reg, "AT-AWP g0.01")
-    seeds = ", ".join(f"{v:+.1f}" for v in last["values"])
-    rows = [[
-        "**Does AWP help?** AT-AWP (γ = 0.01) against plain AT, in a regime where AT overfits 20 % noisy "
-        "training labels (AT peaks before the first LR decay)",
-        f"**{last['mean']:+.1f} ± {last['std']:.1f} points** (mean ± s.d. over seeds) of last-epoch test PGD-20, "
-        f"paired by seed (seeds 0, 1, 2: {seeds}; paired t = {last['t']:.0f}); at the best epoch "
-        f"{bm:+.1f} ± {bsd:.1f} (t = {bt:.1f}); robust gap {reg['table']['AT']['gap']['mean']:.1f} → "
-        f"{t['gap']['mean']:.1f} points",
-        "[docs/reproduction.md](docs/reproduction.md), `docs/reproduction_regime.json`"]]
+    cpu, h100, ladder = (load(f) for f in files)
+    rows = []
     wr = cpu["rows"]
     n32, r32 = _weight_row(wr, "wrn34-10", "float32", "native"), _weight_row(wr, "wrn34-10", "float32", "reference-eager")
     n16, r16 = (_weight_row(wr, "wrn34-10", "bfloat16", "native"),
@@ -323,7 +312,7 @@ def readme_results(files):
                  f"{n32['median_ms']:.1f} ms against {r32['median_ms']:.1f} ms for reference-style eager code: "
                  f"**{r32['median_ms'] / n32['median_ms']:.1f}×** fp32 "
                  f"({r16['median_ms'] / n16['median_ms']:.1f}× bf16)",
-                 f"`{files[1]}`"])
+                 f"`{files[0]}`"])
     hw = h100["sections"]["bench_weight"]["result"]["rows"]
     t32, e32 = _weight_row(hw, "wrn34-10", "float32", "triton"), _weight_row(hw, "wrn34-10", "float32", "reference-eager")
     t16, e16 = (_weight_row(hw, "wrn34-10", "bfloat16", "triton"),
@@ -333,7 +322,7 @@ def readme_results(files):
                  f"fp32; {t16['graph_ms']:.2f} against {e16['graph_ms']:.2f} ms: "
                  f"**{e16['graph_ms'] / t16['graph_ms']:.1f}×** bf16; {t32['graph_ms'] / t32['floor_ms']:.2f}× and "
                  f"{t16['graph_ms'] / t16['floor_ms']:.2f}× the bytes floor",
-                 f"`{files[2]}`"])
+                 f"`{files[1]}`"])
     tr = {r["config"]: r for r in h100["sections"]["bench_train"]["result"]["rows"]}
     ref, fast = tr["reference"], tr["awpfast fp32"]
     rows.append(["**Share of a training step** (H100, WRN-34-10 AT-AWP, batch 128, PGD-10)",
@@ -346,33 +335,200 @@ def readme_results(files):
                  "the same file, section `bench_train`"])
     rg = {r["rung"]: r for r in ladder["rungs"]}
     a, b, c = rg["a"], rg["b"], rg["c"]
+    ab, bc = _paired_ratio(ladder, "a", "b"), _paired_ratio(ladder, "b", "c")
+    quiet = ladder["loadavg"]["one_minute_max"] <= 4
     rows.append([f"**Training step, same algorithm** ({_device(ladder)}, {ladder['threads']} threads, load "
-                 f"average {ladder['loadavg']['one_minute_median']:.1f}; "
-                 f"{ladder['model']}, batch {ladder['batch']}, PGD-{ladder['attack_steps']}: ladder rungs a → b → c)",
+                 f"average {ladder['loadavg']['one_minute_min']:.1f}-{ladder['loadavg']['one_minute_max']:.1f}; "
+                 f"{ladder['model']}, batch {ladder['batch']}, PGD-{ladder['attack_steps']}: ladder rungs a → b → c, "
+                 f"{ladder['measured_rounds']} interleaved rounds)",
                  f"AT-AWP step {a['at_awp_ms']['median'] / 1e3:.2f} s (reference pattern) → "
-                 f"{b['at_awp_ms']['median'] / 1e3:.2f} s (awpfast's AWP, same attack: "
-                 f"{b['speedup_at_awp_vs_a']:.2f}×) → {c['at_awp_ms']['median'] / 1e3:.2f} s (input-only attack "
-                 f"gradients, the same x_adv: {c['speedup_at_awp_vs_a']:.2f}×); AWP's extra over AT "
-                 f"{a['awp_extra_over_fwd_bwd']:.2f} / {b['awp_extra_over_fwd_bwd']:.2f} / "
-                 f"{c['awp_extra_over_fwd_bwd']:.2f}× one forward + backward"
-                 + ("; the quartiles of (a) and (c) overlap at this load, so this CPU run does not resolve the "
-                    "speed-up" if c["at_awp_ms"]["p75"] >= a["at_awp_ms"]["p25"] else "")
-                 + ". The eval-mode attack, bf16 and "
-                 f"channels_last rungs change the algorithm or the precision: "
-                 f"[docs/performance.md](docs/performance.md#a-training-step-one-change-at-a-time)",
-                 f"`{files[3]}`"])
+                 f"{b['at_awp_ms']['median'] / 1e3:.2f} s (awpfast's AWP, same attack: paired "
+                 f"{ab[1]:.2f}× [quartiles {ab[0]:.2f}, {ab[2]:.2f}]) → {c['at_awp_ms']['median'] / 1e3:.2f} s "
+                 f"(input-only attack gradients, the same x_adv: {bc[1]:.2f}× [{bc[0]:.2f}, {bc[2]:.2f}])"
+                 + ("; on this CPU the same-algorithm speed-up comes from the input-only attack gradients, not from "
+                    "the weight-side kernels" if quiet and ab[0] <= 1.0 <= ab[2] and bc[0] > 1.0 else "")
+                 + ("" if quiet else "; measured at a load average above 4: not a result")
+                 + ". The eval-mode attack, bf16 and channels_last rungs change the algorithm or the precision: "
+                 "[docs/performance.md](docs/performance.md#a-training-step-one-change-at-a-time)",
+                 f"`{files[2]}`"])
     return table(["what", "result", "data"], rows)
 
 
+def _quartiles(v):
+    v = sorted(v)
+    n = len(v)
+
+    def p(x):
+        k = (n - 1) * x
+        lo, hi = math.floor(k), math.ceil(k)
+        return v[lo] + (v[hi] - v[lo]) * (k - lo)
+    return p(0.25), p(0.5), p(0.75)
+
+
+def _paired_ratio(ladder, r1, r2):
+    """Quartiles of the per-round ratio of rung ``r1``'s AT-AWP step to rung ``r2``'s (interleaved rounds)."""
+    a, b = ladder["raw_s"][f"{r1} AT-AWP"], ladder["raw_s"][f"{r2} AT-AWP"]
+    return _quartiles([x / y for x, y in zip(a, b)])
+
+
+def cheap_costs(files):
+    """The cheap ascents' and RWP's extra cost over AT: in forward+backward units (bench_train_step ladder,
+    rung d) and as a fraction of exact AWP's extra, paired by round (scripts/study.py cost, one thread) on
+    PreActResNet-18 and on the study's SmallCNN; next to the study's verdict on robust accuracy."""
+    bench, c18, csmall = (load(f) for f in files[:3])
+    st = _study()
+    sm = st.summarize(os.path.join(ROOT, files[3]))
+    rows_b = {r["label"]: r for r in bench["cheap_rows"]}
+    labels = {"AWP": ("separate", "exact AT-AWP (separate ascent pass)"), "attack": ("sourced", "attack-sourced"),
+              "every2": ("every2", "every 2 steps"), "sub0.25": ("subbatch0.25", "sub-batch 0.25"),
+              "momentum": ("momentum", "momentum-sourced"), "rwp": ("rwp10", "RWP (10 passes)")}
+
+    def frac(cost, arm):
+        e = cost["arms"].get(arm)
+        if not e or "fraction_of_awp_extra" not in e:
+            return "–"
+        base = cost["arms"]["AWP"]["extra_vs_AT"]["median_s"]
+        q1, q3 = e["extra_vs_AT"]["q1_s"] / base, e["extra_vs_AT"]["q3_s"] / base
+        return f"{e['fraction_of_awp_extra']:.2f} [{q1:.2f}, {q3:.2f}]"
+    rows = []
+    for arm, (lab, name) in labels.items():
+        b = rows_b.get(lab)
+        entry = sm["arms"].get(arm, {})
+        v = entry.get("verdict")
+        n = len(entry.get("seeds", []))
+        acc = ("the reference" if arm == "AWP" else
+               (f"{v['verdict']} ({n} seeds)" if v else (f"{n} seeds run, reported only" if n else "not run yet")))
+        rows.append([name, "–" if not b else f"{b['awp_extra_over_fwd_bwd']:.2f}", frac(c18, arm), frac(csmall, arm),
+                     acc])
+    return table([f"ascent ({bench['model']}, batch {bench['batch']}, PGD-{bench['attack_steps']})",
+                  f"extra over AT ÷ one forward+backward ({bench['threads']} threads, {bench['measured_rounds']} rounds)",
+                  f"÷ exact AWP's extra, PreActResNet-18, 1 thread [quartiles] ({c18['reps']} rounds)",
+                  f"÷ exact AWP's extra, the study's SmallCNN [quartiles] ({csmall['reps']} rounds)",
+                  "robust accuracy against exact AWP (the study)"], rows)
+
+
+def _ms_t(vals):
+    """mean, s.d. (n - 1), n, values and the one-sample t of the non-missing ``vals`` (None if none)."""
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    m = statistics.fmean(vals)
+    out = {"mean": m, "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals), "values": vals}
+    if len(vals) > 1:
+        out["t"] = m / (out["std"] / math.sqrt(len(vals))) if out["std"] > 0 else (math.inf if m else 0.0)
+    return out
+
+
+CHEAP18_KEYS = ("last_pgd20", "autoattack", "best_pgd20", "last_clean", "robust_gap", "train_s_per_awp_epoch")
+CHEAP18_EXACT = {"attack-sourced, eval-mode attack": "AT-AWP separate, eval-mode attack"}
+T_CRIT_5PCT = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # two-sided 5 %
+
+
+def cheap18_summary(runs: dict) -> dict:
+    """The issue-18 study's summary recomputed from its per-seed rows (``runs[arm][seed]``): per arm the
+    mean / s.d. of each metric, the paired differences (same seed) to exact AT-AWP and to AT, and the
+    old keeps-the-gain criterion (mean difference >= -1 point on last PGD-20 and AutoAttack, gain over AT
+    significant); an edited per-seed number changes the tables."""
+    summary = {}
+    for arm, rows in runs.items():
+        summary[arm] = {k: _ms_t([r.get(k) for r in rows.values()]) for k in CHEAP18_KEYS}
+        for base_key, base in (("vs_exact", CHEAP18_EXACT.get(arm, "AT-AWP separate")), ("vs_AT", "AT")):
+            if arm == base or base not in runs or (base_key == "vs_exact" and arm in ("AT", *CHEAP18_EXACT.values())):
+                continue
+            summary[arm][base_key] = {"base": base}
+            for k in ("last_pgd20", "autoattack", "best_pgd20"):
+                summary[arm][base_key][k] = _ms_t([rows[s][k] - runs[base][s][k] for s in rows if s in runs[base]
+                                                   and rows[s].get(k) is not None
+                                                   and runs[base][s].get(k) is not None])
+    for arm in summary:
+        if arm == "AT" or arm in CHEAP18_EXACT.values() or arm == "AT-AWP separate":
+            continue
+        ve, va = summary[arm].get("vs_exact", {}), summary[arm].get("vs_AT", {})
+        within = all(ve.get(k) and ve[k]["mean"] >= -1.0 for k in ("last_pgd20", "autoattack"))
+        sig = all(va.get(k) and va[k]["n"] > 1 and va[k]["mean"] > 0 and va[k]["t"] > T_CRIT_5PCT[va[k]["n"] - 1]
+                  for k in ("last_pgd20", "autoattack"))
+        enough = all(ve.get(k) and va.get(k) and va[k]["n"] > 1 for k in ("last_pgd20", "autoattack"))
+        summary[arm]["keeps_gain"] = bool(within and sig) if enough else None
+    return summary
+
+
 def cheap_ascent(files):
-    """The issue-18 study's tables, as scripts/cheap_ascent_study.py writes them."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cheap_ascent_study",
-                                                  os.path.join(ROOT, "scripts", "cheap_ascent_study.py"))
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    """The issue-18 study's two tables (its runner, scripts/cheap_ascent_study.py, was replaced by
+    scripts/study.py; see git history), recomputed from the per-seed rows of its JSON."""
     d = load(files[0])
-    return study.markdown(d["summary"], d["seeds"], d["cpu_cost"])
+    runs = {arm: {int(s): r for s, r in rows.items()} for arm, rows in d["runs"].items()}
+    summary, seeds, cpu = cheap18_summary(runs), d["seeds"], d["cpu_cost"]
+    f = lambda m: "–" if not m else f"{m['mean']:.1f} ± {m['std']:.1f}"  # noqa: E731
+    ft = lambda m: "–" if not m or "t" not in m else f"{m['t']:.1f}"  # noqa: E731
+    out = [f"| arm (seeds {' '.join(map(str, seeds))}) | n | last PGD-20 | AutoAttack | best PGD-20 | last clean | "
+           "robust gap | wall s / AWP epoch | CPU s / AWP epoch |", "|---|---|---|---|---|---|---|---|---|"]
+    for arm, sm in summary.items():
+        c = (cpu or {}).get("cpu_s_per_epoch", {}).get(_CHEAP18_NAMES.get(arm)) if cpu else None
+        out.append(f"| {arm} | {sm['last_pgd20']['n']} | {f(sm['last_pgd20'])} | {f(sm['autoattack'])} | "
+                   f"{f(sm['best_pgd20'])} | {f(sm['last_clean'])} | {f(sm['robust_gap'])} | "
+                   f"{f(sm['train_s_per_awp_epoch'])} | {'–' if c is None else f'{c:.2f}'} |")
+    out += ["", "| arm − base (paired by seed) | last PGD-20 | t | AutoAttack | t | best PGD-20 | t | keeps the gain |",
+            "|---|---|---|---|---|---|---|---|"]
+    for arm, sm in summary.items():
+        for key in ("vs_exact", "vs_AT"):
+            if key not in sm:
+                continue
+            dd = sm[key]
+            keep = {True: "yes", False: "no", None: "not decided (too few seeds with AutoAttack)"}[
+                sm.get("keeps_gain")] if key == "vs_exact" else ""
+            out.append(f"| {arm} − {dd['base']} | {f(dd['last_pgd20'])} | {ft(dd['last_pgd20'])} | "
+                       f"{f(dd['autoattack'])} | {ft(dd['autoattack'])} | {f(dd['best_pgd20'])} | "
+                       f"{ft(dd['best_pgd20'])} | {keep or ''} |")
+    return "\n".join(out)
+
+
+# the issue-18 arms' candidate names (their CPU-cost keys)
+_CHEAP18_NAMES = {"AT": "n320-e15-n20-long", "AT-AWP separate": "long-awp0.01", "attack-sourced": "long-awp0.01-attack",
+                  "every 2": "long-awp0.01-every2", "every 4": "long-awp0.01-every4",
+                  "AT-AWP separate, eval-mode attack": "long-awp0.01-evalbn",
+                  "attack-sourced, eval-mode attack": "long-awp0.01-evalbn-attack"}
+
+
+def _study():
+    """scripts/study.py (the seed-paired study runner) as a module: its summary is computed from the
+    committed per-run records, never read from a precomputed file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("awpfast_study",
+                                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "study.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def study_tables(files):
+    """The study's per-arm table and its verdicts (scripts/study.py markdown of its summary)."""
+    st = _study()
+    return st.markdown(st.summarize(os.path.join(ROOT, files[0])))
+
+
+def _ci(m):
+    return f"{m['mean']:+.1f} [{m['ci95'][0]:+.1f}, {m['ci95'][1]:+.1f}]" if m and "ci95" in m else "–"
+
+
+def readme_study(files):
+    """README's headline: exact AT-AWP against AT, paired by seed, from the study's committed runs."""
+    st = _study()
+    sm = st.summarize(os.path.join(ROOT, files[0]))
+    awp = sm["arms"].get("AWP")
+    if not awp or not awp.get("vs_AT") or not awp["vs_AT"].get("last3_pgd20"):
+        return table(["what", "result", "data"], [["**Does AWP help?**", "the study has no paired seed yet",
+                                                   f"`{files[0]}`"]])
+    va = awp["vs_AT"]
+    n = va["last3_pgd20"]["n"]
+    per = ", ".join(f"{v:+.1f}" for v in va["last3_pgd20"]["values"])
+    at, aw = sm["arms"]["AT"]["metrics"], awp["metrics"]
+    rows = [["**Does AWP help?** AT-AWP (γ = 0.01) against plain AT on digits 8×8 with 20 % noisy training labels, "
+             f"200 epochs, paired by seed (n = {n}{'' if n >= 10 else '; the study aims at 10 and is in progress'})",
+             f"mean of the last 3 test PGD-20 evaluations **{_ci(va['last3_pgd20'])}** points (mean [95 % CI]; "
+             f"per seed {per}); AutoAttack of the final weights {_ci(va['autoattack'])}; AT ends at "
+             f"{at['last3_pgd20']['mean']:.1f} %, AT-AWP at {aw['last3_pgd20']['mean']:.1f} %",
+             "[docs/reproduction.md](docs/reproduction.md#the-study-that-decides), `docs/study/records/`"]]
+    return table(["what", "result", "data"], rows)
 
 
 BLOCKS: Dict[str, Callable[[List[str]], str]] = {
@@ -389,6 +545,9 @@ BLOCKS: Dict[str, Callable[[List[str]], str]] = {
     "ladder-conditions": ladder_conditions,
     "readme-results": readme_results,
     "cheap-ascent": cheap_ascent,
+    "study": study_tables,
+    "readme-study": readme_study,
+    "cheap-costs": cheap_costs,
 }
 
 

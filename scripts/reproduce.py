@@ -30,7 +30,7 @@ _BASE = ["--data", "digits", "--image-size", "8", "--method", "at", "--eps", "0.
 
 # "candidate-640" (issue 14): the regime the issue called promising (640 training images, SmallCNN
 # width 32, batch 64 = 10 full batches per epoch, 150 epochs, L-inf eps 0.15). It is NOT yet a regime
-# in which plain AT robustly overfits: in the exploration (scripts/explore_regime.py, runs of
+# in which plain AT robustly overfits: in the exploration (scripts/explore_regime.py (since replaced by scripts/study.py), runs of
 # 2026-11-27) no setting that trains from scratch with the train-mode attack lost >= 3 points of test
 # PGD-20 after its peak (eps 0.2 without weight decay: 2.0 and 0.6 points in two seeds; 10 % label
 # noise: about 2; eps 0.25, 320 images at eps 0.2, 20 % label noise and peak LR 0.1 stayed at chance).

@@ -196,7 +196,7 @@ def _commit() -> str | None:
         return None
 
 
-RECORDS = os.path.join(ROOT, "docs", "study", "runs")  # one committed JSON per finished run
+RECORDS = os.path.join(ROOT, "docs", "study", "records")  # one committed JSON per finished run
 
 
 def _record_path(arm: str, seed: int, records: str = RECORDS) -> str:
@@ -637,7 +637,7 @@ def main(argv=None) -> None:
         c.add_argument("--runs", default=RUNS)
         if name == "run":
             c.add_argument("--jobs", type=int, default=2)
-    c = sub.add_parser("collect", help="commit-ready records of the finished runs (docs/study/runs)")
+    c = sub.add_parser("collect", help="commit-ready records of the finished runs (docs/study/records)")
     c.add_argument("--runs", default=RUNS)
     c = sub.add_parser("table", help="the summary, verdicts and tables from the committed records")
     c.add_argument("--out", default=OUT)

@@ -1,0 +1,133 @@
+"""The study runner's statistics and verdicts (scripts/study.py), and the docs blocks that are
+computed from per-seed records (scripts/docs_numbers.py): Student-t quantiles against tabulated
+values, the keeps / loses / undecided rules on synthetic seeds, pairing only within one machine,
+records written and read back, and an edited per-seed number changing the generated tables."""
+import copy
+import json
+import os
+
+import pytest
+
+from conftest import load_source
+
+S = load_source("awpfast_study", "scripts/study.py")
+D = load_source("awpfast_docs_numbers", "scripts/docs_numbers.py")
+
+
+@pytest.mark.parametrize("p,df,want", [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 9, 2.2622),
+                                       (0.95, 9, 1.8331), (0.95, 4, 2.1318), (0.975, 29, 2.0452)])
+def test_t_quantiles_match_the_tables(p, df, want):
+    assert S.t_quantile(p, df) == pytest.approx(want, abs=2e-4)
+    assert S.t_quantile(1 - p, df) == pytest.approx(-want, abs=2e-4)
+
+
+def test_paired_intervals():
+    d = S.paired([1.0, 2.0, 3.0, 4.0])
+    assert d["mean"] == 2.5 and d["sd"] == pytest.approx(1.2910, abs=1e-4)
+    h = S.t_quantile(0.975, 3) * d["sd"] / 2
+    assert d["ci95"] == pytest.approx([2.5 - h, 2.5 + h])
+    assert S.paired([]) is None and "sd" not in S.paired([1.0])
+
+
+def _metrics(v, aa, cpu="CPU A"):
+    return {"last3_pgd20": v, "autoattack": aa, "last_pgd20": v, "heldout_pgd20": v, "best_val_test_pgd20": v,
+            "last_clean": 80.0, "cpu_model": cpu, "torch": "2.13.0"}
+
+
+def test_verdicts_keep_lose_undecided():
+    seeds = range(10)
+    per = {"AT": {s: _metrics(50.0 + (s % 3), 45.0 + (s % 2)) for s in seeds},
+           "AWP": {s: _metrics(65.0 + (s % 3), 60.0 + (s % 2)) for s in seeds},
+           "close": {s: _metrics(65.0 + (s % 3) - 0.1 * (s % 2), 60.0 + (s % 2)) for s in seeds},
+           "far": {s: _metrics(60.0 + (s % 3), 55.0 + (s % 2)) for s in seeds},
+           "noisy": {s: _metrics(65.0 + (s % 3) + (5.5 if s % 2 else -5.5), 60.0 + (s % 2) + (5.5 if s % 2 else -5.5))
+                     for s in seeds}}
+
+    def verdict(arm):
+        ve = {k: S._paired(per, arm, "AWP", k) for k in S.METRICS}
+        va = {k: S._paired(per, arm, "AT", k) for k in S.METRICS}
+        return S.verdict(ve, va)
+    assert verdict("close")["verdict"] == "keeps the gain"
+    assert verdict("far")["verdict"] == "loses"
+    v = verdict("noisy")
+    assert v["verdict"] == "undecided" and v["seeds_needed"] > 10
+
+
+def test_pairs_only_within_one_machine():
+    per = {"AT": {0: _metrics(50, 45), 1: _metrics(51, 46, cpu="CPU B")},
+           "AWP": {0: _metrics(60, 55), 1: _metrics(61, 56)}}
+    d = S._paired(per, "AWP", "AT", "last3_pgd20")
+    assert d["seeds"] == [0] and d["n"] == 1
+
+
+def test_seeds_needed_grows_with_spread():
+    assert S.seeds_needed(0.0, 1.0) < S.seeds_needed(0.0, 3.0)
+    assert S.seeds_needed(-3.0, 1.0) == 4  # -3 + t(0.975, 3) / 2 = -1.41 < -1; with 3 seeds -0.52
+
+
+def _fake_run(d, arm, seed, base):
+    os.makedirs(d, exist_ok=True)
+    hist = []
+    for e in range(1, 201):
+        r = {"epoch": e, "lr": 0.05, "train_loss": 1.0, "train_time_s": 1.0, "val_robust_acc": 0.5,
+             "test_robust_acc": base if e % 5 == 0 else None, "test_clean_acc": base + 0.2 if e % 5 == 0 else None,
+             "train_robust_acc": 0.7 if e % 5 == 0 else None, "awp_gamma": 0.01}
+        if arm != "AT" and e > 10:
+            r["awp_cosine_mean"] = 0.9
+        hist.append(r)
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(h) + "\n" for h in hist))
+    with open(os.path.join(d, "study_run.json"), "w") as f:
+        json.dump({"arm": arm, "seed": seed, "cpu_model": "CPU A", "torch": "2.13.0"}, f)
+    ev = {"split": "x", "n": 500, "clean_acc": base + 0.2, "pgd20_acc": base, "autoattack_acc": base - 0.05}
+    with open(os.path.join(d, "final_eval.json"), "w") as f:
+        json.dump({"heldout": dict(ev, n=1377), "test": ev}, f)
+    import torch
+    torch.save({"best": {"epoch": 100, "test_robust_acc": base + 0.01}}, os.path.join(d, "last.pt"))
+
+
+def test_collect_and_summarize_round_trip(tmp_path):
+    runs, records = str(tmp_path / "runs"), str(tmp_path / "records")
+    for s in range(3):
+        _fake_run(os.path.join(runs, f"AT-s{s}"), "AT", s, 0.50 + 0.01 * s)
+        _fake_run(os.path.join(runs, f"AWP-s{s}"), "AWP", s, 0.60 + 0.02 * s)
+    written = S.collect(runs, records)
+    assert len(written) == 6 and S.collect(runs, records) == []  # a record is written once
+    sm = S.summarize(records)
+    va = sm["arms"]["AWP"]["vs_AT"]["last3_pgd20"]
+    assert va["n"] == 3 and va["values"] == pytest.approx([10.0, 11.0, 12.0])
+    assert sm["arms"]["AWP"]["metrics"]["cosine"]["mean"] == pytest.approx(0.9)
+    assert sm["arms"]["AWP"]["metrics"]["autoattack"]["mean"] == pytest.approx(57.0)
+    text = S.markdown(sm)
+    assert "exact AT-AWP (gamma 0.01)" in text and "+11.0" in text
+
+
+def test_the_study_blocks_recompute_from_the_records(tmp_path, monkeypatch):
+    runs, records = str(tmp_path / "runs"), str(tmp_path / "docs" / "study" / "records")
+    for s in range(2):
+        _fake_run(os.path.join(runs, f"AT-s{s}"), "AT", s, 0.50)
+        _fake_run(os.path.join(runs, f"AWP-s{s}"), "AWP", s, 0.60 + 0.01 * s)
+    S.collect(runs, records)
+    monkeypatch.setattr(D, "ROOT", str(tmp_path))
+    before = D.readme_study(["docs/study/records"])
+    assert "n = 2" in before and "+10.5" in before
+    f = os.path.join(records, "AWP-s1.json")
+    rec = json.load(open(f))
+    for r in rec["history"]:
+        if r.get("test_robust_acc") is not None:
+            r["test_robust_acc"] = 0.70
+    json.dump(rec, open(f, "w"))
+    after = D.readme_study(["docs/study/records"])
+    assert after != before and "+15.0" in after
+
+
+def test_the_cheap_ascent_history_block_recomputes_from_its_per_seed_rows(tmp_path, monkeypatch):
+    src = json.load(open(os.path.join(D.ROOT, "docs", "reproduction_cheap_ascent.json")))
+    d = copy.deepcopy(src)
+    os.makedirs(tmp_path / "docs")
+    json.dump(d, open(tmp_path / "docs" / "x.json", "w"))
+    monkeypatch.setattr(D, "ROOT", str(tmp_path))
+    before = D.cheap_ascent(["docs/x.json"])
+    d["runs"]["attack-sourced"]["0"]["last_pgd20"] += 5.0   # an edited run (the summary in the file kept)
+    json.dump(d, open(tmp_path / "docs" / "x.json", "w"))
+    assert D.cheap_ascent(["docs/x.json"]) != before
