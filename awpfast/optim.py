@@ -314,6 +314,12 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
             key.append((id(g), g.get(name)))
         return (tuple(key), self._sel.generation, self._sel.layout_version)
 
+    def _set_all(self, name: str, value: float, check) -> None:
+        """Set param-group key ``name`` (a rule's size: ``awp_gamma``, ``sam_rho``) in every group."""
+        check(value, name.split("_", 1)[1])
+        for g in self.optimizer.param_groups:
+            g[name] = float(value)
+
     def _per_parameter(self, name: str, default: float, check, what: str) -> List[float]:
         """Each selected parameter's value of param-group key ``name`` (``check``-ed, one-line
         errors naming ``what``), in selection order; ``default`` for a parameter of no group."""

@@ -315,6 +315,14 @@ class PerturbState:
         for g in groups:
             self.backend_of(g).restore_(g.params, g.backups)
 
+    def undo(self, done, first: bool) -> None:
+        """After a rule's apply pass failed: a first pass restores the groups it wrote (``done``),
+        a later one every weight (the backups hold the unperturbed ones)."""
+        if first:
+            self.restore_groups(done)
+        else:
+            self.restore()
+
     # ------------------------------------------------------------------ ops
     def keep_if(self, ok: torch.Tensor) -> None:
         """Device-side select without a host sync: where ``ok`` is False, params <- backups and

@@ -166,14 +166,13 @@ def _dir(runs: str, arm: str, seed: int) -> str:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (bench_train_step's reader)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_train_step",
+                                                  os.path.join(ROOT, "benchmarks", "bench_train_step.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod._cpu_name()
 
 
 def _cpu_flags() -> list:

@@ -248,9 +248,7 @@ class AWP(WeightPerturbation):
 
     def set_gamma(self, gamma: float) -> None:
         """Set ``awp_gamma`` of every param group (e.g. for a warm-up)."""
-        check_gamma(gamma, "gamma")
-        for g in self.param_groups:
-            g["awp_gamma"] = float(gamma)
+        self._set_all("awp_gamma", gamma, check_gamma)
 
     # ----------------------------------------------------------------- the engine's hooks
     def _rule_active(self) -> bool:

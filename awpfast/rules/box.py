@@ -56,10 +56,7 @@ def box_perturb(state: PerturbState, dirs, adv_lr: float, adv_eps: float, first:
                 g.params, ds, [adv_lr] * n, [adv_eps] * n, g.backups, first, eps, given))
             done.append(g)
     except BaseException:
-        if first:
-            state.restore_groups(done)
-        else:
-            state.restore()
+        state.undo(done, first)
         raise
     state.active = True
     return join_norms(norms)

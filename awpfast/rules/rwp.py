@@ -91,10 +91,7 @@ def rwp_apply(state: PerturbState, acc: List[List[torch.Tensor]], gammas: List[t
                 _ops.add_scaled_(g.params, a, scale, base=g.backups, deltas=deltas, backend=state.backend)
             done.append(g)
     except BaseException:
-        if first:
-            state.restore_groups(done)
-        else:
-            state.restore()
+        state.undo(done, first)
         raise
     state.active = True
     return dnorm, wnorm
@@ -171,9 +168,7 @@ class RWP(WeightPerturbation):
 
     def set_gamma(self, gamma: float) -> None:
         """Set ``awp_gamma`` of every param group (e.g. for a warm-up)."""
-        check_gamma(gamma, "gamma")
-        for g in self.param_groups:
-            g["awp_gamma"] = float(gamma)
+        self._set_all("awp_gamma", gamma, check_gamma)
 
     def perturb(self, closure: Union[Closure, Sequence[Closure], None] = None) -> bool:
         """Run the ``steps`` ascent passes and perturb (``w <- w + v``). ``closure`` returns the

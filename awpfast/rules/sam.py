@@ -182,9 +182,7 @@ class SAM(WeightPerturbation):
 
     def set_rho(self, rho: float) -> None:
         """Set ``sam_rho`` of every param group."""
-        check_rho(rho, "rho")
-        for g in self.param_groups:
-            g["sam_rho"] = float(rho)
+        self._set_all("sam_rho", rho, check_rho)
 
     # ----------------------------------------------------------------- the engine's hooks
     def _rule_active(self) -> bool:
