@@ -31,7 +31,7 @@ try:
     _C_ERR = ""
 except ImportError as e:  # not built (pure-Python install, or a failed build)
     _C = None
-    _C_ERR = (f"awpfast._C is not available ({e}): this install was built without it (AWPFAST_NATIVE=0, or a "
+    _C_ERR = (f"awpfast._C not built ({e}): this install was built without it (AWPFAST_NATIVE=0, or a "
               "source tree without csrc/) or it does not load here; reinstall from a complete source (pip install "
               "--no-build-isolation --force-reinstall --no-deps <sdist or checkout>), whose build says 'awpfast: "
               "the native extension awpfast._C was NOT built: <why>' when it leaves it out")
