@@ -507,7 +507,11 @@ def study_tables(files):
 
 
 def _ci(m):
-    return f"{m['mean']:+.1f} [{m['ci95'][0]:+.1f}, {m['ci95'][1]:+.1f}]" if m and "ci95" in m else "–"
+    if not m:
+        return "–"
+    if "ci95" not in m:
+        return f"{m['mean']:+.1f} (one seed: no interval yet)"
+    return f"{m['mean']:+.1f} [{m['ci95'][0]:+.1f}, {m['ci95'][1]:+.1f}]"
 
 
 def readme_study(files):

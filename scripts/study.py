@@ -504,8 +504,10 @@ def markdown(summary: dict) -> str:
         return f"{m['mean']:.{nd}f} ± {m['sd']:.{nd}f}" if "sd" in m else f"{m['mean']:.{nd}f}"
 
     def ci(m, level="ci95"):
-        if not m or level not in m:
+        if not m:
             return "–"
+        if level not in m:
+            return f"{m['mean']:+.1f} (n = 1)"
         return f"{m['mean']:+.1f} [{m[level][0]:+.1f}, {m[level][1]:+.1f}]"
     lines = ["| arm | seeds | last-3 PGD-20 | AutoAttack (test) | last PGD-20 | held-out PGD-20 | "
              "val-selected PGD-20 | last clean | cosine to exact | train s / AWP epoch |", "|" + "---|" * 10]
