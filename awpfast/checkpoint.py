@@ -304,10 +304,7 @@ def full_state_dicts(model: torch.nn.Module, awp, fsdp: bool, is_main: bool = Tr
             ids.setdefault(name, len(ids))
     full = {"state": {ids[k]: v for k, v in osd["state"].items()},
             "param_groups": [dict(g, params=[ids[n] for n in g["params"]]) for g in osd["param_groups"]]}
-    if "base_optimizer" in awp_sd:  # the {"base_optimizer", "awp"} layout of older awpfast versions
-        awp_sd["base_optimizer"] = full
-    else:
-        awp_sd.update(full)
+    awp_sd.update(full)
     return msd, awp_sd
 
 
@@ -318,13 +315,8 @@ def load_optimizer(awp, model: torch.nn.Module, sd: dict, fsdp: bool) -> None:
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     names = _param_names(model)
-    base = sd["base_optimizer"] if "base_optimizer" in sd else {"state": sd["state"],
-                                                                 "param_groups": sd["param_groups"]}
-    by_name = {"state": {names[i]: v for i, v in base["state"].items()},
-               "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in base["param_groups"]]}
+    by_name = {"state": {names[i]: v for i, v in sd["state"].items()},
+               "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]]}
     set_optimizer_state_dict(model, awp.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
     sharded = awp.optimizer.state_dict()
-    if "base_optimizer" in sd:
-        awp.load_state_dict({"base_optimizer": sharded, "awp": sd.get("awp", {})})
-    else:
-        awp.load_state_dict(dict(sharded, **{k: v for k, v in sd.items() if k not in ("state", "param_groups")}))
+    awp.load_state_dict(dict(sharded, **{k: v for k, v in sd.items() if k not in ("state", "param_groups")}))

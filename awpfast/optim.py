@@ -585,8 +585,7 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
-        """Load ``state_dict()`` output, an older awpfast checkpoint (``{"base_optimizer", "awp"}``)
-        or a plain base-optimizer state dict. Settings that differ from the checkpoint's
+        """Load ``state_dict()`` output or a plain base-optimizer state dict. Settings that differ from the checkpoint's
         (``steps``, ``restore``, ``ascent_every``...) are kept as constructed, with a warning naming
         them. A state dict of another optimizer type or of other parameter shapes is refused (a
         ``ValueError``, the wrapper unchanged)."""
@@ -597,9 +596,7 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         _check_state_dict_shape(state_dict, name)
-        if "base_optimizer" in state_dict:  # awpfast <= 0.1 layout
-            base, meta = state_dict["base_optimizer"], dict(state_dict.get("awp", {}), rule="AWP")
-        elif "state" in state_dict and "param_groups" in state_dict:
+        if "state" in state_dict and "param_groups" in state_dict:
             base = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
             meta = state_dict.get(_STATE_KEY)
         else:
@@ -643,10 +640,7 @@ _FILLED_BY_TORCH = {"foreach", "maximize", "differentiable", "fused", "capturabl
 def _check_state_dict_shape(sd: dict, who: str) -> None:
     """A one-line ValueError for a dict that is not laid out as an optimizer state dict (before any
     of it is read): ``state`` a dict of dicts, ``param_groups`` a list of dicts with a ``params`` list."""
-    base = sd.get("base_optimizer", sd)
-    if not isinstance(base, dict):
-        raise ValueError(f"{who}.load_state_dict: 'base_optimizer' must be a dict, got {type(base).__name__}")
-    state, groups = base.get("state"), base.get("param_groups")
+    state, groups = sd.get("state"), sd.get("param_groups")
     if state is None and groups is None:
         return  # not an optimizer state dict at all: load_state_dict says so
     bad = None

@@ -13,6 +13,10 @@ import torch
 
 from awpfast import evaluate as E
 from awpfast import train as T
+from awpfast import data as data_
+from awpfast import errors as errors_
+from awpfast import models as models_
+from awpfast.train import loop as loop_
 
 TINY = ["--data", "synthetic", "--image-size", "8", "--model", "small-cnn", "--width", "4",
         "--batch-size", "64", "--attack-steps", "1", "--eval-steps", "1", "--eval-samples", "32",
@@ -138,7 +142,7 @@ def test_device_and_out_errors(finished, tmp_path, capsys):
 def test_unexpected_failure_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("synthetic failure\nwith a second line")
-    monkeypatch.setattr(T.loop, "train_epoch", boom)  # the loop module calls it
+    monkeypatch.setattr(loop_, "train_epoch", boom)  # the loop module calls it
     out = str(tmp_path / "r")
     assert T.main(TINY + ["--out", out]) == 1
     err = _err_line(capsys)
@@ -358,14 +362,14 @@ def test_input_normalization_on_cifar10_at(tmp_path):
     ck = torch.load(os.path.join(out, "last.pt"), weights_only=False)
     assert ck["args"]["input_norm"] == "cifar10" and ck["args"]["pad_mode"] == "reflect"
     assert "normalize.mean" not in ck["model"]  # statistics are not in the state dict: old checkpoints load
-    m = T.build_model("small-cnn", 10, 3, 4, ck["args"]["input_norm"])
+    m = models_.build_model("small-cnn", 10, 3, 4, ck["args"]["input_norm"])
     m.load_state_dict(ck["model"])
-    plain = T.build_model("small-cnn", 10, 3, 4)
+    plain = models_.build_model("small-cnn", 10, 3, 4)
     plain.load_state_dict(ck["model"])
     m.eval(), plain.eval()
     x = torch.rand(2, 3, 32, 32)
-    mean = torch.tensor(T.CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(T.CIFAR10_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(data_.CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(data_.CIFAR10_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(m(x), plain((x - mean) / std))
     # TRADES keeps the reference's un-normalized inputs and zero padding
     out2 = str(tmp_path / "t")
@@ -412,7 +416,7 @@ def test_demo_replaces_its_own_output_and_reports_errors_in_one_line(tmp_path, m
     assert "best epoch by validation 20" in capsys.readouterr().out
 
     def failing(args):
-        raise T.UsageError("--out x is an existing file, not a folder: choose another --out")
+        raise errors_.UsageError("--out x is an existing file, not a folder: choose another --out")
 
     monkeypatch.setattr(demo, "run", failing)
     assert demo.main([str(tmp_path / "d")]) == 2

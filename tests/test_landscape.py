@@ -346,6 +346,7 @@ def test_parse_alphas():
 def ckpts(tmp_path_factory):
     """A real awpfast-train checkpoint (one tiny epoch) and a hand-built AT (no AWP) one."""
     from awpfast import train as T
+    from awpfast import models as models_
     root = tmp_path_factory.mktemp("runs")
     out = str(root / "atawp")
     with threads(1):
@@ -356,7 +357,7 @@ def ckpts(tmp_path_factory):
     real = os.path.join(out, "last.pt")
     ck = torch.load(real, weights_only=False)
     torch.manual_seed(1)
-    m = T.build_model("small-cnn", 10, 3, 4)
+    m = models_.build_model("small-cnn", 10, 3, 4)
     hand = dict(ck, model=m.state_dict(), args=dict(ck["args"], awp_gamma=0.0, method="at"), epoch=7)
     os.makedirs(root / "at")
     path = str(root / "at" / "last.pt")
@@ -392,8 +393,9 @@ def test_cli_writes_json_and_png(ckpts, tmp_path, capsys):
     assert "AT (epoch 7)" in text and "wrote" in text
     # the CLI numbers are weight_landscape's
     from awpfast import train as T
+    from awpfast import models as models_
     ck = torch.load(ckpts["awp"], weights_only=False)
-    m = T.build_model("small-cnn", 10, 3, 4)
+    m = models_.build_model("small-cnn", 10, 3, 4)
     m.load_state_dict(ck["model"])
     from awpfast.data import load_dataset
     ds = load_dataset("synthetic", None, 8)

@@ -547,7 +547,7 @@ def test_state_dict_loads_into_the_plain_base_optimizer():
     assert sd["awpfast"]["rule"] == "AWP" and sd["awpfast"]["perturb_count"] == 2
 
 
-def test_checkpoint_settings_mismatch_warns_and_legacy_loads():
+def test_checkpoint_settings_mismatch_warns_and_other_layouts_are_refused():
     model, awp, x, y = _setup()
     _train(model, awp, 1, seed=5)
     sd = copy.deepcopy(awp.state_dict())
@@ -560,10 +560,10 @@ def test_checkpoint_settings_mismatch_warns_and_legacy_loads():
         warnings.simplefilter("error")
         same.load_state_dict(sd)
     assert same.param_groups[0]["awp_gamma"] == 0.01
-    legacy = {"base_optimizer": {"state": sd["state"], "param_groups": sd["param_groups"]},
-              "awp": {"skipped_steps": 0, "perturb_count": 7, "steps": 1, "restore": "after_step"}}
-    same.load_state_dict(legacy)                        # checkpoints written by awpfast 0.1
-    assert same.perturb_count == 7
+    nested = {"base_optimizer": {"state": sd["state"], "param_groups": sd["param_groups"]}, "awp": {}}
+    with pytest.raises(ValueError, match="not an optimizer state dict"):
+        same.load_state_dict(nested)  # a layout awpfast no longer writes nor reads
+    assert same.perturb_count == 1  # unchanged
 
 
 @pytest.mark.parametrize("bad", ["0.01", None, True, float("nan"), -1.0, [0.01]])
@@ -746,18 +746,17 @@ def test_load_state_dict_refuses_other_parameter_shapes():
 
 
 def test_load_state_dict_still_accepts_its_layouts():
-    """state_dict() output, a plain base state dict, the awpfast <= 0.1 layout, and an SGD state dict
-    without the flags that newer torch versions added to the param groups."""
+    """state_dict() output, a plain base state dict and an SGD state dict without the flags that
+    newer torch versions added to the param groups."""
     src = small_net()
     a = _stepped(torch.optim.SGD, src, momentum=0.9)
     full = a.state_dict()
     plain = a.optimizer.state_dict()
-    old = {"base_optimizer": plain, "awp": {"skipped_steps": 0}}
     older = copy.deepcopy(plain)
     for g in older["param_groups"]:
         for k in ("fused", "differentiable", "foreach", "maximize"):
             g.pop(k, None)
-    for sd in (full, plain, old, older):
+    for sd in (full, plain, older):
         m = small_net()
         b = AWP(torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9), m)
         b.load_state_dict(sd)

@@ -16,6 +16,7 @@ import torch
 
 from awpfast import evaluate as E
 from awpfast import train as T
+from awpfast.train import config as config_
 from awpfast.checkpoint import LOCK_FILE, atomic_save, run_lock
 from awpfast.errors import UsageError
 
@@ -129,7 +130,7 @@ def test_two_concurrent_cli_runs_on_one_folder_leave_one_complete_run(tmp_path):
 def test_default_out_differs_with_any_option_that_changes_the_numbers():
     def out(*argv):
         a = T.build_parser().parse_args(list(argv))
-        T.resolve_defaults(a)
+        config_.resolve_defaults(a)
         return a.out
 
     base = out()

@@ -10,6 +10,10 @@ import torch
 from awpfast import data as D
 from awpfast import evaluate as E
 from awpfast import train as T
+from awpfast import checkpoint as checkpoint_
+from awpfast import cli as cli_
+from awpfast import models as models_
+from awpfast.train import loop as loop_
 
 TINY = ["--data", "synthetic", "--image-size", "8", "--model", "small-cnn", "--width", "4",
         "--batch-size", "64", "--attack-steps", "2", "--eval-steps", "3", "--eval-samples", "48",
@@ -42,7 +46,7 @@ def test_one_epoch_cli_writes_everything(tmp_path):
     with open(os.path.join(out, "metrics.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     ck = torch.load(os.path.join(out, "last.pt"), weights_only=False)
-    assert ck["epoch"] == 1 and ck["format"] == T.CKPT_FORMAT
+    assert ck["epoch"] == 1 and ck["format"] == checkpoint_.CKPT_FORMAT
     assert {"torch", "numpy", "python", "loader"} <= set(ck["rng"])
     assert "awpfast" in ck["optimizer"] and "state" in ck["optimizer"]  # AWP.state_dict(): the base optimizer's + an "awpfast" entry
 
@@ -78,10 +82,10 @@ def test_awp_off_and_mart_and_bf16(tmp_path):
 
 
 def test_lr_schedule_piecewise():
-    f = lambda t: T.lr_factor("piecewise", t, 200)  # noqa: E731
+    f = lambda t: loop_.lr_factor("piecewise", t, 200)  # noqa: E731
     assert f(0.5) == 1.0 and f(99.9) == 1.0 and f(100) == 0.1 and f(149.9) == 0.1 and f(150) == 0.01
-    assert abs(T.lr_factor("cosine", 100, 200) - 0.5) < 1e-12 and T.lr_factor("constant", 7, 10) == 1.0
-    assert T.parse_float("8/255") == 8 / 255 and T.parse_float("0.5") == 0.5
+    assert abs(loop_.lr_factor("cosine", 100, 200) - 0.5) < 1e-12 and loop_.lr_factor("constant", 7, 10) == 1.0
+    assert cli_.parse_float("8/255") == 8 / 255 and cli_.parse_float("0.5") == 0.5
 
 
 def test_digits_fixed_split_and_shape():
@@ -185,7 +189,7 @@ def test_reference_pattern_awp_equals_awpfast_perturbation():
     import torch.nn.functional as F
     bench = _bench()
     torch.manual_seed(11)
-    model = T.build_model("small-cnn", 10, 3, width=4).double()
+    model = models_.build_model("small-cnn", 10, 3, width=4).double()
     x_adv, y = torch.rand(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (8,))
     ref = bench.ReferenceStep(copy.deepcopy(model), 0.01, 1)
     diff = ref.calc_awp(x_adv, y)

@@ -23,6 +23,8 @@ import torch
 from _dist_launch import free_port
 from awpfast import data as D
 from awpfast import train as T
+from awpfast import evaluate as evaluate_
+from awpfast import models as models_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "digits", "--image-size", "8", "--model", "small-cnn", "--width", "4", "--batch-size", "64",
@@ -141,12 +143,12 @@ def test_torchrun_ddp_trains_writes_on_rank0_only_and_resumes(tmp_path):
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     ds = D.load_dataset("digits", image_size=8)
     _, val = D.split_validation(ds.train, 33)
-    model = T.build_model("small-cnn", 10, 3, 4)
+    model = models_.build_model("small-cnn", 10, 3, 4)
     model.load_state_dict(ck["model"])
     ev = dict(batch_size=128, eps=8 / 255, alpha=2 / 255, steps=0)
-    assert T.evaluate_split(model, ds.test, limit=61, **ev)["clean_acc"] == pytest.approx(rec["test_clean_acc"],
+    assert evaluate_.evaluate_split(model, ds.test, limit=61, **ev)["clean_acc"] == pytest.approx(rec["test_clean_acc"],
                                                                                            abs=1e-12)
-    assert T.evaluate_split(model, val, **ev)["clean_acc"] == pytest.approx(rec["val_clean_acc"], abs=1e-12)
+    assert evaluate_.evaluate_split(model, val, **ev)["clean_acc"] == pytest.approx(rec["val_clean_acc"], abs=1e-12)
     # a second launch resumes
     p2, writes2 = _torchrun(["--resume", str(out / "last.pt"), "--stop-after", "1", "--no-plot"], tmp_path)
     assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
@@ -169,10 +171,10 @@ def test_torchrun_fsdp_resumes_and_writes_a_full_checkpoint(tmp_path):
     assert {w[0] for w in _writes_under(writes, out)} == {"0"}
     ck = torch.load(out / "last.pt", weights_only=False)
     assert ck["epoch"] == 2 and ck["world_size"] == 2
-    model = T.build_model("small-cnn", 10, 3, 4)
+    model = models_.build_model("small-cnn", 10, 3, 4)
     model.load_state_dict(ck["model"])  # full (gathered) tensors, the one-process layout
     assert all(type(v) is torch.Tensor for v in ck["model"].values())
-    base = ck["optimizer"].get("base_optimizer", ck["optimizer"])  # awpfast <= 0.1 nested the base's state dict
+    base = ck["optimizer"]  # the base optimizer's state dict plus the wrapper's "awpfast" entry
     assert sorted(base["state"]) == list(range(len(list(model.parameters()))))
     for i, p_ in enumerate(model.parameters()):
         assert base["state"][i]["momentum_buffer"].shape == p_.shape

@@ -22,6 +22,11 @@ import torch.nn.functional as F
 
 from awpfast import landscape as L
 from awpfast import train as T
+from awpfast import cli as cli_
+from awpfast import data as data_
+from awpfast import models as models_
+from awpfast.train import loop as loop_
+from awpfast.train import report as report_
 from awpfast.attacks import TRADESAttack
 from awpfast.data import Split, load_dataset
 from test_train_reference_port import port_at, port_trades
@@ -42,7 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 def _cfg(argv):
     parser = T.build_parser()
-    return T.make_config(parser.parse_args(argv), T.explicit_options(parser, argv))
+    return T.make_config(parser.parse_args(argv), cli_.explicit_options(parser, argv))
 
 
 def _metrics(out):
@@ -54,14 +59,14 @@ def _metrics(out):
 def _run_train_and_port(argv, epoch, port):
     """``train_epoch(t, epoch)`` on a fresh trainer, then ``port(model, batches)`` from the same start,
     the same batches and the same global RNG state; returns (trainer, port model, start model)."""
-    t = T.setup(_cfg(argv))
+    t = loop_.setup(_cfg(argv))
     start = copy.deepcopy(t.model)
     state = t.batches.generator.get_state()
     batches = [(x.double(), y) for x, y in t.batches]
     t.batches.generator.set_state(state)
     assert len(batches) == STEPS
     rng = torch.get_rng_state()
-    T.train_epoch(t, epoch)
+    loop_.train_epoch(t, epoch)
     torch.set_rng_state(rng)
     ref = copy.deepcopy(start)
     port(ref, batches)
@@ -113,7 +118,7 @@ def test_trades_awp_reference_recipe_steps_through_train_equal_the_reference_por
     assert (a.attack_bn, a.forward_order, a.input_norm, a.pad_mode, a.lr_schedule, a.awp_warmup) == \
         ("eval", "reference", "none", "zeros", "piecewise-epoch", 9)
     assert t.awp.param_groups[0]["awp_gamma"] == 0.005
-    assert T.epoch_gamma(a, 8) == 0.0 and T.epoch_gamma(a, 9) == 0.005
+    assert loop_.epoch_gamma(a, 8) == 0.0 and loop_.epoch_gamma(a, 9) == 0.005
     _assert_same(t, ref, start)
     t2, ref2, _ = _run_train_and_port(argv + ["--forward-order", "ours"], 9, _trades_port(0.005))
     assert max(v for k, v in _diffs(t2.model, ref2).items() if "running" in k) > 1e-6
@@ -176,11 +181,11 @@ def test_piecewise_epoch_schedule_decays_for_whole_epochs():
     for k in range(95 * n, 152 * n):  # iteration k (0-based) of the run: 1-based epoch k // n + 1
         e = k // n + 1
         want = 1.0 if e < 100 else (0.1 if e < 150 else 0.01)
-        assert T.lr_factor("piecewise-epoch", (k + 1) / n, epochs) == want, k
-    assert T.lr_factor("piecewise", (99 * n + 1) / n, epochs) == 1.0  # epoch 100, first iteration
-    assert T.lr_factor("piecewise", 100.0, epochs) == 0.1  # ... its last
+        assert loop_.lr_factor("piecewise-epoch", (k + 1) / n, epochs) == want, k
+    assert loop_.lr_factor("piecewise", (99 * n + 1) / n, epochs) == 1.0  # epoch 100, first iteration
+    assert loop_.lr_factor("piecewise", 100.0, epochs) == 0.1  # ... its last
     # 4 epochs: 1-based epoch 2 = E/2 at x0.1, epoch 3 = 3E/4 at x0.01 (the reference's ">=")
-    assert [T.lr_factor("piecewise-epoch", e + 1 / n, 4) for e in range(4)] == [1.0, 0.1, 0.01, 0.01]
+    assert [loop_.lr_factor("piecewise-epoch", e + 1 / n, 4) for e in range(4)] == [1.0, 0.1, 0.01, 0.01]
 
 
 # ============================================================================ the TRADES L2 attack
@@ -205,7 +210,7 @@ def _ref_trades_l2(model, x, eps, steps):
 
 def test_trades_l2_clamp_renorm_equals_the_reference_attack():
     torch.manual_seed(3)
-    model = T.build_model("small-cnn", 10, 3, width=4).double().eval()
+    model = models_.build_model("small-cnn", 10, 3, width=4).double().eval()
     x = torch.rand(6, 3, 8, 8, dtype=torch.float64)
     x[:3] = (x[:3] > 0.5).double()  # images at the box's faces: clamp and renorm do not commute there
     eps, steps = 128 / 255, 4
@@ -227,22 +232,22 @@ def test_trades_l2_clamp_renorm_equals_the_reference_attack():
 # ============================================================================ label noise
 def test_label_noise_is_exact_fixed_and_only_on_the_training_images():
     ds = load_dataset("synthetic", image_size=4)
-    clean_train, clean_val = T.training_splits(ds, 100, None)
-    train, val = T.training_splits(ds, 100, None, label_noise=0.3)
+    clean_train, clean_val = data_.training_splits(ds, 100, None)
+    train, val = data_.training_splits(ds, 100, None, label_noise=0.3)
     assert torch.equal(val.y, clean_val.y) and torch.equal(val.x, clean_val.x)  # validation untouched
     assert torch.equal(train.x, clean_train.x)
     flipped = train.y != clean_train.y
     assert int(flipped.sum()) == round(0.3 * len(train))  # exactly the fraction, never to the same class
-    again, _ = T.training_splits(ds, 100, None, label_noise=0.3)
+    again, _ = data_.training_splits(ds, 100, None, label_noise=0.3)
     assert torch.equal(again.y, train.y)  # seeded: the same labels every time (every epoch, seed, arm)
     # uniform over the other classes: on 20k labels the shift (new - old) mod 10 covers 1..9 within 10 %
     y0 = torch.randint(0, 10, (20000,), generator=torch.Generator().manual_seed(0))
-    y1 = T.symmetric_label_noise(Split(torch.zeros(20000, 1), y0), 0.5, 10).y
+    y1 = data_.symmetric_label_noise(Split(torch.zeros(20000, 1), y0), 0.5, 10).y
     counts = torch.bincount((y1 - y0) % 10, minlength=10)
     assert counts[0] == 10000 and (counts[1:] - 10000 / 9).abs().max() < 0.1 * 10000 / 9
-    assert T.symmetric_label_noise(Split(train.x[:0], train.y[:0]), 0.5, 10).y.numel() == 0
+    assert data_.symmetric_label_noise(Split(train.x[:0], train.y[:0]), 0.5, 10).y.numel() == 0
     y = torch.arange(10).repeat(10)
-    assert T.symmetric_label_noise(Split(torch.zeros(100, 1), y), 0.0, 10).y is y
+    assert data_.symmetric_label_noise(Split(torch.zeros(100, 1), y), 0.0, 10).y is y
 
 
 def test_label_noise_cli(tmp_path, capsys):
@@ -275,25 +280,24 @@ def test_track_flatness_keeps_the_trajectory_and_logs_the_landscape_number(tmp_p
     assert all(math.isfinite(r["flatness"]) and r["flatness_loss0"] > 0 for r in rb)
     # the logged number is landscape.flatness of the saved weights on the held-out validation images
     # (--flatness-split val, the default: 32 of them, fewer than --flatness-samples 40), not the training ones
-    model = T.build_model("small-cnn", 10, 3, 4)
+    model = models_.build_model("small-cnn", 10, 3, 4)
     model.load_state_dict(cb["model"])
-    train, val = T.training_splits(load_dataset("synthetic", image_size=8), 32, 64)
+    train, val = data_.training_splits(load_dataset("synthetic", image_size=8), 32, 64)
     assert len(val) == 32
     from awpfast.attacks import PGD
     attack = PGD(model, eps=8 / 255, alpha=2 / 255, steps=2)
-    want = L.flatness(model, val.x[:40], val.y[:40], 0.25, 2, attack, seed=T.FLATNESS_SEED, details=True)
+    want = L.flatness(model, val.x[:40], val.y[:40], 0.25, 2, attack, seed=loop_.FLATNESS_SEED, details=True)
     assert rb[-1]["flatness"] == pytest.approx(want["flatness"], abs=1e-12)
     assert rb[-1]["flatness_loss0"] == pytest.approx(want["loss0"], abs=1e-12)
-    on_train = L.flatness(model, train.x[:40], train.y[:40], 0.25, 2, attack, seed=T.FLATNESS_SEED, details=True)
+    on_train = L.flatness(model, train.x[:40], train.y[:40], 0.25, 2, attack, seed=loop_.FLATNESS_SEED, details=True)
     assert on_train["loss0"] != pytest.approx(want["loss0"], abs=1e-9)
     # metrics.png gets the flatness panel (plotting works with the flatness keys present)
-    assert T.plot_metrics(rb, str(tmp_path / "m.png")) and os.path.getsize(tmp_path / "m.png") > 1000
+    assert report_.plot_metrics(rb, str(tmp_path / "m.png")) and os.path.getsize(tmp_path / "m.png") > 1000
 
 
 def test_track_flatness_split_train_uses_the_noisy_training_labels(tmp_path):
     """--flatness-split train keeps the behaviour before the option: the first training images with
-    the labels the run trained on (--label-noise included); checkpoints written before the option
-    resume with it."""
+    the labels the run trained on (--label-noise included)."""
     out = str(tmp_path / "t")
     argv = TINY + ["--epochs", "1", "--seed", "2", "--no-plot", "--train-samples", "64", "--label-noise", "0.5",
                    "--track-flatness", "--flatness-samples", "24", "--flatness-directions", "1",
@@ -301,18 +305,17 @@ def test_track_flatness_split_train_uses_the_noisy_training_labels(tmp_path):
     assert T.main(argv) == 0
     ck = torch.load(os.path.join(out, "last.pt"), weights_only=False)
     assert ck["args"]["flatness_split"] == "train"
-    model = T.build_model("small-cnn", 10, 3, 4)
+    model = models_.build_model("small-cnn", 10, 3, 4)
     model.load_state_dict(ck["model"])
-    clean, _ = T.training_splits(load_dataset("synthetic", image_size=8), 32, 64)
-    train, _ = T.training_splits(load_dataset("synthetic", image_size=8), 32, 64, 0.5)
+    clean, _ = data_.training_splits(load_dataset("synthetic", image_size=8), 32, 64)
+    train, _ = data_.training_splits(load_dataset("synthetic", image_size=8), 32, 64, 0.5)
     assert not torch.equal(train.y[:24], clean.y[:24])  # some of the 24 carry flipped labels
     from awpfast.attacks import PGD
     want = L.flatness(model, train.x[:24], train.y[:24], 0.5, 1, PGD(model, eps=8 / 255, alpha=2 / 255, steps=1),
-                      seed=T.FLATNESS_SEED)
+                      seed=loop_.FLATNESS_SEED)
     assert _metrics(out)[-1]["flatness"] == pytest.approx(want, abs=1e-12)
     from awpfast.train import config as C
-    assert C.DEFAULTS["flatness_split"] == "val" and C._OLD_RUN_DEFAULTS["flatness_split"] == "train"
-    assert "flatness_split" in C._RUN_KEYS
+    assert C.DEFAULTS["flatness_split"] == "val" and "flatness_split" in C._RUN_KEYS
 
 
 def test_track_flatness_bad_values(tmp_path, capsys):
@@ -347,20 +350,20 @@ def test_track_flatness_under_torchrun_ddp(tmp_path):
     assert "x 2 (ddp)" in p.stdout and p.stdout.count("flatness ") == 2  # rank 0 prints each epoch once
     rows = _metrics(str(out))
     ck = torch.load(out / "last.pt", weights_only=False)
-    model = T.build_model("small-cnn", 10, 3, 4)
+    model = models_.build_model("small-cnn", 10, 3, 4)
     model.load_state_dict(ck["model"])
-    _, val = T.training_splits(load_dataset("synthetic", image_size=8), 16, 64)
+    _, val = data_.training_splits(load_dataset("synthetic", image_size=8), 16, 64)
     from awpfast.attacks import PGD
     want = L.flatness(model, val.x[:24], val.y[:24], 0.5, 2, PGD(model, eps=8 / 255, alpha=2 / 255, steps=1),
-                      seed=T.FLATNESS_SEED)
+                      seed=loop_.FLATNESS_SEED)
     assert rows[-1]["flatness"] == pytest.approx(want, abs=1e-9)
 
 
 # ============================================================================ eps warm-up
 def test_eps_ramp_values():
-    assert T.eps_ramp(0, 0.1) == 1.0 and T.eps_ramp(0, 50.0) == 1.0
-    assert T.eps_ramp(4, 1.0) == 0.25 and T.eps_ramp(4, 4.0) == 1.0 and T.eps_ramp(4, 9.5) == 1.0
-    assert T.eps_ramp(3, 0.5) == pytest.approx(1 / 6)
+    assert loop_.eps_ramp(0, 0.1) == 1.0 and loop_.eps_ramp(0, 50.0) == 1.0
+    assert loop_.eps_ramp(4, 1.0) == 0.25 and loop_.eps_ramp(4, 4.0) == 1.0 and loop_.eps_ramp(4, 9.5) == 1.0
+    assert loop_.eps_ramp(3, 0.5) == pytest.approx(1 / 6)
 
 
 def test_eps_warmup_ramps_the_training_attack_only_and_resumes_exactly(tmp_path, capsys):
@@ -370,7 +373,7 @@ def test_eps_warmup_ramps_the_training_attack_only_and_resumes_exactly(tmp_path,
     eps = 0.2
     argv = TINY + ["--eps", str(eps), "--eps-warmup", "2", "--epochs", "3", "--train-samples", "96",
                    "--batch-size", "32", "--attack-steps", "2", "--no-plot", "--seed", "3"]
-    t = T.setup(_cfg(argv + ["--out", str(tmp_path / "probe")]))
+    t = loop_.setup(_cfg(argv + ["--out", str(tmp_path / "probe")]))
     seen = []
     real = t.attack.forward
 
@@ -381,7 +384,7 @@ def test_eps_warmup_ramps_the_training_attack_only_and_resumes_exactly(tmp_path,
 
     t.attack.forward = spy
     for e in range(3):
-        rec = T.train_epoch(t, e)
+        rec = loop_.train_epoch(t, e)
         assert rec["train_eps"] == pytest.approx(eps * min(1.0, (e + 1) / 2))
     n = t.n_iter
     assert n == 3 and len(seen) == 3 * n
@@ -434,8 +437,35 @@ def test_eval_every_evaluates_test_on_schedule_and_at_every_new_validation_best(
     b = ck["best"]
     assert b["test_robust_acc"] is not None and b["val_robust_acc"] == max(r["val_robust_acc"] for r in rows)
     assert b["epoch"] == min(r["epoch"] for r in rows if r["val_robust_acc"] == b["val_robust_acc"])
-    assert T.plot_metrics(rows, str(tmp_path / "m.png")) and os.path.getsize(tmp_path / "m.png") > 1000
+    assert report_.plot_metrics(rows, str(tmp_path / "m.png")) and os.path.getsize(tmp_path / "m.png") > 1000
     capsys.readouterr()
     assert T.main(TINY + ["--eval-every", "0", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "--eval-every" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- one entry per option
+def test_each_option_is_one_table_entry():
+    """The option table drives the parser (every flag, its default), the run keys (what --resume takes
+    from the checkpoint) and the value checks, including ``choices`` for programmatic Namespaces."""
+    import argparse
+    from awpfast.train import config as C
+    p = C.build_parser()
+    dests = [a.dest for a in p._actions if a.dest not in ("help", "version")]
+    assert dests == [o.dest for o in C.OPTIONS] and len(set(dests)) == len(dests)
+    for a in p._actions:
+        if a.dest in C.DEFAULTS:
+            assert a.default == C.parser_default(a.dest)
+    assert set(C._RUN_KEYS) == {o.dest for o in C.OPTIONS if o.run}
+    assert "out" not in C._RUN_KEYS and "awp_every" in C._RUN_KEYS
+    # a programmatic Namespace with a value outside an option's choices is refused in one line
+    args = C.resolve_defaults(argparse.Namespace(method="madry"))
+    with pytest.raises(C.UsageError, match=r"^--method must be one of at, trades, mart, got 'madry'$"):
+        C.validate_args(args)
+    args = C.resolve_defaults(argparse.Namespace(awp_every=0))
+    with pytest.raises(C.UsageError, match=r"^--awp-every must be an integer >= 1, got 0$"):
+        C.validate_args(args)
+    # an option's check applies only where it means something (--rwp-lr without --awp-rule rwp)
+    C.validate_args(C.resolve_defaults(argparse.Namespace(rwp_lr=-1.0)))
+    with pytest.raises(C.UsageError, match="--rwp-lr must be a finite number > 0"):
+        C.validate_args(C.resolve_defaults(argparse.Namespace(rwp_lr=-1.0, awp_rule="rwp")))

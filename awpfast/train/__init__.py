@@ -43,31 +43,14 @@ from __future__ import annotations
 import sys
 
 from .._lazy import lazy_getattr
-from ..cli import UsageError, cli_main, explicit_options, parse_float, resolve_device
-from .config import (DEFAULTS, LR_SCHEDULES, RECIPES, RunConfig, apply_recipe, build_parser, make_config, preflight,
-                     recipe_overrides, resolve_defaults, validate_args)
+from ..cli import cli_main, explicit_options
+from .config import DEFAULTS, RunConfig, build_parser, make_config, preflight
 
-__all__ = ["build_parser", "main", "run", "make_config", "RunConfig", "UsageError", "evaluate_split",
-           "training_splits", "build_model", "lr_factor", "plot_metrics", "parse_float", "read_checkpoint",
-           "resolve_device", "RECIPES", "apply_recipe", "symmetric_label_noise", "train_epoch", "setup",
-           "flatness_epoch", "eps_ramp", "DEFAULTS", "preflight"]
+__all__ = ["main", "run", "build_parser", "make_config", "RunConfig", "DEFAULTS", "preflight"]
 
-# the names that need torch, imported on first use (PEP 562) so that main() can answer a bad command
-# line before importing torch
-_LAZY = {
-    **dict.fromkeys(("FLATNESS_SEED", "DTYPES", "Trainer", "epoch_gamma", "eps_ramp", "evaluate_epoch",
-                     "flatness_epoch", "lr_factor", "run", "setup", "train_epoch", "train_step"), ".loop"),
-    "plot_metrics": ".report",
-    **dict.fromkeys(("CKPT_FORMAT", "RUN_FILES", "read_checkpoint"), "..checkpoint"),
-    **dict.fromkeys(("CIFAR10_MEAN", "CIFAR10_STD", "LABEL_NOISE_SEED", "symmetric_label_noise", "training_splits"),
-                    "..data"),
-    "evaluate_split": "..evaluate",
-    **dict.fromkeys(("INPUT_NORMS", "build_model"), "..models"),
-    **dict.fromkeys(("config", "loop", "report"), None),
-}
-
-
-__getattr__ = lazy_getattr(__name__, _LAZY)
+# ``run`` needs torch: imported on first use (PEP 562), so that main() answers a bad command line
+# before importing torch. Every other name lives in its own module (config, loop, report).
+__getattr__ = lazy_getattr(__name__, {"run": ".loop", **dict.fromkeys(("config", "loop", "report"), None)})
 
 
 def main(argv=None) -> int:

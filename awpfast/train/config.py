@@ -41,13 +41,117 @@ AWP_ASCENTS = ("separate", "attack", "momentum")
 AWP_RULES = ("awp", "rwp")
 
 
-# ----------------------------------------------------------------------------- the defaults table
+# ----------------------------------------------------------------------------- the option table
 @dataclass(frozen=True)
 class Derived:
     """A default that depends on other options: the parser shows ``unset`` (``None`` or ``"auto"``),
     :func:`resolve_defaults` replaces it by ``fn(args)`` in the table's order."""
     fn: Callable
     unset: object = None
+
+
+def _opt(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer option's check: ``>= lo`` (and ``< below``); ``optional``: ``None`` (unset) allowed,
+    said in the message unless ``plain``."""
+    lo: int
+    optional: bool = False
+    below: Optional[int] = None
+    plain: bool = False
+
+    def __call__(self, args, key: str) -> None:
+        v = getattr(args, key)
+        if v is None and self.optional:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < self.lo:
+            what = " (or leave it out)" if self.optional and not self.plain else ""
+            raise UsageError(f"{_opt(key)} must be an integer >= {self.lo}{what}, got {v!r}")
+        if self.below is not None and v >= self.below:
+            raise UsageError(f"{_opt(key)} must be < {'2**32' if self.below == 2 ** 32 else self.below}, got {v}")
+
+
+@dataclass(frozen=True)
+class Float:
+    """A number option's check (and conversion to ``float``): finite, ``> lo`` (``strict``) or ``>= lo``,
+    ``<= hi``; ``what`` ends the message."""
+    lo: float
+    strict: bool = False
+    hi: Optional[float] = None
+    what: str = ""
+
+    def __call__(self, args, key: str) -> None:
+        _need_float(args, key, self.lo, self.strict, self.hi, self.what)
+
+
+def _need_float(args, key, lo, strict=False, hi=None, what=""):
+    v = getattr(args, key)
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise UsageError(f"{_opt(key)} must be a number, got {v!r}") from None
+    ok = math.isfinite(f) and (f > lo if strict else f >= lo) and (hi is None or f <= hi)
+    if not ok:
+        bound = f"> {lo}" if strict else f">= {lo}"
+        raise UsageError(f"{_opt(key)} must be a finite number {bound}{f' and <= {hi}' if hi is not None else ''}"
+                         f"{what}, got {v!r}")
+    setattr(args, key, f)
+
+
+def _known_backend(args, key: str) -> None:
+    if args.backend is not None and args.backend not in BACKENDS:
+        raise UsageError(f"--backend {args.backend!r} is unknown: choose one of {', '.join(BACKENDS)}")
+
+
+def _eps(args, key: str) -> None:
+    _need_float(args, key, 0, hi=1.0 if args.norm == "Linf" else None, what=" (inputs live in [0, 1])")
+
+
+def _rwp(a) -> bool:
+    return a.awp_rule == "rwp"
+
+
+def _flatness(a) -> bool:
+    return bool(a.track_flatness)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``awpfast-train`` option, written once: its parser entry (``group``, ``kw``: ``add_argument``'s
+    keywords), its default (a value or a :class:`Derived`), whether it defines the run (``run``: taken
+    from the checkpoint on ``--resume`` and part of the default ``--out`` hash) and its value check
+    (``check(args, dest)``, when ``when(args)``; a ``choices`` entry is checked too)."""
+    dest: str
+    group: str
+    default: object
+    kw: dict
+    run: bool = True
+    check: Optional[Callable] = None
+    when: Optional[Callable] = None
+    exclusive: bool = False  # in the group's mutually exclusive pair (--ddp / --fsdp)
+
+    @property
+    def unset(self):
+        """What the parser stores when the option is not given."""
+        return self.default.unset if isinstance(self.default, Derived) else self.default
+
+    def validate(self, args) -> None:
+        if self.when is not None and not self.when(args):
+            return
+        if self.check is not None:
+            self.check(args, self.dest)
+        choices = self.kw.get("choices")
+        v = getattr(args, self.dest)
+        if choices is not None and v not in choices and not (v is None and self.unset is None):
+            raise UsageError(f"{_opt(self.dest)} must be one of {', '.join(choices)}, got {v!r}")
+
+
+def opt(dest: str, group: str, default, *, run: bool = True, check=None, when=None, exclusive: bool = False,
+        **kw) -> Option:
+    return Option(dest, group, default, kw, run, check, when, exclusive)
 
 
 def _default_out(a) -> str:
@@ -57,264 +161,314 @@ def _default_out(a) -> str:
     import hashlib
     key = repr(sorted((k, repr(getattr(a, k, None))) for k in _RUN_KEYS + ("epochs",) if k != "seed"))
     tag = hashlib.sha256(key.encode()).hexdigest()[:8]
-    return os.path.join("runs", f"{a.method}{'-awp' if a.awp_gamma > 0 else ''}-{a.model}-{a.data}-s{a.seed}-{tag}")
+    awp = "-awp" if isinstance(a.awp_gamma, (int, float)) and a.awp_gamma > 0 else ""  # checked later
+    return os.path.join("runs", f"{a.method}{awp}-{a.model}-{a.data}-s{a.seed}-{tag}")
 
 
-DEFAULTS = {
-    # method
-    "recipe": None, "method": "at", "beta": 6.0,
-    "awp_gamma": Derived(lambda a: DEFAULT_GAMMA[a.method]),
-    "awp_warmup": Derived(lambda a: DEFAULT_WARMUP[a.method]),
-    "awp_steps": 1, "awp_restore": "after_step", "awp_ascent": "separate", "awp_every": 1,
-    "awp_ascent_fraction": 1.0, "awp_cosine_every": 0, "awp_rule": "awp", "rwp_steps": 10, "rwp_lr": 0.01,
-    "rwp_threshold": 1.7,
-    "forward_order": "ours", "backend": None,
-    # model and data
-    "model": "small-cnn",
-    "width": Derived(lambda a: 32 if a.model == "small-cnn" else None),
-    "data": "digits", "data_dir": None,
-    "image_size": Derived(lambda a: None if a.data == "cifar10" else (16 if a.model == "small-cnn" else 32)),
-    "train_samples": None,
-    "val_samples": Derived(lambda a: DEFAULT_VAL.get(a.data, 0)),
-    "augment": "auto",
-    "pad_mode": Derived(lambda a: "reflect" if a.method == "at" else "zeros", "auto"),
-    "input_norm": Derived(lambda a: "cifar10" if (a.method == "at" and a.data == "cifar10") else "none", "auto"),
-    "label_noise": 0.0,
-    "extra_data": None, "extra_fraction": Derived(lambda a: EXTRA_FRACTION if a.extra_data else None),
-    "steps_per_epoch": None,
-    # optimization
-    "epochs": Derived(lambda a: 30), "batch_size": 128, "lr": 0.1, "lr_schedule": "piecewise", "momentum": 0.9,
-    "nesterov": False, "weight_decay": 5e-4, "amp": None, "dtype": "float32", "channels_last": False, "compile": False,
-    # attack
-    "norm": "Linf",
-    "eps": Derived(lambda a: 8 / 255 if a.norm == "Linf" else 0.5),
-    "alpha": Derived(lambda a: a.eps / 4),
-    "attack_steps": 10, "eps_warmup": 0, "attack_bn": "eval", "trades_l2_order": "renorm-clamp",
-    "eval_steps": 20, "eval_samples": None, "train_eval_samples": 500, "eval_every": 1,
-    # flatness
-    "track_flatness": False, "flatness_alpha": 0.5, "flatness_directions": 3, "flatness_samples": 200,
-    "flatness_steps": 10, "flatness_split": "val",
-    # run
-    "seed": 0, "out": Derived(_default_out), "resume": None, "overwrite": False, "stop_after": None,
-    "device": "auto", "threads": None, "ddp": False, "fsdp": False, "no_progress": False, "no_plot": False,
-    "quiet": False,
-}
-"""Every ``awpfast-train`` option's default, in resolution order: a plain value, or a :class:`Derived`
-one computed from the options before it. The parser, :func:`resolve_defaults`, programmatic
-``Namespace`` s that lack an option and the checkpoints of older versions all read it."""
+OPTIONS = (
+    opt("recipe", "method", None,
+        choices=tuple(RECIPES),
+        help="preset: the options of a reference script (the AT-AWP / TRADES-AWP code of Wu et al., "
+             "or its AT / TRADES without AWP); options given explicitly override it, args.json records "
+             "the resolved values (see docs/recipes.md) (default: none, i.e. our own settings)"),
+    opt("method", "method", "at",
+        choices=METHODS,
+        help="AT (Madry), TRADES or MART"),
+    opt("beta", "method", 6.0, check=Float(0),
+        type=float,
+        help="TRADES / MART trade-off"),
+    opt("awp_gamma", "method", Derived(lambda a: DEFAULT_GAMMA.get(a.method)),
+        check=Float(0, hi=1.0, what=" (0 disables AWP; above 1 the perturbation swamps the weights)"),
+        type=float,
+        help="AWP relative size ||v||/||w||; 0 disables AWP (default: 0.01 for at/mart, 0.005 for trades)"),
+    opt("awp_warmup", "method", Derived(lambda a: DEFAULT_WARMUP.get(a.method)), check=Int(0),
+        type=int,
+        help="epochs without AWP at the start (default: 0 for at/mart, 10 for trades)"),
+    opt("awp_steps", "method", 1, check=Int(1),
+        type=int,
+        help="AWP ascent steps"),
+    opt("awp_restore", "method", "after_step",
+        choices=("after_step", "before_step"),
+        help="after_step: step at w+v then subtract v (the reference); before_step: restore w exactly, "
+             "then step"),
+    opt("awp_ascent", "method", "separate",
+        choices=AWP_ASCENTS,
+        help="where the AWP direction comes from: separate (a train-mode ascent pass on x_adv, the "
+             "reference), attack (the training attack's last step also returns the weight gradient at "
+             "its last iterate: measured 0.35-0.42 of AWP's extra cost on PreActResNet-18, CPU) or "
+             "momentum (SGD's momentum buffer re-scaled per layer: no extra pass; not an approximation "
+             "of AWP's direction). Whether a cheap one keeps AWP's robust accuracy is being decided by "
+             "the study of docs/reproduction.md (its 3-seed predecessor: attack-sourced 2.7 points of "
+             "PGD-20 below exact AWP)"),
+    opt("awp_ascent_fraction", "method", 1.0, check=Float(0, strict=True, hi=1.0, what=" (the share of the batch)"),
+        type=parse_float,
+        metavar="F",
+        help="the separate ascent pass on a random F of each batch (rows drawn from the wrapper's own "
+             "seeded stream, resumable): F = 0.25 measured 0.34-0.41 of AWP's extra cost on "
+             "PreActResNet-18, CPU; its robust accuracy is being decided by the study of "
+             "docs/reproduction.md; 1: the whole batch"),
+    opt("awp_rule", "method", "awp",
+        choices=AWP_RULES,
+        help="the weight adversary: awp (Wu et al. 2020, per-layer) or rwp (Robust Weight Perturbation, "
+             "Yu et al. 2022: --rwp-steps ascent passes on the examples whose loss is below "
+             "--rwp-threshold, one global norm; --awp-gamma and --awp-warmup apply to both; --method at "
+             "only; about --rwp-steps times AWP's extra cost)"),
+    opt("rwp_steps", "method", 10, check=Int(1), when=_rwp,
+        type=int,
+        help="RWP's ascent passes per step (the reference: 10)"),
+    opt("rwp_lr", "method", 0.01, check=Float(0, strict=True), when=_rwp,
+        type=parse_float,
+        help="RWP's ascent step size (the reference's proxy lr)"),
+    opt("rwp_threshold", "method", 1.7, check=Float(0), when=_rwp,
+        type=parse_float,
+        help="RWP's Loss Stationary Condition: only examples whose adversarial loss is below it drive "
+             "the perturbation"),
+    opt("awp_cosine_every", "method", 0, check=Int(0),
+        type=int,
+        metavar="N",
+        help="every N steps, also compute the exact AWP direction on the side and log the per-layer "
+             "cosine of the applied perturbation to it (metrics.jsonl 'awp_cosine'); the trajectory is "
+             "unchanged; 0: off"),
+    opt("awp_every", "method", 1, check=Int(1),
+        type=int,
+        help="compute the AWP direction every K steps and re-use it (re-scaled to the weights) in "
+             "between (1: every step); K = 2 measured 0.64-0.71 of AWP's extra cost on PreActResNet-18, "
+             "CPU; its robust accuracy is being decided by the study of docs/reproduction.md (its 3-seed "
+             "predecessor: 4 points below exact AWP in the seeds that trained, chance in one of three)"),
+    opt("forward_order", "method", "ours",
+        choices=FORWARD_ORDERS,
+        help="how BatchNorm's running statistics are fed; reference: as the reference scripts: AT: the "
+             "train-mode attack's extra loss forward on x_adv and a clean train-mode forward after the "
+             "restore; TRADES: at w+v the forwards adversarial, clean, clean (ours: clean, adversarial)"),
+    opt("backend", "method", None, check=_known_backend,
+        help="awpfast seam backend: reference, foreach, triton or native (default: $AWPFAST_BACKEND, "
+             "else the best available)"),
+    opt("model", "model and data", "small-cnn",
+        choices=MODELS,
+        help="architecture"),
+    opt("width", "model and data", Derived(lambda a: 32 if a.model == "small-cnn" else None),
+        check=Int(1, optional=True),
+        type=int,
+        help="small-cnn width (default: 32)"),
+    opt("data", "model and data", "digits",
+        choices=DATASETS,
+        help="digits: scikit-learn's digits, embedded (no download); cifar10: needs --data-dir; "
+             "synthetic: random prototypes, for benchmarks"),
+    opt("data_dir", "model and data", None,
+        help="folder with the CIFAR-10 python batches (default: none)"),
+    opt("image_size", "model and data",
+        Derived(lambda a: None if a.data == "cifar10" else (16 if a.model == "small-cnn" else 32)),
+        check=Int(4, optional=True, plain=True),
+        type=int,
+        help="digits/synthetic input size (default: 16 for small-cnn, 32 otherwise; cifar10 is 32)"),
+    opt("train_samples", "model and data", None, check=Int(1, optional=True),
+        type=int,
+        help="train on the first N images of the training split only, for quick runs (default: all)"),
+    opt("val_samples", "model and data", Derived(lambda a: DEFAULT_VAL.get(a.data, 0)), check=Int(0),
+        type=int,
+        help="training images held out (a fixed subset) to select best.pt; 0 selects on the test split "
+             "(default: 1000 on cifar10, 100 on digits and synthetic)"),
+    opt("augment", "model and data", "auto",
+        choices=("auto", "none", "crop", "crop+flip"),
+        help="auto: crop+flip on CIFAR-10, none otherwise"),
+    opt("pad_mode", "model and data", Derived(lambda a: "reflect" if a.method == "at" else "zeros", "auto"),
+        choices=("auto",) + PAD_MODES,
+        help="crop padding; auto: reflect for at (the AT reference), zeros for trades/mart "
+             "(torchvision's RandomCrop, their references)"),
+    opt("input_norm", "model and data",
+        Derived(lambda a: "cifar10" if (a.method == "at" and a.data == "cifar10") else "none", "auto"),
+        choices=("auto",) + INPUT_NORM_NAMES,
+        help="per-channel normalization inside the model (inputs stay in [0, 1]); auto: the CIFAR-10 "
+             "mean/std for at on cifar10 (the AT reference), none otherwise"),
+    opt("label_noise", "model and data", 0.0, check=Float(0, hi=0.99, what=" (a fraction of the training labels)"),
+        type=parse_float,
+        metavar="P",
+        help="symmetric label noise: a fixed fraction P of the training images (not the validation or "
+             "test images) gets a label drawn uniformly from the other classes, once, seeded "
+             "independently of --seed (the same noisy labels in every epoch, seed and arm)"),
+    opt("extra_data", "model and data", None,
+        metavar="PATH",
+        help="extra training images mixed into every batch: RST's pseudo-labelled pickle ('data', "
+             "'extrapolated_targets') or a generated-data .npz ('image', 'label'; memory-mapped); never "
+             "used for validation or test, never label-noised (see awpfast.extra_data) (default: none)"),
+    opt("extra_fraction", "model and data", Derived(lambda a: EXTRA_FRACTION if a.extra_data else None),
+        type=parse_float,
+        metavar="F",
+        help="fraction of each batch drawn from --extra-data, uniformly with replacement (default: 0.5, "
+             "RST's; the generated-data recipes use 0.7)"),
+    opt("steps_per_epoch", "model and data", None,
+        type=int,
+        metavar="N",
+        help="batches per epoch with --extra-data (default: one pass over the base training split; "
+             "RST: ceil(50000 / batch size))"),
+    opt("epochs", "optimization", Derived(lambda a: 30), check=Int(1), run=False,
+        type=int,
+        help="epochs (default: 30; on --resume: the checkpoint's)"),
+    opt("batch_size", "optimization", 128, check=Int(1),
+        type=int,
+        help="global batch size; under torchrun it is split evenly over the processes"),
+    opt("lr", "optimization", 0.1, check=Float(0, strict=True),
+        type=float,
+        help="peak learning rate"),
+    opt("lr_schedule", "optimization", "piecewise",
+        choices=LR_SCHEDULES,
+        help="piecewise: x0.1 at 50%% and x0.01 at 75%% of the epochs, per iteration (the AT reference); "
+             "piecewise-epoch: the same per epoch, x0.1 from 1-based epoch E/2 and x0.01 from 3E/4 "
+             "(the TRADES reference: epochs 100 and 150 of 200)"),
+    opt("momentum", "optimization", 0.9, check=Float(0),
+        type=float,
+        help="SGD momentum"),
+    opt("weight_decay", "optimization", 5e-4, check=Float(0),
+        type=float,
+        help="SGD weight decay"),
+    opt("nesterov", "optimization", False,
+        action="store_true",
+        help="Nesterov momentum (the RST recipe's SGD)"),
+    opt("amp", "optimization", None,
+        choices=("bf16", "fp16"),
+        help="autocast precision (default: fp32)"),
+    opt("dtype", "optimization", "float32",
+        choices=DTYPE_NAMES,
+        help="parameter and input dtype; float64 is for exactness checks against a float64 reference "
+             "(slow; not with --amp)"),
+    opt("channels_last", "optimization", False,
+        action="store_true",
+        help="channels-last memory format"),
+    opt("compile", "optimization", False,
+        action="store_true",
+        help="torch.compile the model (compiling costs tens of seconds up front: measured 46 s against "
+             "4 s for a 1-epoch digits run on CPU, so it can only pay off on long runs)"),
+    opt("norm", "attack", "Linf",
+        choices=("Linf", "L2"),
+        help="threat model"),
+    opt("eps", "attack", Derived(lambda a: 8 / 255 if a.norm == "Linf" else 0.5), check=_eps,
+        type=parse_float,
+        help="radius (default: 8/255 Linf, 0.5 L2); '8/255' works"),
+    opt("alpha", "attack", Derived(lambda a: a.eps / 4), check=Float(0),
+        type=parse_float,
+        help="PGD step (default: eps/4)"),
+    opt("attack_steps", "attack", 10, check=Int(0),
+        type=int,
+        help="PGD steps in training"),
+    opt("eps_warmup", "attack", 0, check=Int(0),
+        type=int,
+        metavar="N",
+        help="ramp the training attack's eps (and its step, in proportion) linearly from 0 to --eps over "
+             "the first N epochs, per iteration (eps * min(1, t / N), t = epoch + (i + 1) / iterations, "
+             "the LR schedule's clock); evaluation always uses the full --eps; 0: no ramp"),
+    opt("attack_bn", "attack", "eval",
+        choices=("eval", "train"),
+        help="model mode during the training attack (train: the reference AT recipe)"),
+    opt("trades_l2_order", "attack", "renorm-clamp",
+        choices=L2_ORDERS,
+        help="L2 TRADES attack: renorm-clamp projects onto the eps-ball, then clamps to [0, 1] (as PGD); "
+             "clamp-renorm clamps, then projects (the TRADES reference)"),
+    opt("eval_steps", "attack", 20, check=Int(0),
+        type=int,
+        help="PGD steps of the per-epoch evaluation"),
+    opt("eval_samples", "attack", None, check=Int(1, optional=True),
+        type=int,
+        help="test images evaluated per epoch (default: all)"),
+    opt("train_eval_samples", "attack", 500, check=Int(0),
+        type=int,
+        help="training images (a fixed subset) evaluated per epoch, for the generalization gap; 0 skips"),
+    opt("eval_every", "attack", 1, check=Int(1),
+        type=int,
+        metavar="K",
+        help="evaluate the test split and the training subset (and --track-flatness) only every K epochs, "
+             "at the last epoch and at every epoch whose validation PGD accuracy is a new best (so best.pt "
+             "always has its test numbers); the validation split is evaluated every epoch; other epochs "
+             "log null. Without a validation split (--val-samples 0) best.pt is chosen among the "
+             "evaluated epochs"),
+    opt("track_flatness", "flatness", False,
+        action="store_true",
+        help="log the flatness of the adversarial weight loss landscape each epoch (metrics.jsonl "
+             "'flatness', plotted against the robust generalization gap): the mean over fixed "
+             "filter-normalized directions d of L(w + alpha d) - L(w), L the PGD cross-entropy on a "
+             "fixed training subset, eval mode, PGD regenerated at each point; the training trajectory "
+             "is unchanged"),
+    opt("flatness_alpha", "flatness", 0.5, check=Float(-math.inf), when=_flatness,
+        type=parse_float,
+        help="step along each direction, in filter norms"),
+    opt("flatness_directions", "flatness", 3, check=Int(1), when=_flatness,
+        type=int,
+        help="random directions (the same every epoch)"),
+    opt("flatness_samples", "flatness", 200, check=Int(1), when=_flatness,
+        type=int,
+        help="images (the first N of --flatness-split, all of it when smaller; the same every epoch)"),
+    opt("flatness_split", "flatness", "val", when=_flatness,
+        choices=FLATNESS_SPLITS,
+        help="where the flatness images come from: val (default): the validation split, held out and "
+             "never label-noised; train: the first training images (their --label-noise labels "
+             "included, the behaviour before this option)"),
+    opt("flatness_steps", "flatness", 10, check=Int(0), when=_flatness,
+        type=int,
+        help="PGD steps of the flatness attack (--eps, --alpha and --norm of the run; 0: clean loss)"),
+    opt("seed", "run", 0, check=Int(0, below=2 ** 32),
+        type=int,
+        help="random seed"),
+    opt("out", "run", Derived(_default_out), run=False,
+        help="output folder, locked while a run uses it (default: runs/<method>[-awp]-<model>-<data>-"
+             "s<seed>-<hash of the options that change the numbers>)"),
+    opt("resume", "run", None, run=False,
+        nargs="?",
+        const="",
+        metavar="CKPT",
+        help="continue from CKPT (default: OUT/last.pt) exactly"),
+    opt("overwrite", "run", False, run=False,
+        action="store_true",
+        help="replace the run already in --out (without it, such a folder is refused)"),
+    opt("stop_after", "run", None, check=Int(1, optional=True), run=False,
+        type=int,
+        help="stop after this many epochs in this invocation, resume later with --resume (default: none)"),
+    opt("device", "run", "auto", run=False,
+        help="auto, cpu, cuda, cuda:1, ..."),
+    opt("threads", "run", None, check=Int(1, optional=True),
+        type=int,
+        help="torch CPU threads (default: torch's choice)"),
+    opt("ddp", "run", False, exclusive=True, run=False,
+        action="store_true",
+        help="under torchrun: DistributedDataParallel (what a torchrun launch uses by default)"),
+    opt("fsdp", "run", False, exclusive=True, run=False,
+        action="store_true",
+        help="under torchrun: FSDP2 (fully_shard) instead of DDP"),
+    opt("no_progress", "run", False, run=False,
+        action="store_true",
+        help="no progress bar (there is none anyway when stderr is not a terminal)"),
+    opt("no_plot", "run", False, run=False,
+        action="store_true",
+        help="skip the PNG plot"),
+    opt("quiet", "run", False, run=False,
+        action="store_true",
+        help="no per-epoch line either"),
+)
+"""Every ``awpfast-train`` option, once, in the parser's (and the resolution's) order. A :class:`Derived`
+default reads only options above it."""
+
+DEFAULTS = {o.dest: o.default for o in OPTIONS}
+"""Every option's default: a plain value or a :class:`Derived` one. The parser, :func:`resolve_defaults`,
+programmatic ``Namespace`` s that lack an option and checkpoints that lack one all read it."""
+_BY_DEST = {o.dest: o for o in OPTIONS}
+# options that define the run: taken from the checkpoint on --resume
+_RUN_KEYS = tuple(o.dest for o in OPTIONS if o.run)
 
 
 def parser_default(key: str):
     """What the parser stores for option ``key`` when it is not given."""
-    v = DEFAULTS[key]
-    return v.unset if isinstance(v, Derived) else v
-
-
-# options that define the run: taken from the checkpoint on --resume
-_RUN_KEYS = ("method", "beta", "awp_gamma", "awp_warmup", "awp_steps", "model", "width", "data", "data_dir",
-             "extra_data", "extra_fraction", "steps_per_epoch", "nesterov",
-             "image_size", "batch_size", "lr", "lr_schedule", "momentum", "weight_decay", "norm", "eps",
-             "alpha", "attack_steps", "attack_bn", "eval_steps", "eval_samples", "train_eval_samples",
-             "amp", "channels_last", "seed", "augment", "awp_restore", "train_samples", "val_samples",
-             "input_norm", "pad_mode", "recipe", "forward_order", "trades_l2_order", "label_noise", "dtype",
-             "track_flatness", "flatness_alpha", "flatness_directions", "flatness_samples", "flatness_steps",
-             "eps_warmup", "eval_every", "threads", "backend", "compile", "flatness_split", "awp_ascent",
-             "awp_every", "awp_ascent_fraction", "awp_cosine_every", "awp_rule", "rwp_steps", "rwp_lr",
-             "rwp_threshold")
-# what checkpoints written before an option existed did (they stay loadable and resume as they ran):
-# today's default, except four options whose behaviour before them was not today's default
-# (--flatness-split: flatness was measured on the first training images before it existed)
-_LEGACY = {"val_samples": 0, "input_norm": "none", "pad_mode": "zeros", "flatness_split": "train"}
-_OLD_RUN_DEFAULTS = dict({k: DEFAULTS[k] for k in ("recipe", "forward_order", "trades_l2_order", "label_noise",
-                                                   "extra_data", "steps_per_epoch", "nesterov",
-                                                   "dtype", "track_flatness", "flatness_alpha", "flatness_directions",
-                                                   "flatness_samples", "flatness_steps", "eps_warmup", "eval_every",
-                                                   "threads", "backend", "compile", "awp_ascent", "awp_every",
-                                                   "awp_ascent_fraction", "awp_cosine_every", "awp_rule",
-                                                   "rwp_steps", "rwp_lr", "rwp_threshold")},
-                         **_LEGACY)
+    return _BY_DEST[key].unset
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``awpfast-train`` argument parser."""
-    p = ArgumentParser(prog="awpfast-train", description=DESCRIPTION,
-                                formatter_class=HelpFormatter)
-    a = p.add_argument_group("method")
-    a.add_argument("--recipe", choices=tuple(RECIPES),
-                   help="preset: the options of a reference script (the AT-AWP / TRADES-AWP code of Wu et al., "
-                        "or its AT / TRADES without AWP); options given explicitly override it, args.json records "
-                        "the resolved values (see docs/recipes.md) (default: none, i.e. our own settings)")
-    a.add_argument("--method", choices=METHODS, help="AT (Madry), TRADES or MART")
-    a.add_argument("--beta", type=float, help="TRADES / MART trade-off")
-    a.add_argument("--awp-gamma", type=float,
-                   help="AWP relative size ||v||/||w||; 0 disables AWP (default: 0.01 for at/mart, 0.005 for trades)")
-    a.add_argument("--awp-warmup", type=int,
-                   help="epochs without AWP at the start (default: 0 for at/mart, 10 for trades)")
-    a.add_argument("--awp-steps", type=int, help="AWP ascent steps")
-    a.add_argument("--awp-restore", choices=("after_step", "before_step"),
-                   help="after_step: step at w+v then subtract v (the reference); before_step: restore w exactly, "
-                        "then step")
-    a.add_argument("--awp-ascent", choices=AWP_ASCENTS,
-                   help="where the AWP direction comes from: separate (a train-mode ascent pass on x_adv, the "
-                        "reference), attack (the training attack's last step also returns the weight gradient at "
-                        "its last iterate: measured 0.35-0.42 of AWP's extra cost on PreActResNet-18, CPU) or "
-                        "momentum (SGD's momentum buffer re-scaled per layer: no extra pass; not an approximation "
-                        "of AWP's direction). Whether a cheap one keeps AWP's robust accuracy is being decided by "
-                        "the study of docs/reproduction.md (its 3-seed predecessor: attack-sourced 2.7 points of "
-                        "PGD-20 below exact AWP)")
-    a.add_argument("--awp-ascent-fraction", type=parse_float, metavar="F",
-                   help="the separate ascent pass on a random F of each batch (rows drawn from the wrapper's own "
-                        "seeded stream, resumable): F = 0.25 measured 0.34-0.41 of AWP's extra cost on "
-                        "PreActResNet-18, CPU; its robust accuracy is being decided by the study of "
-                        "docs/reproduction.md; 1: the whole batch")
-    a.add_argument("--awp-rule", choices=AWP_RULES,
-                   help="the weight adversary: awp (Wu et al. 2020, per-layer) or rwp (Robust Weight Perturbation, "
-                        "Yu et al. 2022: --rwp-steps ascent passes on the examples whose loss is below "
-                        "--rwp-threshold, one global norm; --awp-gamma and --awp-warmup apply to both; --method at "
-                        "only; about --rwp-steps times AWP's extra cost)")
-    a.add_argument("--rwp-steps", type=int, help="RWP's ascent passes per step (the reference: 10)")
-    a.add_argument("--rwp-lr", type=parse_float, help="RWP's ascent step size (the reference's proxy lr)")
-    a.add_argument("--rwp-threshold", type=parse_float,
-                   help="RWP's Loss Stationary Condition: only examples whose adversarial loss is below it drive "
-                        "the perturbation")
-    a.add_argument("--awp-cosine-every", type=int, metavar="N",
-                   help="every N steps, also compute the exact AWP direction on the side and log the per-layer "
-                        "cosine of the applied perturbation to it (metrics.jsonl 'awp_cosine'); the trajectory is "
-                        "unchanged; 0: off")
-    a.add_argument("--awp-every", type=int,
-                   help="compute the AWP direction every K steps and re-use it (re-scaled to the weights) in "
-                        "between (1: every step); K = 2 measured 0.64-0.71 of AWP's extra cost on PreActResNet-18, "
-                        "CPU; its robust accuracy is being decided by the study of docs/reproduction.md (its 3-seed "
-                        "predecessor: 4 points below exact AWP in the seeds that trained, chance in one of three)")
-    a.add_argument("--forward-order", choices=FORWARD_ORDERS,
-                   help="how BatchNorm's running statistics are fed; reference: as the reference scripts: AT: the "
-                        "train-mode attack's extra loss forward on x_adv and a clean train-mode forward after the "
-                        "restore; TRADES: at w+v the forwards adversarial, clean, clean (ours: clean, adversarial)")
-    a.add_argument("--backend",
-                   help="awpfast seam backend: reference, foreach, triton or native (default: $AWPFAST_BACKEND, "
-                        "else the best available)")
-    m = p.add_argument_group("model and data")
-    m.add_argument("--model", choices=MODELS, help="architecture")
-    m.add_argument("--width", type=int, help="small-cnn width (default: 32)")
-    m.add_argument("--data", choices=DATASETS,
-                   help="digits: scikit-learn's digits, embedded (no download); cifar10: needs --data-dir; "
-                        "synthetic: random prototypes, for benchmarks")
-    m.add_argument("--data-dir", help="folder with the CIFAR-10 python batches (default: none)")
-    m.add_argument("--image-size", type=int,
-                   help="digits/synthetic input size (default: 16 for small-cnn, 32 otherwise; cifar10 is 32)")
-    m.add_argument("--train-samples", type=int,
-                   help="train on the first N images of the training split only, for quick runs (default: all)")
-    m.add_argument("--val-samples", type=int,
-                   help="training images held out (a fixed subset) to select best.pt; 0 selects on the test split "
-                        "(default: 1000 on cifar10, 100 on digits and synthetic)")
-    m.add_argument("--augment", choices=("auto", "none", "crop", "crop+flip"),
-                   help="auto: crop+flip on CIFAR-10, none otherwise")
-    m.add_argument("--pad-mode", choices=("auto",) + PAD_MODES,
-                   help="crop padding; auto: reflect for at (the AT reference), zeros for trades/mart "
-                        "(torchvision's RandomCrop, their references)")
-    m.add_argument("--input-norm", choices=("auto",) + INPUT_NORM_NAMES,
-                   help="per-channel normalization inside the model (inputs stay in [0, 1]); auto: the CIFAR-10 "
-                        "mean/std for at on cifar10 (the AT reference), none otherwise")
-    m.add_argument("--label-noise", type=parse_float, metavar="P",
-                   help="symmetric label noise: a fixed fraction P of the training images (not the validation or "
-                        "test images) gets a label drawn uniformly from the other classes, once, seeded "
-                        "independently of --seed (the same noisy labels in every epoch, seed and arm)")
-    m.add_argument("--extra-data", metavar="PATH",
-                   help="extra training images mixed into every batch: RST's pseudo-labelled pickle ('data', "
-                        "'extrapolated_targets') or a generated-data .npz ('image', 'label'; memory-mapped); never "
-                        "used for validation or test, never label-noised (see awpfast.extra_data) (default: none)")
-    m.add_argument("--extra-fraction", type=parse_float, metavar="F",
-                   help="fraction of each batch drawn from --extra-data, uniformly with replacement (default: 0.5, "
-                        "RST's; the generated-data recipes use 0.7)")
-    m.add_argument("--steps-per-epoch", type=int, metavar="N",
-                   help="batches per epoch with --extra-data (default: one pass over the base training split; "
-                        "RST: ceil(50000 / batch size))")
-    o = p.add_argument_group("optimization")
-    o.add_argument("--epochs", type=int, help="epochs (default: 30; on --resume: the checkpoint's)")
-    o.add_argument("--batch-size", type=int,
-                   help="global batch size; under torchrun it is split evenly over the processes")
-    o.add_argument("--lr", type=float, help="peak learning rate")
-    o.add_argument("--lr-schedule", choices=LR_SCHEDULES,
-                   help="piecewise: x0.1 at 50%% and x0.01 at 75%% of the epochs, per iteration (the AT reference); "
-                        "piecewise-epoch: the same per epoch, x0.1 from 1-based epoch E/2 and x0.01 from 3E/4 "
-                        "(the TRADES reference: epochs 100 and 150 of 200)")
-    o.add_argument("--momentum", type=float, help="SGD momentum")
-    o.add_argument("--weight-decay", type=float, help="SGD weight decay")
-    o.add_argument("--nesterov", action="store_true", help="Nesterov momentum (the RST recipe's SGD)")
-    o.add_argument("--amp", choices=("bf16", "fp16"), help="autocast precision (default: fp32)")
-    o.add_argument("--dtype", choices=DTYPE_NAMES,
-                   help="parameter and input dtype; float64 is for exactness checks against a float64 reference "
-                        "(slow; not with --amp)")
-    o.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    o.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (compiling costs tens of seconds up front: measured 46 s against "
-                        "4 s for a 1-epoch digits run on CPU, so it can only pay off on long runs)")
-    k = p.add_argument_group("attack")
-    k.add_argument("--norm", choices=("Linf", "L2"), help="threat model")
-    k.add_argument("--eps", type=parse_float,
-                   help="radius (default: 8/255 Linf, 0.5 L2); '8/255' works")
-    k.add_argument("--alpha", type=parse_float, help="PGD step (default: eps/4)")
-    k.add_argument("--attack-steps", type=int, help="PGD steps in training")
-    k.add_argument("--eps-warmup", type=int, metavar="N",
-                   help="ramp the training attack's eps (and its step, in proportion) linearly from 0 to --eps over "
-                        "the first N epochs, per iteration (eps * min(1, t / N), t = epoch + (i + 1) / iterations, "
-                        "the LR schedule's clock); evaluation always uses the full --eps; 0: no ramp")
-    k.add_argument("--attack-bn", choices=("eval", "train"),
-                   help="model mode during the training attack (train: the reference AT recipe)")
-    k.add_argument("--trades-l2-order", choices=L2_ORDERS,
-                   help="L2 TRADES attack: renorm-clamp projects onto the eps-ball, then clamps to [0, 1] (as PGD); "
-                        "clamp-renorm clamps, then projects (the TRADES reference)")
-    k.add_argument("--eval-steps", type=int, help="PGD steps of the per-epoch evaluation")
-    k.add_argument("--eval-samples", type=int, help="test images evaluated per epoch (default: all)")
-    k.add_argument("--train-eval-samples", type=int,
-                   help="training images (a fixed subset) evaluated per epoch, for the generalization gap; 0 skips")
-    k.add_argument("--eval-every", type=int, metavar="K",
-                   help="evaluate the test split and the training subset (and --track-flatness) only every K epochs, "
-                        "at the last epoch and at every epoch whose validation PGD accuracy is a new best (so best.pt "
-                        "always has its test numbers); the validation split is evaluated every epoch; other epochs "
-                        "log null. Without a validation split (--val-samples 0) best.pt is chosen among the "
-                        "evaluated epochs")
-    f = p.add_argument_group("flatness")
-    f.add_argument("--track-flatness", action="store_true",
-                   help="log the flatness of the adversarial weight loss landscape each epoch (metrics.jsonl "
-                        "'flatness', plotted against the robust generalization gap): the mean over fixed "
-                        "filter-normalized directions d of L(w + alpha d) - L(w), L the PGD cross-entropy on a "
-                        "fixed training subset, eval mode, PGD regenerated at each point; the training trajectory "
-                        "is unchanged")
-    f.add_argument("--flatness-alpha", type=parse_float,
-                   help="step along each direction, in filter norms")
-    f.add_argument("--flatness-directions", type=int, help="random directions (the same every epoch)")
-    f.add_argument("--flatness-samples", type=int,
-                   help="images (the first N of --flatness-split, all of it when smaller; the same every epoch)")
-    f.add_argument("--flatness-split", choices=FLATNESS_SPLITS,
-                   help="where the flatness images come from: val (default): the validation split, held out and "
-                        "never label-noised; train: the first training images (their --label-noise labels "
-                        "included, the behaviour before this option)")
-    f.add_argument("--flatness-steps", type=int,
-                   help="PGD steps of the flatness attack (--eps, --alpha and --norm of the run; 0: clean loss)")
-    r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, help="random seed")
-    r.add_argument("--out",
-                   help="output folder, locked while a run uses it (default: runs/<method>[-awp]-<model>-<data>-"
-                        "s<seed>-<hash of the options that change the numbers>)")
-    r.add_argument("--resume", nargs="?", const="", metavar="CKPT",
-                   help="continue from CKPT (default: OUT/last.pt) exactly")
-    r.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (without it, such a folder is refused)")
-    r.add_argument("--stop-after", type=int,
-                   help="stop after this many epochs in this invocation, resume later with --resume (default: none)")
-    r.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    d = r.add_mutually_exclusive_group()
-    d.add_argument("--ddp", action="store_true",
-                   help="under torchrun: DistributedDataParallel (what a torchrun launch uses by default)")
-    d.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
-    r.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (there is none anyway when stderr is not a terminal)")
-    r.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
-    r.add_argument("--quiet", action="store_true", help="no per-epoch line either")
-    _apply_defaults(p)
+    """The ``awpfast-train`` argument parser, built from :data:`OPTIONS`."""
+    p = ArgumentParser(prog="awpfast-train", description=DESCRIPTION, formatter_class=HelpFormatter)
+    groups, exclusive = {}, {}
+    for o in OPTIONS:
+        g = groups.get(o.group) or groups.setdefault(o.group, p.add_argument_group(o.group))
+        if o.exclusive:
+            g = exclusive.get(o.group) or exclusive.setdefault(o.group, g.add_mutually_exclusive_group())
+        g.add_argument(_opt(o.dest), default=o.unset, **o.kw)
     return p
+
 
 def _distributed():
     from .. import distributed  # imports torch: only once the command line has passed preflight()
@@ -334,13 +488,6 @@ def preflight(args: argparse.Namespace, explicit: Optional[set] = None) -> None:
     apply_recipe(probe, explicit if explicit is not None else set())
     resolve_defaults(probe)
     validate_args(probe)
-
-
-def _apply_defaults(p: argparse.ArgumentParser) -> None:
-    """Set every option's default from :data:`DEFAULTS` (the one place they are written)."""
-    for act in p._actions:
-        if act.dest not in ("help", "version"):
-            act.default = parser_default(act.dest)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -373,39 +520,12 @@ def resolve_defaults(args) -> argparse.Namespace:
     """Fill the options left unset (in place; returns ``args``): derived defaults in the table's order,
     plain defaults for options a programmatic ``Namespace`` lacks or holds as ``None``."""
     for key, val in DEFAULTS.items():
-        have = getattr(args, key, None)
-        if isinstance(val, Derived):
-            if have is None or have == val.unset:
-                setattr(args, key, val.fn(args))
-        elif have is None:
+        if not isinstance(val, Derived) and getattr(args, key, None) is None:
             setattr(args, key, val)
+    for key, val in DEFAULTS.items():
+        if isinstance(val, Derived) and getattr(args, key, None) in (None, val.unset):
+            setattr(args, key, val.fn(args))
     return args
-
-
-def _opt(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def _need_int(args, key, lo, allow_none=False, what=None):
-    v = getattr(args, key)
-    if v is None and allow_none:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise UsageError(f"{_opt(key)} must be an integer >= {lo}{what or ''}, got {v!r}")
-
-
-def _need_float(args, key, lo, strict=False, hi=None, what=""):
-    v = getattr(args, key)
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise UsageError(f"{_opt(key)} must be a number, got {v!r}") from None
-    ok = math.isfinite(f) and (f > lo if strict else f >= lo) and (hi is None or f <= hi)
-    if not ok:
-        bound = f"> {lo}" if strict else f">= {lo}"
-        raise UsageError(f"{_opt(key)} must be a finite number {bound}{f' and <= {hi}' if hi is not None else ''}"
-                         f"{what}, got {v!r}")
-    setattr(args, key, f)
 
 
 def _check_extra(args) -> None:
@@ -421,32 +541,17 @@ def _check_extra(args) -> None:
     if not os.path.isfile(args.extra_data):
         raise UsageError(f"--extra-data {args.extra_data}: no such file (an RST .pickle or a .npz with 'image' and "
                          "'label')")
-    _need_float(args, "extra_fraction", 0, strict=True, hi=0.99, what=" (the share of each batch from --extra-data)")
-    _need_int(args, "steps_per_epoch", 1, allow_none=True, what=" (or leave it out)")
+    Float(0, strict=True, hi=0.99, what=" (the share of each batch from --extra-data)")(args, "extra_fraction")
+    Int(1, optional=True)(args, "steps_per_epoch")
 
 
 def validate_args(args) -> None:
-    """Check every option (after :func:`resolve_defaults`); raises :class:`UsageError`."""
-    for key in ("epochs", "batch_size", "awp_steps", "eval_every", "awp_every"):
-        _need_int(args, key, 1)
-    for key in ("awp_warmup", "attack_steps", "eval_steps", "train_eval_samples", "val_samples", "eps_warmup"):
-        _need_int(args, key, 0)
-    for key in ("train_samples", "eval_samples", "stop_after", "threads", "width"):
-        _need_int(args, key, 1, allow_none=True, what=" (or leave it out)")
-    _need_int(args, "seed", 0)
-    if args.seed >= 2 ** 32:
-        raise UsageError(f"--seed must be < 2**32, got {args.seed}")
-    if args.image_size is not None:
-        if args.data == "cifar10" and args.image_size != 32:
-            raise UsageError(f"CIFAR-10 images are 32x32: drop --image-size {args.image_size}")
-        _need_int(args, "image_size", 4)
-    _need_float(args, "lr", 0, strict=True)
-    _need_float(args, "momentum", 0)
-    _need_float(args, "weight_decay", 0)
-    _need_float(args, "beta", 0)
-    _need_float(args, "awp_gamma", 0, hi=1.0, what=" (0 disables AWP; above 1 the perturbation swamps the weights)")
-    _need_float(args, "eps", 0, hi=1.0 if args.norm == "Linf" else None, what=" (inputs live in [0, 1])")
-    _need_float(args, "alpha", 0)
+    """Check every option (after :func:`resolve_defaults`): each one's own check from :data:`OPTIONS`, in
+    the table's order, then the checks between options. Raises :class:`UsageError`."""
+    for o in OPTIONS:
+        o.validate(args)
+    if args.data == "cifar10" and args.image_size is not None and args.image_size != 32:
+        raise UsageError(f"CIFAR-10 images are 32x32: drop --image-size {args.image_size}")
     if args.alpha == 0 and args.eps > 0 and args.attack_steps > 0:
         raise UsageError("--alpha 0 makes PGD a no-op: give a step > 0 (default eps/4)")
     if args.data == "cifar10" and not args.data_dir:
@@ -454,23 +559,24 @@ def validate_args(args) -> None:
                          "(cifar-10-python.tar.gz, extracted)")
     if args.model != "small-cnn" and args.width is not None:
         raise UsageError(f"--width applies to small-cnn only, not to {args.model}: drop it")
-    _need_float(args, "label_noise", 0, hi=0.99, what=" (a fraction of the training labels)")
     _check_extra(args)
-    if args.dtype not in DTYPE_NAMES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {args.dtype!r}")
     if args.dtype != "float32" and args.amp:
         raise UsageError(f"--dtype {args.dtype} and --amp {args.amp} contradict each other: drop one of them")
-    if args.lr_schedule not in LR_SCHEDULES:
-        raise UsageError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {args.lr_schedule!r}")
-    if args.forward_order not in FORWARD_ORDERS:
-        raise UsageError(f"--forward-order must be one of {', '.join(FORWARD_ORDERS)}, got {args.forward_order!r}")
     if args.forward_order == "reference" and args.method not in ("at", "trades"):
         raise UsageError(f"--forward-order reference follows the AT and TRADES reference scripts; --method "
                          f"{args.method} has none: drop --forward-order")
-    if args.trades_l2_order not in L2_ORDERS:
-        raise UsageError(f"--trades-l2-order must be one of {', '.join(L2_ORDERS)}, got {args.trades_l2_order!r}")
-    if args.awp_ascent not in AWP_ASCENTS:
-        raise UsageError(f"--awp-ascent must be one of {', '.join(AWP_ASCENTS)}, got {args.awp_ascent!r}")
+    _check_ascent(args)
+    if args.track_flatness:
+        if args.flatness_alpha == 0:
+            raise UsageError("--flatness-alpha 0 makes the flatness 0 by definition: give a step such as 0.5")
+        if args.flatness_split == "val" and not args.val_samples:
+            raise UsageError("--track-flatness measures on the validation split by default but --val-samples is 0: "
+                             "give --val-samples N, or --flatness-split train (the first training images, "
+                             "label noise included)")
+
+
+def _check_ascent(args) -> None:
+    """The AWP ascent options against each other and against the rule."""
     if args.awp_ascent == "attack" and args.attack_steps == 0:
         raise UsageError("--awp-ascent attack takes the AWP direction from the attack's last step and "
                          "--attack-steps is 0: give --attack-steps >= 1 or --awp-ascent separate")
@@ -480,7 +586,6 @@ def validate_args(args) -> None:
                          "separate")
     if args.awp_every > 1 and args.awp_steps > 1:
         raise UsageError(f"--awp-every {args.awp_every} re-uses a one-step direction: drop it or use --awp-steps 1")
-    _need_float(args, "awp_ascent_fraction", 0, strict=True, hi=1.0, what=" (the share of the batch)")
     if args.awp_ascent_fraction < 1 and args.awp_ascent != "separate":
         raise UsageError(f"--awp-ascent-fraction applies to the separate ascent pass, not to --awp-ascent "
                          f"{args.awp_ascent}: drop one of them")
@@ -490,13 +595,7 @@ def validate_args(args) -> None:
         if not float(args.momentum) > 0:
             raise UsageError("--awp-ascent momentum reads SGD's momentum buffer and --momentum is 0: give "
                              "--momentum > 0 or another --awp-ascent")
-    _need_int(args, "awp_cosine_every", 0)
-    if args.awp_rule not in AWP_RULES:
-        raise UsageError(f"--awp-rule must be one of {', '.join(AWP_RULES)}, got {args.awp_rule!r}")
     if args.awp_rule == "rwp":
-        _need_int(args, "rwp_steps", 1)
-        _need_float(args, "rwp_lr", 0, strict=True)
-        _need_float(args, "rwp_threshold", 0)
         if args.method != "at":
             raise UsageError(f"--awp-rule rwp masks the per-example adversarial cross-entropy of AT (its reference "
                              f"trains AT); --method {args.method} has no such loss: use --method at or --awp-rule awp")
@@ -508,23 +607,6 @@ def validate_args(args) -> None:
         if bad:
             raise UsageError(f"{bad[0]} is an option of --awp-rule awp; --awp-rule rwp takes its own ascent passes "
                              "(--rwp-steps): drop it")
-    if args.track_flatness:
-        _need_float(args, "flatness_alpha", -math.inf)
-        if args.flatness_alpha == 0:
-            raise UsageError("--flatness-alpha 0 makes the flatness 0 by definition: give a step such as 0.5")
-        for key in ("flatness_directions", "flatness_samples"):
-            _need_int(args, key, 1)
-        _need_int(args, "flatness_steps", 0)
-        if args.flatness_split not in FLATNESS_SPLITS:
-            raise UsageError(f"--flatness-split must be one of {', '.join(FLATNESS_SPLITS)}, "
-                             f"got {args.flatness_split!r}")
-        if args.flatness_split == "val" and not args.val_samples:
-            raise UsageError("--track-flatness measures on the validation split by default but --val-samples is 0: "
-                             "give --val-samples N, or --flatness-split train (the first training images, "
-                             "label noise included)")
-    if args.backend is not None:
-        if args.backend not in BACKENDS:
-            raise UsageError(f"--backend {args.backend!r} is unknown: choose one of {', '.join(BACKENDS)}")
 
 
 def _check_warmups(args, explicit: set, notes: List[str]) -> None:
@@ -592,7 +674,7 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
         check_belongs(ckpt, resume_path, args.out)
         saved = dict(ckpt["args"])
         for k in _RUN_KEYS:
-            old = saved.get(k, _OLD_RUN_DEFAULTS.get(k))
+            old = saved.get(k)  # a key the checkpoint lacks: today's default
             given = getattr(args, k, None)
             if k == "width" and k in explicit and saved.get("model") != "small-cnn":
                 notes.append(f"--resume: --width applies to small-cnn only and the checkpoint holds a "
