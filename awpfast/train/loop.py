@@ -93,7 +93,6 @@ class Trainer:
     train_split: object
     val_split: object
     model: torch.nn.Module          # the plain module (what checkpoints hold)
-    wrapped: torch.nn.Module        # DDP / FSDP-wrapped, or ``model`` itself
     fwd: torch.nn.Module            # the training forward (maybe compiled)
     eval_fwd: torch.nn.Module       # attacks and evaluation (never a DDP wrapper)
     awp: object                     # the rule's wrapper: awpfast.AWP, or awpfast.RWP (--awp-rule rwp)
@@ -151,25 +150,45 @@ def _shard_units(model: torch.nn.Module) -> list:
 
 
 def setup(cfg: RunConfig) -> Trainer:
-    """Data, model, optimizer with AWP, schedule, attack and loader; loads the ``--resume`` state.
-    Writes nothing."""
-    args, device, dist = cfg.args, cfg.device, cfg.dist
+    """Data, model, optimizer with its rule, schedule, attack and loader, built in this order (each
+    builder below takes what the ones before it made); then the ``--resume`` state. Writes nothing."""
+    args, dist = cfg.args, cfg.dist
     if args.threads:
         torch.set_num_threads(args.threads)
     seed = args.seed + dist.rank  # different attack random starts per process; the loader is shared
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
     ds = load_dataset(args.data, args.data_dir, args.image_size)
     train, val = training_splits(ds, args.val_samples, args.train_samples, args.label_noise)
-    augment = ds.augment if args.augment == "auto" else args.augment
-    dtype = DTYPES[args.dtype]
-    model = build_model(args.model, ds.num_classes, ds.in_channels, args.width, args.input_norm).to(device, dtype)
-    ckpt = cfg.checkpoint
-    if ckpt is not None:
+    model, fwd, eval_fwd, target = build_models(cfg, ds)
+    awp = build_rule(cfg, model, target)
+    batches = build_batches(cfg, ds, train)
+    n_iter, epochs = len(batches), args.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(awp, lambda k: lr_factor(args.lr_schedule, (k + 1) / n_iter, epochs))
+    scaler = torch.amp.GradScaler(cfg.device.type) if args.amp == "fp16" else None
+    t = Trainer(cfg=cfg, ds=ds, train_split=train, val_split=val, model=model, fwd=fwd,
+                eval_fwd=eval_fwd, awp=awp, sched=sched, scaler=scaler,
+                loss_fn=get_loss(args.method, args.beta, args.forward_order),
+                ascent_loss_fn=get_loss(args.method, args.beta),
+                attack=make_attack(eval_fwd, args, args.attack_steps, train=True,
+                                   awp=awp if args.awp_ascent == "attack" else None), batches=batches, n_iter=n_iter,
+                dtype=DTYPES[args.dtype], best={"epoch": None, "selected_on": "val" if len(val) else "test"})
+    if cfg.checkpoint is not None:
+        load_state(t, seed)
+    return t
+
+
+def build_models(cfg: RunConfig, ds) -> tuple:
+    """``(model, fwd, eval_fwd, target)``: the plain module (with the ``--resume`` weights), the training
+    forward (compiled, DDP / FSDP-wrapped), the forward of attacks and evaluation (never a DDP wrapper)
+    and the module the rule perturbs (the wrapped one under torchrun, which the rule detects)."""
+    args, dist = cfg.args, cfg.dist
+    model = build_model(args.model, ds.num_classes, ds.in_channels, args.width, args.input_norm)
+    model = model.to(cfg.device, DTYPES[args.dtype])
+    if cfg.checkpoint is not None:
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(cfg.checkpoint["model"])
         except RuntimeError as e:
             raise UsageError(f"--resume {cfg.resume_path}: the weights do not fit {args.model} "
                              f"({str(e).splitlines()[0]})") from None
@@ -177,56 +196,53 @@ def setup(cfg: RunConfig) -> Trainer:
         model = model.to(memory_format=torch.channels_last)
     inner = torch.compile(model) if args.compile else model
     wrapped = _wrap(inner, cfg)
-    fwd = wrapped
     eval_fwd = wrapped if dist.mode == "fsdp" else inner  # FSDP: every forward goes through the sharded module
-    params = model.parameters()
-    base = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+    return model, wrapped, eval_fwd, (wrapped if dist.enabled else model)
+
+
+def build_rule(cfg: RunConfig, model: torch.nn.Module, target: torch.nn.Module):
+    """The base SGD wrapped in the run's weight-perturbation rule (``awpfast.AWP``, or ``awpfast.RWP``)."""
+    args = cfg.args
+    base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                            nesterov=args.nesterov)
-    # the DDP / FSDP-wrapped model under torchrun (AWP detects it); one process: the plain module
-    target = wrapped if dist.enabled else model
     if args.awp_rule == "rwp":
-        awp = RWP(base, target, gamma=args.awp_gamma, steps=args.rwp_steps, lr=args.rwp_lr,
-                  loss_threshold=args.rwp_threshold, restore=args.awp_restore, backend=args.backend)
-    else:
-        awp = AWP(base, target, gamma=args.awp_gamma, steps=args.awp_steps, restore=args.awp_restore,
-                  backend=args.backend, ascent_every=args.awp_every, ascent_fraction=args.awp_ascent_fraction,
-                  ascent_seed=args.seed, ascent="momentum" if args.awp_ascent == "momentum" else "gradient")
+        return RWP(base, target, gamma=args.awp_gamma, steps=args.rwp_steps, lr=args.rwp_lr,
+                   loss_threshold=args.rwp_threshold, restore=args.awp_restore, backend=args.backend)
+    return AWP(base, target, gamma=args.awp_gamma, steps=args.awp_steps, restore=args.awp_restore,
+               backend=args.backend, ascent_every=args.awp_every, ascent_fraction=args.awp_ascent_fraction,
+               ascent_seed=args.seed, ascent="momentum" if args.awp_ascent == "momentum" else "gradient")
+
+
+def build_batches(cfg: RunConfig, ds, train):
+    """The training loader: this process's share of each batch, with ``--extra-data`` mixed in when given."""
+    args, dist = cfg.args, cfg.dist
+    augment = ds.augment if args.augment == "auto" else args.augment
+    common = dict(augment=augment, seed=args.seed, device=cfg.device, pad_mode=args.pad_mode, rank=dist.rank,
+                  world_size=dist.world_size)
     if args.extra_data:  # a fixed share of every batch from the extra set (the base split alone otherwise)
         extra = open_extra(args.extra_data, ds.num_classes, ds.image_size, ds.in_channels)
-        batches = MixedBatches(train, extra, args.batch_size, args.extra_fraction, args.steps_per_epoch,
-                               augment=augment, seed=args.seed, device=device, pad_mode=args.pad_mode,
-                               rank=dist.rank, world_size=dist.world_size)
-    else:
-        batches = Batches(train, args.batch_size, shuffle=True, augment=augment, seed=args.seed, drop_last=False,
-                          device=device, pad_mode=args.pad_mode, rank=dist.rank, world_size=dist.world_size)
-    n_iter = len(batches)
-    epochs = args.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(awp, lambda k: lr_factor(args.lr_schedule, (k + 1) / n_iter, epochs))
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    t = Trainer(cfg=cfg, ds=ds, train_split=train, val_split=val, model=model, wrapped=wrapped, fwd=fwd,
-                eval_fwd=eval_fwd, awp=awp, sched=sched, scaler=scaler,
-                loss_fn=get_loss(args.method, args.beta, args.forward_order),
-                ascent_loss_fn=get_loss(args.method, args.beta),
-                attack=make_attack(eval_fwd, args, args.attack_steps, train=True,
-                                   awp=awp if args.awp_ascent == "attack" else None), batches=batches, n_iter=n_iter,
-                dtype=dtype, best={"epoch": None, "selected_on": "val" if len(val) else "test"})
-    if ckpt is not None:
-        load_optimizer(awp, model, ckpt["optimizer"], dist.mode == "fsdp")
-        sched.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt["rng"]
-        per_rank = ckpt.get("rng_ranks")
-        if dist.enabled and per_rank and len(per_rank) == dist.world_size:
-            rng = per_rank[dist.rank]
-        elif dist.rank > 0:  # another world size: continue the data order, fresh attack noise per process
-            rng = dict(rng, torch=torch.manual_seed(seed + 7919 * int(ckpt["epoch"])).get_state())
-        set_rng_state(rng, batches.generator)
-        if "extra_loader" in rng:  # the extra-data sampler's own generator
-            batches.load_state_dict(rng["extra_loader"])
-        t.start, t.history, t.best = int(ckpt["epoch"]), list(ckpt["history"]), dict(ckpt["best"])
-        t.best.setdefault("selected_on", "test")
-    return t
+        return MixedBatches(train, extra, args.batch_size, args.extra_fraction, args.steps_per_epoch, **common)
+    return Batches(train, args.batch_size, shuffle=True, drop_last=False, **common)
+
+
+def load_state(t: Trainer, seed: int) -> None:
+    """The ``--resume`` checkpoint's optimizer, schedule, scaler, RNG and history into ``t``."""
+    cfg, ckpt, dist = t.cfg, t.cfg.checkpoint, t.cfg.dist
+    load_optimizer(t.awp, t.model, ckpt["optimizer"], dist.mode == "fsdp")
+    t.sched.load_state_dict(ckpt["scheduler"])
+    if t.scaler is not None and ckpt.get("scaler"):
+        t.scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt["rng"]
+    per_rank = ckpt.get("rng_ranks")
+    if dist.enabled and per_rank and len(per_rank) == dist.world_size:
+        rng = per_rank[dist.rank]
+    elif dist.rank > 0:  # another world size: continue the data order, fresh attack noise per process
+        rng = dict(rng, torch=torch.manual_seed(seed + 7919 * int(ckpt["epoch"])).get_state())
+    set_rng_state(rng, t.batches.generator)
+    if "extra_loader" in rng:  # the extra-data sampler's own generator
+        t.batches.load_state_dict(rng["extra_loader"])
+    t.start, t.history, t.best = int(ckpt["epoch"]), list(ckpt["history"]), dict(ckpt["best"])
+    t.best.setdefault("selected_on", "test")
 
 
 def prepare_out(t: Trainer) -> None:
