@@ -1,13 +1,13 @@
 """Where the engine's ascent direction comes from, and the one it keeps.
 
-:class:`AscentSource` is a base of :class:`awpfast.optim.WeightPerturbation` (this module imports
+:class:`Ascent` is an object that :class:`awpfast.optim.WeightPerturbation` holds (this module imports
 nothing above it; ``optim`` imports it). The direction of a ``perturb()`` comes from one of:
 
 * the closures' loss (``perturb(closure)``): ``torch.autograd.grad`` on the model itself with
   BatchNorm statistics frozen; under FSDP2 an ordinary backward whose reduce-scattered ``.grad``
   shards are taken and every ``.grad`` put back;
 * a *pending* direction: the sum of ``accumulate(closure)`` calls, or the weight gradient that an
-  attack built with ``awp=`` computed in its last step (:meth:`AscentSource.add_direction`, the
+  attack built with ``awp=`` computed in its last step (:meth:`Ascent.add_direction`, the
   same path: the DDP all-reduce of ``ascent_sync="global"`` runs at ``perturb()`` unchanged);
 * ``.grad`` (SAM, Box AWP: ``_grad_source``);
 * the stored direction of ``ascent_every=K`` (K > 1): the synced direction of the last step that
@@ -32,7 +32,7 @@ from torch import nn
 from .distributed import all_reduce_mean_flat, local_data
 from .perturb import flat, flat_like
 
-__all__ = ["AscentSource", "RowPicker", "backward_in_closure_advice", "frozen_batchnorm_stats", "ASCENT_SOURCES"]
+__all__ = ["Ascent", "RowPicker", "backward_in_closure_advice", "frozen_batchnorm_stats", "ASCENT_SOURCES"]
 
 Closure = Callable[[], torch.Tensor]
 ASCENT_SOURCES = ("gradient", "momentum")  # AWP(ascent=...): a closure's (or the attack's) gradient, or momentum
@@ -124,73 +124,76 @@ def backward_in_closure_advice(who, e: RuntimeError) -> RuntimeError:
                         "alone (the closure's backward has added to .grad: zero it)")
 
 
-class AscentSource:
-    """The ascent-direction half of the engine (see the module docstring). Uses the engine's
-    ``_sel`` (:class:`awpfast.perturb.PerturbState`), ``_setting``, ``model``, ``_sync_selection``
-    and ``_rule_active``."""
+class Ascent:
+    """The ascent-direction half of the engine (see the module docstring): an object the engine
+    (:class:`awpfast.optim.WeightPerturbation`) holds and calls. It reads the engine's selection
+    (``sel``, a :class:`awpfast.perturb.PerturbState`), its distributed ``setting``, the ``model`` and the
+    base ``optimizer`` (momentum buffers); ``who`` names the wrapper in messages. It keeps the pending
+    direction, ``ascent_every``'s clock and stored direction, and the sub-batch generator."""
 
-    def _init_ascent(self, ascent_every: int, fraction: float = 1.0, seed: Optional[int] = None,
-                     source: str = "gradient") -> None:
-        self._pending: Optional[List[torch.Tensor]] = None   # accumulated ascent directions
-        self._pending_gen = -1
-        self.ascent_every = check_ascent_every(ascent_every)
-        self._ascent_calls = 0      # perturb() calls with the rule active (ascent_every's clock)
-        self._stored: Optional[List[torch.Tensor]] = None
-        self._stored_key = None
-        self.ascent_fraction = check_ascent_fraction(fraction)
-        self._rows_gen: Optional[torch.Generator] = None
-        if self.ascent_fraction < 1:
+    def __init__(self, sel, setting, model: nn.Module, optimizer: torch.optim.Optimizer, who: str,
+                 every: int = 1, fraction: float = 1.0, seed: Optional[int] = None, source: str = "gradient"):
+        self.sel, self.setting, self.model, self.optimizer, self.who = sel, setting, model, optimizer, who
+        self.pending: Optional[List[torch.Tensor]] = None   # accumulated ascent directions
+        self.pending_gen = -1
+        self.every = check_ascent_every(every)
+        self.calls = 0      # perturb() calls with the rule active (ascent_every's clock)
+        self.stored: Optional[List[torch.Tensor]] = None
+        self.stored_key = None
+        self.fraction = check_ascent_fraction(fraction)
+        self.rows_gen: Optional[torch.Generator] = None
+        if self.fraction < 1:
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
                 raise ValueError(f"ascent_seed must be an integer in [0, 2**63) or None, got {seed!r}")
-            self._rows_gen = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
+            self.rows_gen = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
         if source not in ASCENT_SOURCES:
             raise ValueError(f"ascent must be one of {', '.join(map(repr, ASCENT_SOURCES))}, got {source!r}")
-        self.ascent_source = source
+        self.source = source
         if source == "momentum":
-            if self.ascent_fraction < 1 or self.ascent_every > 1:
+            if self.fraction < 1 or self.every > 1:
                 raise ValueError("ascent='momentum' runs no ascent pass: drop ascent_fraction / ascent_every")
             _check_has_momentum(self.optimizer)
 
     # ----------------------------------------------------------------- closures
-    def _call_closure(self, closure: Closure, full: bool = False):
+    def call_closure(self, closure: Closure, full: bool = False):
         """``closure()``, or with ``ascent_fraction < 1`` ``closure(pick)`` (``full``: a ``pick`` that
         keeps every row and draws nothing)."""
-        if self.ascent_fraction >= 1:
+        if self.fraction >= 1:
             return closure()
-        pick = RowPicker() if full else RowPicker(self.ascent_fraction, self._rows_gen)
+        pick = RowPicker() if full else RowPicker(self.fraction, self.rows_gen)
         try:
             loss = closure(pick)
         except TypeError as e:
             if pick.n is None and "positional argument" in str(e):
-                raise TypeError(f"{type(self).__name__}(ascent_fraction={self.ascent_fraction:g}) calls the ascent "
+                raise TypeError(f"{self.who}(ascent_fraction={self.fraction:g}) calls the ascent "
                                 "closure with one argument, pick, that selects the sub-batch: write it as "
                                 "lambda pick: loss_fn(model(pick(x_adv)), pick(y)) (or pick(x_adv, y))") from None
             raise
         if pick.n is None and not full:
-            raise ValueError(f"{type(self).__name__}(ascent_fraction={self.ascent_fraction:g}): the ascent closure "
+            raise ValueError(f"{self.who}(ascent_fraction={self.fraction:g}): the ascent closure "
                              "never called pick(...), so the pass ran on the whole batch; compute the loss on "
                              "pick(x_adv, y)")
         return loss
 
-    def _closure_directions(self, closure: Closure, full: bool = False) -> List[torch.Tensor]:
+    def closure_directions(self, closure: Closure, full: bool = False) -> List[torch.Tensor]:
         """Flat ascent directions of one closure (this rank's own; FSDP2's are already averaged
         over the ranks by its reduce-scatter). BatchNorm statistics and every ``.grad`` untouched.
         ``full``: a sub-batch closure gets every row (see :meth:`_call_closure`)."""
         if not callable(closure):
             raise TypeError(f"perturb() needs a closure returning the ascent loss, got {type(closure).__name__}")
-        s = self._setting
-        params = self._sel.params
+        s = self.setting
+        params = self.sel.params
         grads = None
         # FSDP2: every parameter's .grad is set aside *before* the closure's forward, while the
         # modules hold their sharded parameters (after the forward a unit that does not reshard,
         # such as the root, holds unsharded ones, and their shards' .grad would be accumulated into)
-        saved = self._fsdp2_set_aside_grads() if s.kind == "fsdp2" else None
+        saved = self.fsdp2_set_aside_grads() if s.kind == "fsdp2" else None
         try:
             with torch.enable_grad(), frozen_batchnorm_stats(self.model), s.ascent_context():
-                loss = self._call_closure(closure, full)
+                loss = self.call_closure(closure, full)
                 self._check_loss(loss)
                 if s.kind == "fsdp2":
-                    grads = self._fsdp2_grads(loss)
+                    grads = self.fsdp2_grads(loss)
         finally:
             if saved is not None:
                 for p, g in saved:
@@ -201,7 +204,7 @@ class AscentSource:
             raise ValueError(
                 "the ascent closure's loss is not connected to any selected parameter: compute the loss "
                 "with the model passed to the wrapper, or change include=")
-        return self._sel.flat_directions(grads)
+        return self.sel.flat_directions(grads)
 
     @staticmethod
     def _check_loss(loss) -> None:
@@ -217,7 +220,7 @@ class AscentSource:
                 "the AWP closure's loss does not depend on the selected parameters (it has no grad_fn): "
                 "compute it with gradients enabled and without .detach()")
 
-    def _fsdp2_set_aside_grads(self) -> list:
+    def fsdp2_set_aside_grads(self) -> list:
         """FSDP2: ``[(sharded parameter, its .grad)]`` for every parameter, each ``.grad`` set to None.
         The sharded parameters are the FSDP units' own (``reshard()`` first where a unit still holds
         its unsharded ones, e.g. after a forward without backward)."""
@@ -234,196 +237,152 @@ class AscentSource:
             p.grad = None
         return saved
 
-    def _fsdp2_grads(self, loss: torch.Tensor):
+    def fsdp2_grads(self, loss: torch.Tensor):
         """FSDP2: autograd.grad cannot reach the sharded parameters, so run an ordinary backward
         (FSDP2 reduce-scatters the mean gradient into each rank's shard of ``.grad``, set aside and
         cleared by :meth:`_fsdp2_set_aside_grads` before the forward) and take the selected local
         shards; the caller puts every ``.grad`` back."""
-        self._setting.check_group()
+        self.setting.check_group()
         loss.reshape(()).backward()
-        return [None if p.grad is None else local_data(p.grad) for p in self._sel.params]
+        return [None if p.grad is None else local_data(p.grad) for p in self.sel.params]
 
-    def _directions(self, closures: Sequence[Closure]) -> List[torch.Tensor]:
+    def directions(self, closures: Sequence[Closure]) -> List[torch.Tensor]:
         if len(closures) == 1:  # no loop around autograd.grad's graph break under torch.compile
-            return self._closure_directions(closures[0])
+            return self.closure_directions(closures[0])
         dirs = None
         for c in closures:
-            d = self._closure_directions(c)
+            d = self.closure_directions(c)
             if dirs is None:
                 dirs = d
             else:
                 torch._foreach_add_(dirs, d)
         return dirs
 
-    def _synced(self, dirs: List[torch.Tensor]) -> List[torch.Tensor]:
+    def synced(self, dirs: List[torch.Tensor]) -> List[torch.Tensor]:
         """``ascent_sync='global'`` under DDP: the ranks' mean, one all-reduce of one flat buffer."""
-        if self._setting.averages_ascent:
-            return all_reduce_mean_flat(dirs, self._setting)
+        if self.setting.averages_ascent:
+            return all_reduce_mean_flat(dirs, self.setting)
         return dirs
 
-    def _grad_directions(self) -> List[torch.Tensor]:
+    def grad_directions(self) -> List[torch.Tensor]:
         """Flat directions from the selected parameters' ``.grad`` (their local shards under
         FSDP2); used in place, not copied, when the layouts match."""
-        grads = [p.grad for p in self._sel.params]
+        grads = [p.grad for p in self.sel.params]
         if all(g is None for g in grads):
             raise ValueError(
-                f"{type(self).__name__}.perturb() without a closure takes the direction from .grad, and no "
+                f"{self.who}.perturb() without a closure takes the direction from .grad, and no "
                 "selected parameter has a gradient: call loss.backward() first, or pass a closure returning the "
                 "loss")
-        if self._setting.sharded:
+        if self.setting.sharded:
             grads = [None if g is None else local_data(g) for g in grads]
-        return self._sel.flat_directions(grads)
+        return self.sel.flat_directions(grads)
 
-    def _momentum_directions(self) -> Optional[List[torch.Tensor]]:
+    def momentum_directions(self) -> Optional[List[torch.Tensor]]:
         """Flat directions from the base optimizer's momentum of each selected weight (SGD's
         ``momentum_buffer``, Adam's ``exp_avg``; their local shards under FSDP2); None before the
         first base step made one. No collective: the buffers are built from synced gradients."""
         grads, found = [], False
-        for p in self._sel.params:
+        for p in self.sel.params:
             st = self.optimizer.state.get(p, {})
             buf = next((st[k] for k in _MOMENTUM_KEYS if isinstance(st.get(k), torch.Tensor)), None)
             found = found or buf is not None
-            grads.append(None if buf is None else (local_data(buf) if self._setting.sharded else buf))
-        return self._sel.flat_directions(grads) if found else None
-
-    def ascent_direction(self, closure: Closure) -> List[torch.Tensor]:
-        """The exact ascent direction of ``closure`` at the current weights, without perturbing:
-        one tensor per selected parameter (``perturbed_parameters`` order), shaped like its local
-        data, synced over the ranks as ``perturb()`` would (``ascent_sync="global"``). BatchNorm
-        statistics, ``.grad``, a pending direction and the sub-batch generator are untouched; a
-        sub-batch closure gets every row. Meant for diagnostics such as :meth:`direction_cosines`."""
-        if self._sel.active:
-            raise RuntimeError(f"{type(self).__name__}.ascent_direction() called while the weights are perturbed: "
-                               "call it before perturb()")
-        self._sync_selection()
-        dirs = self._synced(self._closure_directions(closure, full=True))
-        return [d.view_as(t) if t.is_contiguous() else d for d, t in zip(dirs, self._sel.local)]
+            grads.append(None if buf is None else (local_data(buf) if self.setting.sharded else buf))
+        return self.sel.flat_directions(grads) if found else None
 
     # ----------------------------------------------------------------- pending directions
-    def _add_pending(self, d: List[torch.Tensor]) -> None:
-        if self._pending is None or self._pending_gen != self._sel.generation:
-            self._pending, self._pending_gen = d, self._sel.generation
+    def add_pending(self, d: List[torch.Tensor]) -> None:
+        if self.pending is None or self.pending_gen != self.sel.generation:
+            self.pending, self.pending_gen = d, self.sel.generation
         else:
-            torch._foreach_add_(self._pending, d)
-
-    def accumulate(self, closure: Closure) -> None:
-        """Micro-batched ascent: add the ascent gradient of ``closure()``'s loss to a pending
-        direction (no collective, weights untouched); the next ``perturb()`` called without a
-        closure applies the sum. Give each micro-batch loss its weight in the full batch (e.g.
-        ``loss / n_micro`` for equal sizes) if the sum should equal the full-batch gradient;
-        the per-layer rule only uses its direction."""
-        if self._sel.active:
-            raise RuntimeError(f"{type(self).__name__}.accumulate() called while the weights are perturbed: "
-                               "call step() or restore() first")
-        self._sync_selection()
-        if not self._sel.params:
-            raise RuntimeError(f"{type(self).__name__}.accumulate(): no selected parameter requires grad")
-        self._add_pending(self._closure_directions(closure))
+            torch._foreach_add_(self.pending, d)
 
     # ----------------------------------------------------------------- attack-sourced directions
-    def direction_request(self, who: str) -> Optional[List[torch.Tensor]]:
-        """For an attack built with ``awp=self``: the selected parameters whose gradient its last
-        step should return, or None when the next ``perturb()`` needs no new direction (rule
-        inactive, e.g. gamma 0; a step of ``ascent_every`` that reuses the stored one; nothing
-        selected)."""
-        if self._setting.sharded:
-            raise ValueError(
-                f"{who}(awp=...) cannot source the ascent direction under FSDP2 (autograd.grad does not reach "
-                "the sharded parameters): use a separate ascent, awp.perturb(closure), and ascent_every=K to "
-                "compute it only every K steps")
-        if self._sel.active:
-            raise RuntimeError(f"{who}(awp=...) called while the weights are perturbed: call step() or restore() "
-                               "first")
-        self._sync_selection()
-        if not self._sel.params or not self._rule_active() or self._reuse_due():
-            return None
-        return list(self._sel.params)
-
     def add_direction(self, grads: Sequence[Optional[torch.Tensor]]) -> None:
         """The gradients of :meth:`direction_request`'s parameters (None: not connected) join the
         pending direction, exactly as ``accumulate()``'s would."""
         if all(g is None for g in grads):
             raise ValueError("the attack's loss is not connected to any parameter the AWP wrapper perturbs: "
                              "build the wrapper on the attacked model")
-        self._add_pending(self._sel.flat_directions(grads))
+        self.add_pending(self.sel.flat_directions(grads))
 
     # ----------------------------------------------------------------- ascent_every's stored direction
-    def _stored_layout(self):
-        return tuple(self._sel.names), tuple((t.shape, t.dtype, t.device) for t in self._sel.local)
+    def stored_layout(self):
+        return tuple(self.sel.names), tuple((t.shape, t.dtype, t.device) for t in self.sel.local)
 
-    def _reuse_due(self) -> bool:
+    def reuse_due(self) -> bool:
         """Whether the next active ``perturb()`` reuses the stored direction (``ascent_every > 1``,
         its clock not on a multiple of K, and a direction stored for the current selection)."""
-        return (self.ascent_every > 1 and self._stored is not None
-                and self._ascent_calls % self.ascent_every != 0 and self._stored_key == self._stored_layout())
+        return (self.every > 1 and self.stored is not None
+                and self.calls % self.every != 0 and self.stored_key == self.stored_layout())
 
-    def _store(self, dirs: List[torch.Tensor]) -> None:
+    def store(self, dirs: List[torch.Tensor]) -> None:
         """Copy the (synced) directions into the one stored buffer (allocated once)."""
-        key = self._stored_layout()
-        if (self._stored is None or len(self._stored) != len(dirs)
+        key = self.stored_layout()
+        if (self.stored is None or len(self.stored) != len(dirs)
                 or any(s.shape != d.shape or s.dtype != d.dtype or s.device != d.device
-                       for s, d in zip(self._stored, dirs))):
-            self._stored = [d.detach().clone() for d in dirs]
+                       for s, d in zip(self.stored, dirs))):
+            self.stored = [d.detach().clone() for d in dirs]
         else:
-            torch._foreach_copy_(self._stored, [d.detach() for d in dirs])
-        self._stored_key = key
+            torch._foreach_copy_(self.stored, [d.detach() for d in dirs])
+        self.stored_key = key
 
-    def _ascent_meta(self) -> dict:
+    def meta(self) -> dict:
         """The ``ascent_every`` entries of the state dict (none for ascent_every 1), the sub-batch
         generator's state and the ascent source. The stored
         direction is saved shaped like the parameters; under FSDP2 it is gathered into whole
         tensors (a collective: every rank calls ``state_dict()``), so that it loads on any number
         of processes."""
         out = {}
-        if self.ascent_fraction < 1:
-            out.update(ascent_fraction=self.ascent_fraction, ascent_rng=self._rows_gen.get_state())
-        if self.ascent_source != "gradient":
-            out["ascent"] = self.ascent_source
-        if self.ascent_every == 1:
+        if self.fraction < 1:
+            out.update(ascent_fraction=self.fraction, ascent_rng=self.rows_gen.get_state())
+        if self.source != "gradient":
+            out["ascent"] = self.source
+        if self.every == 1:
             return out
-        out.update({"ascent_every": self.ascent_every, "ascent_calls": self._ascent_calls, "direction": None})
-        if self._stored is not None and self._stored_key == self._stored_layout():
+        out.update({"ascent_every": self.every, "ascent_calls": self.calls, "direction": None})
+        if self.stored is not None and self.stored_key == self.stored_layout():
             tensors = []
-            for d, t, p in zip(self._stored, self._sel.local, self._sel.params):
+            for d, t, p in zip(self.stored, self.sel.local, self.sel.params):
                 whole = torch.empty_like(t)
                 flat(whole).copy_(d)
-                if self._setting.sharded:
+                if self.setting.sharded:
                     from torch.distributed.tensor import DTensor
                     whole = DTensor.from_local(whole, p.device_mesh, p.placements, shape=p.shape,
                                                stride=p.stride()).full_tensor()
                 tensors.append(whole.detach().clone())
-            out["direction"] = {"names": list(self._sel.names), "tensors": tensors}
+            out["direction"] = {"names": list(self.sel.names), "tensors": tensors}
         return out
 
-    def _check_ascent_meta(self, meta: dict) -> Optional[List[torch.Tensor]]:
+    def check_meta(self, meta: dict, sync: Callable[[], None]) -> Optional[List[torch.Tensor]]:
         """Validate a state dict's stored direction against this wrapper (before anything is
-        loaded); returns its flat local tensors, or None. A one-line ValueError when it does not fit."""
+        loaded; ``sync``: the engine's selection refresh, run first); returns its flat local tensors,
+        or None. A one-line ValueError when it does not fit."""
         d = meta.get("direction")
-        if d is None or self.ascent_every == 1:
+        if d is None or self.every == 1:
             return None
-        self._sync_selection()
+        sync()
         names, tensors = d.get("names"), d.get("tensors")
-        if names != list(self._sel.names) or len(tensors) != len(names):
-            raise ValueError(f"{type(self).__name__}.load_state_dict: the stored ascent direction is for the "
-                             f"parameters {names}, this wrapper perturbs {list(self._sel.names)}: load it into a "
+        if names != list(self.sel.names) or len(tensors) != len(names):
+            raise ValueError(f"{self.who}.load_state_dict: the stored ascent direction is for the "
+                             f"parameters {names}, this wrapper perturbs {list(self.sel.names)}: load it into a "
                              "wrapper with the same selection")
         out = []
-        for n, v, t, p in zip(names, tensors, self._sel.local, self._sel.params):
+        for n, v, t, p in zip(names, tensors, self.sel.local, self.sel.params):
             if tuple(v.shape) != tuple(p.shape):
-                raise ValueError(f"{type(self).__name__}.load_state_dict: the stored ascent direction of {n} has "
+                raise ValueError(f"{self.who}.load_state_dict: the stored ascent direction of {n} has "
                                  f"shape {tuple(v.shape)}, the parameter {tuple(p.shape)}: load it into the same "
                                  "architecture")
             v = v.to(device=t.device, dtype=t.dtype)
-            if self._setting.sharded:
+            if self.setting.sharded:
                 from torch.distributed.tensor import distribute_tensor
                 v = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None).to_local()
             out.append(flat_like(v, t).clone())
         return out
 
-    def _load_ascent_meta(self, meta: dict, direction: Optional[List[torch.Tensor]]) -> None:
+    def load_meta(self, meta: dict, direction: Optional[List[torch.Tensor]]) -> None:
         rng = meta.get("ascent_rng")
-        if self._rows_gen is not None and isinstance(rng, torch.Tensor):
-            self._rows_gen.set_state(rng)
-        self._ascent_calls = int(meta.get("ascent_calls", 0))
-        self._stored = direction
-        self._stored_key = None if direction is None else self._stored_layout()
+        if self.rows_gen is not None and isinstance(rng, torch.Tensor):
+            self.rows_gen.set_state(rng)
+        self.calls = int(meta.get("ascent_calls", 0))
+        self.stored = direction
+        self.stored_key = None if direction is None else self.stored_layout()

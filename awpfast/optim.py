@@ -36,7 +36,7 @@ import torch
 import torch.optim.optimizer as _optim_mod
 from torch import nn
 
-from .ascent import AscentSource, Closure, backward_in_closure_advice, check_ascent_every, frozen_batchnorm_stats
+from .ascent import Ascent, Closure, backward_in_closure_advice, check_ascent_every, frozen_batchnorm_stats
 from .compiled import _eager_under_old_dynamo
 from .distributed import Setting, detect
 from .perturb import PerturbState, default_include, flat_like
@@ -46,7 +46,7 @@ __all__ = ["WeightPerturbation", "frozen_batchnorm_stats"]
 _RESTORE_MODES = ("after_step", "before_step")
 _STATE_KEY = "awpfast"  # the wrapper's own entry in its state dict, next to the base optimizer's
 
-class WeightPerturbation(AscentSource, torch.optim.Optimizer):
+class WeightPerturbation(torch.optim.Optimizer):
     """The engine behind every weight-perturbation rule (:class:`awpfast.AWP`; :class:`awpfast.SAM`
     with ASAM; :class:`awpfast.BoxAWP`).
 
@@ -147,7 +147,8 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
             reduce=setting.all_reduce_sum if setting.sharded else None)
         self._report_selection()
         self._skipped_host = 0
-        self._init_ascent(check_ascent_every(ascent_every), ascent_fraction, ascent_seed, ascent)
+        self._ascent = Ascent(self._sel, setting, model, optimizer, name, check_ascent_every(ascent_every),
+                              ascent_fraction, ascent_seed, ascent)  # where the direction comes from
         self._perturb_called = False  # perturb() since the last step(); a plain step() warns once
         self._warned = set()
         self.perturb_count = 0
@@ -399,8 +400,9 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
         # the later passes' closures, validated before an accumulated direction is consumed
         nexts = closures if later is None else _closure_tuple(
             later, "later must be a closure returning the loss (or a list of them)")
-        pending = self._pending if self._pending_gen == self._sel.generation else None
-        self._pending = None
+        asc = self._ascent
+        pending = asc.pending if asc.pending_gen == self._sel.generation else None
+        asc.pending = None
         if closures is not None and pending is not None:
             raise RuntimeError(f"{name}.perturb(closure) after accumulate(): the accumulated direction would be "
                                "lost; call perturb() without a closure to apply it")
@@ -410,16 +412,16 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
             return False
         if not self._rule_active():
             return False  # e.g. gamma 0: no ascent pass at all
-        if self.ascent_source == "momentum":
+        if asc.source == "momentum":
             if closures is not None or pending is not None:
                 raise TypeError(f"{name}(ascent='momentum') takes the direction from the base optimizer's momentum: "
                                 "call perturb() without a closure (and without accumulate() or an attack's awp=)")
-            pending = self._momentum_directions()
+            pending = asc.momentum_directions()
             if pending is None:
                 self._warn_once("nomomentum", f"{name}(ascent='momentum'): the base optimizer has no momentum yet "
                                               "(before its first step); this step is not perturbed")
                 return False
-        reuse = pending is None and self._reuse_due()  # ascent_every: no closure runs this step
+        reuse = pending is None and asc.reuse_due()  # ascent_every: no closure runs this step
         from_grad = closures is None and pending is None and not reuse
         if from_grad and not self.grad_source:
             raise TypeError(f"{name}.perturb() without a closure applies the direction gathered by "
@@ -429,34 +431,34 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
         if nexts is None and passes > 1:
             raise ValueError(self.later_hint.format(name=name, passes=passes))
         if reuse:
-            dirs = self._stored
+            dirs = asc.stored
         elif from_grad:
-            dirs = self._grad_directions()  # already what the user's backward made of it: no sync
-        elif self.ascent_source == "momentum":
+            dirs = asc.grad_directions()  # already what the user's backward made of it: no sync
+        elif asc.source == "momentum":
             dirs = pending  # built from synced gradients: equal on every rank already
         else:
             try:
-                dirs = self._synced(pending if closures is None else self._directions(closures))
+                dirs = asc.synced(pending if closures is None else asc.directions(closures))
             except RuntimeError as e:
                 advice = backward_in_closure_advice(self, e)
                 if advice is e:
                     raise
                 raise advice from None
-        self._ascent_calls += 1
-        if self.ascent_every > 1 and not reuse:
-            self._store(dirs)
+        asc.calls += 1
+        if asc.every > 1 and not reuse:
+            asc.store(dirs)
         dn = self._rule_apply(dirs, True)
         ok = False
         try:
             ok = self._finite_or_handle(dn)
         finally:
             if not ok:
-                self._stored = None  # a non-finite direction is not re-used
+                asc.stored = None  # a non-finite direction is not re-used
         if not ok:
             return False
         try:
             for _ in range(passes - 1):
-                dn = self._rule_apply(self._synced(self._directions(nexts)), False)
+                dn = self._rule_apply(asc.synced(asc.directions(nexts)), False)
                 if not self._finite_or_handle(dn):
                     return False
         except BaseException:
@@ -465,6 +467,69 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
         self.perturb_count += 1
         self.last_direction_norms = dn
         return True
+
+    # ----------------------------------------------------------------- the ascent (an Ascent object)
+    @property
+    def ascent_every(self) -> int:
+        return self._ascent.every
+
+    @property
+    def ascent_fraction(self) -> float:
+        return self._ascent.fraction
+
+    @property
+    def ascent_source(self) -> str:
+        return self._ascent.source
+
+    def ascent_direction(self, closure: Closure) -> List[torch.Tensor]:
+        """The exact ascent direction of ``closure`` at the current weights, without perturbing:
+        one tensor per selected parameter (``perturbed_parameters`` order), shaped like its local
+        data, synced over the ranks as ``perturb()`` would (``ascent_sync="global"``). BatchNorm
+        statistics, ``.grad``, a pending direction and the sub-batch generator are untouched; a
+        sub-batch closure gets every row. Meant for diagnostics such as :meth:`direction_cosines`."""
+        if self._sel.active:
+            raise RuntimeError(f"{type(self).__name__}.ascent_direction() called while the weights are perturbed: "
+                               "call it before perturb()")
+        self._sync_selection()
+        dirs = self._ascent.synced(self._ascent.closure_directions(closure, full=True))
+        return [d.view_as(t) if t.is_contiguous() else d for d, t in zip(dirs, self._sel.local)]
+
+    def accumulate(self, closure: Closure) -> None:
+        """Micro-batched ascent: add the ascent gradient of ``closure()``'s loss to a pending
+        direction (no collective, weights untouched); the next ``perturb()`` called without a
+        closure applies the sum. Give each micro-batch loss its weight in the full batch (e.g.
+        ``loss / n_micro`` for equal sizes) if the sum should equal the full-batch gradient;
+        the per-layer rule only uses its direction."""
+        if self._sel.active:
+            raise RuntimeError(f"{type(self).__name__}.accumulate() called while the weights are perturbed: "
+                               "call step() or restore() first")
+        self._sync_selection()
+        if not self._sel.params:
+            raise RuntimeError(f"{type(self).__name__}.accumulate(): no selected parameter requires grad")
+        self._ascent.add_pending(self._ascent.closure_directions(closure))
+
+    def direction_request(self, who: str) -> Optional[List[torch.Tensor]]:
+        """For an attack built with ``awp=self``: the selected parameters whose gradient its last
+        step should return, or None when the next ``perturb()`` needs no new direction (rule
+        inactive, e.g. gamma 0; a step of ``ascent_every`` that reuses the stored one; nothing
+        selected)."""
+        if self._setting.sharded:
+            raise ValueError(
+                f"{who}(awp=...) cannot source the ascent direction under FSDP2 (autograd.grad does not reach "
+                "the sharded parameters): use a separate ascent, awp.perturb(closure), and ascent_every=K to "
+                "compute it only every K steps")
+        if self._sel.active:
+            raise RuntimeError(f"{who}(awp=...) called while the weights are perturbed: call step() or restore() "
+                               "first")
+        self._sync_selection()
+        if not self._sel.params or not self._rule_active() or self._ascent.reuse_due():
+            return None
+        return list(self._sel.params)
+
+    def add_direction(self, grads: Sequence[Optional[torch.Tensor]]) -> None:
+        """The gradients of :meth:`direction_request`'s parameters (None: not connected) join the
+        pending direction, exactly as ``accumulate()``'s would."""
+        self._ascent.add_direction(grads)
 
     def direction_cosines(self, exact: Sequence[torch.Tensor]) -> torch.Tensor:
         """While perturbed: the cosine, per selected parameter, between the perturbation ``v``
@@ -569,7 +634,7 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
     def _meta(self) -> dict:
         return {"rule": self.rule_name, "format": 2, "skipped_steps": self.skipped_steps,
                 "perturb_count": self.perturb_count, "restore": self.restore_mode,
-                "ascent_sync": self._setting.sync, **self._rule_config(), **self._ascent_meta()}
+                "ascent_sync": self._setting.sync, **self._rule_config(), **self._ascent.meta()}
 
     def state_dict(self):
         """The base optimizer's state dict (``state``, ``param_groups``, loadable by the base
@@ -603,11 +668,11 @@ class WeightPerturbation(AscentSource, torch.optim.Optimizer):
             raise ValueError("not an optimizer state dict: expected AWP.state_dict() output or a plain "
                              "torch.optim state dict with 'state' and 'param_groups'")
         _check_base_fits(self.optimizer, base, name)
-        direction = None if meta is None else self._check_ascent_meta(meta)
+        direction = None if meta is None else self._ascent.check_meta(meta, self._sync_selection)
         self.optimizer.load_state_dict(base)
         if meta is not None:
             self._check_meta(meta)
-            self._load_ascent_meta(meta, direction)
+            self._ascent.load_meta(meta, direction)
             self._skipped_host = int(meta.get("skipped_steps", 0))
             if self._sel.skipped_device is not None:
                 self._sel.skipped_device.zero_()
@@ -705,5 +770,4 @@ def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-_eager_under_old_dynamo(AscentSource)  # accumulate()
 _eager_under_old_dynamo(WeightPerturbation)

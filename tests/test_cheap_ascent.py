@@ -80,7 +80,7 @@ def test_direction_is_the_gradient_at_the_last_iterate(name, bn_train):
         awp = AWP(torch.optim.SGD(model.parameters(), lr=0.1), model, gamma=0.01)
         torch.manual_seed(7)
         ATTACKS[name](model, bn_train=bn_train, awp=awp)(x, y)
-        got = awp._pending
+        got = awp._ascent.pending
         assert got is not None and len(got) == 2
         for g, w in zip(got, want):
             assert rel(g, w.reshape(-1)) < 1e-10
@@ -101,7 +101,7 @@ def test_x_adv_bn_and_grad_as_without_awp(name, bn_train):
     for k, v in m1.bn.state_dict().items():
         assert torch.equal(v, m2.bn.state_dict()[k]), k
     assert all(p.grad is None for p in m2.parameters())
-    assert awp._pending is not None
+    assert awp._ascent.pending is not None
 
 
 class Counting(nn.Module):
@@ -153,14 +153,14 @@ def test_attack_gamma_zero_computes_nothing_and_ascent_every_skips():
     awp = AWP(torch.optim.SGD(model.parameters(), lr=0.1), model, gamma=0.0, ascent_every=2)
     attack = PGD(model, eps=0.1, alpha=0.03, steps=2, awp=awp)
     attack(x, y)
-    assert awp._pending is None
+    assert awp._ascent.pending is None
     with awp.perturbed(None) as a:  # nothing to apply at gamma 0: no error, not perturbed
         assert not a.is_perturbed
     awp.set_gamma(0.01)
     wanted = []
     for s in range(5):
         attack(x, y)
-        wanted.append(awp._pending is not None)
+        wanted.append(awp._ascent.pending is not None)
         assert awp.perturb()
         awp.step()
     assert wanted == [True, False, True, False, True]
@@ -193,7 +193,7 @@ def test_attack_awp_errors():
     assert torch.equal(eps0(x, y), x)
     ref = copy.deepcopy(model).eval()
     g = torch.autograd.grad(F.cross_entropy(ref(x), y), [ref.conv.weight])[0]
-    assert rel(awp._pending[0], g.reshape(-1)) < 1e-12
+    assert rel(awp._ascent.pending[0], g.reshape(-1)) < 1e-12
 
 
 def test_sum_reduction_gives_the_same_perturbation():
@@ -254,7 +254,7 @@ def test_ascent_every_reuses_the_stored_direction_rescaled():
     x, y = batch(3)
     _train(model, awp, 1)  # step 0 computes and stores the direction
     w = [model.conv.weight.detach().clone(), model.fc.weight.detach().clone()]
-    stored = [d.clone() for d in awp._stored]
+    stored = [d.clone() for d in awp._ascent.stored]
     called = []
     assert awp.perturb(lambda: called.append(1) or F.cross_entropy(model(x), y))
     assert called == []
@@ -282,7 +282,7 @@ def test_ascent_every_state_dict_round_trip_resumes_exactly():
     _train(m3, a3, 5, start=2, calls=calls)
     assert calls == [3, 6]
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m3.parameters()))
-    assert torch.equal(torch.cat([d for d in a1._stored]), torch.cat([d for d in a3._stored]))
+    assert torch.equal(torch.cat([d for d in a1._ascent.stored]), torch.cat([d for d in a3._ascent.stored]))
 
 
 def test_ascent_every_errors():
@@ -304,7 +304,7 @@ def test_ascent_every_errors():
     c = AWP(torch.optim.SGD(m4.parameters(), lr=0.1), m4)
     with pytest.warns(UserWarning, match="ascent_every=2"):
         c.load_state_dict(sd)
-    assert c.ascent_every == 1 and c._stored is None
+    assert c.ascent_every == 1 and c._ascent.stored is None
 
 
 def test_ascent_every_nonfinite_direction_not_reused():

@@ -110,7 +110,7 @@ def test_subbatch_seed_defaults_to_torchs_initial_seed():
     m = make(0)
     a = AWP(torch.optim.SGD(m.parameters(), lr=0.1), m, ascent_fraction=0.5)
     b = AWP(torch.optim.SGD(m.parameters(), lr=0.1), m, ascent_fraction=0.5, ascent_seed=torch.initial_seed())
-    assert torch.equal(a._rows_gen.get_state(), b._rows_gen.get_state())
+    assert torch.equal(a._ascent.rows_gen.get_state(), b._ascent.rows_gen.get_state())
 
 
 def test_subbatch_errors():
@@ -256,12 +256,12 @@ def test_ascent_direction_of_a_subbatch_closure_uses_the_whole_batch_and_draws_n
     model = make(3)
     awp = AWP(torch.optim.SGD(model.parameters(), lr=0.1), model, ascent_fraction=0.25, ascent_seed=5)
     x, y = batch(4, n=8)
-    state = awp._rows_gen.get_state()
+    state = awp._ascent.rows_gen.get_state()
     d = awp.ascent_direction(lambda pick: F.cross_entropy(model(pick(x)), pick(y)))
     ref = copy.deepcopy(model).train()
     g = torch.autograd.grad(F.cross_entropy(ref(x), y), _weights(ref))
     assert all(rel(a, b) < 1e-10 for a, b in zip(d, g))
-    assert torch.equal(awp._rows_gen.get_state(), state)
+    assert torch.equal(awp._ascent.rows_gen.get_state(), state)
 
 
 # ----------------------------------------------------------------------------- CLI
