@@ -1,17 +1,33 @@
-"""Shared by the benchmark scripts: writing their JSON results."""
+"""Shared by the benchmark scripts: writing their JSON results, and the shape of one GPU target."""
 from __future__ import annotations
 
 import json
 import os
 
 
-def write_json(path: str, out: dict, announce: bool = True) -> None:
+def write_json(path: str, out: dict, announce: bool = True, indent: int = 2) -> None:
     """Write ``out`` to ``path`` atomically (a killed run leaves the previous complete file),
     creating its folder; prints ``wrote PATH`` unless ``announce`` is False."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(out, f, indent=2, default=str)
+        json.dump(out, f, indent=indent, default=str)
     os.replace(tmp, path)
     if announce:
         print(f"wrote {path}")
+
+
+def target(value, goal, ok, **kw) -> dict:
+    """One target of a GPU run (benchmarks/gpu_check.py): the measured ``value``, the ``goal`` as
+    text, ``ok`` True (met), False (missed) or None (reported, or not measured); notes in ``kw``."""
+    return dict(value=value, target=goal, ok=ok, **kw)
+
+
+def rows_verdict(data: dict, is_bad, keys, complete_default: bool = True, present_only: bool = False):
+    """``(ok, rows not ok)`` of a result with ``rows``: ok when it has rows, none of them ``is_bad``
+    and it finished (``complete``, ``complete_default`` when absent); each bad row by ``keys``
+    (only those it has, with ``present_only``)."""
+    rows = data.get("rows", [])
+    bad = [r for r in rows if is_bad(r)]
+    not_ok = [{k: r.get(k) for k in keys if not present_only or k in r} for r in bad]
+    return bool(rows) and not bad and bool(data.get("complete", complete_default)), not_ok

@@ -22,7 +22,7 @@ biases them alike; the median per configuration is reported.
     python benchmarks/bench_train_step.py                                 # CPU, PreActResNet-18, batch 16
     python benchmarks/bench_train_step.py --device cuda --model wrn34-10 --batch 128 --json out.json
 
-``--ladder`` (issue 19): an ablation ladder measured in one run, each rung changing one thing
+``--ladder``: an ablation ladder measured in one run, each rung changing one thing
 over the rung before it (see :data:`LADDER`): (a) the reference pattern; (b) awpfast's AWP with
 the same recipe (train-mode attack through a full backward); (c) + input-only attack gradients
 (the same ``x_adv``, asserted); (d) + an eval-mode attack (a recipe change: a different attack);
@@ -30,8 +30,8 @@ the same recipe (train-mode attack through a full backward); (c) + input-only at
 algorithm. Each rung is timed as an AT-AWP step, an AT step (the same rung without AWP, a plain
 SGD step) and one plain forward+backward; medians, quartiles and extremes over ``--repeats``
 interleaved rounds after ``--warmup`` rounds, the AWP extra as the median of the per-round paired
-differences AT-AWP - AT. ``--cheap-at d`` adds, at that rung's settings, the cheap-ascent rows of
-issue 18: the ascent direction sourced from the attack's last backward (``PGD(..., awp=awp)``,
+differences AT-AWP - AT. ``--cheap-at d`` adds, at that rung's settings, the cheap-ascent rows:
+the ascent direction sourced from the attack's last backward (``PGD(..., awp=awp)``,
 then ``awp.perturb()`` with no closure) and ``AWP(..., ascent_every=2)`` / ``=4`` (the amortized
 step: the median of the steps that compute a direction and of those that reuse it, weighted
 1 : K-1). The load average (``os.getloadavg()``) is recorded each round.
@@ -39,12 +39,16 @@ step: the median of the steps that compute a direction and of those that reuse i
     python benchmarks/bench_train_step.py --ladder --batch 32 --repeats 10 --json ladder.json      # CPU
     python benchmarks/bench_train_step.py --ladder --device cuda --model wrn34-10 --batch 128 \
         --rungs a,b,c,d,e,f --cheap-at d,f --repeats 10 --json ladder.json
+
+Both results are read through this module only: :func:`verdict`, :func:`summary` (numbers by
+meaning, for scripts/docs_numbers.py), :func:`summary_lines` and :func:`targets` (for
+gpu_check.py) take either JSON.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
+import math
 import os
 import platform
 import statistics
@@ -55,14 +59,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import awpfast  # noqa: E402
+from _bench_io import target, write_json  # noqa: E402
 from awpfast.attacks import PGD  # noqa: E402
 from awpfast.models import create_model  # noqa: E402
 
 EPS, ALPHA = 8 / 255, 2 / 255
-
-
 # ----------------------------------------------------------------------------- reference pattern
 class ReferenceStep:
     """The reference AT-AWP training step (proxy model, full-backward attack, fp32)."""
@@ -136,57 +140,8 @@ class ReferenceStep:
         return loss.detach()
 
 
+
 # ----------------------------------------------------------------------------- awpfast
-class AwpfastStep:
-    def __init__(self, model, gamma, attack_steps, amp=None, channels_last=False, backend=None, lr=0.1):
-        # one instance per (config, AT or AT-AWP): gamma is fixed, never toggled per step
-        self.model, self.amp, self.cl = model, amp, channels_last
-        base = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-        self.awp = awpfast.AWP(base, model, gamma=gamma, backend=backend)
-        self.use_awp = gamma > 0
-        self.attack = PGD(model, eps=EPS, alpha=ALPHA, steps=attack_steps, backend=backend)
-        self.device_type = next(model.parameters()).device.type
-
-    def _ac(self):
-        if self.amp is None:
-            return torch.autocast(self.device_type, enabled=False)
-        return torch.autocast(self.device_type, dtype=self.amp)
-
-    def fwd_bwd(self, x, y):
-        """One plain forward + backward of the same model, batch, precision and layout."""
-        if self.cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        self.model.train()
-        self.awp.zero_grad(set_to_none=True)
-        with self._ac():
-            loss = F.cross_entropy(self.model(x), y)
-        loss.backward()
-        return loss.detach()
-
-    def __call__(self, x, y, awp: bool):
-        model = self.model
-        if self.cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._ac():
-            x_adv = self.attack(x, y)
-        model.train()
-
-        def closure():
-            with self._ac():
-                return F.cross_entropy(model(x_adv), y)
-
-        if awp != self.use_awp:
-            raise ValueError("this AwpfastStep was built for " + ("AT-AWP" if self.use_awp else "AT"))
-        with self.awp.perturbed(closure):
-            self.awp.zero_grad(set_to_none=True)
-            with self._ac():
-                loss = F.cross_entropy(model(x_adv), y)
-            loss.backward()
-            self.awp.step()
-        return loss.detach()
-
-
-# ----------------------------------------------------------------------------- the ladder (issue 19)
 LADDER = [
     # (rung, name, what it changes over the rung before, same algorithm as (a)?)
     ("a", "reference pattern", "proxy-model AWP (state-dict copy, SGD step, per-layer diff, add, subtract); "
@@ -213,35 +168,33 @@ RUNG_SETTINGS = {
 }
 
 
-class LadderStep:
-    """One rung's AT-AWP step, AT step (``kind="at"``: a plain SGD step, no AWP at all) or a
-    cheap-ascent variant (``kind="sourced"`` / ``"every"``) at the rung's settings."""
+class AwpfastStep:
+    """awpfast's training step, for the step benchmark and every ladder rung after (a): an AT-AWP
+    step (``kind="awp"``; with gamma 0 the AWP wrapper is inactive, the step benchmark's AT), an AT
+    step (``kind="at"``: a plain SGD step, no AWP at all) or a cheap-ascent variant (``"sourced"``,
+    ``"every"``, ``"subbatch"``, ``"momentum"``, ``"rwp"``; ``ascent_every`` carries its K, fraction
+    or number of passes), with the attack, precision, layout and compiler of ``attack``, ``amp``,
+    ``channels_last`` and ``compile``."""
 
     def __init__(self, model, gamma, attack_steps, attack="eval-input", amp=None, channels_last=False,
-                 compile=False, kind="awp", ascent_every=1, backend=None, lr=0.1):
+                 compile=False, kind="awp", ascent_every=1, backend=None, lr=0.1, check_range=False):
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.amp, self.cl, self.kind = model, amp, channels_last, kind
         self.fwd = torch.compile(model) if compile else model
         self.attack_kind, self.steps = attack, attack_steps
         self.base = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        kw = {"every": dict(ascent_every=ascent_every),
+              "subbatch": dict(ascent_fraction=ascent_every, ascent_seed=0),
+              "momentum": dict(ascent="momentum")}.get(kind, {})
         self.awp = None
-        if kind == "awp":
-            self.awp = awpfast.AWP(self.base, model, gamma=gamma, backend=backend)
-        elif kind == "every":
-            self.awp = awpfast.AWP(self.base, model, gamma=gamma, backend=backend, ascent_every=ascent_every)
-        elif kind == "sourced":
-            self.awp = awpfast.AWP(self.base, model, gamma=gamma, backend=backend)
-        elif kind == "subbatch":
-            self.awp = awpfast.AWP(self.base, model, gamma=gamma, backend=backend, ascent_fraction=ascent_every,
-                                   ascent_seed=0)
-        elif kind == "momentum":
-            self.awp = awpfast.AWP(self.base, model, gamma=gamma, backend=backend, ascent="momentum")
-        elif kind == "rwp":
+        if kind == "rwp":
             self.awp = awpfast.RWP(self.base, model, gamma=gamma, backend=backend, steps=int(ascent_every))
+        elif kind != "at":
+            self.awp = awpfast.AWP(self.base, model, gamma=gamma, backend=backend, **kw)
         self.ascent_every = ascent_every
         pgd_kw = dict(eps=EPS, alpha=ALPHA, steps=attack_steps, bn_train=attack != "eval-input", backend=backend,
-                      check_range=False)
+                      check_range=check_range)
         if kind == "sourced":
             pgd_kw["awp"] = self.awp
         self.attack = PGD(self.fwd, **pgd_kw)
@@ -321,7 +274,7 @@ class LadderStep:
 
 
 def _cheap_api():
-    """Whether the cheap-ascent API of issue 18 is importable: (ok, why not)."""
+    """Whether the cheap-ascent API (attack-sourced direction, ascent_every) is importable: (ok, why not)."""
     import inspect
     why = []
     if "awp" not in inspect.signature(PGD.__init__).parameters:
@@ -351,8 +304,8 @@ def check_same_x_adv(base_model, x, y, attack_steps, backend, device):
     beyond the sign of a near-zero gradient)."""
     out = {}
     for rung in ("b", "c"):
-        st = LadderStep(copy.deepcopy(base_model), 0.0, attack_steps, kind="at", backend=backend,
-                        **RUNG_SETTINGS[rung])
+        st = AwpfastStep(copy.deepcopy(base_model), 0.0, attack_steps, kind="at", backend=backend,
+                         **RUNG_SETTINGS[rung])
         torch.manual_seed(1234)
         out[rung] = st.adversarial(x, y)[1]
     diff = (out["b"] - out["c"]).abs()
@@ -365,10 +318,131 @@ def check_same_x_adv(base_model, x, y, attack_steps, backend, device):
     return rec
 
 
-def ladder_main(args):
+# ----------------------------------------------------------------------------- the timing, shared
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _setup(args):
+    """The device, the model both benchmarks copy and one fixed batch."""
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    base_model = create_model(args.model, num_classes=10).to(device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    return device, base_model, x, y
+
+
+def _triple(key, awp_step, at_step):
+    """One configuration's three timed calls: (key, "AT-AWP"), (key, "AT"), (key, "fwd+bwd")."""
+    return [((key, "AT-AWP"), awp_step), ((key, "AT"), at_step), ((key, "fwd+bwd"), at_step.fwd_bwd)]
+
+
+def _reference_triple(key, base_model, args):
+    ref = ReferenceStep(copy.deepcopy(base_model), args.gamma, args.attack_steps)
+    return [((key, "AT-AWP"), lambda x, y: ref(x, y, True)), ((key, "AT"), lambda x, y: ref(x, y, False)),
+            ((key, "fwd+bwd"), ref.fwd_bwd)]
+
+
+def time_rounds(configs, x, y, device, warmup, repeats, after_round=None):
+    """Interleaved rounds (round-robin over ``configs``, ``[(key, fn)]``): seconds per measured call
+    and the step count (``fn.count``) each call started at, per key. ``after_round(it, times, index)``
+    runs after every round and returns a note for the progress line."""
+    times = {c: [] for c, _ in configs}
+    index = {c: [] for c, _ in configs}  # for ascent_every: which steps computed a direction
+    n_rounds = warmup + repeats
+    for it in range(n_rounds):
+        for c, fn in configs:
+            idx = getattr(fn, "count", None)
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = fn(x, y)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{c}: non-finite loss")
+            if it >= warmup:
+                times[c].append(dt)
+                index[c].append(idx)
+        note = after_round(it, times, index) if after_round else ""
+        print(f"  round {it + 1}/{n_rounds}" + (" (warm-up)" if it < warmup else "") + (note or ""),
+              file=sys.stderr, flush=True)
+    return times, index
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------- the step benchmark
+def step_main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, base_model, x, y = _setup(args)
+    fast = args.fast == "yes" or (args.fast == "auto" and device.type == "cuda")
+    names = ["reference", "awpfast fp32"] + (["awpfast bf16+cl"] if fast else [])
+    configs = _reference_triple("reference", base_model, args)
+    for name in names[1:]:
+        # one instance per (config, AT or AT-AWP): gamma is fixed, never toggled per step; AT is the
+        # same wrapper with gamma 0 (inactive)
+        kw = dict(amp=torch.bfloat16, channels_last=True) if name == "awpfast bf16+cl" else {}
+        steps = [AwpfastStep(copy.deepcopy(base_model), g, args.attack_steps, backend=args.backend,
+                             check_range=True, **kw) for g in (args.gamma, 0.0)]
+        configs += _triple(name, *steps)
+    times, _ = time_rounds(configs, x, y, device, args.warmup, args.repeats)
+
+    def label(c):
+        return f"{c[0]} {c[1]}"
+
+    med = {label(c): statistics.median(ts) for c, ts in times.items()}
+    mins = {label(c): min(ts) for c, ts in times.items()}
+    ref_awp = med["reference AT-AWP"]
+    rows = []
+    for name in names:
+        a, b, fb = med[f"{name} AT-AWP"], med[f"{name} AT"], med[f"{name} fwd+bwd"]
+        rows.append({"config": name, "at_awp_ms": 1e3 * a, "at_ms": 1e3 * b, "awp_overhead": a / b,
+                     "fwd_bwd_ms": 1e3 * fb, "awp_extra_ms": 1e3 * (a - b),
+                     # AWP's extra cost in units of one plain forward+backward of the same model and
+                     # batch: the ascent pass's physical floor is 1.0 (one forward, one backward)
+                     "awp_extra_over_fwd_bwd": (a - b) / fb,
+                     "speedup_vs_reference_at_awp": ref_awp / a,
+                     "at_awp_min_ms": 1e3 * mins[f"{name} AT-AWP"], "at_min_ms": 1e3 * mins[f"{name} AT"],
+                     "fwd_bwd_min_ms": 1e3 * mins[f"{name} fwd+bwd"],
+                     "speedup_vs_reference_at_awp_min": mins["reference AT-AWP"] / mins[f"{name} AT-AWP"]})
+    print(f"\nOne training step, {args.model}, batch {args.batch}, {args.image_size}px, PGD-{args.attack_steps}, "
+          f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+          f"median of {args.repeats}")
+    print(f"{'config':<18} {'AT-AWP ms':>10} {'AT ms':>10} {'AWP/AT':>8} {'fwd+bwd ms':>11} {'AWP extra/fb':>13}"
+          f" {'speed-up vs ref AT-AWP':>24} {'(min-based)':>12}")
+    for r in rows:
+        print(f"{r['config']:<18} {r['at_awp_ms']:10.1f} {r['at_ms']:10.1f} {r['awp_overhead']:8.3f}"
+              f" {r['fwd_bwd_ms']:11.1f} {r['awp_extra_over_fwd_bwd']:13.3f}"
+              f" {r['speedup_vs_reference_at_awp']:23.2f}x {r['speedup_vs_reference_at_awp_min']:11.2f}x")
+    print("(AWP extra/fb: (AT-AWP - AT) / one plain forward+backward of the same model and batch; the "
+          "ascent pass's floor is 1.0)")
+    result = {"benchmark": "train_step", "model": args.model, "batch": args.batch, "image_size": args.image_size,
+              "attack_steps": args.attack_steps, "gamma": args.gamma, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": args.repeats,
+              "rows": rows, "raw_s": {label(c): ts for c, ts in times.items()}}
+    if args.json:
+        write_json(args.json, result, indent=1)
+    return result
+
+
+# ----------------------------------------------------------------------------- the ladder
+def ladder_main(args):
     rungs = [r.strip() for r in args.rungs.split(",") if r.strip()]
     known = [r for r, *_ in LADDER]
     bad = [r for r in rungs if r not in known]
@@ -380,32 +454,22 @@ def ladder_main(args):
     everys = [int(k) for k in args.ascent_every.split(",") if k.strip()]
     load_start = os.getloadavg()
     t_start = time.time()
-
-    torch.manual_seed(0)
-    base_model = create_model(args.model, num_classes=10).to(device)
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
-    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    device, base_model, x, y = _setup(args)
 
     same = None
     if "b" in rungs and "c" in rungs:
         same = check_same_x_adv(base_model, x, y, args.attack_steps, args.backend, device)
         print(f"x_adv (b) vs (c): {same}", file=sys.stderr, flush=True)
 
-    # configs: (label, runner, method): method "step" or "fwd_bwd"
-    configs = []
+    def step(r, gamma, kind, k=1):
+        return AwpfastStep(copy.deepcopy(base_model), gamma, args.attack_steps, kind=kind, ascent_every=k,
+                           **dict(RUNG_SETTINGS[r], backend=args.backend))
+
+    configs = []  # (key, callable (x, y) -> loss)
     meta = {}
     for r in rungs:
-        if r == "a":
-            ref = ReferenceStep(copy.deepcopy(base_model), args.gamma, args.attack_steps)
-            configs += [(("a", "AT-AWP"), lambda x, y, ref=ref: ref(x, y, True)),
-                        (("a", "AT"), lambda x, y, ref=ref: ref(x, y, False)),
-                        (("a", "fwd+bwd"), ref.fwd_bwd)]
-            continue
-        kw = dict(RUNG_SETTINGS[r], backend=args.backend)
-        awp = LadderStep(copy.deepcopy(base_model), args.gamma, args.attack_steps, kind="awp", **kw)
-        at = LadderStep(copy.deepcopy(base_model), 0.0, args.attack_steps, kind="at", **kw)
-        configs += [((r, "AT-AWP"), awp), ((r, "AT"), at), ((r, "fwd+bwd"), at.fwd_bwd)]
+        configs += (_reference_triple("a", base_model, args) if r == "a"
+                    else _triple(r, step(r, args.gamma, "awp"), step(r, 0.0, "at")))
     cheap_ok, cheap_why = _cheap_api()
     extra_kinds = [("subbatch", float(f)) for f in args.ascent_fraction.split(",") if f.strip()]
     extra_kinds += [("momentum", 1)] if args.momentum_row else []
@@ -416,61 +480,39 @@ def ladder_main(args):
         print(f"cheap-ascent rows skipped: {cheap_why}", file=sys.stderr, flush=True)
     elif cheap_at:
         for r, kind, k in cheap_rows_wanted:
-            kw = dict(RUNG_SETTINGS[r], backend=args.backend)
-            st = LadderStep(copy.deepcopy(base_model), args.gamma, args.attack_steps, kind=kind, ascent_every=k, **kw)
+            st = step(r, args.gamma, kind, k)
             label = f"{kind}{k:g}" if kind in ("every", "subbatch", "rwp") else kind
             configs.append(((r, label), st))
             meta[(r, label)] = (kind, k, st)
             if not any(c[0] == (r, "AT") for c in configs):  # the AT and fwd+bwd of that rung's settings
-                at = LadderStep(copy.deepcopy(base_model), 0.0, args.attack_steps, kind="at", **kw)
-                configs += [((r, "AT"), at), ((r, "fwd+bwd"), at.fwd_bwd)]
+                configs += _triple(r, None, step(r, 0.0, "at"))[1:]
             if not any(c[0] == (r, "AT-AWP") for c in configs):
-                configs.append(((r, "AT-AWP"), LadderStep(copy.deepcopy(base_model), args.gamma, args.attack_steps,
-                                                          kind="awp", **kw)))
+                configs.append(((r, "AT-AWP"), step(r, args.gamma, "awp")))
 
-    times = {c: [] for c, _ in configs}
-    step_index = {c: [] for c, _ in configs}  # for ascent_every: which steps computed a direction
     loads = []
-    n_rounds = args.warmup + args.repeats
 
-    def write(partial):
-        res = _ladder_result(args, device, rungs, configs, times, step_index, meta, same, loads, load_start,
+    def write(times, step_index, partial):
+        res = _ladder_result(args, device, rungs, times, step_index, meta, same, loads, load_start,
                              t_start, cheap_at, cheap_ok, cheap_why, partial)
         if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            tmp = args.json + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(res, f, indent=1)
-            os.replace(tmp, args.json)
+            write_json(args.json, res, announce=False, indent=1)
         return res
 
-    for it in range(n_rounds):
-        for c, fn in configs:
-            runner = getattr(fn, "__self__", None) if c[1] == "fwd+bwd" else fn
-            idx = runner.count if isinstance(runner, LadderStep) else None
-            _sync(device)
-            t0 = time.perf_counter()
-            loss = fn(x, y)
-            _sync(device)
-            dt = time.perf_counter() - t0
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{c}: non-finite loss")
-            if it >= args.warmup:
-                times[c].append(dt)
-                step_index[c].append(idx)
+    def after_round(it, times, step_index):
         loads.append({"round": it + 1, "loadavg": os.getloadavg(), "time": time.strftime("%H:%M:%S")})
-        print(f"  round {it + 1}/{n_rounds}" + (" (warm-up)" if it < args.warmup else "")
-              + f"  load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
         if it >= args.warmup:
-            write(partial=True)
-    res = write(partial=False)
+            write(times, step_index, partial=True)
+        return f"  load {os.getloadavg()[0]:.2f}"
+
+    times, step_index = time_rounds(configs, x, y, device, args.warmup, args.repeats, after_round)
+    res = write(times, step_index, partial=False)
     _print_ladder(res)
     if args.json:
         print(f"wrote {args.json}")
     return res
 
 
-def _ladder_result(args, device, rungs, configs, times, step_index, meta, same, loads, load_start, t_start,
+def _ladder_result(args, device, rungs, times, step_index, meta, same, loads, load_start, t_start,
                    cheap_at, cheap_ok, cheap_why, partial):
     st = {c: _stats(ts) for c, ts in times.items()}
 
@@ -565,16 +607,6 @@ def _ladder_result(args, device, rungs, configs, times, step_index, meta, same, 
             "raw_step_index": {f"{c[0]} {c[1]}": ix for c, ix in step_index.items() if c in meta}}
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def _print_ladder(res):
     print(f"\nAblation ladder: one training step, {res['model']}, batch {res['batch']}, {res['image_size']}px, "
@@ -596,12 +628,133 @@ def _print_ladder(res):
         print(f"  cheap-ascent rows: not run ({res['cheap_ascent_api']['why_not']})")
 
 
+
+
+# ----------------------------------------------------------------------------- the results, read here only
+def _is_ladder(data):
+    return "rungs" in data or data.get("benchmark") == "train_step_ladder"
+
+
+def verdict(data):
+    """``(ok, rows not ok)`` of either result: the step has rows; the ladder has rungs and finished
+    (not ``partial``). No row is judged on its own (None)."""
+    if _is_ladder(data):
+        return bool(data.get("rungs")) and not data.get("partial", True), None
+    return bool(data.get("rows")), None
+
+
+def _quartiles(v):
+    v = sorted(v)
+    n = len(v)
+
+    def p(x):
+        k = (n - 1) * x
+        lo, hi = math.floor(k), math.ceil(k)
+        return v[lo] + (v[hi] - v[lo]) * (k - lo)
+    return p(0.25), p(0.5), p(0.75)
+
+
+def _device_text(d):
+    if d["device"] == "cpu":
+        return f"{d.get('cpu_count') or '?'}-core CPU ({d['device_name']})"
+    return d["device_name"] or d["device"]
+
+
+def _q(s):
+    return (s["p25"], s["median"], s["p75"])
+
+
+def summary(data):
+    """The numbers of either result by meaning (ms unless named otherwise).
+
+    The step: ``{"configs": {config: {at_awp_ms, at_ms, awp_extra_ms, fwd_bwd_ms, awp_over_at,
+    extra_over_fwd_bwd, vs_reference}}}`` (medians over the rounds).
+    The ladder: ``{"conditions": {model, batch, attack_steps, device (text), threads, measured_rounds,
+    warmup_rounds, load: (min, median, max) of the 1-minute load average, x_adv_b_c: "bitwise", None
+    (not checked) or the largest difference}, "rungs": {rung: {name, same_algorithm, at_awp_ms, at_ms,
+    awp_extra_ms (quartiles), fwd_bwd_ms (median), extra_over_fwd_bwd, vs_previous, vs_a (None where
+    not measured), paired_vs_previous: quartiles of the per-round ratio of the rung above's AT-AWP step
+    to this one's}}, "cheap": [{at_rung, label, row, step_ms, awp_extra_ms, extra_over_fwd_bwd}]}``
+    (the cheap-ascent rows that have a step time)."""
+    if not _is_ladder(data):
+        return {"configs": {r["config"]: {
+            "at_awp_ms": r["at_awp_ms"], "at_ms": r["at_ms"], "awp_extra_ms": r["awp_extra_ms"],
+            "fwd_bwd_ms": r.get("fwd_bwd_ms"), "awp_over_at": r["awp_overhead"],
+            "extra_over_fwd_bwd": r.get("awp_extra_over_fwd_bwd"),
+            "vs_reference": r["speedup_vs_reference_at_awp"]} for r in data.get("rows", [])}}
+    la, same, raw = data.get("loadavg") or {}, data.get("x_adv_b_equals_c"), data.get("raw_s") or {}
+    rungs = {}
+    for r in data.get("rungs", []):
+        prev = r.get("previous_rung")
+        pair = (raw.get(f"{prev} AT-AWP"), raw.get(f"{r['rung']} AT-AWP")) if prev else (None, None)
+        rungs[r["rung"]] = {
+            "name": r["name"], "same_algorithm": r["same_algorithm_as_a"], "at_awp_ms": _q(r["at_awp_ms"]),
+            "at_ms": _q(r["at_ms"]), "awp_extra_ms": _q(r["awp_extra_ms"]), "fwd_bwd_ms": r["fwd_bwd_ms"]["median"],
+            "extra_over_fwd_bwd": r["awp_extra_over_fwd_bwd"], "vs_previous": r.get("speedup_at_awp_vs_previous_rung"),
+            "vs_a": r.get("speedup_at_awp_vs_a"),
+            "paired_vs_previous": _quartiles([p / q for p, q in zip(*pair)]) if all(pair) else None}
+    cheap = [{"at_rung": r["at_rung"], "label": r["label"], "row": r["row"], "step_ms": r["step_ms"],
+              "awp_extra_ms": r["awp_extra_ms"], "extra_over_fwd_bwd": r["awp_extra_over_fwd_bwd"]}
+             for r in data.get("cheap_rows", []) if "step_ms" in r]
+    return {"conditions": {
+        "model": data.get("model"), "batch": data.get("batch"), "attack_steps": data.get("attack_steps"),
+        "device": _device_text(data) if "device" in data else None, "threads": data.get("threads"),
+        "measured_rounds": data.get("measured_rounds"), "warmup_rounds": data.get("warmup_rounds"),
+        "load": (la.get("one_minute_min"), la.get("one_minute_median"), la.get("one_minute_max")),
+        "x_adv_b_c": None if same is None else ("bitwise" if same.get("bitwise_equal") else same["max_abs_diff"])},
+        "rungs": rungs, "cheap": cheap}
+
+
+def summary_lines(data):
+    """gpu_check's text lines of either result (none when it has no rows)."""
+    out = []
+    if data.get("rows"):
+        out.append("  train step: AT-AWP ms, AT ms, AWP/AT, fwd+bwd ms, AWP extra / fwd+bwd, vs reference")
+        for r in data["rows"]:
+            out.append(f"    {r['config']:18s} {r['at_awp_ms']:8.1f} {r['at_ms']:8.1f} {r['awp_overhead']:6.3f} "
+                       f"{r.get('fwd_bwd_ms', float('nan')):8.1f} {r.get('awp_extra_over_fwd_bwd', float('nan')):6.3f} "
+                       f"{r['speedup_vs_reference_at_awp']:6.2f}x")
+    if data.get("rungs"):
+        la = (data.get("loadavg") or {}).get("one_minute_median")
+        out.append(f"  ladder ({data.get('model')}, batch {data.get('batch')}, PGD-{data.get('attack_steps')}, "
+                   f"{data.get('measured_rounds')} rounds, load {la}): AT-AWP ms, AT ms, AWP extra ms, "
+                   "extra / fwd+bwd, vs (a)")
+        for r in data["rungs"]:
+            out.append(f"    ({r['rung']}) {r['name'][:30]:30s} {r['at_awp_ms']['median']:8.1f} "
+                       f"{r['at_ms']['median']:8.1f} {r['awp_extra_ms']['median']:7.1f} "
+                       f"{r['awp_extra_over_fwd_bwd']:6.2f} {r.get('speedup_at_awp_vs_a', float('nan')):6.2f}x")
+        for r in data.get("cheap_rows", []):
+            if "step_ms" in r:
+                out.append(f"    at ({r['at_rung']}) {r['label']:10s} step {r['step_ms']:8.1f} ms, extra "
+                           f"{r['awp_extra_ms']:7.1f} ms, {r['awp_extra_over_fwd_bwd']:5.2f} x fwd+bwd")
+    return out
+
+
+def targets(data):
+    """The GPU targets of either result: the bf16 + channels_last step against the reference (>= 3.5x)
+    and its AWP/AT (<= 1.10); AWP's extra in fwd+bwd units and the ladder's same-algorithm speed-up,
+    reported without a target."""
+    out = {}
+    fast = {r["config"]: r for r in data.get("rows", [])}.get("awpfast bf16+cl")
+    if fast:
+        out["train_bf16cl_vs_reference_fp32"] = target(fast["speedup_vs_reference_at_awp"], ">= 3.5",
+                                                       fast["speedup_vs_reference_at_awp"] >= 3.5)
+        out["train_at_awp_over_at"] = target(fast["awp_overhead"], "<= 1.10", fast["awp_overhead"] <= 1.10)
+        if "awp_extra_over_fwd_bwd" in fast:
+            out["train_awp_extra_over_fwd_bwd"] = target(fast["awp_extra_over_fwd_bwd"], "report (floor 1.0)", None)
+    lad = {r["rung"]: r for r in data.get("rungs", [])}
+    if "a" in lad and "c" in lad:  # the same algorithm, reported (no target)
+        out["ladder_same_algorithm_a_to_c"] = target(lad["c"].get("speedup_at_awp_vs_a"), "report", None,
+                                                     note="AT-AWP step, reference pattern -> awpfast with the same "
+                                                          "train-mode attack and input-only gradients (same x_adv)")
+    for rung in ("c", "f"):
+        if rung in lad:
+            out[f"ladder_{rung}_awp_extra_over_fwd_bwd"] = target(lad[rung].get("awp_extra_over_fwd_bwd"),
+                                                                  "report (floor 1.0)", None)
+    return out
+
+
 # ----------------------------------------------------------------------------- driver
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -628,93 +781,13 @@ def main(argv=None):
                    help="ladder: a momentum-sourced ascent row next to the cheap-ascent rows")
     p.add_argument("--rwp-steps", default="10", help="ladder: RWP rows with these ascent passes (RWP's reference: 10)")
     args = p.parse_args(argv)
-    if args.ladder:
-        return ladder_main(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    fast = args.fast == "yes" or (args.fast == "auto" and device.type == "cuda")
+    return run(args)
 
-    torch.manual_seed(0)
-    base_model = create_model(args.model, num_classes=10).to(device)
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
-    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
 
-    names = ["reference", "awpfast fp32"] + (["awpfast bf16+cl"] if fast else [])
-    ref = ReferenceStep(copy.deepcopy(base_model), args.gamma, args.attack_steps)
-    runners = {}
-    for awp in (True, False):
-        g = args.gamma if awp else 0.0
-        runners[("reference", awp)] = ref  # stateless w.r.t. AT / AT-AWP
-        runners[("awpfast fp32", awp)] = AwpfastStep(copy.deepcopy(base_model), g, args.attack_steps,
-                                                     backend=args.backend)
-        if fast:
-            m = copy.deepcopy(base_model).to(memory_format=torch.channels_last)
-            runners[("awpfast bf16+cl", awp)] = AwpfastStep(m, g, args.attack_steps, amp=torch.bfloat16,
-                                                            channels_last=True, backend=args.backend)
-    # (name, True): AT-AWP step, (name, False): AT step, (name, None): one plain forward+backward
-    configs = [(name, awp) for name in names for awp in (True, False, None)]
-    times = {c: [] for c in configs}
-    for it in range(args.warmup + args.repeats):
-        for name, awp in configs:
-            _sync(device)
-            t0 = time.perf_counter()
-            if awp is None:
-                loss = runners[(name, False)].fwd_bwd(x, y)
-            else:
-                loss = runners[(name, awp)](x, y, awp)
-            _sync(device)
-            dt = time.perf_counter() - t0
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{name}: non-finite loss")
-            if it >= args.warmup:
-                times[(name, awp)].append(dt)
-        print(f"  round {it + 1}/{args.warmup + args.repeats}" + (" (warm-up)" if it < args.warmup else ""),
-              file=sys.stderr, flush=True)
-
-    def label(name, awp):
-        return f"{name} {'AT-AWP' if awp else ('AT' if awp is False else 'fwd+bwd')}"
-
-    med = {label(name, awp): statistics.median(ts) for (name, awp), ts in times.items()}
-    mins = {label(name, awp): min(ts) for (name, awp), ts in times.items()}
-    ref_awp = med["reference AT-AWP"]
-    rows = []
-    for name in names:
-        a, b, fb = med[f"{name} AT-AWP"], med[f"{name} AT"], med[f"{name} fwd+bwd"]
-        rows.append({"config": name, "at_awp_ms": 1e3 * a, "at_ms": 1e3 * b, "awp_overhead": a / b,
-                     "fwd_bwd_ms": 1e3 * fb, "awp_extra_ms": 1e3 * (a - b),
-                     # AWP's extra cost in units of one plain forward+backward of the same model and
-                     # batch: the ascent pass's physical floor is 1.0 (one forward, one backward)
-                     "awp_extra_over_fwd_bwd": (a - b) / fb,
-                     "speedup_vs_reference_at_awp": ref_awp / a,
-                     "at_awp_min_ms": 1e3 * mins[f"{name} AT-AWP"], "at_min_ms": 1e3 * mins[f"{name} AT"],
-                     "fwd_bwd_min_ms": 1e3 * mins[f"{name} fwd+bwd"],
-                     "speedup_vs_reference_at_awp_min": mins["reference AT-AWP"] / mins[f"{name} AT-AWP"]})
-    print(f"\nOne training step, {args.model}, batch {args.batch}, {args.image_size}px, PGD-{args.attack_steps}, "
-          f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"median of {args.repeats}")
-    print(f"{'config':<18} {'AT-AWP ms':>10} {'AT ms':>10} {'AWP/AT':>8} {'fwd+bwd ms':>11} {'AWP extra/fb':>13}"
-          f" {'speed-up vs ref AT-AWP':>24} {'(min-based)':>12}")
-    for r in rows:
-        print(f"{r['config']:<18} {r['at_awp_ms']:10.1f} {r['at_ms']:10.1f} {r['awp_overhead']:8.3f}"
-              f" {r['fwd_bwd_ms']:11.1f} {r['awp_extra_over_fwd_bwd']:13.3f}"
-              f" {r['speedup_vs_reference_at_awp']:23.2f}x {r['speedup_vs_reference_at_awp_min']:11.2f}x")
-    print("(AWP extra/fb: (AT-AWP - AT) / one plain forward+backward of the same model and batch; the "
-          "ascent pass's floor is 1.0)")
-    result = {"benchmark": "train_step", "model": args.model, "batch": args.batch, "image_size": args.image_size,
-              "attack_steps": args.attack_steps, "gamma": args.gamma, "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": args.repeats,
-              "rows": rows, "raw_s": {label(n, a): ts for (n, a), ts in times.items()}}
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
-    return result
+def run(args):
+    """Either benchmark from parsed options (``args.ladder`` picks the ladder); its result, also written
+    to ``args.json`` when given."""
+    return ladder_main(args) if args.ladder else step_main(args)
 
 
 if __name__ == "__main__":
