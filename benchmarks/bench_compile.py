@@ -191,5 +191,15 @@ def main(argv=None):
     return 0 if all("error" not in r for r in out["rows"]) else 1
 
 
+# --------------------------------------------------------------------------- the results, read here only
+def verdict(data):
+    """``(ok, rows not ok)``: every model compiled without an error, no fallback to eager inside
+    awpfast, nothing compiled again in steady state, the run complete."""
+    from _bench_io import rows_verdict
+    return rows_verdict(data, lambda r: "error" in r or r.get("fallbacks_in_awpfast")
+                        or (r.get("steady_state") or {}).get("frames"),
+                        ("model", "error", "fallbacks_in_awpfast", "steady_state"), complete_default=False)
+
+
 if __name__ == "__main__":
     sys.exit(main())

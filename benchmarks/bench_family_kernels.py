@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_io import write_json  # noqa: E402
+from _bench_io import rows_verdict, write_json  # noqa: E402
 import awpfast.ops as ops  # noqa: E402
 from awpfast.models import WideResNet  # noqa: E402
 
@@ -170,6 +170,25 @@ def main(argv=None):
         path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                          f"{time.strftime('%Y-%m-%d')}_{device.type}-{out['threads']}core_family_kernels.json")
         write_json(path, out)
+    return out
+
+
+# --------------------------------------------------------------------------- the results, read here only
+def verdict(data):
+    """``(ok, rows not ok)``: every row within 1e-4 of float64 (relative)."""
+    return rows_verdict(data, lambda r: not (r.get("max_rel_err_vs_fp64", 1.0) < 1e-4),
+                        ("rule", "backend", "max_rel_err_vs_fp64"))
+
+
+def summary_lines(data):
+    """gpu_check's text lines: one per (rule, backend) row."""
+    if not data.get("rows"):
+        return []
+    out = [f"  family seam ops on WRN-34-10, ms (copy bw {data.get('copy_bandwidth_gbs', 0):.0f} GB/s): "
+           "median, x floor, vs first backend, err vs float64"]
+    for r in data["rows"]:
+        out.append(f"    {r['rule']:19s} {r['backend']:8s} {r['median_ms']:8.3f} {r['x_floor']:6.2f}x "
+                   f"{r['speedup_vs_first']:6.2f}x {r['max_rel_err_vs_fp64']:8.1e}")
     return out
 
 

@@ -20,7 +20,6 @@ Prints a table; ``--json PATH`` writes the results.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,7 +29,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import awpfast.ops as ops  # noqa: E402
+from _bench_io import rows_verdict, target, write_json  # noqa: E402
 
 
 # --------------------------------------------------------------------------- eager sequences
@@ -284,10 +285,7 @@ def main(argv=None):
 
     def save(rows, skipped, complete=False):
         if a.json:
-            tmp = a.json + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(dict(meta, rows=rows, skipped=skipped, complete=complete), f, indent=1)
-            os.replace(tmp, a.json)
+            write_json(a.json, dict(meta, rows=rows, skipped=skipped, complete=complete), announce=False, indent=1)
 
     rows, skipped = run(dev, a.dtypes.split(","), a.batch, shape, reps, inner,
                         a.backends.split(",") if a.backends else None, on_row=save, graph=not a.no_graph)
@@ -296,6 +294,48 @@ def main(argv=None):
           f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu'}")
     print_table(rows, skipped)
     return rows
+
+
+# --------------------------------------------------------------------------- the results, read here only
+def verdict(data):
+    """``(ok, rows not ok)``: every row timed without an error and verified, the run complete."""
+    return rows_verdict(data, lambda r: "error" in r or r.get("verified_ok") is False,
+                        ("norm", "dtype", "impl", "error", "err"), present_only=True)
+
+
+def summary_lines(data):
+    """gpu_check's text lines: one per row (loop / single / graph us, against eager, kernels, error)."""
+    if not data.get("rows"):
+        return []
+    out = ["  PGD step (batch %s): us loop / single / graph, vs eager, kernels, err" % data.get("batch")]
+    nan = float("nan")
+    for r in data["rows"]:
+        out.append(f"    {r['norm']:5s} {r['dtype']:9s} {r['impl']:8s} {r['median_us']:8.1f} "
+                   f"{r.get('single_us', nan):8.1f} {r.get('graph_us', nan):8.1f} "
+                   f"{(r.get('speedup_vs_eager') or 0):6.2f}x {str(r.get('kernels')):>4s} {r.get('err', nan):8.1e}")
+    return out
+
+
+def targets(data):
+    """The GPU targets of the fp32 L-inf step per fused implementation: one kernel launch and >= 3x
+    the eager sequence."""
+    out = {}
+    prow = [r for r in data.get("rows", []) if r.get("norm") == "Linf" and r.get("dtype") == "float32"]
+    eager = next((r for r in prow if r["impl"] == "eager"), None)
+    for r in prow:
+        if r["impl"] == "eager":
+            continue
+        key = f"pgd_linf_{r['impl']}"
+        if r.get("kernels") is not None:
+            out[key + "_launches"] = target(r["kernels"], "== 1", r["kernels"] == 1)
+        sp = r.get("speedup_vs_eager")
+        if sp is not None:
+            note = None
+            if "graph_us" in r:
+                note = (f"kernel {r['graph_us']:.1f} us (graph replay), launch {r.get('launch_us', 0):.1f} us; "
+                        f"eager kernel {(eager or {}).get('graph_us', float('nan')):.1f} us")
+            out[key + "_vs_eager"] = target(sp, ">= 3", sp >= 3, note=note)
+    return out
 
 
 if __name__ == "__main__":

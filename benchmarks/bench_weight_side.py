@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -34,7 +33,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import awpfast.ops as ops  # noqa: E402
+from _bench_io import rows_verdict, target, write_json  # noqa: E402
 from awpfast.models import PreActResNet18, WideResNet, create_model  # noqa: E402
 from awpfast.perturb import select_parameters  # noqa: E402
 
@@ -284,12 +285,8 @@ def verify(case, perturb, restore, tol_v=3e-5, tol_p=1e-2, tol_dev=1e-5):
 
 def _write_json(path, out):
     """Atomic write (a killed run leaves the previous complete file)."""
-    if not path:
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    os.replace(tmp, path)
+    if path:
+        write_json(path, out, announce=False, indent=1)
 
 
 def main(argv=None):
@@ -402,6 +399,80 @@ def main(argv=None):
               f"{('exact' if r.get('restore_exact') else ('-' if 'restore_exact' not in r else 'INEXACT')):>8s}")
     print(f"(floor = 8*N*bytes / copy bandwidth; WRN-34-10 N = "
           f"{next((r['elements'] for r in rows if r['model'] == 'wrn34-10' and 'elements' in r), 0):,})")
+    return out
+
+
+# --------------------------------------------------------------------------- the results, read here only
+def verdict(data):
+    """``(ok, rows not ok)``: every row timed without an error and verified against float64, the run
+    complete."""
+    return rows_verdict(data, lambda r: "error" in r or r.get("verified_ok") is False,
+                        ("model", "dtype", "variant", "error", "err_v", "err_p", "restore_exact"), present_only=True)
+
+
+def summary(data):
+    """Per ``(model, dtype, variant)`` of the timed rows, ms per perturb + restore: ``single_ms`` (one
+    isolated call, launches included), ``steady_ms`` (back to back where measured, else single),
+    ``kernel_ms`` (CUDA-graph replay where measured, else steady), ``graph_ms`` (None when not
+    measured), ``floor_ms`` (the bytes floor at the run's copy bandwidth), ``single_x_floor``,
+    ``verified``; a failed row is ``{"error": ...}``."""
+    out = {}
+    for r in data.get("rows", []):
+        key = (r.get("model"), r.get("dtype"), r.get("variant"))
+        if "median_ms" not in r:
+            out.setdefault(key, {"error": r.get("error", "no timing")})
+            continue
+        steady = r.get("loop_ms") or r["median_ms"]
+        out[key] = {"single_ms": r["median_ms"], "steady_ms": steady, "kernel_ms": r.get("graph_ms") or steady,
+                    "graph_ms": r.get("graph_ms"), "floor_ms": r["floor_ms"], "single_x_floor": r["x_floor"],
+                    "verified": r.get("verified_ok")}
+    return out
+
+
+def summary_lines(data):
+    """gpu_check's text lines: one per row (single / loop / graph ms, x floor of the kernel time,
+    error against float64, restore)."""
+    if not data.get("rows"):
+        return []
+    out = [f"  perturb+restore, ms per call (copy bw {data.get('copy_bandwidth_gbs', 0):.0f} GB/s): single / "
+           f"loop / graph, x floor (kernel), err, restore"]
+    for r in data["rows"]:
+        if "median_ms" not in r:
+            out.append(f"    {r['model']:9s} {r['dtype']:9s} {r['variant']:16s} error {r.get('error', '')[:60]}")
+            continue
+        nan = float("nan")
+        err = r.get("err_v", r.get("err_p", nan))
+        kern = r.get("graph_ms") or r.get("loop_ms") or r["median_ms"]
+        out.append(f"    {r['model']:9s} {r['dtype']:9s} {r['variant']:16s} {r['median_ms']:8.3f} "
+                   f"{r.get('loop_ms', nan):8.3f} {r.get('graph_ms', nan):8.3f} {kern / r['floor_ms']:6.2f}x "
+                   f"{err:8.1e} {'exact' if r.get('restore_exact') else 'INEXACT'}")
+    return out
+
+
+def targets(data):
+    """The GPU targets on WRN-34-10, fp32 and bf16, per GPU backend: kernel time <= 1.25x the bytes
+    floor, >= 2x the foreach-simple version and >= 20x the reference pattern (back-to-back time)."""
+    out = {}
+    rows = summary(data)
+    for dt in ("float32", "bfloat16"):
+        fe, ref = rows.get(("wrn34-10", dt, "foreach-simple"), {}), rows.get(("wrn34-10", dt, "reference-eager"), {})
+        for be in ("triton", "native"):
+            key = f"wrn_{dt}_{be}"
+            r = rows.get(("wrn34-10", dt, be))
+            if r is None:
+                continue
+            if "error" in r:
+                out[key + "_x_floor"] = target(None, "<= 1.25", False, note=r["error"])
+                continue
+            xf = r["kernel_ms"] / r["floor_ms"]
+            out[key + "_x_floor"] = target(xf, "<= 1.25", xf <= 1.25, note=f"kernel time; one isolated call "
+                                           f"{r['single_x_floor']:.2f}x floor", verified=r["verified"])
+            if "steady_ms" in fe:
+                v = fe["steady_ms"] / r["steady_ms"]
+                out[key + "_vs_foreach_simple"] = target(v, ">= 2", v >= 2)
+            if "steady_ms" in ref:
+                v = ref["steady_ms"] / r["steady_ms"]
+                out[key + "_vs_reference_eager"] = target(v, ">= 20", v >= 20)
     return out
 
 

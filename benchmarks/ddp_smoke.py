@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_io import target, write_json  # noqa: E402
 
 
 def _free_port() -> int:
@@ -124,12 +126,26 @@ def main(argv=None):
     except Exception as e:  # report, do not hide: this is what the smoke test is for
         res = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(a.json, res, announce=False, indent=1)
     print(json.dumps({k: v for k, v in res.items() if k != "traceback"}, indent=1))
     if "traceback" in res:
         print(res["traceback"], file=sys.stderr)
     return 0 if res.get("ok") else 1
+
+
+# --------------------------------------------------------------------------- the results, read here only
+def verdict(data):
+    """``(ok, rows not ok)``: the DDP run equal to the plain one (no rows to judge: None)."""
+    return data.get("ok") is True, None
+
+
+def targets(data):
+    """The GPU target: a 1-rank DDP model through awpfast.AWP takes the steps of the plain model."""
+    if not data:
+        return {}
+    return {f"ddp_1rank_{data.get('backend', '')}_smoke": target(data.get("max_rel_diff"), "equal to no-DDP",
+                                                                 data.get("ok") is True,
+                                                                 note=data.get("why") or data.get("error"))}
 
 
 if __name__ == "__main__":
