@@ -47,7 +47,7 @@ Every other token is **measured** (checked) when it is one of:
 
 * a decimal (a fractional part or an exponent): 57.0, 0.54, 2.5e-6;
 * a number with a unit right after it: ``%``, ``×``/``x`` (a ratio, a speed-up), ``s``, ``ms``,
-  ``µs``/``us``, ``min``, ``h``, ``GB/s``, ``GB``, ``MB``, ``B``, ``M``, ``K``; the first number of
+  ``µs``/``us``, ``min``, ``h`` (and the words minute(s), second(s), hour(s)), ``GB/s``, ``GB``, ``MB``, ``B``, ``M``, ``K``; the first number of
   a range or pair joined by ``–``, ``-``, ``to``, ``→``, ``against``, ``and``, ``or`` takes the
   unit of the second (5 to 13 min, 10–18 ×);
 * a number right after ``±`` or ``t =``;
@@ -104,7 +104,7 @@ REGION_END = "<!-- /not-measured-region -->"
 TOKEN = re.compile(r"(?<![\d.,])[+\-−]?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+\-−]?\d+)?")
 DATE = re.compile(r"(?<!\d)\d{4}-\d{2}-\d{2}(?!\d)")
 UNIT = re.compile(r"(?P<sp>[ \u00a0\u2009\u202f]?)(?P<u>%|×|x(?![\w])|GB/s|GB\b|MB\b|ms\b|µs\b|us\b|min\b|s\b|h\b|"
-                  r"B\b|M\b|K\b)")
+                  r"B\b|M\b|K\b|minutes?\b|seconds?\b|hours?\b)")
 ATTACHED_UNITS = ("x",)  # units that count only when glued to the number (1.30x, not "4 x 4")
 JOIN = re.compile(r"\s*(?:–|-|—|to|→|against|and|or)\s*(?:~|about\s+)?$")
 JOIN_AFTER = re.compile(r"^\s*(?:–|-|—|to|→|against|and|or)\s*(?:~|about\s+)?")
@@ -113,6 +113,9 @@ FACTORS = {
     "s": (1.0, 1e3, 1e-3, 1e6, 1e-6, 60.0, 1 / 60.0), "ms": (1.0, 1e3, 1e-3, 1e6, 1e-6, 60.0, 1 / 60.0),
     "µs": (1.0, 1e3, 1e-3, 1e6, 1e-6), "us": (1.0, 1e3, 1e-3, 1e6, 1e-6),
     "min": (1.0, 1 / 60.0, 60.0, 1e-3), "h": (1.0, 1 / 60.0, 1 / 3600.0),
+    "minute": (1.0, 1 / 60.0, 60.0, 1e-3), "minutes": (1.0, 1 / 60.0, 60.0, 1e-3),
+    "second": (1.0, 1e3, 1e-3, 60.0, 1 / 60.0), "seconds": (1.0, 1e3, 1e-3, 60.0, 1 / 60.0),
+    "hour": (1.0, 1 / 60.0, 1 / 3600.0), "hours": (1.0, 1 / 60.0, 1 / 3600.0),
     "GB/s": (1.0, 1e-9), "GB": (1.0, 1e-9), "MB": (1.0, 1e-6), "M": (1.0, 1e-6), "K": (1.0, 1e-3),
 }
 
@@ -128,6 +131,23 @@ def pages(root: str = ROOT) -> List[str]:
 
 def _blank(s: str) -> str:
     return re.sub(r"[^\n]", " ", s)
+
+
+def region_text(text: str) -> Tuple[str, List[bool]]:
+    """Only the lines inside not-measured regions (for counting what they leave unchecked)."""
+    lines = text.split("\n")
+    keep, inside = [], False
+    for line in lines:
+        s = line.strip()
+        if REGION_START.match(s):
+            inside = True
+            keep.append(False)
+        elif s == REGION_END:
+            inside = False
+            keep.append(False)
+        else:
+            keep.append(inside)
+    return "\n".join(l if k else _blank(l) for l, k in zip(lines, keep)), [l.lstrip().startswith("|") for l in lines]
 
 
 def prose(text: str) -> Tuple[str, List[bool]]:
@@ -168,6 +188,8 @@ def prose(text: str) -> Tuple[str, List[bool]]:
             keep.append(False)
             continue
         keep.append(True)
+    if in_region or in_block:
+        raise ValueError("a not-measured region or a numbers block is never closed")
     out = "\n".join(l if k else _blank(l) for l, k in zip(lines, keep))
     out = re.sub(r"<!--.*?-->", lambda m: _blank(m.group(0)), out, flags=re.S)
     out = re.sub(r"(`+)(?:(?!\1)(?!\n[ \t]*\n).)+?\1", lambda m: _blank(m.group(0)), out, flags=re.S)
@@ -198,7 +220,7 @@ class Token:
 
 
 def _word_before(s: str, i: int) -> str:
-    m = re.search(r"([A-Za-z][\w.]*)\s*(?:==|>=|≥|<=|≤|=|\+)?\s*$", s[max(0, i - 40):i])
+    m = re.search(r"([A-Za-z][\w.]*)\s*(?:==|>=|≥|<=|≤|=|<|>|\+)?\s*$", s[max(0, i - 40):i])
     return m.group(1).lower() if m else ""
 
 
@@ -358,7 +380,10 @@ def check_page(root: str, page: str, listing: Optional[list] = None) -> List[str
     with open(os.path.join(root, page), encoding="utf-8") as f:
         text = f.read()
     problems = []
-    body, table = prose(text)
+    try:
+        body, table = prose(text)
+    except ValueError as e:
+        return [f"{page}: {e}"]
     toks = tokens(body, table)
     # the claims scopes: (offset, files)
     scopes = []
@@ -409,6 +434,11 @@ def check_page(root: str, page: str, listing: Optional[list] = None) -> List[str
             if all(ld is not None and ld > LOAD_LIMIT for ld in loads):
                 problems.append(f"{page}:{t.line}: the ratio {t!r} comes from {hit}, measured at a load average "
                                 f"above {LOAD_LIMIT:g} (max {max(loads):.1f}): not a speed-up to quote")
+    if listing is not None:
+        rt, rtable = region_text(text)
+        n = sum(1 for t in tokens(rt, rtable) if t.why is not None)
+        if n:
+            listing.append((page, 0, f"{n} numbers", "region", "not-measured regions"))
     for ph, line, hits, used in spans:
         if hits and not used[0]:
             problems.append(f"{page}:{line}: not-measured phrase {ph!r} exempts no measured number (stale)")
@@ -432,12 +462,18 @@ def main(argv=None):
     listing: Optional[list] = [] if a.list else None
     problems = check(a.root, a.pages or None, listing)
     if listing is not None:
-        counts: Dict[str, int] = {}
+        counts: Dict[str, List[int]] = {}
         for page, line, tok, why, src in listing:
             print(f"{page}:{line}: {tok} [{why}] <- {src}")
-            counts[page] = counts.get(page, 0) + 1
+            c = counts.setdefault(page, [0, 0, 0])
+            if why == "region":
+                c[2] += int(tok.split()[0])
+            else:
+                c[0 if src != "not measured" else 1] += 1
         for page in (a.pages or pages(a.root)):
-            print(f"{page}: {counts.get(page, 0)} numbers checked")
+            c = counts.get(page, [0, 0, 0])
+            print(f"{page}: {c[0]} numbers matched in JSON, {c[1]} exempt as not measured (phrases), "
+                  f"{c[2]} in not-measured regions")
     for p in problems:
         print(p)
     return 1 if problems else 0
