@@ -9,7 +9,7 @@ What is read
 ------------
 The page's text outside: the generated blocks of scripts/docs_numbers.py
 (``<!-- numbers: NAME (FILES) -->`` ... ``<!-- /numbers -->``: that script checks them), fenced
-code blocks, inline code spans, HTML comments, link targets ``](...)`` and bare URLs.
+and indented (4 spaces after a blank line) code blocks, inline code spans, HTML comments, link targets ``](...)`` and bare URLs.
 Hand-written markdown tables outside the generated blocks are read like prose.
 
 Markers (HTML comments, so invisible on the rendered page)
@@ -47,9 +47,10 @@ Every other token is **measured** (checked) when it is one of:
 
 * a decimal (a fractional part or an exponent): 57.0, 0.54, 2.5e-6;
 * a number with a unit right after it: ``%``, ``×``/``x`` (a ratio, a speed-up), ``s``, ``ms``,
-  ``µs``/``us``, ``min``, ``h`` (and the words minute(s), second(s), hour(s)), ``GB/s``, ``GB``, ``MB``, ``B``, ``M``, ``K``; the first number of
+  ``img/s``, ``µs``/``us``, ``min``, ``h`` (and the words minute(s), second(s), hour(s)), ``GB/s``, ``GB``, ``MB``, ``B``, ``M``, ``K``; the first number of
   a range or pair joined by ``–``, ``-``, ``to``, ``→``, ``against``, ``and``, ``or`` takes the
   unit of the second (5 to 13 min, 10–18 ×);
+* an integer written with thousands separators (19,600; 1,320,320);
 * a number right after ``±`` or ``t =``;
 * any number in a cell of a hand-written markdown table.
 
@@ -104,7 +105,7 @@ REGION_END = "<!-- /not-measured-region -->"
 TOKEN = re.compile(r"(?<![\d.,])[+\-−]?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+\-−]?\d+)?")
 DATE = re.compile(r"(?<!\d)\d{4}-\d{2}-\d{2}(?!\d)")
 UNIT = re.compile(r"(?P<sp>[ \u00a0\u2009\u202f]?)(?P<u>%|×|x(?![\w])|GB/s|GB\b|MB\b|ms\b|µs\b|us\b|min\b|s\b|h\b|"
-                  r"B\b|M\b|K\b|minutes?\b|seconds?\b|hours?\b)")
+                  r"img/s|images/s|B\b|M\b|K\b|minutes?\b|seconds?\b|hours?\b)")
 ATTACHED_UNITS = ("x",)  # units that count only when glued to the number (1.30x, not "4 x 4")
 JOIN = re.compile(r"\s*(?:–|-|—|to|→|against|and|or)\s*(?:~|about\s+)?$")
 JOIN_AFTER = re.compile(r"^\s*(?:–|-|—|to|→|against|and|or)\s*(?:~|about\s+)?")
@@ -156,8 +157,8 @@ def prose(text: str) -> Tuple[str, List[bool]]:
     lines = text.split("\n")
     keep = []
     fence = None
-    in_block = in_region = False
-    for line in lines:
+    in_block = in_region = indented_code = False
+    for i, line in enumerate(lines):
         s = line.strip()
         if fence is not None:
             keep.append(False)
@@ -178,6 +179,14 @@ def prose(text: str) -> Tuple[str, List[bool]]:
             in_region = True
             keep.append(False)
             continue
+        if (line.startswith("    ") or line.startswith("\t")) and line.strip() and \
+                (not keep or (i > 0 and (not lines[i - 1].strip() or not keep[-1]))) and \
+                (i == 0 or not lines[i - 1].strip() or indented_code):
+            indented_code = True  # an indented code block (after a blank line)
+            keep.append(False)
+            continue
+        if line.strip():
+            indented_code = False
         m = re.match(r"^\s*(```+|~~~+)", line)
         if m:
             fence = m.group(1)
@@ -278,6 +287,8 @@ def tokens(text: str, table: Sequence[bool]) -> List[Token]:
             t.why = "unit"
         elif t.digits or t.exp:
             t.why = "decimal"
+        elif "," in t.text:
+            t.why = "grouped"
         elif re.search(r"(±|\bt\s*=)\s*$", text[max(0, t.start - 6):t.start]):
             t.why = "spread"
         elif table[t.line - 1]:
