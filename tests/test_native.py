@@ -421,7 +421,6 @@ def test_unavailable_reports_reason(monkeypatch):
     assert not native.supports_device(torch.device("cpu"))
 
 
-@pytest.mark.skipif(not native._LIB_OK, reason="this torch lacks torch.library.custom_op")
 def test_torch_compile_no_graph_break():
     """The native ops are torch.library custom ops with fake impls: one graph, same result."""
     ps = [torch.randn(5, 3), torch.randn(7), torch.randn(CPU_CHUNK + 1)]

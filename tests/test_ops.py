@@ -361,3 +361,32 @@ def test_public_functions_have_docstrings():
             assert len(doc) > 40, name
             if name.endswith("_") or name == "norms":
                 assert "backend" in doc, name
+
+
+def test_every_backend_implements_every_op():
+    """One table (awpfast.ops._spec) names the ops; every backend module has a group function
+    for each (no backend falls back to another for an op), and the public functions are
+    derived from the table: signature, docstring, ``backend`` keyword-only at the end."""
+    import importlib
+    import inspect
+    from awpfast.ops import _spec
+    for name in ops.BACKENDS:
+        try:
+            mod = importlib.import_module(f"awpfast.ops.{name}")
+        except ImportError:  # triton not installed
+            continue
+        for op in _spec.NAMES:
+            assert callable(getattr(mod, op, None)), (name, op)
+    for op in _spec.OPS:
+        sig = inspect.signature(getattr(ops, op.name))
+        assert list(sig.parameters) == [a.name for a in op.args] + ["backend"], op.name
+        assert sig.parameters["backend"].kind == inspect.Parameter.KEYWORD_ONLY
+        assert op.doc.split()[0] in inspect.getdoc(getattr(ops, op.name))
+    assert set(ops.__all__) >= set(_spec.NAMES)
+
+
+def test_seam_ops_want_every_op():
+    from awpfast.ops import _library, _spec
+    impls = {n: (lambda *a: None) for n in _spec.NAMES if n != "box_perturb_"}
+    with pytest.raises(ValueError, match="box_perturb_"):
+        _library.SeamOps("test_", impls, register=False)

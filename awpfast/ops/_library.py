@@ -1,134 +1,77 @@
-"""torch.library registration shared by the kernel backends (triton, native).
+"""torch.library registration and group functions of the kernel backends (triton, native).
 
-Each backend registers the seven seam ops (and, where it has kernels for them, the
-weight-perturbation family ops ``add_scaled_``, ``global_sqnorm``, ``asam_apply_`` and
-``box_perturb_``) as custom ops ``awpfast::<prefix><op>`` with fake implementations, so
-``torch.compile`` keeps each call as one opaque node (no graph break on ``data_ptr()`` or
-kernel launches) and CUDA graphs can capture it. Eager calls skip the dispatcher: its round
-trip is pure overhead next to a few microseconds of GPU work.
+A kernel backend hands ``SeamOps`` one implementation per op of the table (``_spec.OPS``), taking
+the custom-op arguments (see ``_spec``: optional lists as empty lists, scales as ``(scales,
+scale_t)``, given norms as ``(dnorms, wnorms)``). ``SeamOps`` registers each as a custom op
+``awpfast::<prefix><op>`` whose schema, mutated arguments and fake implementation are derived from
+the table, so ``torch.compile`` keeps each call as one opaque node (no graph break on
+``data_ptr()`` or kernel launches) and CUDA graphs can capture it; and it builds the backend's
+group functions (``SeamOps.group``), which convert the group-level arguments and call the custom
+op while Dynamo traces, the implementation itself otherwise (the dispatcher's round trip is pure
+overhead next to a few microseconds of GPU work).
 
-Optional list arguments (backups, deltas, base, weights) travel through the custom op as
-empty lists. Per-tensor scales travel either as a list of floats or as a float64 tensor on
-the device (``scale_t``; the list is then empty), so a scale computed on the device is read
-by the kernels without a host sync.
+Per-tensor scales travel either as a list of floats or as a float64 tensor on the device
+(``scale_t``; the list is then empty), so a scale computed on the device is read by the kernels
+without a host sync.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Dict, List, Optional
 
 import torch
 
+from . import _spec
+from ._spec import CHOICE, FIRST, FLAG, FLOATS, NORMS, OPT_TENSORS, PER_TENSOR, SCALAR, SCALES, SUM, TENSOR, TENSORS
 from ._util import acc_dtype, floats
 
 Tensors = List[torch.Tensor]
 
+# the custom-op annotation of each argument kind with one parameter (SCALES, NORMS and SCALAR: _schema_params)
+_TYPES = {TENSORS: Tensors, OPT_TENSORS: Tensors, FLOATS: List[float], FLAG: bool, CHOICE: str,
+          TENSOR: torch.Tensor}
 
-def _fake_norms(ts):
-    return ts[0].new_empty(len(ts), dtype=acc_dtype(ts[0].dtype))
+
+def _schema_params(arg: _spec.Arg) -> list:
+    """(name, annotation) of the custom-op parameters of one argument."""
+    if arg.kind == SCALES:
+        return [(arg.group_name, List[float]), ("scale_t", Optional[torch.Tensor])]
+    if arg.kind == NORMS:
+        return [("dnorms", Optional[torch.Tensor]), ("wnorms", Optional[torch.Tensor])]
+    if arg.kind == SCALAR:
+        return [(arg.name, Optional[float] if arg.default is None else float)]
+    return [(arg.group_name, _TYPES[arg.kind])]
 
 
-class SeamOps:
-    """The seam ops of one backend, as custom ops when this torch supports them.
+def _prototype(op: _spec.Op, impl: Callable) -> Callable:
+    """``impl`` under the custom-op signature derived from the table (``torch.library``
+    infers the schema from it)."""
+    params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ann)
+              for a in op.args for name, ann in _schema_params(a)]
+    ret = torch.Tensor if op.returns in (PER_TENSOR, SUM) else None
 
-    ``impls`` maps op names to the backend's implementations with the seam's group-level
-    signatures (``backups``/``deltas`` given as lists, empty for none).
-    """
+    def fn(*args):
+        return impl(*args)
+    fn.__name__ = fn.__qualname__ = op.name
+    fn.__signature__ = inspect.Signature(params, return_annotation=ret)
+    return fn
 
-    NAMES = ("norms", "perturb_", "restore_", "unperturb_", "ascent_step_", "project_", "pgd_step_")
-    # registered when the backend implements them (others use the foreach fallback of the seam)
-    OPTIONAL = ("add_scaled_", "global_sqnorm", "asam_apply_", "box_perturb_")
 
-    def __init__(self, prefix: str, impls: Dict[str, Callable]):
-        missing = set(self.NAMES) - set(impls)
-        if missing:
-            raise ValueError(f"backend implementations missing for {sorted(missing)}")
-        unknown = set(impls) - set(self.NAMES) - set(self.OPTIONAL)
-        if unknown:
-            raise ValueError(f"unknown seam ops {sorted(unknown)}")
-        self.prefix, self.impls = prefix, impls
-        self.ok = False
-        if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
-            try:
-                self._register()
-                self.ok = True
-            except Exception:  # pragma: no cover - a torch without these registration features
-                self.ok = False
+def _fake(op: _spec.Op) -> Callable:
+    if op.returns == PER_TENSOR:
+        return lambda lead, *a: lead[0].new_empty(len(lead), dtype=acc_dtype(lead[0].dtype))
+    if op.returns == SUM:
+        return lambda lead, *a: lead[0].new_empty((), dtype=acc_dtype(lead[0].dtype))
+    return lambda *a: None
 
-    def _register(self):
-        p, f = "awpfast::" + self.prefix, self.impls
 
-        @torch.library.custom_op(p + "norms", mutates_args=())
-        def _norms(tensors: Tensors) -> torch.Tensor:
-            return f["norms"](tensors)
-        _norms.register_fake(_fake_norms)
-
-        @torch.library.custom_op(p + "perturb_", mutates_args=("params", "backups", "deltas"))
-        def _perturb(params: Tensors, directions: Tensors, gammas: List[float], eps: float,
-                     backups: Tensors, deltas: Tensors) -> torch.Tensor:
-            return f["perturb_"](params, directions, gammas, eps, backups, deltas)
-        _perturb.register_fake(lambda params, *a: _fake_norms(params))
-
-        @torch.library.custom_op(p + "restore_", mutates_args=("params",))
-        def _restore(params: Tensors, backups: Tensors) -> None:
-            f["restore_"](params, backups)
-        _restore.register_fake(lambda *a: None)
-
-        @torch.library.custom_op(p + "unperturb_", mutates_args=("params",))
-        def _unperturb(params: Tensors, deltas: Tensors) -> None:
-            f["unperturb_"](params, deltas)
-        _unperturb.register_fake(lambda *a: None)
-
-        @torch.library.custom_op(p + "ascent_step_", mutates_args=("params",))
-        def _ascent(params: Tensors, backups: Tensors, directions: Tensors, step_sizes: List[float],
-                    gammas: List[float], eps: float) -> torch.Tensor:
-            return f["ascent_step_"](params, backups, directions, step_sizes, gammas, eps)
-        _ascent.register_fake(lambda params, *a: _fake_norms(params))
-
-        @torch.library.custom_op(p + "project_", mutates_args=("params",))
-        def _project(params: Tensors, backups: Tensors, gammas: List[float]) -> None:
-            f["project_"](params, backups, gammas)
-        _project.register_fake(lambda *a: None)
-
-        @torch.library.custom_op(p + "pgd_step_", mutates_args=("x_adv",))
-        def _pgd(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float,
-                 norm: str) -> None:
-            f["pgd_step_"](x_adv, grad, x, alpha, eps, norm)
-        _pgd.register_fake(lambda *a: None)
-
-        if "add_scaled_" in f:
-            @torch.library.custom_op(p + "add_scaled_", mutates_args=("params", "backups", "deltas"))
-            def _add_scaled(params: Tensors, directions: Tensors, scales: List[float], scale_t: Optional[torch.Tensor],
-                            clip: Optional[float], base: Tensors, backups: Tensors, deltas: Tensors) -> None:
-                f["add_scaled_"](params, directions, scales, scale_t, clip, base, backups, deltas)
-            _add_scaled.register_fake(lambda *a: None)
-
-        if "global_sqnorm" in f:
-            @torch.library.custom_op(p + "global_sqnorm", mutates_args=())
-            def _global_sqnorm(tensors: Tensors, weights: Tensors, eta: float) -> torch.Tensor:
-                return f["global_sqnorm"](tensors, weights, eta)
-            _global_sqnorm.register_fake(
-                lambda tensors, *a: tensors[0].new_empty((), dtype=acc_dtype(tensors[0].dtype)))
-
-        if "asam_apply_" in f:
-            @torch.library.custom_op(p + "asam_apply_", mutates_args=("params", "backups"))
-            def _asam(params: Tensors, directions: Tensors, scales: List[float], scale_t: Optional[torch.Tensor],
-                      eta: float, backups: Tensors) -> None:
-                f["asam_apply_"](params, directions, scales, scale_t, eta, backups)
-            _asam.register_fake(lambda *a: None)
-
-        if "box_perturb_" in f:
-            @torch.library.custom_op(p + "box_perturb_", mutates_args=("params", "origins"))
-            def _box(params: Tensors, directions: Tensors, adv_lrs: List[float], adv_epss: List[float],
-                     origins: Tensors, first: bool, eps: float, dnorms: Optional[torch.Tensor],
-                     wnorms: Optional[torch.Tensor]) -> torch.Tensor:
-                return f["box_perturb_"](params, directions, adv_lrs, adv_epss, origins, first, eps, dnorms, wnorms)
-            _box.register_fake(lambda params, *a: _fake_norms(params))
-
-    def op(self, name: str) -> Callable:
-        """The custom op while Dynamo traces, else the implementation itself."""
-        if self.ok and torch.compiler.is_compiling():
-            return getattr(torch.ops.awpfast, self.prefix + name)
-        return self.impls[name]
+def _empty(op: _spec.Op):
+    """The group function's result for an empty list (the public functions never pass one)."""
+    if op.returns == PER_TENSOR:
+        return torch.empty(0, dtype=torch.float32)
+    if op.returns == SUM:
+        return torch.zeros((), dtype=torch.float32)
+    return None
 
 
 def as_list(ts: Optional[Tensors]) -> Tensors:
@@ -154,3 +97,85 @@ def norm_args(norms, device):
     if norms is None:
         return None, None
     return tuple(n.to(device=device, dtype=torch.float64).contiguous() for n in norms)
+
+
+def _op_args(op: _spec.Op, args: tuple) -> list:
+    """The custom-op arguments of ``op`` from its group-level ones."""
+    lead = args[0]
+    n = len(lead) if op.args[0].kind == TENSORS else 1
+    dev = lead[0].device if op.args[0].kind == TENSORS else lead.device
+    out = []
+    for a, x in zip(op.args, args):
+        if a.kind == TENSORS:
+            out.append(list(x))
+        elif a.kind == OPT_TENSORS:
+            out.append(as_list(x))
+        elif a.kind == FLOATS:
+            out.append(floats(x, n))
+        elif a.kind == SCALES:
+            out += scale_args(x, n, dev)
+        elif a.kind == NORMS:
+            out += norm_args(x, dev)
+        elif a.kind == SCALAR:
+            out.append(None if x is None else float(x))
+        elif a.kind == FLAG:
+            out.append(bool(x))
+        elif a.kind == CHOICE:
+            out.append(str(x))
+        else:
+            out.append(x)
+    return out
+
+
+class SeamOps:
+    """The ops of one kernel backend: custom ops ``awpfast::<prefix><op>`` over ``impls`` (op
+    name -> implementation taking the custom-op arguments, one for every op of the table), and
+    the backend's group functions.
+
+    ``check``: called by every group function with the (name, tensor list) pairs of its tensor
+    arguments (one-tensor arguments as one-element lists) before anything runs; the triton
+    backend checks memory layouts there. ``register=False`` (the backend cannot load here)
+    registers nothing; the group functions then call the implementations directly.
+    """
+
+    def __init__(self, prefix: str, impls: Dict[str, Callable], check: Optional[Callable] = None,
+                 register: bool = True):
+        if set(impls) != set(_spec.NAMES):
+            raise ValueError(f"implementations missing for {sorted(set(_spec.NAMES) - set(impls))}, "
+                             f"unknown: {sorted(set(impls) - set(_spec.NAMES))}")
+        self.prefix, self.impls, self.check, self.registered = prefix, impls, check, register
+        if register:
+            for op in _spec.OPS:
+                mutates = tuple(name for a in op.args if a.mutates for name, _ in _schema_params(a))
+                custom = torch.library.custom_op("awpfast::" + prefix + op.name, _prototype(op, impls[op.name]),
+                                                 mutates_args=mutates)
+                custom.register_fake(_fake(op))
+
+    def op(self, name: str) -> Callable:
+        """The custom op while Dynamo traces, else the implementation itself."""
+        if self.registered and torch.compiler.is_compiling():
+            return getattr(torch.ops.awpfast, self.prefix + name)
+        return self.impls[name]
+
+    def group(self, name: str) -> Callable:
+        """The backend's group function of op ``name`` (the signature of ``_spec.group_signature``)."""
+        op = _spec.SPEC[name]
+        tensor_args = [a for a in op.args if a.kind in (TENSORS, OPT_TENSORS, TENSOR)]
+        one = op.args[0].kind == TENSOR
+
+        def group_fn(*args):
+            if not one and len(args[0]) == 0:
+                return _empty(op)
+            if self.check is not None:
+                values = dict(zip((a.name for a in op.args), args))
+                self.check(*[(a.name, [values[a.name]] if a.kind == TENSOR else values[a.name])
+                             for a in tensor_args if values[a.name] is not None])
+            out = self.op(name)(*_op_args(op, args))
+            return None if op.returns == FIRST else out
+        group_fn.__name__ = group_fn.__qualname__ = name
+        group_fn.__doc__ = f"``{_spec.group_signature(op)}`` on this backend's kernels (see ``_spec``)."
+        return group_fn
+
+    def group_functions(self) -> Dict[str, Callable]:
+        """{op name: group function} for every op of the table."""
+        return {name: self.group(name) for name in _spec.NAMES}

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from ._library import SeamOps, as_list, norm_args, scale_args
-from ._util import acc_dtype, floats
+from ._library import SeamOps
+from ._util import acc_dtype
 
 try:
     from awpfast import _C
@@ -193,6 +193,7 @@ def _impl_norms(ts):
 
 def _impl_perturb_(params, directions, gammas, eps, backups, deltas):
     dt, dev = params[0].dtype, params[0].device
+    backups, deltas = backups or None, deltas or None
     out = torch.empty(len(params), dtype=acc_dtype(dt), device=dev)
     (p, d, b, v), back = _prepare([params, directions, backups, deltas], (0, 2, 3))
     n = _numel(p)
@@ -368,127 +369,18 @@ def _impl_box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, ep
     return out
 
 
-def _family_impls():
-    """The family ops this build has kernels for: all four on the CPU; on CUDA only when the
-    CUDA module exports them (an older _C_cuda build falls back to foreach, see ``_cuda_has``)."""
-    if _C is None or not hasattr(_C, "add_scaled"):
-        return {}
-    return {"add_scaled_": _impl_add_scaled_, "global_sqnorm": _impl_global_sqnorm,
-            "asam_apply_": _impl_asam_apply_, "box_perturb_": _impl_box_perturb_}
-
-
-def _cuda_has(name):
-    return _C_cuda is not None and hasattr(_C_cuda, name)
-
-
 # --------------------------------------------------------------------------- torch.library
-# The ops are also registered as torch.library custom ops (``awpfast::native_*``, see
-# _library.py) so that torch.compile treats each call as one opaque node instead of breaking
-# the graph on data_ptr(); eager calls skip the dispatcher.
-_OPS = None
-if _C is not None:
-    _OPS = SeamOps("native_", {
-        "norms": _impl_norms,
-        "perturb_": lambda p, d, g, e, b, v: _impl_perturb_(p, d, g, e, b or None, v or None),
-        "restore_": _impl_restore_,
-        "unperturb_": _impl_unperturb_,
-        "ascent_step_": _impl_ascent_step_,
-        "project_": _impl_project_,
-        "pgd_step_": _impl_pgd_step_,
-        **_family_impls(),
-    })
-_LIB_OK = bool(_OPS is not None and _OPS.ok)
+# The ops are registered as torch.library custom ops (``awpfast::native_*``, see _library.py)
+# so that torch.compile treats each call as one opaque node instead of breaking the graph on
+# data_ptr(); eager calls skip the dispatcher. Every op has its kernel in both extensions.
+_OPS = SeamOps("native_", {
+    "norms": _impl_norms, "perturb_": _impl_perturb_, "restore_": _impl_restore_, "unperturb_": _impl_unperturb_,
+    "ascent_step_": _impl_ascent_step_, "project_": _impl_project_, "pgd_step_": _impl_pgd_step_,
+    "add_scaled_": _impl_add_scaled_, "global_sqnorm": _impl_global_sqnorm, "asam_apply_": _impl_asam_apply_,
+    "box_perturb_": _impl_box_perturb_,
+}, register=_C is not None)
 
-
-def norms(ts):
-    return _OPS.op("norms")(list(ts))
-
-
-def perturb_(params, directions, gammas, eps, backups, deltas):
-    return _OPS.op("perturb_")(list(params), list(directions), floats(gammas, len(params)), float(eps),
-                               as_list(backups), as_list(deltas))
-
-
-def restore_(params, backups):
-    return _OPS.op("restore_")(list(params), list(backups))
-
-
-def unperturb_(params, deltas):
-    return _OPS.op("unperturb_")(list(params), list(deltas))
-
-
-def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
-    return _OPS.op("ascent_step_")(list(params), list(backups), list(directions), floats(step_sizes, len(params)),
-                                   floats(gammas, len(params)), float(eps))
-
-
-def project_(params, backups, gammas):
-    return _OPS.op("project_")(list(params), list(backups), floats(gammas, len(params)))
-
-
-def pgd_step_(x_adv, grad, x, alpha, eps, norm):
-    return _OPS.op("pgd_step_")(x_adv, grad, x, float(alpha), float(eps), str(norm))
-
-
-# --------------------------------------------------------------------------- family group functions
-_FAMILY_C = {"add_scaled_": "add_scaled", "global_sqnorm": "global_sqnorm", "asam_apply_": "asam_apply",
-             "box_perturb_": "box_perturb"}
-
-
-def _family_op(name, device):
-    """The custom op / implementation of family op ``name``, or None where this build has no
-    kernel for it on ``device`` (the caller then uses foreach)."""
-    if _OPS is None or name not in _OPS.impls:
-        return None
-    if device.type == "cuda" and not _cuda_has(_FAMILY_C[name]):
-        return None
-    return _OPS.op(name)
-
-
-def _foreach():
-    from . import foreach
-    return foreach
-
-
-def add_scaled_(params, directions, scales, clip, base, backups, deltas):
-    if len(params) == 0:
-        return
-    dev = params[0].device
-    fn = _family_op("add_scaled_", dev)
-    if fn is None:
-        return _foreach().add_scaled_(params, directions, scales, clip, base, backups, deltas)
-    sl, st = scale_args(scales, len(params), dev)
-    fn(list(params), list(directions), sl, st, None if clip is None else float(clip), as_list(base),
-       as_list(backups), as_list(deltas))
-
-
-def global_sqnorm(tensors, weights, eta):
-    if len(tensors) == 0:
-        return torch.zeros((), dtype=torch.float32)
-    fn = _family_op("global_sqnorm", tensors[0].device)
-    if fn is None:
-        return _foreach().global_sqnorm(tensors, weights, eta)
-    return fn(list(tensors), as_list(weights), float(eta))
-
-
-def asam_apply_(params, directions, scales, eta, backups):
-    if len(params) == 0:
-        return
-    dev = params[0].device
-    fn = _family_op("asam_apply_", dev)
-    if fn is None:
-        return _foreach().asam_apply_(params, directions, scales, eta, backups)
-    sl, st = scale_args(scales, len(params), dev)
-    fn(list(params), list(directions), sl, st, float(eta), as_list(backups))
-
-
-def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, norms):
-    if len(params) == 0:
-        return torch.empty(0, dtype=torch.float32)
-    dev = params[0].device
-    fn = _family_op("box_perturb_", dev)
-    if fn is None:
-        return _foreach().box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, norms)
-    gd, gw = norm_args(norms, dev)
-    return fn(list(params), list(directions), floats(adv_lrs, len(params)), floats(adv_epss, len(params)),
-              list(origins), bool(first), float(eps), gd, gw)
+# --------------------------------------------------------------------------- the group functions
+# ``norms``, ``perturb_``, ... ``box_perturb_``: one per op of the table (``_spec.NAMES``), each
+# converting its arguments for the custom op above and calling it (see ``SeamOps.group``).
+globals().update(_OPS.group_functions())

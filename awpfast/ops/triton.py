@@ -42,11 +42,10 @@ import os
 
 import torch
 
-from ._library import SeamOps, as_list, norm_args, scale_args
+from ._library import SeamOps
 from ._triton_tables import (  # noqa: F401  (clear_cache, _captured, _f64_bits: the backend's API, tests)
     _captured, _device_ctx, _f64_bits, _float_tables, _floats, _floats_table, _Layout, _layouts, _lock, _lookup,
     _ptr_tables, _tables, clear_cache)
-from ._util import floats
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -364,15 +363,6 @@ def _box_perturb_impl(params, directions, adv_lrs, adv_epss, origins, first, eps
     return out
 
 
-# --------------------------------------------------------------------------- torch.library ops
-_OPS = SeamOps("triton_", {
-    "norms": _norms_impl, "perturb_": _perturb_impl, "restore_": _restore_impl,
-    "unperturb_": _unperturb_impl, "ascent_step_": _ascent_impl, "project_": _project_impl,
-    "pgd_step_": _pgd_impl, "add_scaled_": _add_scaled_impl, "global_sqnorm": _global_sqnorm_impl,
-    "asam_apply_": _asam_apply_impl, "box_perturb_": _box_perturb_impl,
-}) if K is not None else None
-
-
 # --------------------------------------------------------------------------- validation
 def _flat_kind(t):
     if t.is_contiguous():
@@ -409,100 +399,17 @@ def _check_layout(*named):
                 f"on both (the Triton kernels address every tensor as one flat block of memory)")
 
 
+# --------------------------------------------------------------------------- torch.library ops
+# Every kernel sequence is a custom op ``awpfast::triton_<op>`` (see _library.py); the group
+# functions check the layouts, then call it (while Dynamo traces) or the implementation.
+_OPS = SeamOps("triton_", {
+    "norms": _norms_impl, "perturb_": _perturb_impl, "restore_": _restore_impl,
+    "unperturb_": _unperturb_impl, "ascent_step_": _ascent_impl, "project_": _project_impl,
+    "pgd_step_": _pgd_impl, "add_scaled_": _add_scaled_impl, "global_sqnorm": _global_sqnorm_impl,
+    "asam_apply_": _asam_apply_impl, "box_perturb_": _box_perturb_impl,
+}, check=_check_layout, register=K is not None)
+
 # --------------------------------------------------------------------------- the group functions
-def _empty_norms(ts):
-    return torch.empty(0, dtype=torch.float32, device=ts[0].device if ts else "cpu")
-
-
-def norms(tensors):
-    if len(tensors) == 0:
-        return _empty_norms(tensors)
-    _check_layout(("tensors", tensors))
-    return _OPS.op("norms")(list(tensors))
-
-
-def perturb_(params, directions, gammas, eps, backups, deltas):
-    if len(params) == 0:
-        return _empty_norms(params)
-    named = [("params", params), ("directions", directions)]
-    if backups is not None:
-        named.append(("backups", backups))
-    if deltas is not None:
-        named.append(("deltas", deltas))
-    _check_layout(*named)
-    return _OPS.op("perturb_")(list(params), list(directions), floats(gammas, len(params)), float(eps),
-                               as_list(backups), as_list(deltas))
-
-
-def restore_(params, backups):
-    if len(params) == 0:
-        return
-    _check_layout(("params", params), ("backups", backups))
-    _OPS.op("restore_")(list(params), list(backups))
-
-
-def unperturb_(params, deltas):
-    if len(params) == 0:
-        return
-    _check_layout(("params", params), ("deltas", deltas))
-    _OPS.op("unperturb_")(list(params), list(deltas))
-
-
-def ascent_step_(params, backups, directions, step_sizes, gammas, eps):
-    if len(params) == 0:
-        return _empty_norms(params)
-    _check_layout(("params", params), ("backups", backups), ("directions", directions))
-    return _OPS.op("ascent_step_")(list(params), list(backups), list(directions),
-                                   floats(step_sizes, len(params)), floats(gammas, len(params)), float(eps))
-
-
-def project_(params, backups, gammas):
-    if len(params) == 0:
-        return
-    _check_layout(("params", params), ("backups", backups))
-    _OPS.op("project_")(list(params), list(backups), floats(gammas, len(params)))
-
-
-def pgd_step_(x_adv, grad, x, alpha, eps, norm):
-    _check_layout(("x_adv", [x_adv]), ("grad", [grad]), ("x", [x]))
-    _OPS.op("pgd_step_")(x_adv, grad, x, float(alpha), float(eps), str(norm))
-
-
-# --------------------------------------------------------------------------- family group functions
-def add_scaled_(params, directions, scales, clip, base, backups, deltas):
-    if len(params) == 0:
-        return
-    named = [("params", params), ("directions", directions)]
-    for name, lst in (("base", base), ("backups", backups), ("deltas", deltas)):
-        if lst is not None:
-            named.append((name, lst))
-    _check_layout(*named)
-    sl, st = scale_args(scales, len(params), params[0].device)
-    _OPS.op("add_scaled_")(list(params), list(directions), sl, st, None if clip is None else float(clip),
-                           as_list(base), as_list(backups), as_list(deltas))
-
-
-def global_sqnorm(tensors, weights, eta):
-    if len(tensors) == 0:
-        return torch.zeros((), dtype=torch.float32)
-    named = [("tensors", tensors)] + ([("weights", weights)] if weights is not None else [])
-    _check_layout(*named)
-    return _OPS.op("global_sqnorm")(list(tensors), as_list(weights), float(eta))
-
-
-def asam_apply_(params, directions, scales, eta, backups):
-    if len(params) == 0:
-        return
-    named = [("params", params), ("directions", directions)] + ([("backups", backups)] if backups is not None else [])
-    _check_layout(*named)
-    sl, st = scale_args(scales, len(params), params[0].device)
-    _OPS.op("asam_apply_")(list(params), list(directions), sl, st, float(eta), as_list(backups))
-
-
-def box_perturb_(params, directions, adv_lrs, adv_epss, origins, first, eps, norms):
-    if len(params) == 0:
-        return _empty_norms(params)
-    _check_layout(("params", params), ("directions", directions), ("origins", origins))
-    gd, gw = norm_args(norms, params[0].device)
-    return _OPS.op("box_perturb_")(list(params), list(directions), floats(adv_lrs, len(params)),
-                                   floats(adv_epss, len(params)), list(origins), bool(first), float(eps), gd, gw)
+# ``norms``, ``perturb_``, ... ``box_perturb_``: one per op of the table (``_spec.NAMES``), each
+# converting its arguments for the custom op above and calling it (see ``SeamOps.group``).
+globals().update(_OPS.group_functions())
