@@ -6,7 +6,7 @@
 * an existing result folder is never overwritten without ``--quick``/``--overwrite``;
 * the JUnit / ``pytest -v`` parsers, the targets and the summary;
 * the per-test timeout of tests/conftest.py (AWPFAST_TEST_TIMEOUT).
-(The whole ``--dry-run`` takes about two minutes here: it is run by hand, see
+(The whole ``--dry-run`` takes several minutes here: it is run by hand, see
 benchmarks/README.md, not in this suite.)
 """
 import json
@@ -104,8 +104,8 @@ def test_section_time_caps_respect_the_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(chk, "run_section", lambda name, timeout: seen.__setitem__(name, timeout))
     monkeypatch.setattr(chk, "save", lambda: None)
     chk.run_all()
-    assert seen["env"] <= 60 - sum(r for n, _, r in gc.SECTIONS if n != "env") + 1e-6
-    assert all(t <= cap for (n, cap, _), t in zip(gc.SECTIONS, seen.values()))
+    assert seen["env"] <= 60 - sum(s.reserve for s in gc.SECTIONS if s.name != "env") + 1e-6
+    assert list(seen) == gc.NAMES and all(t <= s.cap for s, t in zip(gc.SECTIONS, seen.values()))
     assert seen["bench_train"] <= 60
 
 
@@ -238,11 +238,11 @@ def test_pytest_section_outside_dry_run(tmp_path):
 
 
 def test_bench_ladder_section_dry(tmp_path):
-    """The ladder section (issue 19) on the CPU, tiny: every rung a-f, the cheap-ascent rows at (d),
+    """The training-step ladder's section on the CPU, tiny: every rung a-f, the cheap-ascent rows at (d),
     the load average per round, (b) and (c) give the same x_adv; its targets and summary lines."""
     chk = gc.Check(str(tmp_path), True, 600, False, None)
     chk.data = {"sections": {}}
-    res, ok, status = chk.sec_bench_ladder(300)
+    res, ok, status = chk.execute("bench_ladder", 300)
     assert ok and status == "ok", (status, res.get("rc"), open(chk.log_path).read()[-3000:])
     assert [r["rung"] for r in res["rungs"]] == ["a", "b", "c", "d", "e", "f"]
     assert [r["same_algorithm_as_a"] for r in res["rungs"]] == [True, True, True, False, False, False]
