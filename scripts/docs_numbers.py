@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import json
 import math
 import os
@@ -244,106 +245,102 @@ def earlier_runs_awp(files):
     return _earlier_runs(files, arms=("AT-AWP",))
 
 
-# ----------------------------------------------------------------------------- the training-step ladder
+# ----------------------------------------------------------------------------- the benchmarks
+def _bench(name):
+    """benchmarks/<name>.py as a module: a benchmark's JSON is read by its own ``summary`` (and a
+    gpu_check.json's sections by gpu_check's ``result``), never here."""
+    path = os.path.join(ROOT, "benchmarks")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module(name)
+
+
 def _ms(v):
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}"
 
 
-def _device(d):
-    if d["device"] == "cpu":
-        return f"{d.get('cpu_count') or '?'}-core CPU ({d['device_name']})"
-    return d["device_name"] or d["device"]
+def _q_ms(q):
+    """Quartiles ``(p25, median, p75)`` as ``median (p25–p75)``."""
+    return f"{_ms(q[1])} ({_ms(q[0])}–{_ms(q[2])})"
+
+
+def _ladder(path):
+    return _bench("bench_train_step").summary(load(path))
 
 
 def ladder_table(files):
-    d = load(files[0])
     rows = []
-    for r in d["rungs"]:
-        a, b, fb, ex = r["at_awp_ms"], r["at_ms"], r["fwd_bwd_ms"], r["awp_extra_ms"]
-        rows.append([f"({r['rung']}) {r['name']}", "yes" if r["same_algorithm_as_a"] else "no",
-                     f"{_ms(a['median'])} ({_ms(a['p25'])}–{_ms(a['p75'])})",
-                     f"{_ms(b['median'])} ({_ms(b['p25'])}–{_ms(b['p75'])})",
-                     f"{_ms(ex['median'])} ({_ms(ex['p25'])}–{_ms(ex['p75'])})", _ms(fb["median"]),
-                     f"{r['awp_extra_over_fwd_bwd']:.2f}",
-                     f"{r['speedup_at_awp_vs_previous_rung']:.2f}×" if "speedup_at_awp_vs_previous_rung" in r else "–",
-                     f"{r['speedup_at_awp_vs_a']:.2f}×" if "speedup_at_awp_vs_a" in r else "–"])
+    for rung, r in _ladder(files[0])["rungs"].items():
+        rows.append([f"({rung}) {r['name']}", "yes" if r["same_algorithm"] else "no", _q_ms(r["at_awp_ms"]),
+                     _q_ms(r["at_ms"]), _q_ms(r["awp_extra_ms"]), _ms(r["fwd_bwd_ms"]), f"{r['extra_over_fwd_bwd']:.2f}",
+                     "–" if r["vs_previous"] is None else f"{r['vs_previous']:.2f}×",
+                     "–" if r["vs_a"] is None else f"{r['vs_a']:.2f}×"])
     return table(["rung (each adds one change to the rung above)", "same algorithm as (a)",
                   "AT-AWP step ms (quartiles)", "AT step ms (quartiles)", "AWP extra ms (quartiles)",
                   "one fwd+bwd ms", "AWP extra / fwd+bwd", "AT-AWP vs the rung above", "AT-AWP vs (a)"], rows)
 
 
 def ladder_cheap(files):
-    d = load(files[0])
-    rows = []
-    for r in d["cheap_rows"]:
-        if "step_ms" not in r:
-            continue
-        rows.append([f"at ({r['at_rung']}): {r['row']}", _ms(r["step_ms"]), _ms(r["awp_extra_ms"]),
-                     f"{r['awp_extra_over_fwd_bwd']:.2f}"])
+    rows = [[f"at ({c['at_rung']}): {c['row']}", _ms(c["step_ms"]), _ms(c["awp_extra_ms"]),
+             f"{c['extra_over_fwd_bwd']:.2f}"] for c in _ladder(files[0])["cheap"]]
     return table(["row", "step ms (median)", "AWP extra over AT, ms", "AWP extra / one fwd+bwd"], rows)
 
 
 def ladder_conditions(files):
-    d = load(files[0])
-    la = d["loadavg"]
+    c = _ladder(files[0])["conditions"]
+    lo, med, hi = c["load"]
+    same = c["x_adv_b_c"]
     return table(["model", "batch", "attack", "device", "threads", "measured rounds (after warm-up)",
                   "load average, 1 min: median (min–max) over the rounds", "x_adv of (c) equals (b)"],
-                 [[d["model"], d["batch"], f"PGD-{d['attack_steps']}", _device(d), d["threads"],
-                   f"{d['measured_rounds']} ({d['warmup_rounds']})",
-                   f"{la['one_minute_median']:.2f} ({la['one_minute_min']:.2f}–{la['one_minute_max']:.2f})",
-                   "bitwise" if (d.get("x_adv_b_equals_c") or {}).get("bitwise_equal") else
-                   ("not checked" if d.get("x_adv_b_equals_c") is None else
-                    f"max diff {d['x_adv_b_equals_c']['max_abs_diff']:.1e}")]])
+                 [[c["model"], c["batch"], f"PGD-{c['attack_steps']}", c["device"], c["threads"],
+                   f"{c['measured_rounds']} ({c['warmup_rounds']})", f"{med:.2f} ({lo:.2f}–{hi:.2f})",
+                   same if same == "bitwise" else ("not checked" if same is None else f"max diff {same:.1e}")]])
 
 
 # ----------------------------------------------------------------------------- README
-def _weight_row(rows, model, dtype, variant):
-    return next(r for r in rows if r.get("model") == model and r.get("dtype") == dtype and r.get("variant") == variant)
-
-
 def readme_results(files):
-    cpu, h100, ladder = (load(f) for f in files)
+    bws, bts, gc = _bench("bench_weight_side"), _bench("bench_train_step"), _bench("gpu_check")
+    cpu, h100 = bws.summary(load(files[0])), load(files[1])
     rows = []
-    wr = cpu["rows"]
-    n32, r32 = _weight_row(wr, "wrn34-10", "float32", "native"), _weight_row(wr, "wrn34-10", "float32", "reference-eager")
-    n16, r16 = (_weight_row(wr, "wrn34-10", "bfloat16", "native"),
-                _weight_row(wr, "wrn34-10", "bfloat16", "reference-eager"))
+    n32, r32 = cpu[("wrn34-10", "float32", "native")], cpu[("wrn34-10", "float32", "reference-eager")]
+    n16, r16 = cpu[("wrn34-10", "bfloat16", "native")], cpu[("wrn34-10", "bfloat16", "reference-eager")]
     rows.append(["**Weight side, 2-core CPU**: WRN-34-10 perturb + restore, same algorithm",
-                 f"{n32['median_ms']:.1f} ms against {r32['median_ms']:.1f} ms for reference-style eager code: "
-                 f"**{r32['median_ms'] / n32['median_ms']:.1f}×** fp32 "
-                 f"({r16['median_ms'] / n16['median_ms']:.1f}× bf16)",
+                 f"{n32['single_ms']:.1f} ms against {r32['single_ms']:.1f} ms for reference-style eager code: "
+                 f"**{r32['single_ms'] / n32['single_ms']:.1f}×** fp32 "
+                 f"({r16['single_ms'] / n16['single_ms']:.1f}× bf16)",
                  f"`{files[0]}`"])
-    hw = h100["sections"]["bench_weight"]["result"]["rows"]
-    t32, e32 = _weight_row(hw, "wrn34-10", "float32", "triton"), _weight_row(hw, "wrn34-10", "float32", "reference-eager")
-    t16, e16 = (_weight_row(hw, "wrn34-10", "bfloat16", "triton"),
-                _weight_row(hw, "wrn34-10", "bfloat16", "reference-eager"))
+    hw = bws.summary(gc.result(h100, "bench_weight"))
+    t32, e32 = hw[("wrn34-10", "float32", "triton")], hw[("wrn34-10", "float32", "reference-eager")]
+    t16, e16 = hw[("wrn34-10", "bfloat16", "triton")], hw[("wrn34-10", "bfloat16", "reference-eager")]
     rows.append(["**Weight side, H100, kernel time** (CUDA-graph replay against CUDA-graph replay), same algorithm",
                  f"{t32['graph_ms']:.2f} ms against {e32['graph_ms']:.2f} ms: **{e32['graph_ms'] / t32['graph_ms']:.1f}×** "
                  f"fp32; {t16['graph_ms']:.2f} against {e16['graph_ms']:.2f} ms: "
                  f"**{e16['graph_ms'] / t16['graph_ms']:.1f}×** bf16; {t32['graph_ms'] / t32['floor_ms']:.2f}× and "
                  f"{t16['graph_ms'] / t16['floor_ms']:.2f}× the bytes floor",
                  f"`{files[1]}`"])
-    tr = {r["config"]: r for r in h100["sections"]["bench_train"]["result"]["rows"]}
+    tr = bts.summary(gc.result(h100, "bench_train"))["configs"]
     ref, fast = tr["reference"], tr["awpfast fp32"]
     rows.append(["**Share of a training step** (H100, WRN-34-10 AT-AWP, batch 128, PGD-10)",
-                 f"the weight side is {t32['graph_ms']:.2f} ms of kernel time ({t32['median_ms']:.2f} ms for one "
+                 f"the weight side is {t32['graph_ms']:.2f} ms of kernel time ({t32['single_ms']:.2f} ms for one "
                  f"isolated call), {100 * t32['graph_ms'] / fast['at_awp_ms']:.2f} % of the "
                  f"{fast['at_awp_ms']:.0f} ms awpfast fp32 step; AWP's extra time over AT is "
                  f"{fast['awp_extra_ms']:.1f} ms (awpfast) against {ref['awp_extra_ms']:.1f} ms (reference pattern), "
                  f"{ref['awp_extra_ms'] - fast['awp_extra_ms']:.1f} ms apart in a {ref['at_awp_ms']:.0f} ms "
-                 f"reference step; that extra is {fast['awp_extra_over_fwd_bwd']:.1f}× one forward + backward",
+                 f"reference step; that extra is {fast['extra_over_fwd_bwd']:.1f}× one forward + backward",
                  "the same file, section `bench_train`"])
-    rg = {r["rung"]: r for r in ladder["rungs"]}
-    a, b, c = rg["a"], rg["b"], rg["c"]
-    ab, bc = _paired_ratio(ladder, "a", "b"), _paired_ratio(ladder, "b", "c")
-    quiet = ladder["loadavg"]["one_minute_max"] <= 4
-    rows.append([f"**Training step, same algorithm** ({_device(ladder)}, {ladder['threads']} threads, load "
-                 f"average {ladder['loadavg']['one_minute_min']:.1f}-{ladder['loadavg']['one_minute_max']:.1f}; "
-                 f"{ladder['model']}, batch {ladder['batch']}, PGD-{ladder['attack_steps']}: ladder rungs a → b → c, "
-                 f"{ladder['measured_rounds']} interleaved rounds)",
-                 f"AT-AWP step {a['at_awp_ms']['median'] / 1e3:.2f} s (reference pattern) → "
-                 f"{b['at_awp_ms']['median'] / 1e3:.2f} s (awpfast's AWP, same attack: paired "
-                 f"{ab[1]:.2f}× [quartiles {ab[0]:.2f}, {ab[2]:.2f}]) → {c['at_awp_ms']['median'] / 1e3:.2f} s "
+    lad = bts.summary(load(files[2]))
+    c, rg = lad["conditions"], lad["rungs"]
+    a, b, cc = (rg[r]["at_awp_ms"][1] for r in "abc")
+    ab, bc = rg["b"]["paired_vs_previous"], rg["c"]["paired_vs_previous"]
+    lo, _, hi = c["load"]
+    quiet = hi <= 4
+    rows.append([f"**Training step, same algorithm** ({c['device']}, {c['threads']} threads, load "
+                 f"average {lo:.1f}-{hi:.1f}; "
+                 f"{c['model']}, batch {c['batch']}, PGD-{c['attack_steps']}: ladder rungs a → b → c, "
+                 f"{c['measured_rounds']} interleaved rounds)",
+                 f"AT-AWP step {a / 1e3:.2f} s (reference pattern) → "
+                 f"{b / 1e3:.2f} s (awpfast's AWP, same attack: paired "
+                 f"{ab[1]:.2f}× [quartiles {ab[0]:.2f}, {ab[2]:.2f}]) → {cc / 1e3:.2f} s "
                  f"(input-only attack gradients, the same x_adv: {bc[1]:.2f}× [{bc[0]:.2f}, {bc[2]:.2f}])"
                  + ("; on this CPU the same-algorithm speed-up comes from the input-only attack gradients, not from "
                     "the weight-side kernels" if quiet and ab[0] <= 1.0 <= ab[2] and bc[0] > 1.0 else "")
@@ -354,31 +351,15 @@ def readme_results(files):
     return table(["what", "result", "data"], rows)
 
 
-def _quartiles(v):
-    v = sorted(v)
-    n = len(v)
-
-    def p(x):
-        k = (n - 1) * x
-        lo, hi = math.floor(k), math.ceil(k)
-        return v[lo] + (v[hi] - v[lo]) * (k - lo)
-    return p(0.25), p(0.5), p(0.75)
-
-
-def _paired_ratio(ladder, r1, r2):
-    """Quartiles of the per-round ratio of rung ``r1``'s AT-AWP step to rung ``r2``'s (interleaved rounds)."""
-    a, b = ladder["raw_s"][f"{r1} AT-AWP"], ladder["raw_s"][f"{r2} AT-AWP"]
-    return _quartiles([x / y for x, y in zip(a, b)])
-
-
 def cheap_costs(files):
     """The cheap ascents' and RWP's extra cost over AT: in forward+backward units (bench_train_step ladder,
     rung d) and as a fraction of exact AWP's extra, paired by round (scripts/study.py cost, one thread) on
     PreActResNet-18 and on the study's SmallCNN; next to the study's verdict on robust accuracy."""
-    bench, c18, csmall = (load(f) for f in files[:3])
+    bench, c18, csmall = _ladder(files[0]), load(files[1]), load(files[2])
     st = _study()
     sm = st.summarize(os.path.join(ROOT, files[3]))
-    rows_b = {r["label"]: r for r in bench["cheap_rows"]}
+    rows_b = {r["label"]: r for r in bench["cheap"]}
+    cond = bench["conditions"]
     labels = {"AWP": ("separate", "exact AT-AWP (separate ascent pass)"), "attack": ("sourced", "attack-sourced"),
               "every2": ("every2", "every 2 steps"), "sub0.25": ("subbatch0.25", "sub-batch 0.25"),
               "momentum": ("momentum", "momentum-sourced"), "rwp": ("rwp10", "RWP (10 passes)")}
@@ -398,10 +379,10 @@ def cheap_costs(files):
         n = len(entry.get("seeds", []))
         acc = ("the reference" if arm == "AWP" else
                (f"{v['verdict']} ({n} seeds)" if v else (f"{n} seeds run, reported only" if n else "not run yet")))
-        rows.append([name, "–" if not b else f"{b['awp_extra_over_fwd_bwd']:.2f}", frac(c18, arm), frac(csmall, arm),
+        rows.append([name, "–" if not b else f"{b['extra_over_fwd_bwd']:.2f}", frac(c18, arm), frac(csmall, arm),
                      acc])
-    return table([f"ascent ({bench['model']}, batch {bench['batch']}, PGD-{bench['attack_steps']})",
-                  f"extra over AT ÷ one forward+backward ({bench['threads']} threads, {bench['measured_rounds']} rounds)",
+    return table([f"ascent ({cond['model']}, batch {cond['batch']}, PGD-{cond['attack_steps']})",
+                  f"extra over AT ÷ one forward+backward ({cond['threads']} threads, {cond['measured_rounds']} rounds)",
                   f"÷ exact AWP's extra, PreActResNet-18, 1 thread [quartiles] ({c18['reps']} rounds)",
                   f"÷ exact AWP's extra, the study's SmallCNN [quartiles] ({csmall['reps']} rounds)",
                   "robust accuracy against exact AWP (the study)"], rows)
@@ -419,21 +400,21 @@ def _ms_t(vals):
     return out
 
 
-CHEAP18_KEYS = ("last_pgd20", "autoattack", "best_pgd20", "last_clean", "robust_gap", "train_s_per_awp_epoch")
-CHEAP18_EXACT = {"attack-sourced, eval-mode attack": "AT-AWP separate, eval-mode attack"}
+EARLIER_CHEAP_KEYS = ("last_pgd20", "autoattack", "best_pgd20", "last_clean", "robust_gap", "train_s_per_awp_epoch")
+EARLIER_CHEAP_EXACT = {"attack-sourced, eval-mode attack": "AT-AWP separate, eval-mode attack"}
 T_CRIT_5PCT = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # two-sided 5 %
 
 
-def cheap18_summary(runs: dict) -> dict:
-    """The issue-18 study's summary recomputed from its per-seed rows (``runs[arm][seed]``): per arm the
+def earlier_cheap_summary(runs: dict) -> dict:
+    """The earlier cheap-ascent study's summary recomputed from its per-seed rows (``runs[arm][seed]``): per arm the
     mean / s.d. of each metric, the paired differences (same seed) to exact AT-AWP and to AT, and the
     old keeps-the-gain criterion (mean difference >= -1 point on last PGD-20 and AutoAttack, gain over AT
     significant); an edited per-seed number changes the tables."""
     summary = {}
     for arm, rows in runs.items():
-        summary[arm] = {k: _ms_t([r.get(k) for r in rows.values()]) for k in CHEAP18_KEYS}
-        for base_key, base in (("vs_exact", CHEAP18_EXACT.get(arm, "AT-AWP separate")), ("vs_AT", "AT")):
-            if arm == base or base not in runs or (base_key == "vs_exact" and arm in ("AT", *CHEAP18_EXACT.values())):
+        summary[arm] = {k: _ms_t([r.get(k) for r in rows.values()]) for k in EARLIER_CHEAP_KEYS}
+        for base_key, base in (("vs_exact", EARLIER_CHEAP_EXACT.get(arm, "AT-AWP separate")), ("vs_AT", "AT")):
+            if arm == base or base not in runs or (base_key == "vs_exact" and arm in ("AT", *EARLIER_CHEAP_EXACT.values())):
                 continue
             summary[arm][base_key] = {"base": base}
             for k in ("last_pgd20", "autoattack", "best_pgd20"):
@@ -441,7 +422,7 @@ def cheap18_summary(runs: dict) -> dict:
                                                    and rows[s].get(k) is not None
                                                    and runs[base][s].get(k) is not None])
     for arm in summary:
-        if arm == "AT" or arm in CHEAP18_EXACT.values() or arm == "AT-AWP separate":
+        if arm == "AT" or arm in EARLIER_CHEAP_EXACT.values() or arm == "AT-AWP separate":
             continue
         ve, va = summary[arm].get("vs_exact", {}), summary[arm].get("vs_AT", {})
         within = all(ve.get(k) and ve[k]["mean"] >= -1.0 for k in ("last_pgd20", "autoattack"))
@@ -453,17 +434,17 @@ def cheap18_summary(runs: dict) -> dict:
 
 
 def cheap_ascent(files):
-    """The issue-18 study's two tables (its runner, scripts/cheap_ascent_study.py, was replaced by
+    """The earlier cheap-ascent study's two tables (its runner, scripts/cheap_ascent_study.py, was replaced by
     scripts/study.py; see git history), recomputed from the per-seed rows of its JSON."""
     d = load(files[0])
     runs = {arm: {int(s): r for s, r in rows.items()} for arm, rows in d["runs"].items()}
-    summary, seeds, cpu = cheap18_summary(runs), d["seeds"], d["cpu_cost"]
+    summary, seeds, cpu = earlier_cheap_summary(runs), d["seeds"], d["cpu_cost"]
     f = lambda m: "–" if not m else f"{m['mean']:.1f} ± {m['std']:.1f}"  # noqa: E731
     ft = lambda m: "–" if not m or "t" not in m else f"{m['t']:.1f}"  # noqa: E731
     out = [f"| arm (seeds {' '.join(map(str, seeds))}) | n | last PGD-20 | AutoAttack | best PGD-20 | last clean | "
            "robust gap | wall s / AWP epoch | CPU s / AWP epoch |", "|---|---|---|---|---|---|---|---|---|"]
     for arm, sm in summary.items():
-        c = (cpu or {}).get("cpu_s_per_epoch", {}).get(_CHEAP18_NAMES.get(arm)) if cpu else None
+        c = (cpu or {}).get("cpu_s_per_epoch", {}).get(_EARLIER_CHEAP_NAMES.get(arm)) if cpu else None
         out.append(f"| {arm} | {sm['last_pgd20']['n']} | {f(sm['last_pgd20'])} | {f(sm['autoattack'])} | "
                    f"{f(sm['best_pgd20'])} | {f(sm['last_clean'])} | {f(sm['robust_gap'])} | "
                    f"{f(sm['train_s_per_awp_epoch'])} | {'–' if c is None else f'{c:.2f}'} |")
@@ -482,8 +463,8 @@ def cheap_ascent(files):
     return "\n".join(out)
 
 
-# the issue-18 arms' candidate names (their CPU-cost keys)
-_CHEAP18_NAMES = {"AT": "n320-e15-n20-long", "AT-AWP separate": "long-awp0.01", "attack-sourced": "long-awp0.01-attack",
+# the earlier cheap-ascent study's arms: their candidate names (their CPU-cost keys)
+_EARLIER_CHEAP_NAMES = {"AT": "n320-e15-n20-long", "AT-AWP separate": "long-awp0.01", "attack-sourced": "long-awp0.01-attack",
                   "every 2": "long-awp0.01-every2", "every 4": "long-awp0.01-every4",
                   "AT-AWP separate, eval-mode attack": "long-awp0.01-evalbn",
                   "attack-sourced, eval-mode attack": "long-awp0.01-evalbn-attack"}

@@ -1,4 +1,4 @@
-"""The docs' numbers come from committed JSON (issue 19).
+"""The docs' numbers come from committed JSON.
 
 * every ``<!-- numbers: NAME (FILE.json) -->`` block of docs/reproduction.md, README.md and
   docs/performance.md is exactly what ``scripts/docs_numbers.py`` generates from its JSON
@@ -57,7 +57,7 @@ def test_paired_statistics():
     assert t == pytest.approx(m / (sd / math.sqrt(3)))
     d = json.load(open(os.path.join(ROOT, "docs/reproduction_regime.json")))
     m, sd, t = dn.paired_best(d, "AT-AWP g0.01")
-    assert f"{m:.1f} {t:.1f}" == "3.9 9.5"  # the issue's numbers
+    assert f"{m:.1f} {t:.1f}" == "3.9 9.5"  # the numbers the study reported
 
 
 def test_landscape_reads_the_alpha_asked_for():
