@@ -89,12 +89,13 @@ def model_step_rate(steps: int) -> dict:
 
 def h100_step() -> dict:
     import json
+    import bench_train_step
+    import gpu_check
     try:
         with open(H100_JSON) as f:
             doc = json.load(f)
-        text = doc["summary"]
-        line = next(l for l in text.splitlines() if "awpfast bf16+cl" in l)
-        ms = float(line.split()[2])
+        step = bench_train_step.summary(gpu_check.result(doc, "bench_train"))["configs"]["awpfast bf16+cl"]
+        ms = float(f"{step['at_awp_ms']:.1f}")  # as the run's summary line shows it
         return {"source": os.path.relpath(H100_JSON, os.path.dirname(H100_JSON) + "/../.."),
                 "what": "WRN-34-10 AT-AWP step, batch 128, PGD-10, bf16 + channels_last (H100, 2026-11-27)",
                 "step_ms": ms, "img_per_s": 128 / ms * 1000}
