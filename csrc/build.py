@@ -30,7 +30,8 @@ ROOT = os.path.dirname(HERE)
 CPU_SOURCES = ["csrc/cpu/module.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp"]
 CUDA_CU_SOURCES = ["csrc/cuda/kernels.cu"]
 CUDA_CPP_SOURCES = ["csrc/cuda/module.cpp"]
-HEADERS = ["csrc/dtype.h", "csrc/args.h", "csrc/cpu/scalar.h", "csrc/cpu/kernels.inc", "csrc/cuda/kernels.h"]
+HEADERS = ["csrc/dtype.h", "csrc/dtype_traits.h", "csrc/args.h", "csrc/cpu/scalar.h", "csrc/cpu/kernels.inc",
+           "csrc/cuda/kernels.h"]
 
 CXX_FLAGS = ["-O3", "-g0", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility=hidden",
              "-Wall"]

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "../dtype.h"
+#include "../dtype_traits.h"  // Cvt<float>, Cvt<double>, clampv (shared with the CUDA kernels)
 
 // 16-bit storage types. Arithmetic always happens after conversion to float.
 struct half_t { uint16_t bits; };
@@ -58,18 +58,7 @@ static inline uint16_t float_to_bf16(float f) {
   return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
 }
 
-// Cvt<T>: storage type T <-> accumulate type A.
-template <class T> struct Cvt;
-template <> struct Cvt<float> {
-  using A = float;
-  static inline float load(float x) { return x; }
-  static inline float store(float x) { return x; }
-};
-template <> struct Cvt<double> {
-  using A = double;
-  static inline double load(double x) { return x; }
-  static inline double store(double x) { return x; }
-};
+// Cvt<T> for the CPU's 16-bit storage types (fp32 and fp64: dtype_traits.h).
 template <> struct Cvt<half_t> {
   using A = float;
   static inline float load(half_t x) { return half_to_float(x.bits); }
@@ -80,10 +69,6 @@ template <> struct Cvt<bf16_t> {
   static inline float load(bf16_t x) { return bf16_to_float(x.bits); }
   static inline bf16_t store(float x) { return bf16_t{float_to_bf16(x)}; }
 };
-
-// clamp that lets NaN through (as torch.clamp does)
-template <class A>
-static inline A clampv(A x, A lo, A hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
 // One set of range kernels for one dtype (see kernels.inc for what each computes).
 struct KernelTable {
