@@ -38,6 +38,14 @@ def test_no_fast_math_flags():
         assert bad not in flags, bad
 
 
+def test_one_checked_launch_site():
+    """Every kernel launch of csrc/cuda/kernels.cu goes through its launch() helper, which checks
+    it: one <<<...>>> in the file."""
+    with open(os.path.join(ROOT, "csrc", "cuda", "kernels.cu")) as f:
+        src = f.read()
+    assert src.count("<<<") == 1, "a kernel launch outside launch() (unchecked)"
+
+
 BAD_PTX = re.compile(r"\b(sqrt|div)\.(approx|full)[a-z0-9.]*|\b[a-z]+\.ftz\.f32\b")
 
 
@@ -55,3 +63,7 @@ def test_nvcc_compiles_for_sm90(src, tmp_path):
     assert "sqrt.rn.f64" in ptx, "the norms' square roots should be IEEE float64"
     bad = sorted(set(m.group(0) for m in BAD_PTX.finditer(ptx)))
     assert not bad, f"approximate / flush-to-zero math in the CUDA kernels: {bad}"
+    # perturb / add_scaled with deltas: p + delta with the delta rounded (pinned, never contracted)
+    assert "mul.rn.f32" in ptx and "add.rn.f32" in ptx and "mul.rn.f64" in ptx
+    # the ops' per-thread arrays stay in registers (a list picked by a run-time index would not)
+    assert ".local" not in ptx, "local memory in the CUDA kernels"
