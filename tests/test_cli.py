@@ -379,7 +379,8 @@ def test_input_normalization_on_cifar10_at(tmp_path):
 
 
 def test_old_checkpoints_still_load_and_resume(finished, tmp_path, capsys):
-    """A checkpoint from before --val-samples / --input-norm / --pad-mode resumes as it ran."""
+    """A checkpoint from before --val-samples / --input-norm / --pad-mode resumes with the values given,
+    and says which options it lacks."""
     ck = torch.load(os.path.join(finished, "last.pt"), weights_only=False)
     for k in ("val_samples", "input_norm", "pad_mode"):
         del ck["args"][k]
@@ -392,9 +393,14 @@ def test_old_checkpoints_still_load_and_resume(finished, tmp_path, capsys):
     out = tmp_path / "old"
     out.mkdir()
     torch.save(ck, out / "last.pt")
-    assert T.main(["--resume", str(out / "last.pt"), "--epochs", "2", "--no-plot", "--quiet"]) == 0
+    capsys.readouterr()
+    assert T.main(["--resume", str(out / "last.pt"), "--epochs", "2", "--no-plot", "--quiet", "--val-samples", "0",
+                   "--pad-mode", "zeros"]) == 0
+    err = capsys.readouterr().err
+    assert "records no --input-norm (written before that option existed)" in err
     new = torch.load(out / "last.pt", weights_only=False)
     assert new["args"]["val_samples"] == 0 and new["args"]["pad_mode"] == "zeros"
+    assert new["args"]["input_norm"] == "none"  # today's default on synthetic data
     assert new["history"][1]["val_robust_acc"] is None and new["best"]["epoch"] in (1, 2)
     js = str(tmp_path / "e.json")
     assert E.main([str(out / "last.pt"), "--steps", "1", "--samples", "8", "--autoattack", "off", "--json", js]) == 0

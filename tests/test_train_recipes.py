@@ -118,7 +118,9 @@ def test_trades_awp_reference_recipe_steps_through_train_equal_the_reference_por
     assert (a.attack_bn, a.forward_order, a.input_norm, a.pad_mode, a.lr_schedule, a.awp_warmup) == \
         ("eval", "reference", "none", "zeros", "piecewise-epoch", 9)
     assert t.awp.param_groups[0]["awp_gamma"] == 0.005
-    assert loop_.epoch_gamma(a, 8) == 0.0 and loop_.epoch_gamma(a, 9) == 0.005
+    o = t.cfg.options  # the typed options the loop reads
+    assert o.method.awp_warmup == 9 and o.attack.bn == "eval"
+    assert loop_.epoch_gamma(o, 8) == 0.0 and loop_.epoch_gamma(o, 9) == 0.005
     _assert_same(t, ref, start)
     t2, ref2, _ = _run_train_and_port(argv + ["--forward-order", "ours"], 9, _trades_port(0.005))
     assert max(v for k, v in _diffs(t2.model, ref2).items() if "running" in k) > 1e-6

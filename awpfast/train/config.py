@@ -11,7 +11,7 @@ import argparse
 import copy
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import TYPE_CHECKING, Callable, List, Optional
 
 from ..choices import (BACKENDS, DATASETS, DTYPE_NAMES, FORWARD_ORDERS, INPUT_NORM_NAMES, L2_ORDERS, METHODS,
@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from ..distributed import DistInfo
 
-__all__ = ["DEFAULTS", "Derived", "RECIPES", "RunConfig", "apply_recipe", "build_parser", "make_config", "preflight",
+__all__ = ["DEFAULTS", "Derived", "OPTIONS", "Options", "RECIPES", "RunConfig", "apply_recipe", "build_parser",
+           "make_config", "preflight",
            "recipe_overrides", "resolve_defaults", "validate_args", "LR_SCHEDULES", "DESCRIPTION"]
 
 DESCRIPTION = "Adversarial training with AWP: ``python -m awpfast.train`` / ``awpfast-train``."
@@ -503,6 +504,11 @@ class RunConfig:
     finished: bool = False  # --resume of a run that already trained all its epochs (only its files get repaired)
     run_id: str = ""        # the run's identity: in args.json and every checkpoint; --resume keeps it
     resume_stat: Optional[tuple] = None  # (mtime_ns, size) of the --resume file when it was read
+    options: Optional["Options"] = None  # ``args`` typed and split by concern (what the loop reads)
+
+    def __post_init__(self):
+        if self.options is None:
+            self.options = Options.from_args(self.args)
 
 
 def recheck(cfg: RunConfig) -> None:
@@ -673,8 +679,14 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
         resume_stat = (st.st_mtime_ns, st.st_size) if st is not None else None
         check_belongs(ckpt, resume_path, args.out)
         saved = dict(ckpt["args"])
+        missing = []
         for k in _RUN_KEYS:
-            old = saved.get(k)  # a key the checkpoint lacks: today's default
+            if k not in saved:  # an option newer than the checkpoint: the one given, else today's default
+                if k not in explicit:
+                    missing.append(_opt(k))
+                    setattr(args, k, None)
+                continue
+            old = saved[k]
             given = getattr(args, k, None)
             if k == "width" and k in explicit and saved.get("model") != "small-cnn":
                 notes.append(f"--resume: --width applies to small-cnn only and the checkpoint holds a "
@@ -683,6 +695,11 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
                 notes.append(f"--resume: {_opt(k)} {given!r} differs from the checkpoint's {old!r}; "
                              "using the checkpoint's")
             setattr(args, k, old)
+        if missing:
+            notes.append(f"--resume: the checkpoint records no {', '.join(missing)} (written before "
+                         f"{'that option' if len(missing) == 1 else 'those options'} existed): today's default is "
+                         "used, so the continuation may differ from how the run began; give the value it ran with "
+                         "to keep it")
         if "no_plot" not in explicit:  # the run's outputs stay as they were (the plot, or none)
             args.no_plot = bool(saved.get("no_plot", False))
         if dist.enabled and saved.get("fsdp") and dist.mode != "fsdp" and not args.ddp:
@@ -725,3 +742,62 @@ def make_config(args: argparse.Namespace, explicit: Optional[set] = None) -> Run
     run_id = (ckpt.get("run_id") if ckpt is not None else None) or uuid.uuid4().hex
     return RunConfig(args=args, device=device, dist=dist, resume_path=resume_path, checkpoint=ckpt, notes=notes,
                      finished=finished, run_id=run_id, resume_stat=resume_stat)
+
+
+# ----------------------------------------------------------------------------- typed options per concern
+SECTIONS = {"method": "method", "model and data": "data", "optimization": "optim", "attack": "attack",
+            "flatness": "flatness", "run": "run"}
+"""The option table's groups and the :class:`Options` attribute each becomes."""
+
+
+def _field(o: Option) -> str:
+    """An option's name inside its section: the section's prefix dropped (``attack_steps`` -> ``attack.steps``)."""
+    prefix = SECTIONS[o.group] + "_"
+    return o.dest[len(prefix):] if o.dest.startswith(prefix) else o.dest
+
+
+def _annotation(o: Option):
+    kw = o.kw
+    if kw.get("action") == "store_true":
+        return bool
+    t = {int: int, float: float, parse_float: float}.get(kw.get("type"), str)
+    return Optional[t] if o.unset is None or isinstance(o.default, Derived) else t
+
+
+def _section(group: str) -> type:
+    name = SECTIONS[group].capitalize() + "Options"
+    fields = [(_field(o), _annotation(o)) for o in OPTIONS if o.group == group]
+    cls = make_dataclass(name, fields, frozen=True)
+    cls.__module__ = __name__
+    cls.__doc__ = f"The validated ``{group}`` options of a run (generated from :data:`OPTIONS`)."
+    return cls
+
+
+_SECTION_TYPES = {sec: _section(group) for group, sec in SECTIONS.items()}
+MethodOptions, DataOptions, OptimOptions, AttackOptions, FlatnessOptions, RunOptions = _SECTION_TYPES.values()
+
+
+@dataclass(frozen=True)
+class Options:
+    """A run's validated options, typed and split by concern (``o.attack.eps``, ``o.method.awp_gamma``,
+    ``o.optim.lr``); built by :func:`make_config` from the resolved Namespace, which stays the record
+    (``args.json``, checkpoints)."""
+    method: MethodOptions
+    data: DataOptions
+    optim: OptimOptions
+    attack: AttackOptions
+    flatness: FlatnessOptions
+    run: RunOptions
+
+    @classmethod
+    def from_args(cls, args) -> "Options":
+        parts = {sec: {} for sec in SECTIONS.values()}
+        for o in OPTIONS:
+            parts[SECTIONS[o.group]][_field(o)] = getattr(args, o.dest)
+        return cls(**{sec: _SECTION_TYPES[sec](**kw) for sec, kw in parts.items()})
+
+
+def section_of(dest: str) -> tuple:
+    """``(section, field)`` of option ``dest`` in :class:`Options`."""
+    o = _BY_DEST[dest]
+    return SECTIONS[o.group], _field(o)

@@ -74,13 +74,13 @@ def lr_factor(schedule: str, t: float, epochs: int) -> float:
     return 0.01
 
 
-def make_attack(model, args, steps: int, train: bool, awp=None):
+def make_attack(model, o, steps: int, train: bool, awp=None):
     """The training (TRADES KL or PGD) or evaluation (PGD) attack of a run; ``awp``: the training
     attack also sources the AWP direction (``--awp-ascent attack``)."""
-    kw = dict(eps=args.eps, alpha=args.alpha, steps=steps, random_start=True, norm=args.norm,
-              bn_train=(train and args.attack_bn == "train"), backend=args.backend, awp=awp)
-    if train and args.method == "trades":
-        return TRADESAttack(model, l2_order=args.trades_l2_order, **kw)
+    kw = dict(eps=o.attack.eps, alpha=o.attack.alpha, steps=steps, random_start=True, norm=o.attack.norm,
+              bn_train=(train and o.attack.bn == "train"), backend=o.method.backend, awp=awp)
+    if train and o.method.method == "trades":
+        return TRADESAttack(model, l2_order=o.attack.trades_l2_order, **kw)
     return PGD(model, **kw)
 
 
@@ -113,7 +113,7 @@ class Trainer:
         self.cosines.append(c.tolist())
 
     def say(self, *a) -> None:
-        if self.cfg.dist.is_main and not self.cfg.args.quiet:
+        if self.cfg.dist.is_main and not self.cfg.options.run.quiet:
             print(*a, flush=True)
 
 
@@ -152,28 +152,29 @@ def _shard_units(model: torch.nn.Module) -> list:
 def setup(cfg: RunConfig) -> Trainer:
     """Data, model, optimizer with its rule, schedule, attack and loader, built in this order (each
     builder below takes what the ones before it made); then the ``--resume`` state. Writes nothing."""
-    args, dist = cfg.args, cfg.dist
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed = args.seed + dist.rank  # different attack random starts per process; the loader is shared
+    o, dist = cfg.options, cfg.dist
+    if o.run.threads:
+        torch.set_num_threads(o.run.threads)
+    seed = o.run.seed + dist.rank  # different attack random starts per process; the loader is shared
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    ds = load_dataset(args.data, args.data_dir, args.image_size)
-    train, val = training_splits(ds, args.val_samples, args.train_samples, args.label_noise)
+    ds = load_dataset(o.data.data, o.data.dir, o.data.image_size)
+    train, val = training_splits(ds, o.data.val_samples, o.data.train_samples, o.data.label_noise)
     model, fwd, eval_fwd, target = build_models(cfg, ds)
     awp = build_rule(cfg, model, target)
     batches = build_batches(cfg, ds, train)
-    n_iter, epochs = len(batches), args.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(awp, lambda k: lr_factor(args.lr_schedule, (k + 1) / n_iter, epochs))
-    scaler = torch.amp.GradScaler(cfg.device.type) if args.amp == "fp16" else None
+    n_iter, epochs = len(batches), o.optim.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(awp, lambda k: lr_factor(o.optim.lr_schedule, (k + 1) / n_iter, epochs))
+    scaler = torch.amp.GradScaler(cfg.device.type) if o.optim.amp == "fp16" else None
     t = Trainer(cfg=cfg, ds=ds, train_split=train, val_split=val, model=model, fwd=fwd,
                 eval_fwd=eval_fwd, awp=awp, sched=sched, scaler=scaler,
-                loss_fn=get_loss(args.method, args.beta, args.forward_order),
-                ascent_loss_fn=get_loss(args.method, args.beta),
-                attack=make_attack(eval_fwd, args, args.attack_steps, train=True,
-                                   awp=awp if args.awp_ascent == "attack" else None), batches=batches, n_iter=n_iter,
-                dtype=DTYPES[args.dtype], best={"epoch": None, "selected_on": "val" if len(val) else "test"})
+                loss_fn=get_loss(o.method.method, o.method.beta, o.method.forward_order),
+                ascent_loss_fn=get_loss(o.method.method, o.method.beta),
+                attack=make_attack(eval_fwd, o, o.attack.steps, train=True,
+                                   awp=awp if o.method.awp_ascent == "attack" else None),
+                batches=batches, n_iter=n_iter,
+                dtype=DTYPES[o.optim.dtype], best={"epoch": None, "selected_on": "val" if len(val) else "test"})
     if cfg.checkpoint is not None:
         load_state(t, seed)
     return t
@@ -183,18 +184,18 @@ def build_models(cfg: RunConfig, ds) -> tuple:
     """``(model, fwd, eval_fwd, target)``: the plain module (with the ``--resume`` weights), the training
     forward (compiled, DDP / FSDP-wrapped), the forward of attacks and evaluation (never a DDP wrapper)
     and the module the rule perturbs (the wrapped one under torchrun, which the rule detects)."""
-    args, dist = cfg.args, cfg.dist
-    model = build_model(args.model, ds.num_classes, ds.in_channels, args.width, args.input_norm)
-    model = model.to(cfg.device, DTYPES[args.dtype])
+    o, dist = cfg.options, cfg.dist
+    model = build_model(o.data.model, ds.num_classes, ds.in_channels, o.data.width, o.data.input_norm)
+    model = model.to(cfg.device, DTYPES[o.optim.dtype])
     if cfg.checkpoint is not None:
         try:
             model.load_state_dict(cfg.checkpoint["model"])
         except RuntimeError as e:
-            raise UsageError(f"--resume {cfg.resume_path}: the weights do not fit {args.model} "
+            raise UsageError(f"--resume {cfg.resume_path}: the weights do not fit {o.data.model} "
                              f"({str(e).splitlines()[0]})") from None
-    if args.channels_last:
+    if o.optim.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    inner = torch.compile(model) if args.compile else model
+    inner = torch.compile(model) if o.optim.compile else model
     wrapped = _wrap(inner, cfg)
     eval_fwd = wrapped if dist.mode == "fsdp" else inner  # FSDP: every forward goes through the sharded module
     return model, wrapped, eval_fwd, (wrapped if dist.enabled else model)
@@ -202,27 +203,28 @@ def build_models(cfg: RunConfig, ds) -> tuple:
 
 def build_rule(cfg: RunConfig, model: torch.nn.Module, target: torch.nn.Module):
     """The base SGD wrapped in the run's weight-perturbation rule (``awpfast.AWP``, or ``awpfast.RWP``)."""
-    args = cfg.args
-    base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                           nesterov=args.nesterov)
-    if args.awp_rule == "rwp":
-        return RWP(base, target, gamma=args.awp_gamma, steps=args.rwp_steps, lr=args.rwp_lr,
-                   loss_threshold=args.rwp_threshold, restore=args.awp_restore, backend=args.backend)
-    return AWP(base, target, gamma=args.awp_gamma, steps=args.awp_steps, restore=args.awp_restore,
-               backend=args.backend, ascent_every=args.awp_every, ascent_fraction=args.awp_ascent_fraction,
-               ascent_seed=args.seed, ascent="momentum" if args.awp_ascent == "momentum" else "gradient")
+    o = cfg.options
+    base = torch.optim.SGD(model.parameters(), lr=o.optim.lr, momentum=o.optim.momentum,
+                           weight_decay=o.optim.weight_decay,
+                           nesterov=o.optim.nesterov)
+    if o.method.awp_rule == "rwp":
+        return RWP(base, target, gamma=o.method.awp_gamma, steps=o.method.rwp_steps, lr=o.method.rwp_lr,
+                   loss_threshold=o.method.rwp_threshold, restore=o.method.awp_restore, backend=o.method.backend)
+    return AWP(base, target, gamma=o.method.awp_gamma, steps=o.method.awp_steps, restore=o.method.awp_restore,
+               backend=o.method.backend, ascent_every=o.method.awp_every, ascent_fraction=o.method.awp_ascent_fraction,
+               ascent_seed=o.run.seed, ascent="momentum" if o.method.awp_ascent == "momentum" else "gradient")
 
 
 def build_batches(cfg: RunConfig, ds, train):
     """The training loader: this process's share of each batch, with ``--extra-data`` mixed in when given."""
-    args, dist = cfg.args, cfg.dist
-    augment = ds.augment if args.augment == "auto" else args.augment
-    common = dict(augment=augment, seed=args.seed, device=cfg.device, pad_mode=args.pad_mode, rank=dist.rank,
+    o, dist = cfg.options, cfg.dist
+    augment = ds.augment if o.data.augment == "auto" else o.data.augment
+    common = dict(augment=augment, seed=o.run.seed, device=cfg.device, pad_mode=o.data.pad_mode, rank=dist.rank,
                   world_size=dist.world_size)
-    if args.extra_data:  # a fixed share of every batch from the extra set (the base split alone otherwise)
-        extra = open_extra(args.extra_data, ds.num_classes, ds.image_size, ds.in_channels)
-        return MixedBatches(train, extra, args.batch_size, args.extra_fraction, args.steps_per_epoch, **common)
-    return Batches(train, args.batch_size, shuffle=True, drop_last=False, **common)
+    if o.data.extra_data:  # a fixed share of every batch from the extra set (the base split alone otherwise)
+        extra = open_extra(o.data.extra_data, ds.num_classes, ds.image_size, ds.in_channels)
+        return MixedBatches(train, extra, o.optim.batch_size, o.data.extra_fraction, o.data.steps_per_epoch, **common)
+    return Batches(train, o.optim.batch_size, shuffle=True, drop_last=False, **common)
 
 
 def load_state(t: Trainer, seed: int) -> None:
@@ -250,9 +252,9 @@ def prepare_out(t: Trainer) -> None:
     cfg = t.cfg
     if not cfg.dist.is_main:
         return
-    out = cfg.args.out
+    out = cfg.options.run.out
     os.makedirs(out, exist_ok=True)
-    if cfg.args.overwrite and cfg.checkpoint is None:
+    if cfg.options.run.overwrite and cfg.checkpoint is None:
         for f in RUN_FILES:
             p = os.path.join(out, f)
             if os.path.isfile(p):
@@ -260,14 +262,14 @@ def prepare_out(t: Trainer) -> None:
     rec = {k: v for k, v in vars(cfg.args).items()}
     rec["world_size"] = cfg.dist.world_size
     rec["run_id"] = cfg.run_id
-    if cfg.args.recipe:  # the options given explicitly that moved the run away from its recipe
+    if cfg.options.method.recipe:  # the options given explicitly that moved the run away from its recipe
         rec["recipe_overrides"] = recipe_overrides(cfg.args)
     atomic_write_text(os.path.join(out, "args.json"), json.dumps(rec, indent=1, sort_keys=True))
 
 
-def epoch_gamma(args, epoch: int) -> float:
+def epoch_gamma(o, epoch: int) -> float:
     """The AWP gamma of 0-based ``epoch``: 0 during the first ``awp_warmup`` epochs."""
-    return args.awp_gamma if epoch >= args.awp_warmup else 0.0
+    return o.method.awp_gamma if epoch >= o.method.awp_warmup else 0.0
 
 
 def eps_ramp(eps_warmup: int, t: float) -> float:
@@ -283,9 +285,9 @@ def set_train_eps(t: Trainer, epoch: int, i: int) -> float:
     """Set the training attack's radius and step for iteration ``i`` of 0-based ``epoch`` (see
     :func:`eps_ramp`); returns the radius. The evaluation and flatness attacks are separate objects
     and keep the full ``--eps``."""
-    args = t.cfg.args
-    f = eps_ramp(args.eps_warmup, epoch + (i + 1) / t.n_iter)
-    t.attack.eps, t.attack.alpha = args.eps * f, args.alpha * f
+    o = t.cfg.options
+    f = eps_ramp(o.attack.eps_warmup, epoch + (i + 1) / t.n_iter)
+    t.attack.eps, t.attack.alpha = o.attack.eps * f, o.attack.alpha * f
     return t.attack.eps
 
 
@@ -298,23 +300,23 @@ def train_step(t: Trainer, x: torch.Tensor, y: torch.Tensor):
     to keep its best restart, and after the restore a clean train-mode forward (the reference logs
     its accuracy); TRADES runs its forwards at ``w + v`` adversarial, clean, clean (see
     :class:`awpfast.losses.TRADESLoss`). These extra forwards run without gradient."""
-    args, device = t.cfg.args, t.cfg.device
-    reference_at = args.forward_order == "reference" and args.method == "at"
+    o, device = t.cfg.options, t.cfg.device
+    reference_at = o.method.forward_order == "reference" and o.method.method == "at"
     if x.dtype != t.dtype:
         x = x.to(t.dtype)
-    if args.channels_last:
+    if o.optim.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device, args.amp):
+    with autocast(device, o.optim.amp):
         x_adv = t.attack(x, y)
     t.model.train()
-    if reference_at and args.attack_bn == "train":
-        with torch.no_grad(), autocast(device, args.amp):
+    if reference_at and o.attack.bn == "train":
+        with torch.no_grad(), autocast(device, o.optim.amp):
             t.eval_fwd(x_adv)
     scale = t.scaler.get_scale() if t.scaler is not None else 1.0
 
     def closure(pick=None):
-        with autocast(device, args.amp):
-            if args.awp_rule == "rwp":  # RWP masks the per-example adversarial losses itself
+        with autocast(device, o.optim.amp):
+            if o.method.awp_rule == "rwp":  # RWP masks the per-example adversarial losses itself
                 return F.cross_entropy(t.fwd(x_adv), y, reduction="none")
             if pick is None:
                 return t.ascent_loss_fn(t.fwd, x, x_adv, y) * scale
@@ -323,11 +325,11 @@ def train_step(t: Trainer, x: torch.Tensor, y: torch.Tensor):
     exact = _exact_direction(t, x, x_adv, y)  # --awp-cosine-every: on the side, before the perturbation
     # --awp-ascent attack: the attack left the direction pending (none at gamma 0 or on a re-use step);
     # --awp-ascent momentum: the direction is SGD's momentum buffer
-    with t.awp.perturbed(closure if args.awp_ascent == "separate" else None):
+    with t.awp.perturbed(closure if o.method.awp_ascent == "separate" else None):
         if exact is not None and t.awp.is_perturbed:
             t.record_cosines(t.awp.direction_cosines(exact))
         t.awp.zero_grad(set_to_none=True)
-        with autocast(device, args.amp):
+        with autocast(device, o.optim.amp):
             loss, logits_adv = t.loss_fn(t.fwd, x, x_adv, y, return_logits=True)
         if t.scaler is not None:
             t.scaler.scale(loss).backward()
@@ -336,8 +338,8 @@ def train_step(t: Trainer, x: torch.Tensor, y: torch.Tensor):
         else:
             loss.backward()
             t.awp.step()
-    if reference_at and args.awp_rule == "awp":  # the AWP script's clean forward (RWP's script has none)
-        with torch.no_grad(), autocast(device, args.amp):
+    if reference_at and o.method.awp_rule == "awp":  # the AWP script's clean forward (RWP's script has none)
+        with torch.no_grad(), autocast(device, o.optim.amp):
             t.eval_fwd(x)
     t.sched.step()
     return loss, logits_adv
@@ -348,31 +350,31 @@ def _exact_direction(t: Trainer, x, x_adv, y):
     AWP direction at the current weights (the separate train-mode ascent on the full batch), or None.
     Computed on the side: BatchNorm statistics, ``.grad``, the RNG streams and the trajectory are
     untouched."""
-    every = t.cfg.args.awp_cosine_every
+    every = t.cfg.options.method.awp_cosine_every
     if not every or t.sched.last_epoch % every or not any(g.get("awp_gamma") for g in t.awp.param_groups):
         return None
-    args, device = t.cfg.args, t.cfg.device
-    with autocast(device, args.amp):
+    o, device = t.cfg.options, t.cfg.device
+    with autocast(device, o.optim.amp):
         return t.awp.ascent_direction(lambda *_: t.ascent_loss_fn(t.fwd, x, x_adv, y))
 
 
 def train_epoch(t: Trainer, epoch: int) -> dict:
     """One pass of adversarial training with AWP (:func:`train_step` per batch); returns loss /
     accuracy / timing (global under torchrun)."""
-    args, device = t.cfg.args, t.cfg.device
-    t.awp.set_gamma(epoch_gamma(args, epoch))
+    o, device = t.cfg.options, t.cfg.device
+    t.awp.set_gamma(epoch_gamma(o, epoch))
     t.model.train()
     t0 = time.perf_counter()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, correct: no host sync per step
     n_local = 0
     bar = None
-    if t.cfg.dist.is_main and not (args.no_progress or args.quiet) and sys.stderr.isatty():
+    if t.cfg.dist.is_main and not (o.run.no_progress or o.run.quiet) and sys.stderr.isatty():
         try:
             from tqdm import tqdm
-            bar = tqdm(total=t.n_iter, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
+            bar = tqdm(total=t.n_iter, desc=f"epoch {epoch + 1}/{o.optim.epochs}", leave=False, dynamic_ncols=True)
         except ImportError:  # pragma: no cover
             bar = None
-    eps_now, ramp = args.eps, args.eps_warmup
+    eps_now, ramp = o.attack.eps, o.attack.eps_warmup
     for i, (x, y) in enumerate(t.batches):
         if ramp:
             eps_now = set_train_eps(t, epoch, i)
@@ -397,7 +399,7 @@ def train_epoch(t: Trainer, epoch: int) -> dict:
            "img_per_s": n / max(train_time, 1e-9)}
     if ramp:
         rec["train_eps"] = eps_now  # the radius of the epoch's last step
-    if args.awp_cosine_every:
+    if o.method.awp_cosine_every:
         rec.update(_cosine_record(t.cosines))
         t.cosines = []
     return rec
@@ -413,11 +415,11 @@ def _cosine_record(rows: list) -> dict:
             "awp_cosine_samples": len(rows)}
 
 
-def full_eval_due(args, epoch: int) -> bool:
+def full_eval_due(o, epoch: int) -> bool:
     """Whether 0-based ``epoch`` evaluates the test split and the training subset on the
     ``--eval-every`` schedule (every K-th epoch and the last one)."""
-    every = args.eval_every or 1
-    return (epoch + 1) % every == 0 or epoch + 1 == args.epochs
+    every = o.attack.eval_every or 1
+    return (epoch + 1) % every == 0 or epoch + 1 == o.optim.epochs
 
 
 def evaluate_epoch(t: Trainer, epoch: Optional[int] = None) -> dict:
@@ -425,34 +427,35 @@ def evaluate_epoch(t: Trainer, epoch: Optional[int] = None) -> dict:
     flatness with ``--track-flatness``) after 0-based ``epoch`` (default: the next one in the history).
     With ``--eval-every K`` the test split and the training subset are evaluated on that schedule and
     whenever the validation PGD accuracy beats the best so far; otherwise their entries are ``None``."""
-    args, cfg = t.cfg.args, t.cfg
+    o, cfg = t.cfg.options, t.cfg
     epoch = len(t.history) if epoch is None else epoch
     t1 = time.perf_counter()
     if cfg.dist.enabled:
         import torch.distributed as dist
         for b in t.model.buffers():  # evaluate (and save) rank 0's BatchNorm statistics everywhere
             dist.broadcast(b, 0)
-    ev = dict(batch_size=max(args.batch_size // cfg.dist.world_size, 128), eps=args.eps, alpha=args.alpha,
-              steps=args.eval_steps, norm=args.norm, device=cfg.device, amp=args.amp,
-              channels_last=args.channels_last, backend=args.backend, rank=cfg.dist.rank,
+    ev = dict(batch_size=max(o.optim.batch_size // cfg.dist.world_size, 128), eps=o.attack.eps, alpha=o.attack.alpha,
+              steps=o.attack.eval_steps, norm=o.attack.norm, device=cfg.device, amp=o.optim.amp,
+              channels_last=o.optim.channels_last, backend=o.method.backend, rank=cfg.dist.rank,
               world_size=cfg.dist.world_size)
     rec = {}
     va = evaluate_split(t.eval_fwd, t.val_split, **ev) if len(t.val_split) else None
-    scheduled = full_eval_due(args, epoch)
+    scheduled = full_eval_due(o, epoch)
     best_val = t.best.get("val_robust_acc") if t.best else None
     full = scheduled or (va is not None and (best_val is None or va["robust_acc"] > best_val))
-    te = evaluate_split(t.eval_fwd, t.ds.test, limit=args.eval_samples, **ev) if full else None
-    tr = evaluate_split(t.eval_fwd, t.train_split, limit=args.train_eval_samples, **ev) \
-        if (args.train_eval_samples and full) else None
+    te = evaluate_split(t.eval_fwd, t.ds.test, limit=o.attack.eval_samples, **ev) if full else None
+    tr = evaluate_split(t.eval_fwd, t.train_split, limit=o.attack.train_eval_samples, **ev) \
+        if (o.attack.train_eval_samples and full) else None
     rec["val_clean_acc"] = va["clean_acc"] if va else None
     rec["val_robust_acc"] = va["robust_acc"] if va else None
     rec["train_clean_acc"] = tr["clean_acc"] if tr else None
     rec["train_robust_acc"] = tr["robust_acc"] if tr else None
-    rec.update({k: (te[v] if te else None) for k, v in (("test_clean_acc", "clean_acc"), ("test_robust_acc", "robust_acc"),
+    rec.update({k: (te[v] if te else None) for k, v in (("test_clean_acc", "clean_acc"),
+                                                        ("test_robust_acc", "robust_acc"),
                                                         ("test_clean_loss", "clean_loss"),
                                                         ("test_robust_loss", "robust_loss"))})
     rec["eval_time_s"] = time.perf_counter() - t1
-    if args.track_flatness and scheduled:
+    if o.flatness.track_flatness and scheduled:
         rec.update(flatness_epoch(t))
     return rec
 
@@ -472,17 +475,17 @@ def flatness_epoch(t: Trainer) -> dict:
     broadcasts the numbers: every process records the same values. Returns ``{"flatness",
     "flatness_loss0", "flatness_time_s"}``."""
     from ..landscape import flatness
-    args, cfg = t.cfg.args, t.cfg
+    o, cfg = t.cfg.options, t.cfg
     t0 = time.perf_counter()
     vals = torch.zeros(2, dtype=torch.float64)
     if cfg.dist.is_main:
-        split = t.train_split if args.flatness_split == "train" else t.val_split
-        sub = split.subset(args.flatness_samples)
-        attack = PGD(t.model, eps=args.eps, alpha=args.alpha, steps=args.flatness_steps, norm=args.norm,
-                     random_start=True, backend=args.backend) if args.flatness_steps > 0 else None
-        res = flatness(t.model, sub.x, sub.y, args.flatness_alpha, args.flatness_directions, attack,
-                       seed=FLATNESS_SEED, batch_size=max(args.batch_size // cfg.dist.world_size, 128),
-                       backend=args.backend, details=True)
+        split = t.train_split if o.flatness.split == "train" else t.val_split
+        sub = split.subset(o.flatness.samples)
+        attack = PGD(t.model, eps=o.attack.eps, alpha=o.attack.alpha, steps=o.flatness.steps, norm=o.attack.norm,
+                     random_start=True, backend=o.method.backend) if o.flatness.steps > 0 else None
+        res = flatness(t.model, sub.x, sub.y, o.flatness.alpha, o.flatness.directions, attack,
+                       seed=FLATNESS_SEED, batch_size=max(o.optim.batch_size // cfg.dist.world_size, 128),
+                       backend=o.method.backend, details=True)
         vals = torch.tensor([res["flatness"], res["loss0"]], dtype=torch.float64)
     if cfg.dist.enabled:
         import torch.distributed as dist
@@ -502,7 +505,7 @@ def save_checkpoint(t: Trainer, epoch: int, is_best: bool) -> None:
     own epoch (``best.pt`` is then that very state); ``metrics.jsonl`` and the plot are a function
     of ``last.pt``'s history. ``--resume`` (:func:`repair`) restores all of that, also for a
     finished run."""
-    cfg, args = t.cfg, t.cfg.args
+    cfg, o = t.cfg, t.cfg.options
     rng = rng_state(t.batches.generator)
     if isinstance(t.batches, MixedBatches):
         rng["extra_loader"] = t.batches.state_dict()
@@ -518,26 +521,26 @@ def save_checkpoint(t: Trainer, epoch: int, is_best: bool) -> None:
              "optimizer": optim_sd, "scheduler": t.sched.state_dict(),
              "scaler": t.scaler.state_dict() if t.scaler is not None else None,
              "rng": rng, "rng_ranks": rng_ranks, "world_size": cfg.dist.world_size,
-             "history": t.history, "best": t.best, "args": vars(args),
+             "history": t.history, "best": t.best, "args": vars(cfg.args),
              "num_classes": t.ds.num_classes, "in_channels": t.ds.in_channels, "image_size": t.ds.image_size}
-    atomic_save(state, os.path.join(args.out, "last.pt"))
+    atomic_save(state, os.path.join(o.run.out, "last.pt"))
     if is_best:
-        atomic_save(state, os.path.join(args.out, "best.pt"))
-    write_outputs(t.history, args)
+        atomic_save(state, os.path.join(o.run.out, "best.pt"))
+    write_outputs(t.history, cfg.args)
 
 
 def run(args) -> dict:
     """Train with parsed ``args`` (``awpfast.train.build_parser``) or a :class:`RunConfig`; returns the summary."""
     cfg = args if isinstance(args, RunConfig) else make_config(args, getattr(args, "_explicit", None))
-    args = cfg.args
+    o = cfg.options
     if cfg.dist.is_main:
         for n in cfg.notes:
             note(n)
-    created = _missing_dirs(args.out)  # the folders this run creates (removed again if it writes nothing)
+    created = _missing_dirs(o.run.out)  # the folders this run creates (removed again if it writes nothing)
     try:
         # one run per folder: rank 0 (the one that writes) holds the folder's lock for the whole run,
         # and repeats under it the checks another process could have changed since make_config
-        with run_lock(args.out) if cfg.dist.is_main else contextlib.nullcontext():
+        with run_lock(o.run.out) if cfg.dist.is_main else contextlib.nullcontext():
             if cfg.dist.is_main:
                 recheck(cfg)
             if cfg.finished:
@@ -548,10 +551,10 @@ def run(args) -> dict:
             return _train_loop(t)
     except BaseException:
         # a run that failed before writing anything leaves no empty folder behind
-        if cfg.dist.is_main and created and os.path.isdir(args.out) and not run_files(args.out):
+        if cfg.dist.is_main and created and os.path.isdir(o.run.out) and not run_files(o.run.out):
             for f in ("args.json", LOCK_FILE):
                 with contextlib.suppress(OSError):
-                    os.remove(os.path.join(args.out, f))
+                    os.remove(os.path.join(o.run.out, f))
             for d in created:  # innermost first
                 with contextlib.suppress(OSError):
                     os.rmdir(d)
@@ -576,39 +579,39 @@ def repair(cfg: RunConfig) -> list:
     as best, ``metrics.jsonl`` and the plot rebuilt from ``last.pt``'s history. Returns what it did."""
     if not cfg.dist.is_main or cfg.checkpoint is None:
         return []
-    args = cfg.args
-    done = [f"removed {f} (an interrupted write)" for f in remove_stale_tmp(args.out)]
-    fixed = repair_best(args.out, cfg.checkpoint, cfg.resume_path)
+    o = cfg.options
+    done = [f"removed {f} (an interrupted write)" for f in remove_stale_tmp(o.run.out)]
+    fixed = repair_best(o.run.out, cfg.checkpoint, cfg.resume_path)
     if fixed:
         done.append(fixed)
-    return done + repair_outputs(list(cfg.checkpoint["history"]), args)
+    return done + repair_outputs(list(cfg.checkpoint["history"]), cfg.args)
 
 
 def _finish_resume(cfg: RunConfig) -> dict:
     """``--resume`` of a run that trained all its epochs: repair its files if a kill left them
     disagreeing (exit 0, saying what), else refuse (nothing to resume)."""
-    args, ck = cfg.args, cfg.checkpoint
+    o, ck = cfg.options, cfg.checkpoint
     done = repair(cfg)
     if not done:
-        raise UsageError(f"nothing to resume: the run in {args.out} already finished {int(ck['epoch'])} of "
-                         f"{args.epochs} epochs; pass --epochs N (> {int(ck['epoch'])}) to train longer")
+        raise UsageError(f"nothing to resume: the run in {o.run.out} already finished {int(ck['epoch'])} of "
+                         f"{o.optim.epochs} epochs; pass --epochs N (> {int(ck['epoch'])}) to train longer")
     for d in done:
         note(f"--resume: repaired: {d}")
     history = list(ck["history"])
-    return {"out": args.out, "epochs_done": len(history), "best": dict(ck["best"]),
+    return {"out": o.run.out, "epochs_done": len(history), "best": dict(ck["best"]),
             "last": history[-1] if history else None, "repaired": done}
 
 
 def _train_loop(t: Trainer) -> dict:
-    cfg, args = t.cfg, t.cfg.args
+    cfg, o = t.cfg, t.cfg.options
     if cfg.checkpoint is not None:
         for d in repair(cfg):
             note(f"--resume: repaired: {d}")
         t.say(f"resumed from epoch {t.start} ({cfg.resume_path})")
     ds = t.ds
-    t.say(start_line(args, t.train_split, t.val_split, ds, cfg))
+    t.say(start_line(cfg.args, t.train_split, t.val_split, ds, cfg))
     sel = "val_robust_acc" if len(t.val_split) else "test_robust_acc"
-    stop_at = args.epochs if args.stop_after is None else min(args.epochs, t.start + args.stop_after)
+    stop_at = o.optim.epochs if o.run.stop_after is None else min(o.optim.epochs, t.start + o.run.stop_after)
     for epoch in range(t.start, stop_at):
         rec = {"epoch": epoch + 1, "lr": t.awp.param_groups[0]["lr"], "awp_gamma": None}
         tr = train_epoch(t, epoch)
@@ -622,11 +625,11 @@ def _train_loop(t: Trainer) -> dict:
             t.best = {"epoch": epoch + 1, "selected_on": sel.split("_")[0], "val_robust_acc": rec["val_robust_acc"],
                       "test_robust_acc": rec["test_robust_acc"], "test_clean_acc": rec["test_clean_acc"]}
         save_checkpoint(t, epoch, is_best)
-        t.say(epoch_line(rec, args, is_best))
+        t.say(epoch_line(rec, cfg.args, is_best))
         check_interrupted()
     history, best = t.history, t.best
-    summary = {"out": args.out, "epochs_done": len(history), "best": best, "last": history[-1] if history else None}
+    summary = {"out": o.run.out, "epochs_done": len(history), "best": best, "last": history[-1] if history else None}
     if history:
         last = history[-1]
-        t.say(done_line(best, last, args))
+        t.say(done_line(best, last, cfg.args))
     return summary
