@@ -216,10 +216,17 @@ def _earlier_label(d, arm):
 
 
 def earlier_summary(files):
+    """Means ± sample standard deviations over the per-seed runs (recomputed here: the JSON's own
+    ``summary_mean_std`` is not read, so an edited run changes the table)."""
     d = load(files[0])
     rows = []
-    for arm, s in d["summary_mean_std"].items():
-        rows.append([_earlier_label(d, arm)] + [pm(100 * s[k][0], 100 * s[k][1], 2) for k in SUMMARY_KEYS])
+    for arm in d["summary_mean_std"]:  # the arms, in the study's order
+        runs = d["runs"][arm]
+        cells = []
+        for k in SUMMARY_KEYS:
+            vals = [r[k] for r in runs]
+            cells.append(pm(100 * statistics.fmean(vals), 100 * (statistics.stdev(vals) if len(vals) > 1 else 0.0), 2))
+        rows.append([_earlier_label(d, arm)] + cells)
     return table(["", "best test PGD-20", "last test PGD-20", "best − last", "last test clean", "last train PGD-20",
                   "robust gap (train − test, last)"], rows)
 
