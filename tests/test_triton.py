@@ -503,38 +503,39 @@ def ptx(fn, sig, const, attrs):
     return s
 P = "*i64"
 for dt in ("fp32", "bf16"):
-    for mode in range(4):
+    for mode in (K.R_NORM.value, K.R_PERTURB.value, K.R_ASCENT.value, K.R_PROJECT.value):
         sig = dict(P0=P, P1=P, P2=P, PROTO="*" + dt, TINFO=P, CTAB=P, PART="*fp64", C="i32",
                    MODE="constexpr", BLOCK="constexpr", ALIGNED="constexpr")
         s = ptx(K.mt_reduce_kernel, sig, dict(MODE=mode, BLOCK=1024, ALIGNED=True), div(7))
         assert "ld.global.v4" in s, ("reduce", dt, mode)
-    for mode in range(5):
+    for mode in (K.A_PERTURB.value, K.A_RESTORE.value, K.A_UNPERTURB.value, K.A_ASCENT.value, K.A_PROJECT.value):
         sig = dict(P0=P, P1=P, P2=P, P3=P, PROTO="*" + dt, TINFO=P, CTAB=P, PART="*fp64", C="i32",
                    S0="*fp64", S1="*fp64", s0="fp32", s1="fp32", eps="fp32", OUT="*fp32",
                    MODE="constexpr", PER_TENSOR="constexpr", HAS_B="constexpr", HAS_D="constexpr",
                    BLOCK="constexpr", KB="constexpr", ALIGNED="constexpr")
-        s = ptx(K.mt_apply_kernel, sig, dict(MODE=mode, PER_TENSOR=mode % 2 == 1, HAS_B=True, HAS_D=True,
+        s = ptx(K.mt_apply_kernel, sig, dict(MODE=mode, PER_TENSOR=mode in (K.A_RESTORE.value, K.A_ASCENT.value), HAS_B=True, HAS_D=True,
                                              BLOCK=1024, KB=1024, ALIGNED=True), div(8))
         assert "ld.global.v4" in s and "st.global.v4" in s, ("apply", dt, mode)
-        if mode in (0, 3, 4):
+        if mode in (K.A_PERTURB.value, K.A_ASCENT.value, K.A_PROJECT.value):
             assert "sqrt.rn.f64" in s, ("apply", dt, mode)
     for weighted in (False, True):  # the family ops (issue 11)
         sig = dict(P0=P, P1=P, PROTO="*" + dt, TINFO=P, CTAB=P, PART="*fp64", eta="fp32",
                    WEIGHTED="constexpr", BLOCK="constexpr", ALIGNED="constexpr")
         s = ptx(K.mt_sqnorm_kernel, sig, dict(WEIGHTED=weighted, BLOCK=1024, ALIGNED=True), div(6))
         assert "ld.global.v4" in s, ("sqnorm", dt, weighted)
-    for mode, given in ((K.F_ADD, False), (K.F_ASAM, False), (K.F_BOX, False), (K.F_BOX, True)):
+    ADD, ASAM, BOX = K.F_ADD.value, K.F_ASAM.value, K.F_BOX.value
+    for mode, given in ((ADD, False), (ASAM, False), (BOX, False), (BOX, True)):
         sig = dict(P0=P, P1=P, P2=P, P3=P, P4=P, PROTO="*" + dt, TINFO=P, CTAB=P, PART="*fp64", C="i32",
                    S0="*fp64", S1="*fp64", s0="fp32", s1="fp32", clip="fp32", eta="fp32", eps="fp32",
                    ND="*fp64", NW="*fp64", OUT="*fp32", MODE="constexpr", T0="constexpr", T1="constexpr",
                    HAS_B="constexpr", HAS_D="constexpr", HAS_BASE="constexpr", CLIP="constexpr",
                    FIRST="constexpr", GIVEN="constexpr", BLOCK="constexpr", KB="constexpr", ALIGNED="constexpr")
-        const = dict(MODE=mode, T0=True, T1=mode == K.F_BOX, HAS_B=mode != K.F_BOX, HAS_D=mode == K.F_ADD,
-                     HAS_BASE=mode == K.F_ADD, CLIP=mode == K.F_ADD, FIRST=True, GIVEN=given, BLOCK=1024,
+        const = dict(MODE=mode, T0=True, T1=mode == BOX, HAS_B=mode != BOX, HAS_D=mode == ADD,
+                     HAS_BASE=mode == ADD, CLIP=mode == ADD, FIRST=True, GIVEN=given, BLOCK=1024,
                      KB=1024, ALIGNED=True)
         s = ptx(K.mt_family_apply_kernel, sig, const, div(9))
         assert "ld.global.v4" in s and "st.global.v4" in s, ("family apply", dt, mode, given)
-        if mode == K.F_BOX and not given:
+        if mode == BOX and not given:
             assert "sqrt.rn.f64" in s and "div.rn.f64" in s, ("family apply", dt, mode)
     sig = dict(XA="*" + dt, G="*" + dt, X="*" + dt, N="i32", alpha="fp32", eps="fp32", BLOCK="constexpr")
     assert "st.global.v4" in ptx(K.pgd_linf_kernel, sig, dict(BLOCK=1024), div(4))

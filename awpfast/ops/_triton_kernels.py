@@ -57,19 +57,20 @@ except ImportError:  # pragma: no cover - older/newer Triton layouts
     def _ADD(a, b):
         return a + b
 
+# The kernels' MODE values, as ``tl.constexpr`` (a kernel may read a global only when it is one):
+# ``MODE == A_ASCENT`` is a compile-time branch. Launchers pass ``.value`` (a plain int).
 # reduce modes: which sums the reduce pass produces per chunk
-R_NORM = 0      # P0=x                 q0 = sum x^2
-R_PERTURB = 1   # P0=p, P1=d           q0 = sum p^2, q1 = sum d^2
-R_ASCENT = 2    # P0=p, P1=w, P2=d     q0 = sum w^2, q1 = sum d^2, q2 = sum u^2, q3 = sum u*d  (u = p - w)
-R_PROJECT = 3   # P0=p, P1=w           q0 = sum w^2, q1 = sum u^2
-NQ = {R_NORM: 1, R_PERTURB: 2, R_ASCENT: 4, R_PROJECT: 2}
+R_NORM = tl.constexpr(0)       # P0=x                 q0 = sum x^2
+R_PERTURB = tl.constexpr(1)    # P0=p, P1=d           q0 = sum p^2, q1 = sum d^2
+R_ASCENT = tl.constexpr(2)     # P0=p, P1=w, P2=d     q0 = sum w^2, q1 = sum d^2, q2 = sum u^2, q3 = sum u*d (u = p - w)
+R_PROJECT = tl.constexpr(3)    # P0=p, P1=w           q0 = sum w^2, q1 = sum u^2
 
 # apply modes
-A_PERTURB = 0   # P0=p, P1=d, P2=backup, P3=delta
-A_RESTORE = 1   # P0=p, P1=backup
-A_UNPERTURB = 2  # P0=p, P1=delta
-A_ASCENT = 3    # P0=p, P1=w, P2=d
-A_PROJECT = 4   # P0=p, P1=w
+A_PERTURB = tl.constexpr(0)    # P0=p, P1=d, P2=backup, P3=delta
+A_RESTORE = tl.constexpr(1)    # P0=p, P1=backup
+A_UNPERTURB = tl.constexpr(2)  # P0=p, P1=delta
+A_ASCENT = tl.constexpr(3)     # P0=p, P1=w, P2=d
+A_PROJECT = tl.constexpr(4)    # P0=p, P1=w
 
 
 @triton.jit
@@ -117,15 +118,15 @@ def _ld64(ptr, offs, mask, MASKED: tl.constexpr):
 @triton.jit
 def _reduce_block(a, b, c, offs, mask, acc0, acc1, acc2, acc3, MODE: tl.constexpr, MASKED: tl.constexpr):
     # squares and products in float64: no underflow/overflow of fp32 squares (see the module doc)
-    if MODE == 0:
+    if MODE == R_NORM:
         x = _ld64(a, offs, mask, MASKED)
         acc0 += x * x
-    elif MODE == 1:
+    elif MODE == R_PERTURB:
         x = _ld64(a, offs, mask, MASKED)
         d = _ld64(b, offs, mask, MASKED)
         acc0 += x * x
         acc1 += d * d
-    elif MODE == 2:
+    elif MODE == R_ASCENT:
         p = _ld64(a, offs, mask, MASKED)
         w = _ld64(b, offs, mask, MASKED)
         d = _ld64(c, offs, mask, MASKED)
@@ -134,7 +135,7 @@ def _reduce_block(a, b, c, offs, mask, acc0, acc1, acc2, acc3, MODE: tl.constexp
         acc1 += d * d
         acc2 += u * u
         acc3 += u * d
-    else:
+    else:  # R_PROJECT
         p = _ld64(a, offs, mask, MASKED)
         w = _ld64(b, offs, mask, MASKED)
         u = p - w
@@ -151,9 +152,9 @@ def mt_reduce_kernel(P0, P1, P2, PROTO, TINFO, CTAB, PART, C,
     a = _base(P0, t, start, PROTO, ALIGNED)
     b = a
     cc = a
-    if MODE != 0:
+    if MODE != R_NORM:
         b = _base(P1, t, start, PROTO, ALIGNED)
-    if MODE == 2:
+    if MODE == R_ASCENT:
         cc = _base(P2, t, start, PROTO, ALIGNED)
     ar = tl.arange(0, BLOCK)
     acc0 = tl.full([BLOCK], 0.0, tl.float64)
@@ -168,9 +169,9 @@ def mt_reduce_kernel(P0, P1, P2, PROTO, TINFO, CTAB, PART, C,
         offs = nfull + ar
         acc0, acc1, acc2, acc3 = _reduce_block(a, b, cc, offs, offs < n, acc0, acc1, acc2, acc3, MODE, True)
     tl.store(PART + c, tl.reduce(acc0, 0, _ADD))
-    if MODE != 0:
+    if MODE != R_NORM:
         tl.store(PART + C + c, tl.reduce(acc1, 0, _ADD))
-    if MODE == 2:
+    if MODE == R_ASCENT:
         tl.store(PART + 2 * C + c, tl.reduce(acc2, 0, _ADD))
         tl.store(PART + 3 * C + c, tl.reduce(acc3, 0, _ADD))
 
@@ -198,7 +199,7 @@ def mt_norms_finalize_kernel(PART, TINFO, OUT, C, KB: tl.constexpr):
 @triton.jit
 def _apply_block(a, b, c, e, offs, mask, s, f, MODE: tl.constexpr, HAS_B: tl.constexpr,
                  HAS_D: tl.constexpr, MASKED: tl.constexpr):
-    if MODE == 0:  # perturb: backup <- p; v = s*d; delta <- v; p <- p + v
+    if MODE == A_PERTURB:  # perturb: backup <- p; v = s*d; delta <- v; p <- p + v
         if MASKED:
             praw = tl.load(a + offs, mask=mask)
         else:
@@ -212,18 +213,18 @@ def _apply_block(a, b, c, e, offs, mask, s, f, MODE: tl.constexpr, HAS_B: tl.con
         if HAS_D:
             _st(e, offs, v, mask, MASKED)
         _st(a, offs, praw.to(tl.float32) + v, mask, MASKED)
-    elif MODE == 1:  # restore: p <- backup (bit-exact, no conversion)
+    elif MODE == A_RESTORE:  # restore: p <- backup (bit-exact, no conversion)
         if MASKED:
             tl.store(a + offs, tl.load(b + offs, mask=mask), mask=mask)
         else:
             tl.store(a + offs, tl.load(b + offs))
-    elif MODE == 2:  # unperturb: p <- p - delta
+    elif MODE == A_UNPERTURB:  # unperturb: p <- p - delta
         _st(a, offs, _ld(a, offs, mask, MASKED) - _ld(b, offs, mask, MASKED), mask, MASKED)
-    elif MODE == 3:  # ascent: p <- w + ((p - w) + s*d) * f
+    elif MODE == A_ASCENT:  # ascent: p <- w + ((p - w) + s*d) * f
         w = _ld(b, offs, mask, MASKED)
         v = (_ld(a, offs, mask, MASKED) - w) + s * _ld(c, offs, mask, MASKED)
         _st(a, offs, w + v * f, mask, MASKED)
-    else:  # project: p <- w + (p - w) * f
+    else:  # A_PROJECT: p <- w + (p - w) * f
         w = _ld(b, offs, mask, MASKED)
         _st(a, offs, w + (_ld(a, offs, mask, MASKED) - w) * f, mask, MASKED)
 
@@ -245,21 +246,21 @@ def mt_apply_kernel(P0, P1, P2, P3, PROTO, TINFO, CTAB, PART, C, S0, S1, s0, s1,
     g1 = tl.cast(s1, tl.float64)
     if PER_TENSOR:
         g0 = tl.load(S0 + t)
-        if MODE == 3:
+        if MODE == A_ASCENT:
             g1 = tl.load(S1 + t)
     s64 = tl.full([], 0.0, tl.float64)
     f64 = tl.full([], 1.0, tl.float64)
-    if MODE == 0 or MODE == 3 or MODE == 4:
+    if MODE == A_PERTURB or MODE == A_ASCENT or MODE == A_PROJECT:
         first = tl.load(TINFO + 4 * t + 2)
         nck = tl.load(TINFO + 4 * t + 3)
         wn = tl.sqrt(_tensor_sum(PART, 0, C, first, nck, KB))
         q1 = _tensor_sum(PART, 1, C, first, nck, KB)
-        if MODE == 0:
+        if MODE == A_PERTURB:
             dn = tl.sqrt(q1)
             s64 = g0 * wn / (dn + tl.cast(eps, tl.float64))
             if start == 0:
                 tl.store(OUT + t, dn.to(OUT.dtype.element_ty))
-        elif MODE == 3:
+        elif MODE == A_ASCENT:
             dn = tl.sqrt(q1)
             s64 = g0 * wn / (dn + tl.cast(eps, tl.float64))
             # ||u + s d||^2 from the sums of the reduce pass (u = p - w)
@@ -278,9 +279,9 @@ def mt_apply_kernel(P0, P1, P2, P3, PROTO, TINFO, CTAB, PART, C, S0, S1, s0, s1,
     b = _base(P1, t, start, PROTO, ALIGNED)
     cc = a
     e = a
-    if MODE == 3 or (MODE == 0 and HAS_B):
+    if MODE == A_ASCENT or (MODE == A_PERTURB and HAS_B):
         cc = _base(P2, t, start, PROTO, ALIGNED)
-    if MODE == 0 and HAS_D:
+    if MODE == A_PERTURB and HAS_D:
         e = _base(P3, t, start, PROTO, ALIGNED)
     ar = tl.arange(0, BLOCK)
     nfull = (n // BLOCK) * BLOCK
@@ -350,9 +351,9 @@ def pgd_l2_kernel(XA, G, X, R, alpha, eps, BLOCK: tl.constexpr):
 
 # --------------------------------------------------------------------------- weight-perturbation family
 # family apply modes (mt_family_apply_kernel)
-F_ADD = 0    # P0=p, P1=d, P2=backup, P3=delta, P4=base: p <- (base or p) + s*clamp(d); backup, delta
-F_ASAM = 1   # P0=p, P1=d, P2=backup: p <- p + (s*T^2)*d, T = |p| + eta (before the write)
-F_BOX = 2    # P0=p, P1=d, P2=origin: p <- clamp(p + s*d, o - ae|o|, o + ae|o|); origin <- p if FIRST
+F_ADD = tl.constexpr(0)   # P0=p, P1=d, P2=backup, P3=delta, P4=base: p <- (base or p) + s*clamp(d); backup, delta
+F_ASAM = tl.constexpr(1)  # P0=p, P1=d, P2=backup: p <- p + (s*T^2)*d, T = |p| + eta (before the write)
+F_BOX = tl.constexpr(2)   # P0=p, P1=d, P2=origin: p <- clamp(p + s*d, o - ae|o|, o + ae|o|); origin <- p if FIRST
 
 
 @triton.jit
@@ -410,7 +411,7 @@ def _family_block(a, b, cc, e, f, offs, mask, s, x1, clip, eta, ok,
         praw = tl.load(a + offs, mask=mask)
     else:
         praw = tl.load(a + offs)
-    if MODE == 0:  # add_scaled: backup <- p; v = s * clamp(d); delta <- v; p <- (base or p) + v
+    if MODE == F_ADD:  # add_scaled: backup <- p; v = s * clamp(d); delta <- v; p <- (base or p) + v
         if HAS_B:
             if MASKED:
                 tl.store(cc + offs, praw, mask=mask)
@@ -427,7 +428,7 @@ def _family_block(a, b, cc, e, f, offs, mask, s, x1, clip, eta, ok,
         else:
             start = praw.to(tl.float32)
         _st(a, offs, start + v, mask, MASKED)
-    elif MODE == 1:  # asam: backup <- p; p <- p + (s * T^2) * d, T = |p| + eta
+    elif MODE == F_ASAM:  # asam: backup <- p; p <- p + (s * T^2) * d, T = |p| + eta
         if HAS_B:
             if MASKED:
                 tl.store(cc + offs, praw, mask=mask)
@@ -436,7 +437,7 @@ def _family_block(a, b, cc, e, f, offs, mask, s, x1, clip, eta, ok,
         w = praw.to(tl.float32)
         tt = tl.abs(w) + eta
         _st(a, offs, w + (s * (tt * tt)) * _ld(b, offs, mask, MASKED), mask, MASKED)
-    else:  # box: origin <- p (FIRST); p <- clamp(p + s*d, o - x1|o|, o + x1|o|) where ok, else p unchanged
+    else:  # F_BOX: origin <- p (FIRST); p <- clamp(p + s*d, o - x1|o|, o + x1|o|) where ok, else p unchanged
         if FIRST:
             if MASKED:
                 tl.store(cc + offs, praw, mask=mask)
@@ -482,7 +483,7 @@ def mt_family_apply_kernel(P0, P1, P2, P3, P4, PROTO, TINFO, CTAB, PART, C, S0, 
         g1 = tl.load(S1 + t)
     s64 = g0
     ok = tl.full([], 1, tl.int1)
-    if MODE == 2:
+    if MODE == F_BOX:
         if GIVEN:
             gn = tl.load(ND + t)
             wn = tl.load(NW + t)
@@ -505,7 +506,7 @@ def mt_family_apply_kernel(P0, P1, P2, P3, P4, PROTO, TINFO, CTAB, PART, C, S0, 
     cc = a
     e = a
     f = a
-    if HAS_B or MODE == 2:
+    if HAS_B or MODE == F_BOX:
         cc = _base(P2, t, start, PROTO, ALIGNED)
     if HAS_D:
         e = _base(P3, t, start, PROTO, ALIGNED)

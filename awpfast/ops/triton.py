@@ -197,13 +197,15 @@ def _setup(lead, *lists):
 
 
 def _reduce(mode, tabs, proto, lay, aligned):
+    """One ``mt_reduce_kernel`` launch; ``mode``: one of the kernels' ``R_*`` constants."""
     P = [t if t is not None else tabs[0] for t in tabs] + [tabs[0]] * (3 - len(tabs))
     K.mt_reduce_kernel[(lay.C,)](P[0], P[1], P[2], proto, lay.tinfo, lay.ctab, lay.part, lay.C,
-                                 MODE=mode, BLOCK=CONFIG["BLOCK"], ALIGNED=aligned,
+                                 MODE=mode.value, BLOCK=CONFIG["BLOCK"], ALIGNED=aligned,
                                  num_warps=CONFIG["num_warps"])
 
 
 def _apply(mode, tabs, proto, lay, aligned, s0=0.0, s1=0.0, t0=None, t1=None, eps=0.0, out=None):
+    """One ``mt_apply_kernel`` launch; ``mode``: one of the kernels' ``A_*`` constants."""
     P = [t if t is not None else tabs[0] for t in tabs] + [tabs[0]] * (4 - len(tabs))
     has_b = len(tabs) > 2 and tabs[2] is not None
     has_d = len(tabs) > 3 and tabs[3] is not None
@@ -213,7 +215,7 @@ def _apply(mode, tabs, proto, lay, aligned, s0=0.0, s1=0.0, t0=None, t1=None, ep
     K.mt_apply_kernel[(lay.C,)](P[0], P[1], P[2], P[3], proto, lay.tinfo, lay.ctab, lay.part,
                                 lay.C, S0, S1, float(s0), float(s1), float(eps),
                                 out if out is not None else lay.part,
-                                MODE=mode, PER_TENSOR=per, HAS_B=has_b, HAS_D=has_d,
+                                MODE=mode.value, PER_TENSOR=per, HAS_B=has_b, HAS_D=has_d,
                                 BLOCK=CONFIG["BLOCK"], KB=CONFIG["KB"], ALIGNED=aligned,
                                 num_warps=CONFIG["num_warps"])
 
@@ -309,7 +311,7 @@ def _family_apply(mode, tabs, proto, lay, aligned, s=(0.0, None), x1=(0.0, None)
         float(s[0]), float(x1[0]), float(clip or 0.0), float(eta), float(eps),
         nd if nd is not None else lay.part, nw if nw is not None else lay.part,
         out if out is not None else lay.part,
-        MODE=mode, T0=s[1] is not None, T1=x1[1] is not None, HAS_B=has[2] and mode != K.F_BOX,
+        MODE=mode.value, T0=s[1] is not None, T1=x1[1] is not None, HAS_B=has[2] and mode.value != K.F_BOX.value,
         HAS_D=has[3], HAS_BASE=has[4], CLIP=clip is not None, FIRST=bool(first), GIVEN=nd is not None,
         BLOCK=CONFIG["BLOCK"], KB=CONFIG["KB"], ALIGNED=aligned, num_warps=CONFIG["num_warps"])
 
