@@ -318,11 +318,6 @@ def _in_order(parts: list, groups: dict, lead: list) -> torch.Tensor:
     return out
 
 
-def _op(be, name: str):
-    """``be``'s group function of op ``name`` (every backend implements every op)."""
-    return getattr(be, name)
-
-
 # --------------------------------------------------------------------------- the public functions
 def _public(op: _spec.Op):
     """The public function of ``op``: its signature from the table (``backend`` keyword-only at

@@ -18,7 +18,6 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .. import ops as _ops
 from ..compiled import _eager_under_old_dynamo
 from ..optim import Closure, WeightPerturbation
 from ..perturb import PerturbState, join_norms
@@ -52,7 +51,7 @@ def box_perturb(state: PerturbState, dirs, adv_lr: float, adv_eps: float, first:
             n = len(g.params)
             given = (dn[gi], wn[gi]) if sharded else None
             ds = ds_all[gi] if sharded else state.group_dirs(dirs, g)
-            norms.append(_ops._op(state.backend_of(g), "box_perturb_")(
+            norms.append(state.backend_of(g).box_perturb_(
                 g.params, ds, [adv_lr] * n, [adv_eps] * n, g.backups, first, eps, given))
             done.append(g)
     except BaseException:

@@ -52,7 +52,7 @@ def _sqnorm(state: PerturbState, lists) -> torch.Tensor:
     dev0 = state.groups[0].device
     sq = None
     for g, ts in zip(state.groups, lists):
-        part = _ops._op(state.backend_of(g), "global_sqnorm")(list(ts), None, 0.0).to(device=dev0,
+        part = state.backend_of(g).global_sqnorm(list(ts), None, 0.0).to(device=dev0,
                                                                                           dtype=torch.float64)
         sq = part.reshape(1) if sq is None else sq + part
     if state.reduce is not None:

@@ -24,7 +24,6 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .. import ops as _ops
 from ..compiled import _eager_under_old_dynamo
 from ..ops._util import acc_dtype
 from ..optim import Closure, WeightPerturbation
@@ -85,9 +84,9 @@ def sam_perturb(state: PerturbState, plans: List[SamPlan], dirs, eta: float, eps
         d_ad, d_pl = [ds[k] for k in plan.ad], [ds[k] for k in plan.pl]
         work.append((g, plan, be, d_ad, d_pl))
         if d_ad:
-            parts.append(_ops._op(be, "global_sqnorm")(d_ad, plan.p_ad, eta))
+            parts.append(be.global_sqnorm(d_ad, plan.p_ad, eta))
         if d_pl:
-            parts.append(_ops._op(be, "global_sqnorm")(d_pl, None, 0.0))
+            parts.append(be.global_sqnorm(d_pl, None, 0.0))
     dev0 = state.groups[0].device
     sq = parts[0].to(device=dev0, dtype=torch.float64).reshape(1)
     for part in parts[1:]:
@@ -101,9 +100,9 @@ def sam_perturb(state: PerturbState, plans: List[SamPlan], dirs, eta: float, eps
             inv = 1.0 / (norm.to(g.device) + eps)
             acc = acc_dtype(g.dtype)
             if d_ad:
-                _ops._op(be, "asam_apply_")(plan.p_ad, d_ad, (plan.rho_ad * inv).to(acc), eta, plan.b_ad)
+                be.asam_apply_(plan.p_ad, d_ad, (plan.rho_ad * inv).to(acc), eta, plan.b_ad)
             if d_pl:
-                _ops._op(be, "add_scaled_")(plan.p_pl, d_pl, (plan.rho_pl * inv).to(acc), None, None,
+                be.add_scaled_(plan.p_pl, d_pl, (plan.rho_pl * inv).to(acc), None, None,
                                             plan.b_pl, None)
             done.append(g)
     except BaseException:
