@@ -28,7 +28,7 @@ _BASE = ["--data", "digits", "--image-size", "8", "--method", "at", "--eps", "0.
          "--attack-steps", "10", "--eval-steps", "20", "--lr", "0.05", "--lr-schedule", "piecewise",
          "--batch-size", "128", "--threads", "1", "--no-progress", "--no-plot"]
 
-# "candidate-640" (issue 14): the regime the issue called promising (640 training images, SmallCNN
+# "candidate-640": the regime once called promising (640 training images, SmallCNN
 # width 32, batch 64 = 10 full batches per epoch, 150 epochs, L-inf eps 0.15). It is NOT yet a regime
 # in which plain AT robustly overfits: in the exploration (scripts/explore_regime.py (since replaced by scripts/study.py), runs of
 # 2026-11-27) no setting that trains from scratch with the train-mode attack lost >= 3 points of test

@@ -257,7 +257,7 @@ def test_functional_and_validation():
     assert torch.equal(PGD(model, steps=0, random_start=False)(x, y), x)
 
 
-# ----------------------------------------------------------------------------- issue 13, point 10
+# ----------------------------------------------------------------------------- a new user's attack checks
 @pytest.mark.parametrize("cls", [PGD, TRADESAttack])
 def test_inputs_outside_unit_box_are_refused(cls):
     model = _model()

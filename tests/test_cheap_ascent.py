@@ -1,4 +1,4 @@
-"""The cheap AWP ascents (issue 18): the attack-sourced direction (``PGD(..., awp=awp)``,
+"""The cheap AWP ascents: the attack-sourced direction (``PGD(..., awp=awp)``,
 ``TRADESAttack(..., awp=awp)``) and ``AWP(..., ascent_every=K)``; their CLI options
 (``--awp-ascent attack``, ``--awp-every K``). Numerics in float64 against an independent
 reference on fresh random inputs; 2-process gloo checks in ``_cheap_worker.py``."""

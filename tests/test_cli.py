@@ -1,4 +1,4 @@
-"""Issue 13, the new-user walk through the CLIs: every point has a test here that fails on the
+"""The new-user walk through the CLIs: every point has a test here that fails on the
 code before the fix (overwritten runs, tracebacks, silently accepted bad values, misleading
 messages, --help, empty folders, --resume notes, non-TTY output, AutoAttack, recipe fidelity)."""
 import hashlib

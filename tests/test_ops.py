@@ -352,7 +352,7 @@ def test_env_variable_picks_backend(monkeypatch):
 
 
 def test_public_functions_have_docstrings():
-    """help(awpfast.ops.perturb_) and friends say what they do (issue 13)."""
+    """help(awpfast.ops.perturb_) and friends say what they do."""
     import inspect
     for name in ops.__all__:
         obj = getattr(ops, name)

@@ -460,7 +460,7 @@ def test_follows_model_conversion_after_construction():
         awp.perturb(lambda: F.cross_entropy(model(x), y))
 
 
-# ----------------------------------------------------------------------------- issue 13: wrapper points
+# ----------------------------------------------------------------------------- a new user's wrapper points
 def test_selection_is_include_rule_and_optimizer_params():
     """Only what the optimizer trains is perturbed (the old code perturbed every conv weight)."""
     torch.manual_seed(11)

@@ -1,4 +1,4 @@
-"""The README's and the docs' snippets work as written (issue 13, point 7; the docs split).
+"""The README's and the docs' snippets work as written (the docs split too).
 
 Every ```python block of README.md and of each docs/*.md runs as printed. Each page is its own
 session: its blocks run in order in one namespace, the way a reader pasting that page's blocks

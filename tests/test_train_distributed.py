@@ -1,4 +1,4 @@
-"""``awpfast-train`` under ``torchrun`` (issue 10, the CLI part), on CPU with gloo.
+"""``awpfast-train`` under ``torchrun`` (the CLI part), on CPU with gloo.
 
 * the loader's sharding: the processes' batches together are exactly the one-process batch
   (same permutation, same augmentation), padded like ``DistributedSampler``;

@@ -1,4 +1,4 @@
-"""Issue 14: the reference recipes as ``awpfast-train --recipe`` presets, trajectory fidelity through
+"""The reference recipes as ``awpfast-train --recipe`` presets, trajectory fidelity through
 ``awpfast.train``'s own step code, ``--label-noise`` and ``--track-flatness``.
 
 * Trajectory fidelity (float64, ``--dtype float64``): 3 training steps of ``train.train_epoch`` (the

@@ -518,7 +518,7 @@ for dt in ("fp32", "bf16"):
         assert "ld.global.v4" in s and "st.global.v4" in s, ("apply", dt, mode)
         if mode in (K.A_PERTURB.value, K.A_ASCENT.value, K.A_PROJECT.value):
             assert "sqrt.rn.f64" in s, ("apply", dt, mode)
-    for weighted in (False, True):  # the family ops (issue 11)
+    for weighted in (False, True):  # the family ops
         sig = dict(P0=P, P1=P, PROTO="*" + dt, TINFO=P, CTAB=P, PART="*fp64", eta="fp32",
                    WEIGHTED="constexpr", BLOCK="constexpr", ALIGNED="constexpr")
         s = ptx(K.mt_sqnorm_kernel, sig, dict(WEIGHTED=weighted, BLOCK=1024, ALIGNED=True), div(6))
