@@ -131,3 +131,22 @@ def test_the_cheap_ascent_history_block_recomputes_from_its_per_seed_rows(tmp_pa
     d["runs"]["attack-sourced"]["0"]["last_pgd20"] += 5.0   # an edited run (the summary in the file kept)
     json.dump(d, open(tmp_path / "docs" / "x.json", "w"))
     assert D.cheap_ascent(["docs/x.json"]) != before
+
+
+def test_the_help_cost_ranges_come_from_the_committed_cost_json():
+    """``awpfast-train --help`` quotes each cheap ascent's cost on PreActResNet-18 as a range
+    "measured A-B of AWP's extra cost": A and B are the two committed measurements (the ladder's
+    extra over AT divided by exact AWP's extra, and the study's paired fraction), rounded to 2
+    digits. A number edited by hand in the help fails here."""
+    import re
+    from awpfast.train.config import build_parser
+    ladder = D._ladder("benchmarks/results/2026-12-07_cpu-2core_cheap_ascents_preact18.json")
+    rows = {r["label"]: r["extra_over_fwd_bwd"] for r in ladder["cheap"]}
+    paired = D.load("docs/study_cost_preact18.json")["arms"]
+    helps = {a.dest: " ".join(a.help.split()) for a in build_parser()._actions if a.help}
+    for dest, lab, arm in (("awp_ascent", "sourced", "attack"), ("awp_every", "every2", "every2"),
+                           ("awp_ascent_fraction", "subbatch0.25", "sub0.25")):
+        want = sorted(round(v, 2) for v in (rows[lab] / rows["separate"], paired[arm]["fraction_of_awp_extra"]))
+        m = re.search(r"measured (\d\.\d\d)-(\d\.\d\d) of AWP's extra cost on PreActResNet-18", helps[dest])
+        assert m, f"--{dest.replace('_', '-')}: no measured cost range in its help"
+        assert [float(m.group(1)), float(m.group(2))] == want, (dest, m.group(0), want)

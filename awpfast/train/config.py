@@ -196,7 +196,7 @@ OPTIONS = (
         choices=AWP_ASCENTS,
         help="where the AWP direction comes from: separate (a train-mode ascent pass on x_adv, the "
              "reference), attack (the training attack's last step also returns the weight gradient at "
-             "its last iterate: measured 0.35-0.42 of AWP's extra cost on PreActResNet-18, CPU) or "
+             "its last iterate: measured 0.34-0.42 of AWP's extra cost on PreActResNet-18, CPU) or "
              "momentum (SGD's momentum buffer re-scaled per layer: no extra pass; not an approximation "
              "of AWP's direction). Whether a cheap one keeps AWP's robust accuracy is being decided by "
              "the study of docs/reproduction.md (its 3-seed predecessor: attack-sourced 2.7 points of "
@@ -233,7 +233,7 @@ OPTIONS = (
     opt("awp_every", "method", 1, check=Int(1),
         type=int,
         help="compute the AWP direction every K steps and re-use it (re-scaled to the weights) in "
-             "between (1: every step); K = 2 measured 0.64-0.71 of AWP's extra cost on PreActResNet-18, "
+             "between (1: every step); K = 2 measured 0.64-0.70 of AWP's extra cost on PreActResNet-18, "
              "CPU; its robust accuracy is being decided by the study of docs/reproduction.md (its 3-seed "
              "predecessor: 4 points below exact AWP in the seeds that trained, chance in one of three)"),
     opt("forward_order", "method", "ours",
