@@ -17,7 +17,9 @@ Markers (HTML comments, so invisible on the rendered page)
 ``<!-- claims: FILE.json, DIR, GLOB*.json -->``
     The sources of the numbers from this marker to the next claims marker (or the end of the
     page). A directory stands for every ``*.json`` under it, a glob for the files it matches;
-    every entry must name at least one existing file.
+    ``FILE#key/key`` takes only the numbers under that key path (for large files, so that a
+    number changed by hand does not find a match by chance elsewhere in them); every entry must
+    name at least one existing file (and key path).
 ``<!-- not-measured-region: REASON -->`` ... ``<!-- /not-measured-region -->``
     Nothing between the two is checked: for a table or list made only of settings or of
     numbers quoted from a paper (the reference scripts' options, the paper's reported
@@ -334,13 +336,17 @@ def _loads_of(obj, out: List[float], key_has_load=False):
 
 @lru_cache(maxsize=None)
 def json_file(path: str) -> Tuple[Tuple[float, ...], Optional[float]]:
-    """``(sorted numbers, max 1-minute load or None)`` of one JSON file."""
+    """``(sorted numbers, max 1-minute load or None)`` of one JSON file, or of the part of it
+    under ``FILE#key/key`` (the load: the whole file's)."""
+    path, _, keys = path.partition("#")
     with open(path, encoding="utf-8") as f:
         d = json.load(f)
-    nums: List[float] = []
-    _numbers_of(d, nums)
     loads: List[float] = []
     _loads_of(d, loads)
+    for k in (keys.split("/") if keys else []):
+        d = d[int(k)] if isinstance(d, list) else d[k]
+    nums: List[float] = []
+    _numbers_of(d, nums)
     return tuple(sorted(set(nums))), (max(loads) if loads else None)
 
 
@@ -348,6 +354,7 @@ def expand(root: str, entries: Sequence[str]) -> Tuple[List[str], List[str]]:
     """``(files, entries that name no file)``."""
     files, bad = [], []
     for e in entries:
+        e, _, keys = e.partition("#")
         full = os.path.join(root, e)
         if os.path.isdir(full):
             got = sorted(glob.glob(os.path.join(full, "**", "*.json"), recursive=True))
@@ -355,9 +362,15 @@ def expand(root: str, entries: Sequence[str]) -> Tuple[List[str], List[str]]:
             got = sorted(glob.glob(full, recursive=True))
         else:
             got = [full] if os.path.isfile(full) else []
+        if keys:
+            for g in list(got):
+                try:
+                    json_file(g + "#" + keys)
+                except (KeyError, IndexError, ValueError, TypeError):
+                    got.remove(g)
         if not got:
-            bad.append(e)
-        files += [os.path.relpath(g, root).replace(os.sep, "/") for g in got]
+            bad.append(e + ("#" + keys if keys else ""))
+        files += [os.path.relpath(g, root).replace(os.sep, "/") + ("#" + keys if keys else "") for g in got]
     return list(dict.fromkeys(files)), bad
 
 
@@ -404,7 +417,7 @@ def check_page(root: str, page: str, listing: Optional[list] = None) -> List[str
         line = text.count("\n", 0, m.start()) + 1
         for b in bad:
             problems.append(f"{page}:{line}: claims marker names {b!r}, which is no JSON file here")
-        scopes.append((m.start(), files))
+        scopes.append((m.start(), files, ", ".join(entries)))
     # the not-measured phrases: exempt spans
     spans = []
     for m in NOT_MEASURED.finditer(text):
@@ -429,14 +442,14 @@ def check_page(root: str, page: str, listing: Optional[list] = None) -> List[str
             if listing is not None:
                 listing.append((page, t.line, repr(t), t.why, "not measured"))
             continue
-        i = bisect.bisect_right([s for s, _ in scopes], t.start) - 1
+        i = bisect.bisect_right([s[0] for s in scopes], t.start) - 1
         if i < 0:
             problems.append(f"{page}:{t.line}: {t!r} ({t.why}) has no claims marker above it")
             continue
         files = scopes[i][1]
         hit = matches(t, root, files)
         if not hit:
-            problems.append(f"{page}:{t.line}: {t!r} ({t.why}) is in none of {files}")
+            problems.append(f"{page}:{t.line}: {t!r} ({t.why}) is in none of [{scopes[i][2]}]")
             continue
         if listing is not None:
             listing.append((page, t.line, repr(t), t.why, hit[0] + (f" (+{len(hit) - 1})" if len(hit) > 1 else "")))
@@ -456,10 +469,26 @@ def check_page(root: str, page: str, listing: Optional[list] = None) -> List[str
     return problems
 
 
-def check(root: str = ROOT, only: Optional[Sequence[str]] = None, listing: Optional[list] = None) -> List[str]:
-    """The problems of every page (README.md, docs/*.md, benchmarks/**/README.md) under ``root``."""
+# Pages not traced yet: their numbers are listed by ``--all`` but do not fail ``check``. Each
+# entry says what is missing; an entry is removed when its page passes.
+PENDING = {
+    "docs/continual.md": "per-seed tables need claims markers per section to the per-seed JSONs "
+                         "(a marker on the whole docs/continual directory would match almost any "
+                         "2-decimal percentage); the paired differences are derived, not in the JSON",
+    "docs/reproduction.md": "the history sections' prose numbers need their JSONs marked",
+    "docs/recipes.md": "the reference scripts' settings and the papers' numbers need marking",
+    "docs/compile.md": "the compile timings need claims markers to 2026-12-02_cpu-2core_compile.json",
+}
+
+
+def check(root: str = ROOT, only: Optional[Sequence[str]] = None, listing: Optional[list] = None,
+          include_pending: bool = False) -> List[str]:
+    """The problems of every page (README.md, docs/*.md, benchmarks/**/README.md) under ``root``
+    (the PENDING pages only with ``include_pending`` or when named in ``only``)."""
     problems = []
     for page in (only or pages(root)):
+        if page in PENDING and not include_pending and not only:
+            continue
         problems += check_page(root, page, listing)
     return problems
 
@@ -467,11 +496,12 @@ def check(root: str = ROOT, only: Optional[Sequence[str]] = None, listing: Optio
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--list", action="store_true", help="print every checked number and its source")
+    ap.add_argument("--all", action="store_true", help="also the PENDING pages")
     ap.add_argument("--root", default=ROOT)
     ap.add_argument("pages", nargs="*", help="only these pages (default: all)")
     a = ap.parse_args(argv)
     listing: Optional[list] = [] if a.list else None
-    problems = check(a.root, a.pages or None, listing)
+    problems = check(a.root, a.pages or None, listing, include_pending=a.all)
     if listing is not None:
         counts: Dict[str, List[int]] = {}
         for page, line, tok, why, src in listing:
