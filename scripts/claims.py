@@ -41,7 +41,7 @@ names and not measurements:
   ResNet-18, L2, fp32, H100, §4), or a letter right after it that is not a unit (3D, 2nd);
 * dates ``YYYY-MM-DD`` and versions: a token with two dots (2.13.0) or right after one of
   VERSION_WORDS (``torch 2.13``, ``Python ≥ 3.9``);
-* references: a token right after one of REFERENCE_WORDS (issue 9, Figure 1, seed 0, rung ...);
+* references: a token right after one of REFERENCE_WORDS (Figure 1, seed 0, rung ...);
 * dimensions: ``A×B`` with a number on both sides (8×8, 128×3×32×32) and fractions ``A/B``
   (8/255).
 
