@@ -84,7 +84,7 @@ def _page(tmp_path, text, data):
 
 def test_the_rule(tmp_path):
     data = {"a.json": {"ms": 12.3456, "ratio": 1.304, "frac": 0.153, "s": 2.5, "cmd": "--gamma 0.01"}}
-    ok = ("<!-- claims: a.json -->\nPGD-20 on CIFAR-10 with WRN-34-10 and ResNet-18 (§4, issue 9, torch 2.13, "
+    ok = ("<!-- claims: a.json -->\nPGD-20 on CIFAR-10 with WRN-34-10 and ResNet-18 (§4, Figure 9, torch 2.13, "
           "Python ≥ 3.9, 2026-12-07, 8×8 images, eps 8/255, 200 epochs, 2 processes): 12.35 ms, 1.30×, "
           "15.3 %, 2500 ms, 2.5 s, γ = 0.01.\n\n```python\nx = 7.77\n```\n`9.99` and [link](x_1.5.md)\n")
     assert _page(tmp_path, ok, data) == []
