@@ -476,7 +476,6 @@ PENDING = {
                          "(a marker on the whole docs/continual directory would match almost any "
                          "2-decimal percentage); the paired differences are derived, not in the JSON",
     "docs/reproduction.md": "the history sections' prose numbers need their JSONs marked",
-    "docs/compile.md": "the compile timings need claims markers to 2026-12-02_cpu-2core_compile.json",
 }
 
 
