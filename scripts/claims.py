@@ -475,7 +475,6 @@ PENDING = {
     "docs/continual.md": "per-seed tables need claims markers per section to the per-seed JSONs "
                          "(a marker on the whole docs/continual directory would match almost any "
                          "2-decimal percentage); the paired differences are derived, not in the JSON",
-    "docs/reproduction.md": "the history sections' prose numbers need their JSONs marked",
 }
 
 

@@ -337,8 +337,8 @@ OPTIONS = (
         help="channels-last memory format"),
     opt("compile", "optimization", False,
         action="store_true",
-        help="torch.compile the model (compiling costs tens of seconds up front: measured 46 s against "
-             "4 s for a 1-epoch digits run on CPU, so it can only pay off on long runs)"),
+        help="torch.compile the model (compiling costs tens of seconds up front, measured in docs/compile.md, "
+             "so it can only pay off on long runs)"),
     opt("norm", "attack", "Linf",
         choices=("Linf", "L2"),
         help="threat model"),
