@@ -150,3 +150,17 @@ def test_the_help_cost_ranges_come_from_the_committed_cost_json():
         m = re.search(r"measured (\d\.\d\d)-(\d\.\d\d) of AWP's extra cost on PreActResNet-18", helps[dest])
         assert m, f"--{dest.replace('_', '-')}: no measured cost range in its help"
         assert [float(m.group(1)), float(m.group(2))] == want, (dest, m.group(0), want)
+
+
+def test_the_help_accuracy_notes_come_from_the_earlier_study_json():
+    """The ``--help`` of ``--awp-ascent`` and ``--awp-every`` quote the earlier 3-seed study's paired
+    last-epoch PGD-20 differences to exact AWP: recomputed here from its per-seed runs."""
+    from awpfast.train.config import build_parser
+    s = D.earlier_cheap_summary(D.load("docs/reproduction_cheap_ascent.json")["runs"])
+    helps = {a.dest: " ".join(a.help.split()) for a in build_parser()._actions if a.help}
+    attack = s["attack-sourced"]["vs_exact"]["last_pgd20"]
+    assert f"attack-sourced {-attack['mean']:.1f} points of PGD-20 below exact AWP" in helps["awp_ascent"]
+    every2 = sorted(-v for v in s["every 2"]["vs_exact"]["last_pgd20"]["values"])
+    trained, collapsed = every2[:2], every2[2:]
+    assert collapsed and collapsed[0] > 40  # the seed that fell to chance
+    assert f"{trained[0]:.1f} and {trained[1]:.1f} points of PGD-20 below exact AWP" in helps["awp_every"]

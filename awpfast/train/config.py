@@ -235,7 +235,8 @@ OPTIONS = (
         help="compute the AWP direction every K steps and re-use it (re-scaled to the weights) in "
              "between (1: every step); K = 2 measured 0.64-0.70 of AWP's extra cost on PreActResNet-18, "
              "CPU; its robust accuracy is being decided by the study of docs/reproduction.md (its 3-seed "
-             "predecessor: 4 points below exact AWP in the seeds that trained, chance in one of three)"),
+             "predecessor: 4.0 and 4.6 points of PGD-20 below exact AWP in the seeds that trained, chance in "
+             "one of three)"),
     opt("forward_order", "method", "ours",
         choices=FORWARD_ORDERS,
         help="how BatchNorm's running statistics are fed; reference: as the reference scripts: AT: the "
