@@ -385,7 +385,8 @@ def cheap_costs(files):
         v = entry.get("verdict")
         n = len(entry.get("seeds", []))
         acc = ("the reference" if arm == "AWP" else
-               (f"{v['verdict']} ({n} seeds)" if v else (f"{n} seeds run, reported only" if n else "not run yet")))
+               (f"{v['verdict']} ({n} seed{'s' * (n != 1)})" if v else
+                (f"{n} seed{'s' * (n != 1)} run, reported only" if n else "not run yet")))
         rows.append([name, "–" if not b else f"{b['extra_over_fwd_bwd']:.2f}", frac(c18, arm), frac(csmall, arm),
                      acc])
     return table([f"ascent ({cond['model']}, batch {cond['batch']}, PGD-{cond['attack_steps']})",
