@@ -237,6 +237,7 @@ def test_pytest_section_outside_dry_run(tmp_path):
     assert "TIMEOUT after 8 s" in (out / "gpu_check.log").read_text()
 
 
+@pytest.mark.slow  # about a minute on a 2-core CPU (every rung and cheap row, RWP's 10 passes included): make test-all
 def test_bench_ladder_section_dry(tmp_path):
     """The training-step ladder's section on the CPU, tiny: every rung a-f, the cheap-ascent rows at (d),
     the load average per round, (b) and (c) give the same x_adv; its targets and summary lines."""
