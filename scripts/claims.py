@@ -471,15 +471,7 @@ def check_page(root: str, page: str, listing: Optional[list] = None) -> List[str
 
 # Pages not traced yet: their numbers are listed by ``--all`` but do not fail ``check``. Each
 # entry says what is missing; an entry is removed when its page passes.
-PENDING = {
-    "docs/continual.md": "the results tables (means, per seed, ablations, bounded weights) are traced to "
-                         "summary_*.json/per-seed keys; still open: the settings of the first sections "
-                         "need not-measured phrases, the bounded-weights paired-difference table and the prose "
-                         "differences/ranges of 'What the runs show', the F = 0.5/0.9 verdicts and "
-                         "'What is and is not reproduced' are derived (reword to per-seed values), the "
-                         "CIFAR-100 timing and Speed sections need markers, and Speed's x-SGD ratios come "
-                         "from a JSON at load 15 (reword to the times)",
-}
+PENDING: Dict[str, str] = {}
 
 
 def check(root: str = ROOT, only: Optional[Sequence[str]] = None, listing: Optional[list] = None,
