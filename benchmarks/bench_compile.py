@@ -201,5 +201,42 @@ def verdict(data):
                         ("model", "error", "fallbacks_in_awpfast", "steady_state"), complete_default=False)
 
 
+def _q(s):
+    return f"{s['median_ms']:.1f} [{s['q1_ms']:.1f}, {s['q3_ms']:.1f}]" if s else "-"
+
+
+def summary_lines(data):
+    """Text lines of the JSON ``main`` writes: per model the eager and compiled step, median ms
+    [q1, q3], the compile times cold and warm, graphs, graph breaks, fallbacks inside awpfast,
+    what steady state compiled again; the load average at the start and the end (1 / 5 / 15 min)."""
+    rows = data.get("rows") or []
+    if not rows:
+        return []
+    out = [f"  whole AT-AWP step eager vs torch.compile on {data.get('device')} ({data.get('threads')} threads): "
+           "ms median [q1, q3]"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"    {r.get('model')}: error {r['error'][:120]}")
+            continue
+        ss = r.get("steady_state") or {}
+        out.append(f"    {r['model']} {r.get('dtype')} batch {r.get('batch')} PGD-{r.get('attack_steps')} "
+                   f"({r.get('backend')}, {r.get('mode')}): eager {_q(r.get('eager'))}, compiled "
+                   f"{_q(r.get('compiled'))}, {r.get('speedup', float('nan')):.2f}x")
+        out.append(f"      compile cold {r.get('compile_cold_s', float('nan')):.1f} s, warm "
+                   f"{r.get('compile_warm_s', float('nan')):.1f} s; {r.get('graphs')} graphs, "
+                   f"{len(r.get('graph_breaks') or [])} graph-break sites, "
+                   f"{len(r.get('fallbacks_in_awpfast') or [])} fallbacks in awpfast; steady state: "
+                   f"{ss.get('frames', '?')} frames compiled again")
+    for key, what in (("loadavg_start", "start"), ("loadavg_end", "end")):
+        if data.get(key):
+            out.append(f"    load average at the {what} " + " / ".join(f"{v:.2f}" for v in data[key]))
+    return out
+
+
+def targets(data):
+    """None: compiling cleanly is this benchmark's ``verdict``; its times have no stated goal."""
+    return {}
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -161,5 +161,35 @@ def main(argv=None):
     return 0
 
 
+# --------------------------------------------------------------------------- the results, read here only
+def _load_text(avg):
+    return "?" if not avg else " / ".join(f"{v:.2f}" for v in avg)
+
+
+def summary_lines(data):
+    """Text lines of the JSON ``main`` writes: per item the median ms per call and its ratio to one
+    SGD update, the FS step's error against the straightforward version, the load average before
+    and after (1 / 5 / 15 min)."""
+    med = data.get("median_ms") or {}
+    if not med:
+        return []
+    over = data.get("over_sgd_update") or {}
+    out = [f"  continual learners on {data.get('device')}, {data.get('threads')} thread(s): median ms per call "
+           f"over {data.get('reps')} interleaved repetitions, x one SGD update"]
+    for k, v in med.items():
+        out.append(f"    {k:32s} {v:10.3f} ms {over.get(k, float('nan')):8.2f}x")
+    if "fs_step_max_rel_err_vs_straightforward" in data:
+        out.append(f"    FS step max relative error against the straightforward version: "
+                   f"{data['fs_step_max_rel_err_vs_straightforward']:.1e}")
+    out.append(f"    load average before {_load_text(data.get('loadavg_before'))}, after "
+               f"{_load_text(data.get('loadavg_after'))} ({data.get('cpu_count')} CPUs)")
+    return out
+
+
+def targets(data):
+    """None: relative CPU costs of the continual learners, with no stated goal to meet."""
+    return {}
+
+
 if __name__ == "__main__":
     sys.exit(main())

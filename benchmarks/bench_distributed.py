@@ -33,10 +33,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import awpfast  # noqa: E402
 from awpfast.attacks import PGD  # noqa: E402
 from awpfast.models import create_model  # noqa: E402
+from _bench_io import target  # noqa: E402
 
 
 def _free_port() -> int:
@@ -158,6 +160,54 @@ def main(argv=None):
             json.dump({"meta": meta, "results": rows}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
+
+
+# --------------------------------------------------------------------------- the results, read here only
+def _setting(r):
+    return "1 process" if r.get("world") == 1 else f"2 proc DDP {r.get('mode')}"
+
+
+def summary_lines(data):
+    """Text lines of the JSON ``main`` writes: per setting the median step ms with the range of the
+    timed steps, the ratio to 1 process, the bytes awpfast and DDP all-reduce per step; the load
+    average when the run ended (1 / 5 / 15 min)."""
+    rows = data.get("results") or []
+    if not rows:
+        return []
+    meta = data.get("meta") or {}
+    a = meta.get("args") or {}
+    base = rows[0].get("step_ms_median")
+    out = [f"  AT-AWP step, {a.get('model')} {a.get('image_size')} px, global batch {a.get('batch')}, "
+           f"PGD-{a.get('attack_steps')}, {a.get('threads')} thread(s)/process: median ms [min, max] of "
+           f"{a.get('steps')} steps, vs 1 process, awpfast / DDP all-reduce bytes per step"]
+    for r in rows:
+        ts = r.get("step_ms_all") or [float("nan")]
+        out.append(f"    {_setting(r):22s} {r['step_ms_median']:9.1f} ms [{min(ts):.1f}, {max(ts):.1f}] "
+                   f"{base / r['step_ms_median']:6.2f}x {r.get('awpfast_allreduce_bytes_per_step', 0):12,.0f} B "
+                   f"{r.get('ddp_gradient_bytes_per_step', 0):12,.0f} B")
+    load = meta.get("load_average")
+    if load:
+        out.append(f"    load average at the end {' / '.join(f'{v:.2f}' for v in load)} "
+                   f"({meta.get('cpu_count')} CPUs)")
+    return out
+
+
+def targets(data):
+    """What the ``ascent_sync`` modes promise, per 2-process row: ``global`` all-reduces exactly the
+    selected weights' ascent gradients once per step, ``local`` nothing."""
+    out = {}
+    for r in data.get("results") or []:
+        if r.get("world", 1) == 1:
+            continue
+        sent, sel = r.get("awpfast_allreduce_bytes_per_step"), r.get("selected_weight_bytes")
+        if r.get("mode") == "global":
+            out["ddp_global_ascent_allreduce_bytes"] = target(sent, "== the selected weights' bytes", sent == sel,
+                                                              note=None if sel is None else f"{sel:,} B selected",
+                                                              calls=r.get("awpfast_allreduce_calls_per_step"))
+        elif r.get("mode") == "local":
+            out["ddp_local_ascent_allreduce_bytes"] = target(sent, "== 0", sent == 0,
+                                                             calls=r.get("awpfast_allreduce_calls_per_step"))
+    return out
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_io import write_json  # noqa: E402
+from _bench_io import target, write_json  # noqa: E402
 
 import awpfast  # noqa: E402
 from awpfast.attacks import PGD  # noqa: E402
@@ -153,6 +153,43 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, out)
     return 0
+
+
+# --------------------------------------------------------------------------- the results, read here only
+def summary_lines(data):
+    """Text lines of the JSON ``main`` writes: per loader configuration the median img/s with the
+    range over the repetitions, the CPU and H100 model steps it must feed, the target, the load
+    average at the start and the end (1 / 5 / 15 min)."""
+    loader = data.get("loader") or {}
+    if not loader:
+        return []
+    out = [f"  two-source loader, batch {data.get('batch')}, extra fraction {data.get('extra_fraction')}, "
+           f"{data.get('augment')}, {data.get('images') or 0:,} images memory-mapped: median img/s [min, max]"]
+    for k, r in loader.items():
+        out.append(f"    {k:24s} {r['img_per_s']:9.0f} img/s [{r['min']:.0f}, {r['max']:.0f}] "
+                   f"({r.get('reps')} passes of {r.get('steps')} batches)")
+    for key, what in (("cpu_model_step", "CPU AT-AWP step"), ("h100_model_step", "H100 AT-AWP step (committed)")):
+        m = data.get(key) or {}
+        if m:
+            out.append(f"    {what}: {m['step_ms']:.1f} ms = {m['img_per_s']:.0f} img/s ({m.get('model') or m.get('what')})")
+    t = data.get("target") or {}
+    if t:
+        out.append(f"    target: worst loader row {t['worst_loader_img_per_s']:.0f} img/s >= "
+                   f"{t['need_img_per_s']:.0f} img/s: {'MET' if t.get('met') else 'MISSED'}")
+    out.append("    load average start " + " / ".join(f"{v:.2f}" for v in data.get("loadavg_start") or [])
+               + ", end " + " / ".join(f"{v:.2f}" for v in data.get("loadavg_end") or []))
+    return out
+
+
+def targets(data):
+    """The loader's target as ``main`` judged it: the worst configuration's img/s at least the rate
+    the model steps need (>= 1000 img/s and >= the committed H100 WRN-34-10 step's rate)."""
+    t = data.get("target") or {}
+    if not t:
+        return {}
+    return {"extra_data_loader_img_per_s": target(t.get("worst_loader_img_per_s"),
+                                                  f">= {t.get('need_img_per_s', 0):.0f} img/s", t.get("met"),
+                                                  note=t.get("rule"))}
 
 
 if __name__ == "__main__":

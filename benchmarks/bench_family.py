@@ -264,5 +264,31 @@ def main(argv=None):
     return out
 
 
+# --------------------------------------------------------------------------- the results, read here only
+def summary_lines(data):
+    """Text lines of the JSON ``main`` writes: per (model, rule, variant) the median ms with the
+    range over the repetitions, x the bytes floor, against the loop (wall and CPU time); the load
+    average at the start and the end (1 / 5 / 15 min)."""
+    rows = data.get("rows") or []
+    if not rows:
+        return []
+    out = [f"  family weight side on {data.get('device')} ({data.get('device_type')}, {data.get('threads')} threads, "
+           f"copy bw {data.get('copy_bandwidth_gbs', 0):.1f} GB/s): median ms [min, max] of {data.get('reps')}, "
+           "x floor, vs loop, cpu ms, cpu vs loop"]
+    for r in rows:
+        out.append(f"    {r['model']:10s} {r['rule']:5s} {r['variant']:8s} {r['median_ms']:9.2f} "
+                   f"[{r['min_ms']:.2f}, {r['max_ms']:.2f}] {r['x_floor']:6.2f}x {r['speedup_vs_loop']:6.2f}x "
+                   f"{r['cpu_ms']:9.1f} {r['cpu_speedup_vs_loop']:6.2f}x")
+    for key, what in (("loadavg_at_start", "start"), ("loadavg_at_end", "end")):
+        if data.get(key):
+            out.append(f"    load average at the {what} " + " / ".join(f"{v:.2f}" for v in data[key]))
+    return out
+
+
+def targets(data):
+    """None: a comparison against the users' per-parameter loops, with no stated goal to meet."""
+    return {}
+
+
 if __name__ == "__main__":
     main()

@@ -139,6 +139,23 @@ def verdict(data):
     return data.get("ok") is True, None
 
 
+def summary_lines(data):
+    """Text lines of the JSON ``main`` writes: the backend and device, the steps, the largest
+    difference between the DDP and the plain run, how far the weights moved, or the error."""
+    if not data:
+        return []
+    head = f"  ddp_smoke ({data.get('backend', '?')} on {data.get('device', '?')}): "
+    if "error" in data:
+        return [head + f"error {data['error'][:120]}" + (f" ({data['seconds']} s)" if "seconds" in data else "")]
+    out = [head + f"{data.get('steps')} steps of batch {data.get('batch')}, gamma {data.get('gamma')}: "
+           f"{'equal' if data.get('ok') else 'DIFFERENT'}, max relative difference {data.get('max_rel_diff', 0):.3g} "
+           f"({'bitwise' if data.get('bitwise_equal') else 'not bitwise'}), weights moved "
+           f"{data.get('weights_moved', 0):.3g}, {data.get('seconds')} s"]
+    if data.get("why"):
+        out.append(f"    {data['why']}")
+    return out
+
+
 def targets(data):
     """The GPU target: a 1-rank DDP model through awpfast.AWP takes the steps of the plain model."""
     if not data:
