@@ -103,7 +103,7 @@ SECTIONS = [
 NAMES = [s.name for s in SECTIONS]
 BY_NAME = {s.name: s for s in SECTIONS}
 TARGETS_FROM = ("build", "bench_weight", "bench_pgd", "bench_train", "bench_ladder", "tests_cuda", "ddp_smoke")
-LINES_FROM = ("bench_weight", "bench_pgd", "bench_train", "bench_ladder", "bench_family")
+LINES_FROM = ("bench_weight", "bench_pgd", "bench_train", "bench_ladder", "bench_family", "bench_compile")
 
 
 def bench_module(name):
