@@ -184,6 +184,9 @@ def test_project(dtype, per_tensor):
         assert rel_err(_cat(ps) - _cat(w), _cat(rp) - _cat(w)) < 1e-4
 
 
+# about 30 s in the Triton interpreter (1,103 tensors in one call): make test-all; make test keeps
+# test_kernels_family's 1,004-tensor one-call test (triton-cpu)
+@pytest.mark.slow
 def test_many_tensors_one_call():
     torch.manual_seed(0)
     shapes = [(int(n),) for n in torch.randint(1, 40, (1100,))] + [(0,), (1,), (129,)]
