@@ -17,6 +17,17 @@ def write_json(path: str, out: dict, announce: bool = True, indent: int = 2) -> 
         print(f"wrote {path}")
 
 
+def load_text(avg) -> str:
+    """A recorded load average (1 / 5 / 15 min) as text; ``?`` when none was recorded."""
+    return "?" if not avg else " / ".join(f"{v:.2f}" for v in avg)
+
+
+def load_lines(data: dict, start_key: str, end_key: str) -> list:
+    """The summary lines of the load averages a result recorded at its start and its end."""
+    return [f"    load average at the {what} {load_text(data[k])}"
+            for k, what in ((start_key, "start"), (end_key, "end")) if data.get(k)]
+
+
 def target(value, goal, ok, **kw) -> dict:
     """One target of a GPU run (benchmarks/gpu_check.py): the measured ``value``, the ``goal`` as
     text, ``ok`` True (met), False (missed) or None (reported, or not measured); notes in ``kw``."""

@@ -227,10 +227,8 @@ def summary_lines(data):
                    f"{len(r.get('graph_breaks') or [])} graph-break sites, "
                    f"{len(r.get('fallbacks_in_awpfast') or [])} fallbacks in awpfast; steady state: "
                    f"{ss.get('frames', '?')} frames compiled again")
-    for key, what in (("loadavg_start", "start"), ("loadavg_end", "end")):
-        if data.get(key):
-            out.append(f"    load average at the {what} " + " / ".join(f"{v:.2f}" for v in data[key]))
-    return out
+    from _bench_io import load_lines
+    return out + load_lines(data, "loadavg_start", "loadavg_end")
 
 
 def targets(data):

@@ -162,10 +162,6 @@ def main(argv=None):
 
 
 # --------------------------------------------------------------------------- the results, read here only
-def _load_text(avg):
-    return "?" if not avg else " / ".join(f"{v:.2f}" for v in avg)
-
-
 def summary_lines(data):
     """Text lines of the JSON ``main`` writes: per item the median ms per call and its ratio to one
     SGD update, the FS step's error against the straightforward version, the load average before
@@ -181,8 +177,9 @@ def summary_lines(data):
     if "fs_step_max_rel_err_vs_straightforward" in data:
         out.append(f"    FS step max relative error against the straightforward version: "
                    f"{data['fs_step_max_rel_err_vs_straightforward']:.1e}")
-    out.append(f"    load average before {_load_text(data.get('loadavg_before'))}, after "
-               f"{_load_text(data.get('loadavg_after'))} ({data.get('cpu_count')} CPUs)")
+    from _bench_io import load_text
+    out.append(f"    load average before {load_text(data.get('loadavg_before'))}, after "
+               f"{load_text(data.get('loadavg_after'))} ({data.get('cpu_count')} CPUs)")
     return out
 
 

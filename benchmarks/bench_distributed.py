@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import awpfast  # noqa: E402
 from awpfast.attacks import PGD  # noqa: E402
 from awpfast.models import create_model  # noqa: E402
-from _bench_io import target  # noqa: E402
+from _bench_io import load_text, target  # noqa: E402
 
 
 def _free_port() -> int:
@@ -187,7 +187,7 @@ def summary_lines(data):
                    f"{r.get('ddp_gradient_bytes_per_step', 0):12,.0f} B")
     load = meta.get("load_average")
     if load:
-        out.append(f"    load average at the end {' / '.join(f'{v:.2f}' for v in load)} "
+        out.append(f"    load average at the end {load_text(load)} "
                    f"({meta.get('cpu_count')} CPUs)")
     return out
 

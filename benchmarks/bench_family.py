@@ -40,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_io import write_json  # noqa: E402
+from _bench_io import load_lines, write_json  # noqa: E402
 import awpfast.ops as ops  # noqa: E402
 from awpfast import SAM, BoxAWP  # noqa: E402
 from awpfast.models import WideResNet  # noqa: E402
@@ -279,10 +279,7 @@ def summary_lines(data):
         out.append(f"    {r['model']:10s} {r['rule']:5s} {r['variant']:8s} {r['median_ms']:9.2f} "
                    f"[{r['min_ms']:.2f}, {r['max_ms']:.2f}] {r['x_floor']:6.2f}x {r['speedup_vs_loop']:6.2f}x "
                    f"{r['cpu_ms']:9.1f} {r['cpu_speedup_vs_loop']:6.2f}x")
-    for key, what in (("loadavg_at_start", "start"), ("loadavg_at_end", "end")):
-        if data.get(key):
-            out.append(f"    load average at the {what} " + " / ".join(f"{v:.2f}" for v in data[key]))
-    return out
+    return out + load_lines(data, "loadavg_at_start", "loadavg_at_end")
 
 
 def targets(data):
