@@ -20,11 +20,14 @@ setup: $(VENV)/.ok
 demo: setup
 	$(VPY) -m awpfast.demo
 
+# pytest-xdist: one worker per core (at most 4), the longest tests first (tests/conftest.py)
+XDIST   ?= -n auto --maxprocesses 4 --dist worksteal
+
 test: setup
-	$(VPY) -m pytest -q -m "not slow" tests
+	$(VPY) -m pytest -q $(XDIST) -m "not slow" tests
 
 test-all: setup
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q $(XDIST) tests
 
 # AutoAttack through torchattacks, without the torchvision it declares (which would replace torch)
 autoattack: setup

