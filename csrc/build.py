@@ -178,23 +178,36 @@ def extensions():
                 print(f"awpfast: the CUDA extension awpfast._C_cuda is not built: {cuda_why}",
                       file=sys.stderr, flush=True)
             self._check_cxx()
-            for ext in list(self.extensions):
-                if any(s.endswith(".cu") for s in ext.sources):
-                    try:
-                        self._prepare_cuda(ext)
-                    except Exception as e:  # noqa: BLE001 - any failure: skip unless forced
-                        if cuda_wanted:
-                            raise
-                        self.warn(f"awpfast: skipping the CUDA extension ({e}); set AWPFAST_CUDA=1 "
-                                  "to make this an error")
-                        self.extensions.remove(ext)
-            super().build_extensions()
+            # nvcc runs in the background while the C++ of awpfast._C compiles (the two take
+            # about as long); the CUDA extension waits for its objects in build_extension.
+            pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
+            try:
+                for ext in list(self.extensions):
+                    if any(s.endswith(".cu") for s in ext.sources):
+                        try:
+                            self._prepare_cuda(ext, pool)
+                        except Exception as e:  # noqa: BLE001 - any failure: skip unless forced
+                            if cuda_wanted:
+                                raise
+                            self.warn(f"awpfast: skipping the CUDA extension ({e}); set AWPFAST_CUDA=1 "
+                                      "to make this an error")
+                            self.extensions.remove(ext)
+                super().build_extensions()
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            # a CUDA extension that failed (and was let go) is not copied or installed
+            self.extensions = [e for e in self.extensions if not getattr(e, "_awp_failed", False)]
 
         def build_extension(self, ext):
             try:
+                jobs = getattr(ext, "_awp_cu_jobs", None)
+                if jobs:
+                    ext.extra_objects = list(ext.extra_objects or []) + [job.result() for job in jobs]
+                    ext._awp_cu_jobs = None
                 super().build_extension(ext)
             except Exception as e:  # noqa: BLE001
                 if getattr(ext, "_awp_nvcc", None) and not cuda_wanted:
+                    ext._awp_failed = True
                     self.warn(f"awpfast: the CUDA extension failed to build ({e}); continuing "
                               "without it (AWPFAST_CUDA=1 makes this an error)")
                     return
@@ -219,7 +232,9 @@ def extensions():
                     "point CXX/CC at it, or set AWPFAST_NATIVE=0 to install the pure-Python "
                     "package (the 'foreach' backend is used then).")
 
-        def _prepare_cuda(self, ext):
+        def _prepare_cuda(self, ext, pool):
+            """Checks the toolkit, moves the .cu sources out of ``ext.sources`` and starts their
+            nvcc compiles on ``pool`` (``ext._awp_cu_jobs``: futures of the object paths)."""
             nvcc = ext._awp_nvcc
             home = find_cuda_home(nvcc)
             if home is None:
@@ -249,9 +264,7 @@ def extensions():
                         raise RuntimeError(f"nvcc failed on {src}:\n{r.stdout}{r.stderr}")
                 return obj
 
-            with ThreadPoolExecutor(max_workers=max(1, min(len(cus), os.cpu_count() or 1))) as ex:
-                objs = list(ex.map(one, cus))
-            ext.extra_objects = list(ext.extra_objects or []) + objs
+            ext._awp_cu_jobs = [pool.submit(one, src) for src in cus]
             ext.depends = list(ext.depends) + cus  # relink when a .cu changes
             ext.include_dirs = list(ext.include_dirs) + [os.path.join(home, "include")]
             ext.library_dirs = list(ext.library_dirs or []) + [libdir]
