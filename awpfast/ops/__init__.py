@@ -19,7 +19,9 @@ from it. The table, rendered (``*_`` ops mutate their first argument in place):
 from __future__ import annotations
 
 import importlib
+import itertools
 import linecache
+import operator
 import os
 import warnings
 from typing import Optional
@@ -115,11 +117,34 @@ def get_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype
     return mod
 
 
+# The seam's host time per call is a few passes over the tensor lists: in eager mode each pass
+# is one ``map`` over an ``attrgetter`` (C speed); Dynamo cannot trace ``attrgetter``, so while
+# it traces, the same tuples come from a comprehension.
+_FIELDS = {f: operator.attrgetter(*f) for f in (("device", "dtype"), ("shape", "device", "dtype"),
+                                               ("shape", "device"))}
+
+
+def _each(fields: tuple, ts) -> list:
+    """``[(t.<field>, ...) for t in ts]``."""
+    if torch.compiler.is_compiling():
+        return [tuple(getattr(t, f) for f in fields) for t in ts]
+    return list(map(_FIELDS[fields], ts))
+
+
+def _all_of_dtype(ts, dtype) -> bool:
+    if torch.compiler.is_compiling():
+        return all(t.dtype == dtype for t in ts)
+    return all(map(operator.is_, map(operator.attrgetter("dtype"), ts), itertools.repeat(dtype)))
+
+
 def group_indices(tensors: Sequence[torch.Tensor]) -> dict:
     """{(device, dtype): [indices]} in first-seen order."""
+    keys = _each(("device", "dtype"), tensors)
+    if keys and keys.count(keys[0]) == len(keys):  # the common case: one group
+        return {keys[0]: list(range(len(keys)))}
     groups: dict = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
     return groups
 
 
@@ -128,15 +153,19 @@ def _check_list(name: str, ts) -> list:
     if isinstance(ts, torch.Tensor):
         raise TypeError(f"{name} must be a list of tensors, got a single tensor; wrap it in [ ]")
     ts = list(ts)
-    for i, t in enumerate(ts):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}] is {type(t).__name__}, expected a torch.Tensor")
+    if torch.compiler.is_compiling() or not all(map(isinstance, ts, itertools.repeat(torch.Tensor))):
+        for i, t in enumerate(ts):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] is {type(t).__name__}, expected a torch.Tensor")
     return ts
 
 
 def _check_pair(name_a: str, a: list, name_b: str, b: list, same_dtype: bool = True) -> None:
     if len(a) != len(b):
         raise ValueError(f"{name_a} has {len(a)} tensors but {name_b} has {len(b)}; pass one per tensor")
+    fields = ("shape", "device", "dtype") if same_dtype else ("shape", "device")
+    if _each(fields, a) == _each(fields, b):  # the common case: all match (one pass each)
+        return
     for i, (x, y) in enumerate(zip(a, b)):
         if x.shape != y.shape:
             raise ValueError(
@@ -279,6 +308,21 @@ def _group_args(op: _spec.Op, v: dict, idx: list, dtype, device) -> list:
     return out
 
 
+def _one_group_args(op: _spec.Op, v: dict, dtype, device) -> list:
+    """``_group_args`` when all the tensors form one group (nothing to pick: only casts)."""
+    out = []
+    for a in op.args:
+        x = v[a.name]
+        if a.cast and x is not None and not _all_of_dtype(x, dtype):
+            x = [t if t.dtype == dtype else t.to(dtype) for t in x]
+        elif a.kind == SCALES and isinstance(x, torch.Tensor) and x.device != device:
+            x = x.to(device)
+        elif a.kind == NORMS and x is not None:
+            x = tuple(t if t.device == device else t.to(device) for t in x)
+        out.append(x)
+    return out
+
+
 def _run(op: _spec.Op, backend: Optional[str], given: tuple):
     """Validate the arguments of ``op``, split its tensors into (device, dtype) groups, call the
     chosen backend's group function once per group and assemble the result (``op.returns``)."""
@@ -291,6 +335,12 @@ def _run(op: _spec.Op, backend: Optional[str], given: tuple):
         return torch.zeros((), dtype=torch.float32) if op.returns == SUM else \
             torch.empty(0) if op.returns == PER_TENSOR else None
     groups = group_indices(lead)
+    if len(groups) == 1:  # the common case: the group's result is the result
+        ((dev, dt),) = groups
+        part = getattr(get_backend(backend, dev, dt), op.name)(*_one_group_args(op, v, dt, dev))
+        if op.returns == SUM:
+            return part.to(dtype=torch.float64 if dt == torch.float64 else torch.float32)
+        return part if op.returns == PER_TENSOR else None
     parts = [getattr(get_backend(backend, dev, dt), op.name)(*_group_args(op, v, idx, dt, dev))
              for (dev, dt), idx in groups.items()]
     if op.returns == PER_TENSOR:

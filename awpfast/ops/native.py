@@ -21,6 +21,8 @@ pass alone when the norms are given.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ._library import SeamOps
@@ -108,6 +110,8 @@ def _prepare(lists, mutated):
     of them the op writes. Returns (lists to pass, [(original, temporary)] to write back).
     """
     present = [ts for ts in lists if ts is not None]
+    if all(map(torch.Tensor.is_contiguous, itertools.chain.from_iterable(present))):
+        return lists, []  # the common case, in one pass at C speed
     bad = []
     for i, tup in enumerate(zip(*present)):
         if all(t.is_contiguous() for t in tup):
@@ -146,11 +150,11 @@ def _finish(back, mutated_lists):
 
 
 def _ptrs(ts):
-    return [t.data_ptr() for t in ts] if ts is not None else []
+    return list(map(torch.Tensor.data_ptr, ts)) if ts is not None else []
 
 
 def _numel(ts):
-    return [t.numel() for t in ts]
+    return list(map(torch.Tensor.numel, ts))
 
 
 def _seg():
