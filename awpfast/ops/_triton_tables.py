@@ -161,8 +161,9 @@ class _Layout:
 
 def _ptrs(tensors, ctx):
     """(int64 device table of data pointers, all 16-byte aligned?)."""
-    ptrs = tuple(t.data_ptr() for t in tensors)
-    aligned = all(p % 16 == 0 or t.numel() == 0 for p, t in zip(ptrs, tensors))
+    ptrs = tuple(map(torch.Tensor.data_ptr, tensors))
+    aligned = not any(map((15).__and__, ptrs)) or all(  # (the first test: one pass at C speed)
+        p % 16 == 0 or t.numel() == 0 for p, t in zip(ptrs, tensors))
     return _lookup(_ptr_tables, (ctx.device, ptrs), lambda: list(ptrs), ctx), aligned
 
 

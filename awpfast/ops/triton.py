@@ -38,6 +38,7 @@ must be in the environment before Triton (and this module) is imported.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -172,7 +173,7 @@ class _Launch:
     __slots__ = ("T", "C", "tinfo", "ctab", "part")
 
     def __init__(self, tensors, ctx):
-        sizes = tuple(t.numel() for t in tensors)
+        sizes = tuple(map(torch.Tensor.numel, tensors))
         B, CH, MK = CONFIG["BLOCK"], CONFIG["CHUNK"], CONFIG["MAXK"]
         key = (ctx.device, sizes, B, CH, MK)
         with _lock:
@@ -384,6 +385,9 @@ def _check_layout(*named):
     Contiguous tensors always qualify; channels-last tensors do when the tensors they are
     combined with have the same strides. Anything else gets a ValueError naming it."""
     first_name, first = named[0]
+    if not torch.compiler.is_compiling() and all(map(torch.Tensor.is_contiguous, itertools.chain(
+            first, *(lst for _, lst in named[1:])))):
+        return  # the common case, in one pass at C speed
     for i, t in enumerate(first):
         kind = _flat_kind(t)
         if kind is None:
