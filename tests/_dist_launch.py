@@ -28,7 +28,24 @@ def skip_without_gloo():
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago.
+
+    Under pytest-xdist each worker (``gw<N>``) takes its ports from a range of its own, so two
+    workers launching process groups at the same moment cannot be handed the same port (the
+    kernel's ephemeral ports of ``bind(0)`` carry no such promise); within a worker the tests
+    run one after another."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and worker[2:].isdigit():
+        base = 30000 + 400 * (int(worker[2:]) % 50)
+        start = int.from_bytes(os.urandom(2), "little") % 400
+        for k in range(400):
+            port = base + (start + k) % 400
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

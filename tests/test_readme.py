@@ -76,10 +76,8 @@ def _close_process_group():
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_process_torchrun_env():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from _dist_launch import free_port
+    port = free_port()
     with pytest.MonkeyPatch.context() as mp:
         for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                      ("MASTER_PORT", str(port))):
