@@ -137,9 +137,10 @@ def _all_of_dtype(ts, dtype) -> bool:
     return all(map(operator.is_, map(operator.attrgetter("dtype"), ts), itertools.repeat(dtype)))
 
 
-def group_indices(tensors: Sequence[torch.Tensor]) -> dict:
-    """{(device, dtype): [indices]} in first-seen order."""
-    keys = _each(("device", "dtype"), tensors)
+def group_indices(tensors: Sequence[torch.Tensor], _keys: Optional[list] = None) -> dict:
+    """{(device, dtype): [indices]} in first-seen order. (``_keys``: the tensors' (shape, device,
+    dtype) tuples when the caller has them already.)"""
+    keys = _each(("device", "dtype"), tensors) if _keys is None else [k[1:] for k in _keys]
     if keys and keys.count(keys[0]) == len(keys):  # the common case: one group
         return {keys[0]: list(range(len(keys)))}
     groups: dict = {}
@@ -160,11 +161,17 @@ def _check_list(name: str, ts) -> list:
     return ts
 
 
-def _check_pair(name_a: str, a: list, name_b: str, b: list, same_dtype: bool = True) -> None:
+def _check_pair(name_a: str, a: list, name_b: str, b: list, same_dtype: bool = True,
+                a_keys: Optional[dict] = None) -> None:
+    """``b`` pairs with ``a`` tensor by tensor. ``a_keys``: a memo of ``a``'s attribute tuples
+    (by fields), shared by the checks of one call against the same ``a``."""
     if len(a) != len(b):
         raise ValueError(f"{name_a} has {len(a)} tensors but {name_b} has {len(b)}; pass one per tensor")
     fields = ("shape", "device", "dtype") if same_dtype else ("shape", "device")
-    if _each(fields, a) == _each(fields, b):  # the common case: all match (one pass each)
+    memo = {} if a_keys is None else a_keys
+    if fields not in memo:
+        memo[fields] = _each(fields, a)
+    if memo[fields] == _each(fields, b):  # the common case: all match (one pass each)
         return
     for i, (x, y) in enumerate(zip(a, b)):
         if x.shape != y.shape:
@@ -234,12 +241,13 @@ def _check_norms(name: str, norms, n: int):
     return norms
 
 
-def _validate(op: _spec.Op, given: tuple) -> dict:
+def _validate(op: _spec.Op, given: tuple, memo: Optional[dict] = None) -> dict:
     """The arguments of ``op`` (public values, in the table's order) checked and normalized:
     tensor lists as lists paired with the lead (the first argument), per-tensor floats as
     lists, scales as a list or a 1-D tensor, scalars through their check."""
     v = {a.name: x for a, x in zip(op.args, given)}
     lead = op.args[0].name
+    memo = {} if memo is None else memo  # the lead's attribute tuples, fetched once for all its pairs
     for a in op.args:
         if a.kind == TENSORS:
             v[a.name] = _check_list(a.name, v[a.name])
@@ -247,13 +255,13 @@ def _validate(op: _spec.Op, given: tuple) -> dict:
             raise TypeError(f"{a.name} must be a tensor, got {type(v[a.name]).__name__}")
     for a in op.args[1:]:
         if a.kind == TENSORS:
-            _check_pair(lead, v[lead], a.name, v[a.name], same_dtype=not a.cast)
+            _check_pair(lead, v[lead], a.name, v[a.name], same_dtype=not a.cast, a_keys=memo)
         elif a.kind == TENSOR:
             _check_tensor(op.name, lead, v[lead], a.name, v[a.name])
     for a in op.args:
         if a.kind == OPT_TENSORS and v[a.name] is not None:
             v[a.name] = _check_list(a.name, v[a.name])
-            _check_pair(lead, v[lead], a.name, v[a.name], same_dtype=not a.cast)
+            _check_pair(lead, v[lead], a.name, v[a.name], same_dtype=not a.cast, a_keys=memo)
     n = len(v[lead]) if op.args[0].kind == TENSORS else 1
     for a in op.args:
         x = v[a.name]
@@ -326,7 +334,8 @@ def _one_group_args(op: _spec.Op, v: dict, dtype, device) -> list:
 def _run(op: _spec.Op, backend: Optional[str], given: tuple):
     """Validate the arguments of ``op``, split its tensors into (device, dtype) groups, call the
     chosen backend's group function once per group and assemble the result (``op.returns``)."""
-    v = _validate(op, given)
+    memo: dict = {}
+    v = _validate(op, given, memo)
     lead = v[op.args[0].name]
     if op.returns == FIRST:  # one batch: one group
         getattr(get_backend(backend, lead.device, lead.dtype), op.name)(*[v[a.name] for a in op.args])
@@ -334,7 +343,7 @@ def _run(op: _spec.Op, backend: Optional[str], given: tuple):
     if not lead:
         return torch.zeros((), dtype=torch.float32) if op.returns == SUM else \
             torch.empty(0) if op.returns == PER_TENSOR else None
-    groups = group_indices(lead)
+    groups = group_indices(lead, memo.get(("shape", "device", "dtype")))
     if len(groups) == 1:  # the common case: the group's result is the result
         ((dev, dt),) = groups
         part = getattr(get_backend(backend, dev, dt), op.name)(*_one_group_args(op, v, dt, dev))
