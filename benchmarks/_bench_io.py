@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 
 
 def write_json(path: str, out: dict, announce: bool = True, indent: int = 2) -> None:
@@ -15,6 +16,18 @@ def write_json(path: str, out: dict, announce: bool = True, indent: int = 2) -> 
     os.replace(tmp, path)
     if announce:
         print(f"wrote {path}")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def load_text(avg) -> str:

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import awpfast.ops as ops  # noqa: E402
-from _bench_io import load_lines, target, write_json  # noqa: E402
+from _bench_io import cpu_name, load_lines, target, write_json  # noqa: E402
 
 OPS = ("restore_", "perturb_", "add_scaled_", "norms", "pgd_step_")
 
@@ -104,17 +104,6 @@ def run(device, n, numel, rounds, number, backends=None, op_names=OPS):
     return rows
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -133,7 +122,7 @@ def main(argv=None):
         ap.error("--tensors, --numel, --rounds and --number must be >= 1")
     torch.set_num_threads(a.threads)
     meta = dict(benchmark="seam_host", device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                cpu=_cpu_name(), torch=torch.__version__, threads=a.threads, tensors=a.tensors, numel=a.numel,
+                cpu=cpu_name(), torch=torch.__version__, threads=a.threads, tensors=a.tensors, numel=a.numel,
                 rounds=a.rounds, number=a.number, load_start=list(os.getloadavg()))
     rows = run(dev, a.tensors, a.numel, a.rounds, a.number, a.backends.split(",") if a.backends else None)
     data = dict(meta, rows=rows, load_end=list(os.getloadavg()), complete=True)

@@ -62,7 +62,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import awpfast  # noqa: E402
-from _bench_io import target, write_json  # noqa: E402
+from _bench_io import cpu_name, target, write_json  # noqa: E402
 from awpfast.attacks import PGD  # noqa: E402
 from awpfast.models import create_model  # noqa: E402
 
@@ -374,17 +374,6 @@ def time_rounds(configs, x, y, device, warmup, repeats, after_round=None):
     return times, index
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ----------------------------------------------------------------------------- the step benchmark
 def step_main(args):
     if args.threads:
@@ -586,7 +575,7 @@ def _ladder_result(args, device, rungs, times, step_index, meta, same, loads, lo
     return {"benchmark": "train_step_ladder", "partial": partial, "model": args.model, "batch": args.batch,
             "image_size": args.image_size, "attack_steps": args.attack_steps, "gamma": args.gamma,
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "warmup_rounds": args.warmup, "measured_rounds": max(0, len(loads) - args.warmup),
             "planned_rounds": args.repeats,

@@ -166,13 +166,12 @@ def _dir(runs: str, arm: str, seed: int) -> str:
 
 
 def _cpu_model() -> str:
-    """The CPU's model name (bench_train_step's reader)."""
+    """The CPU's model name (the benchmarks' reader, benchmarks/_bench_io.py)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_train_step",
-                                                  os.path.join(ROOT, "benchmarks", "bench_train_step.py"))
+    spec = importlib.util.spec_from_file_location("awpfast_bench_io", os.path.join(ROOT, "benchmarks", "_bench_io.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod._cpu_name()
+    return mod.cpu_name()
 
 
 def _cpu_flags() -> list:
