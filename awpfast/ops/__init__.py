@@ -283,23 +283,34 @@ def _validate(op: _spec.Op, given: tuple, memo: Optional[dict] = None) -> dict:
 
 
 # --------------------------------------------------------------------------- dispatch
+# ``idx``: the group's tensor indices, or None when the group is every tensor (the common case:
+# nothing to pick, the validated lists pass as they are).
 def _pick(lst, idx):
-    return None if lst is None else [lst[i] for i in idx]
+    return lst if lst is None or idx is None else [lst[i] for i in idx]
 
 
 def _pick_as(lst, idx, dtype):
     """The group's tensors of ``lst``, cast to the group dtype where they differ."""
-    return None if lst is None else [lst[i] if lst[i].dtype == dtype else lst[i].to(dtype) for i in idx]
+    if lst is None:
+        return None
+    if idx is None:
+        return lst if _all_of_dtype(lst, dtype) else [t if t.dtype == dtype else t.to(dtype) for t in lst]
+    return [lst[i] if lst[i].dtype == dtype else lst[i].to(dtype) for i in idx]
 
 
 def _pick_scale(sc, idx, device):
     if isinstance(sc, torch.Tensor):
-        part = sc[idx[0]:idx[-1] + 1] if idx == list(range(idx[0], idx[-1] + 1)) else sc[torch.tensor(idx, device=sc.device)]
+        if idx is None:
+            part = sc
+        elif idx == list(range(idx[0], idx[-1] + 1)):
+            part = sc[idx[0]:idx[-1] + 1]
+        else:
+            part = sc[torch.tensor(idx, device=sc.device)]
         return part.to(device) if part.device != device else part
-    return [sc[i] for i in idx]
+    return _pick(sc, idx)
 
 
-def _group_args(op: _spec.Op, v: dict, idx: list, dtype, device) -> list:
+def _group_args(op: _spec.Op, v: dict, idx: Optional[list], dtype, device) -> list:
     """The group-level arguments of ``op`` for the tensors ``idx`` of one (device, dtype) group."""
     out = []
     for a in op.args:
@@ -312,21 +323,6 @@ def _group_args(op: _spec.Op, v: dict, idx: list, dtype, device) -> list:
             x = _pick_scale(x, idx, device)
         elif a.kind == NORMS and x is not None:
             x = tuple(_pick_scale(t, idx, device) for t in x)
-        out.append(x)
-    return out
-
-
-def _one_group_args(op: _spec.Op, v: dict, dtype, device) -> list:
-    """``_group_args`` when all the tensors form one group (nothing to pick: only casts)."""
-    out = []
-    for a in op.args:
-        x = v[a.name]
-        if a.cast and x is not None and not _all_of_dtype(x, dtype):
-            x = [t if t.dtype == dtype else t.to(dtype) for t in x]
-        elif a.kind == SCALES and isinstance(x, torch.Tensor) and x.device != device:
-            x = x.to(device)
-        elif a.kind == NORMS and x is not None:
-            x = tuple(t if t.device == device else t.to(device) for t in x)
         out.append(x)
     return out
 
@@ -344,19 +340,14 @@ def _run(op: _spec.Op, backend: Optional[str], given: tuple):
         return torch.zeros((), dtype=torch.float32) if op.returns == SUM else \
             torch.empty(0) if op.returns == PER_TENSOR else None
     groups = group_indices(lead, memo.get(("shape", "device", "dtype")))
-    if len(groups) == 1:  # the common case: the group's result is the result
-        ((dev, dt),) = groups
-        part = getattr(get_backend(backend, dev, dt), op.name)(*_one_group_args(op, v, dt, dev))
-        if op.returns == SUM:
-            return part.to(dtype=torch.float64 if dt == torch.float64 else torch.float32)
-        return part if op.returns == PER_TENSOR else None
-    parts = [getattr(get_backend(backend, dev, dt), op.name)(*_group_args(op, v, idx, dt, dev))
+    one = len(groups) == 1
+    parts = [getattr(get_backend(backend, dev, dt), op.name)(*_group_args(op, v, None if one else idx, dt, dev))
              for (dev, dt), idx in groups.items()]
     if op.returns == PER_TENSOR:
         return _in_order(parts, groups, lead)
     if op.returns == SUM:
         dev = lead[0].device
-        out_dt = torch.float64 if any(t.dtype == torch.float64 for t in lead) else torch.float32
+        out_dt = torch.float64 if any(dt == torch.float64 for _, dt in groups) else torch.float32
         total = None
         for part in parts:
             part = part.to(device=dev, dtype=out_dt)
