@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""The numbers of docs/reproduction.md's tables, README.md's results table and the training-step
-ladder of docs/performance.md, generated from the committed JSON.
+"""The numbers of docs/reproduction.md's tables, README.md's results table, the training-step
+ladder of docs/performance.md and the measured sentences of ``awpfast-train --help``
+(awpfast/train/measured.py, where the markers are Python comments: ``# numbers: NAME (FILES)`` and
+``# /numbers``), generated from the committed JSON.
 
 Each generated table sits between two markers::
 
@@ -33,9 +35,12 @@ import sys
 from typing import Callable, Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["docs/reproduction.md", "README.md", "docs/performance.md"]
-START = re.compile(r"^<!-- numbers: (?P<name>[\w.-]+) \((?P<files>[^)]*)\) -->\s*$")
+DOCS = ["docs/reproduction.md", "README.md", "docs/performance.md", "awpfast/train/measured.py"]
+# a markdown block, or (in a generated Python module) the same markers as comments
+START = re.compile(r"^(?:<!-- numbers: (?P<name>[\w.-]+) \((?P<files>[^)]*)\) -->"
+                   r"|# numbers: (?P<pname>[\w.-]+) \((?P<pfiles>[^)]*)\))\s*$")
 END = "<!-- /numbers -->"
+PY_END = "# /numbers"
 
 
 def load(path):
@@ -358,6 +363,16 @@ def readme_results(files):
     return table(["what", "result", "data"], rows)
 
 
+def _fraction_of_awp(cost, arm):
+    """``(median, q1, q3)`` of ``arm``'s paired extra time over AT as a fraction of exact AWP's median extra
+    (a scripts/study.py cost JSON), or None where the arm was not timed."""
+    e = cost["arms"].get(arm)
+    if not e or "fraction_of_awp_extra" not in e:
+        return None
+    base = cost["arms"]["AWP"]["extra_vs_AT"]["median_s"]
+    return e["fraction_of_awp_extra"], e["extra_vs_AT"]["q1_s"] / base, e["extra_vs_AT"]["q3_s"] / base
+
+
 def cheap_costs(files):
     """The cheap ascents' and RWP's extra cost over AT: in forward+backward units (bench_train_step ladder,
     rung d) and as a fraction of exact AWP's extra, paired by round (scripts/study.py cost, one thread) on
@@ -372,12 +387,8 @@ def cheap_costs(files):
               "momentum": ("momentum", "momentum-sourced"), "rwp": ("rwp10", "RWP (10 passes)")}
 
     def frac(cost, arm):
-        e = cost["arms"].get(arm)
-        if not e or "fraction_of_awp_extra" not in e:
-            return "–"
-        base = cost["arms"]["AWP"]["extra_vs_AT"]["median_s"]
-        q1, q3 = e["extra_vs_AT"]["q1_s"] / base, e["extra_vs_AT"]["q3_s"] / base
-        return f"{e['fraction_of_awp_extra']:.2f} [{q1:.2f}, {q3:.2f}]"
+        f = _fraction_of_awp(cost, arm)
+        return "–" if f is None else f"{f[0]:.2f} [{f[1]:.2f}, {f[2]:.2f}]"
     rows = []
     for arm, (lab, name) in labels.items():
         b = rows_b.get(lab)
@@ -526,6 +537,66 @@ def readme_study(files):
     return table(["what", "result", "data"], rows)
 
 
+def _cost_help(cost18, csmall, arm):
+    """``arm``'s extra training-step cost over AT as a fraction of exact AWP's, paired medians (scripts/study.py
+    cost, one thread): PreActResNet-18 where measured, else the study's SmallCNN."""
+    for cost, model in ((cost18, "PreActResNet-18"), (csmall, "the study's SmallCNN")):
+        f = _fraction_of_awp(cost, arm)
+        if f is not None:
+            return (f"costs {f[0]:.2f} of exact AWP's extra time over AT [quartiles {f[1]:.2f}, {f[2]:.2f}] "
+                    f"({model}, CPU, 1 thread, {cost['reps']} paired rounds)")
+    return "cost not measured yet"
+
+
+def _accuracy_help(entry):
+    """The study's word on ``entry``'s robust accuracy against exact AWP: the verdict and the paired differences
+    it rests on (last-3 PGD-20 and AutoAttack, mean [95 % CI] once there are two seeds)."""
+    ve = entry.get("vs_exact") or {}
+    d, a = ve.get("last3_pgd20"), ve.get("autoattack")
+    if not d or not a:
+        return "its robust accuracy is not measured yet (scripts/study.py)"
+
+    def diff(m, name):
+        ci = f" [95 % CI {m['ci95'][0]:+.1f}, {m['ci95'][1]:+.1f}]" if "ci95" in m else ""
+        return f"{name} {m['mean']:+.1f}{ci}"
+    base = "exact AWP with the eval-mode attack" if ve.get("base") != "AWP" else "exact AWP"
+    nums = (f"{diff(d, 'last-3 PGD-20')}, {diff(a, 'AutoAttack')} points against {base}, "
+            f"n = {d['n']} paired seed{'s' * (d['n'] != 1)}, digits 8x8")
+    v = entry.get("verdict")
+    if v is None:
+        head = "robust accuracy reported, not concluded"
+    elif v["verdict"] == "keeps the gain":
+        head = "keeps exact AWP's robust accuracy (the study's equivalence test)"
+    elif v["verdict"] == "loses":
+        head = "loses robust accuracy against exact AWP (the study)"
+    else:
+        head = "robust accuracy undecided so far" + (f" (about {v['seeds_needed']} seeds would decide)"
+                                                     if v.get("seeds_needed") else "")
+    return f"{head}: {nums}"
+
+
+HELP_ARMS = ("attack", "attack-evalbn", "momentum", "every2", "sub0.25", "rwp")
+
+
+def _py_str(s, indent=8, width=96):
+    """``s`` as implicitly concatenated Python string literals, one per line of at most ``width``."""
+    import textwrap
+    parts = textwrap.wrap(s, width - indent - 4, break_long_words=False, break_on_hyphens=False)
+    return "\n".join(" " * indent + repr(p + (" " if k < len(parts) - 1 else "")) for k, p in enumerate(parts))
+
+
+def ascent_help(files):
+    """awpfast/train/measured.py's sentences, one per cheap ascent and RWP: what it costs (paired, against exact
+    AWP's extra) and what the study says of its robust accuracy; ``awpfast-train --help`` prints them."""
+    cost18, csmall = load(files[0]), load(files[1])
+    sm = _study().summarize(os.path.join(ROOT, files[2]))
+    out = ["MEASURED = {"]
+    for arm in HELP_ARMS:
+        s = f"{_cost_help(cost18, csmall, arm)}; {_accuracy_help(sm['arms'].get(arm, {}))}"
+        out += [f"    {arm!r}: (", _py_str(s) + "),"]
+    return "\n".join(out + ["}"])
+
+
 BLOCKS: Dict[str, Callable[[List[str]], str]] = {
     "regime-arms": regime_arms,
     "regime-at-seeds": regime_at_seeds,
@@ -543,6 +614,7 @@ BLOCKS: Dict[str, Callable[[List[str]], str]] = {
     "study": study_tables,
     "readme-study": readme_study,
     "cheap-costs": cheap_costs,
+    "ascent-help": ascent_help,
 }
 
 
@@ -587,9 +659,9 @@ def blocks(text):
         if m:
             if cur is not None:
                 raise ValueError(f"line {i + 1}: a numbers block opens inside another one")
-            files = [f.strip() for f in m.group("files").split(",") if f.strip()]
-            cur = (m.group("name"), files, i)
-        elif line.strip() == END:
+            files = [f.strip() for f in (m.group("files") or m.group("pfiles")).split(",") if f.strip()]
+            cur = (m.group("name") or m.group("pname"), files, i)
+        elif line.strip() in (END, PY_END):
             if cur is None:
                 raise ValueError(f"line {i + 1}: {END} without an opening marker")
             out.append(cur + (i,))

@@ -97,3 +97,27 @@ def test_flipped_labels_among_the_first_200_training_images():
     noisy, _ = training_splits(ds, 100, n, float(opt["--label-noise"]))
     assert int((clean.y[:lim] != noisy.y[:lim]).sum()) == 37
     assert "37 of them are flipped" in open(os.path.join(ROOT, "docs/reproduction.md")).read()
+
+
+def test_help_of_the_cheap_ascents_is_generated():
+    """awpfast-train --help's measured costs and accuracies are awpfast/train/measured.py's generated sentences
+    (checked against the JSON above); the rest of those options' help holds no measured number."""
+    from awpfast.train import config, measured
+    helps = {o.dest: o.kw["help"] for o in config.OPTIONS}
+    uses = {"awp_ascent": ("attack", "attack-evalbn", "momentum"), "awp_every": ("every2",),
+            "awp_ascent_fraction": ("sub0.25",), "awp_rule": ("rwp",)}
+    assert set(measured.MEASURED) == {a for arms in uses.values() for a in arms}
+    for dest, arms in uses.items():
+        rest = helps[dest]
+        for arm in arms:
+            sentence = measured.measured(arm)
+            assert sentence in rest, (dest, arm)
+            rest = rest.replace(sentence, "")
+        # what is left may name settings (K = 2, F = 0.25, 1: every step), never a measurement
+        assert dn.numbers_in(rest) <= {0.25, 1.0, 2.0, 2020.0, 2022.0}, (dest, dn.numbers_in(rest))
+    # the sentence follows its JSON: an edited cost changes it
+    text = open(os.path.join(ROOT, "awpfast/train/measured.py")).read()
+    bad = text.replace("costs 0.", "costs 9.", 1)
+    assert bad != text
+    _, problems = dn.render(bad, "measured.py")
+    assert len(problems) == 1 and "ascent-help" in problems[0]

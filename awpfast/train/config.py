@@ -19,6 +19,7 @@ from ..choices import (BACKENDS, DATASETS, DTYPE_NAMES, FORWARD_ORDERS, INPUT_NO
 from ..cli import ArgumentParser, HelpFormatter, check_out_dir, parse_float, resolve_device
 from ..errors import UsageError
 from .recipes import RECIPES, apply_recipe, recipe_overrides
+from .measured import measured
 
 # torch-free at import: parsing and validating a command line (:func:`preflight`) needs no torch; the
 # checkpoint reader and the launch environment are imported by make_config when it needs them
@@ -196,24 +197,22 @@ OPTIONS = (
         choices=AWP_ASCENTS,
         help="where the AWP direction comes from: separate (a train-mode ascent pass on x_adv, the "
              "reference), attack (the training attack's last step also returns the weight gradient at "
-             "its last iterate: measured 0.34-0.42 of AWP's extra cost on PreActResNet-18, CPU) or "
-             "momentum (SGD's momentum buffer re-scaled per layer: no extra pass; not an approximation "
-             "of AWP's direction). Whether a cheap one keeps AWP's robust accuracy is being decided by "
-             "the study of docs/reproduction.md (its 3-seed predecessor: attack-sourced 2.7 points of "
-             "PGD-20 below exact AWP)"),
+             "its last iterate; measured: " + measured("attack") + "; with --attack-bn eval: "
+             + measured("attack-evalbn") + ") or momentum (SGD's momentum buffer re-scaled per layer: no "
+             "extra pass, not an approximation of AWP's direction; measured: " + measured("momentum")
+             + "). The study: docs/reproduction.md"),
     opt("awp_ascent_fraction", "method", 1.0, check=Float(0, strict=True, hi=1.0, what=" (the share of the batch)"),
         type=parse_float,
         metavar="F",
         help="the separate ascent pass on a random F of each batch (rows drawn from the wrapper's own "
-             "seeded stream, resumable): F = 0.25 measured 0.34-0.41 of AWP's extra cost on "
-             "PreActResNet-18, CPU; its robust accuracy is being decided by the study of "
-             "docs/reproduction.md; 1: the whole batch"),
+             "seeded stream, resumable); 1: the whole batch. Measured at F = 0.25: " + measured("sub0.25")
+             + " (docs/reproduction.md)"),
     opt("awp_rule", "method", "awp",
         choices=AWP_RULES,
         help="the weight adversary: awp (Wu et al. 2020, per-layer) or rwp (Robust Weight Perturbation, "
              "Yu et al. 2022: --rwp-steps ascent passes on the examples whose loss is below "
              "--rwp-threshold, one global norm; --awp-gamma and --awp-warmup apply to both; --method at "
-             "only; about --rwp-steps times AWP's extra cost)"),
+             "only). Measured with the reference's settings: " + measured("rwp") + " (docs/reproduction.md)"),
     opt("rwp_steps", "method", 10, check=Int(1), when=_rwp,
         type=int,
         help="RWP's ascent passes per step (the reference: 10)"),
@@ -233,10 +232,7 @@ OPTIONS = (
     opt("awp_every", "method", 1, check=Int(1),
         type=int,
         help="compute the AWP direction every K steps and re-use it (re-scaled to the weights) in "
-             "between (1: every step); K = 2 measured 0.64-0.70 of AWP's extra cost on PreActResNet-18, "
-             "CPU; its robust accuracy is being decided by the study of docs/reproduction.md (its 3-seed "
-             "predecessor: 4.0 and 4.6 points of PGD-20 below exact AWP in the seeds that trained, chance in "
-             "one of three)"),
+             "between (1: every step). Measured at K = 2: " + measured("every2") + " (docs/reproduction.md)"),
     opt("forward_order", "method", "ours",
         choices=FORWARD_ORDERS,
         help="how BatchNorm's running statistics are fed; reference: as the reference scripts: AT: the "

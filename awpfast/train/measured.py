@@ -1,0 +1,49 @@
+"""What the cheap ascents and RWP were measured to cost and what the study says of their robust accuracy.
+
+Generated: the block below is written by ``python scripts/docs_numbers.py`` from the committed cost JSON
+(``scripts/study.py cost``) and the study's per-seed records (docs/study/records); ``make test`` fails when
+it differs from them, so a number here is never typed by hand. ``awpfast-train --help`` prints these
+sentences under ``--awp-ascent``, ``--awp-every``, ``--awp-ascent-fraction`` and ``--awp-rule``.
+"""
+
+# numbers: ascent-help (docs/study_cost_preact18.json, docs/study_cost_small-cnn.json, docs/study/records)
+MEASURED = {
+    'attack': (
+        "costs 0.42 of exact AWP's extra time over AT [quartiles 0.12, 0.44] "
+        '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy undecided so far '
+        '(about 13 seeds would decide): last-3 PGD-20 -27.3 [95 % CI -403.8, +349.2], '
+        'AutoAttack -25.5 [95 % CI -385.1, +334.1] points against exact AWP, n = 2 paired '
+        'seeds, digits 8x8'),
+    'attack-evalbn': (
+        "costs 0.24 of exact AWP's extra time over AT [quartiles 0.09, 0.58] "
+        '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy undecided so far '
+        '(about 3 seeds would decide): last-3 PGD-20 -3.9 [95 % CI -9.8, +2.1], AutoAttack '
+        '-3.6 [95 % CI -11.2, +4.0] points against exact AWP with the eval-mode attack, n = 2 '
+        'paired seeds, digits 8x8'),
+    'momentum': (
+        "costs -0.21 of exact AWP's extra time over AT [quartiles -0.34, 0.10] "
+        '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy undecided so far: '
+        'last-3 PGD-20 -7.6, AutoAttack -10.6 points against exact AWP, n = 1 paired seed, '
+        'digits 8x8'),
+    'every2': (
+        "costs 0.64 of exact AWP's extra time over AT [quartiles 0.10, 0.69] "
+        '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy undecided so far: '
+        'last-3 PGD-20 -3.8, AutoAttack -3.6 points against exact AWP, n = 1 paired seed, '
+        'digits 8x8'),
+    'sub0.25': (
+        "costs 0.34 of exact AWP's extra time over AT [quartiles 0.04, 0.39] "
+        '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy undecided so far: '
+        'last-3 PGD-20 -2.9, AutoAttack -3.6 points against exact AWP, n = 1 paired seed, '
+        'digits 8x8'),
+    'rwp': (
+        "costs 18.43 of exact AWP's extra time over AT [quartiles 16.19, 18.84] (the study's "
+        'SmallCNN, CPU, 1 thread, 15 paired rounds); robust accuracy reported, not concluded: '
+        'last-3 PGD-20 -0.5, AutoAttack -2.0 points against exact AWP, n = 1 paired seed, '
+        'digits 8x8'),
+}
+# /numbers
+
+
+def measured(arm: str) -> str:
+    """The generated sentence for ``arm`` (a key of :data:`MEASURED`), escaped for argparse's help."""
+    return MEASURED[arm].replace("%", "%%")
