@@ -572,6 +572,7 @@ def cost(model: str, reps: int, steps: int, arms, out: str) -> dict:
         x, y = next(iter(t.batches))
         trainers[arm] = (t, x, y)
     times = {a: [] for a in arms}
+    load_before = os.getloadavg()
     for r in range(reps + 1):
         for arm, (t, x, y) in trainers.items():
             c0 = time.process_time()
@@ -586,7 +587,7 @@ def cost(model: str, reps: int, steps: int, arms, out: str) -> dict:
         lo, hi = math.floor(k), math.ceil(k)
         return v[lo] + (v[hi] - v[lo]) * (k - lo)
     res = {"model": model, "reps": reps, "steps_per_rep": steps, "threads": 1, "cpu_model": _cpu_model(),
-           "torch": torch.__version__, "load_before": os.getloadavg(), "arms": {}}
+           "torch": torch.__version__, "load_before": load_before, "arms": {}}
     base = times.get("AT")
     extra_awp = None
     if base and "AWP" in times:
