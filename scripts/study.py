@@ -71,6 +71,7 @@ PILOT = {"momentum": 3, "rwp": 3}                # seeds of a pilot / report-onl
 REPORTED = {"rwp": "AWP"}                         # arms compared with another arm, without a verdict
 MARGIN = 1.0                                      # points of accuracy
 AWP_FROM = 10                                     # epochs 1-10 train without AWP
+CHANCE = 20.0                                     # clean accuracy (%) at or below which a run is at chance (10 classes)
 
 
 # ----------------------------------------------------------------------------- Student t
@@ -416,6 +417,13 @@ def run_metrics(rec: dict) -> dict:
         v = [c for e, c in cos if lo < e <= hi]
         return sum(v) / len(v) if v else None
     awp = [r["train_time_s"] for r in h if r["epoch"] > AWP_FROM]
+    onset = [r["val_clean_acc"] for r in h if AWP_FROM < r["epoch"] <= AWP_FROM + 10 and r.get("val_clean_acc") is not None]
+    chance_from = None
+    if 100 * h[-1]["test_clean_acc"] <= CHANCE:  # ended at chance: from which epoch on validation stayed there
+        for r in reversed(h):
+            if r.get("val_clean_acc") is not None and 100 * r["val_clean_acc"] > CHANCE:
+                break
+            chance_from = r["epoch"]
     return {"last_pgd20": 100 * h[-1]["test_robust_acc"], "last3_pgd20": 100 * sum(r["test_robust_acc"]
                                                                                     for r in sched[-3:]) / 3,
             "best_val_epoch": best.get("epoch"), "best_val_test_pgd20": 100 * best["test_robust_acc"],
@@ -425,6 +433,7 @@ def run_metrics(rec: dict) -> dict:
             "cosine": phase(0, epochs), "cosine_by_phase": {"11-100": phase(AWP_FROM, epochs // 2),
                                                             "101-150": phase(epochs // 2, 3 * epochs // 4),
                                                             "151-200": phase(3 * epochs // 4, epochs)},
+            "onset_val_clean_min": 100 * min(onset) if onset else None, "chance_from": chance_from,
             "train_s_per_awp_epoch": sum(awp) / len(awp), "cpu_model": rec["machine"].get("cpu_model"),
             "torch": rec["machine"].get("torch")}
 
@@ -456,12 +465,14 @@ def summarize(records: str = RECORDS) -> dict:
         rows = per[arm]
         entry = {"label": LABELS[arm], "options": ARMS[arm], "seeds": sorted(rows),
                  "machines": sorted({f"{r['cpu_model']} / torch {r['torch']}" for r in rows.values()}),
-                 "metrics": {k: paired([r[k] for r in rows.values()]) for k in METRICS + ("cosine",
-                                                                                           "train_s_per_awp_epoch")},
+                 "metrics": {k: paired([r[k] for r in rows.values() if r[k] is not None])
+                             for k in METRICS + ("cosine", "onset_val_clean_min", "train_s_per_awp_epoch")},
+                 "at_chance": {str(s): r["chance_from"] for s, r in sorted(rows.items()) if r["chance_from"]},
                  "cosine_by_phase": {ph: paired([r["cosine_by_phase"][ph] for r in rows.values()
                                                  if r["cosine_by_phase"][ph] is not None])
                                      for ph in ("11-100", "101-150", "151-200")},
-                 "per_seed": {str(s): {k: r[k] for k in METRICS + ("best_val_epoch", "cosine")} for s, r in
+                 "per_seed": {str(s): {k: r[k] for k in METRICS + ("best_val_epoch", "cosine", "onset_val_clean_min",
+                                                                   "chance_from")} for s, r in
                               sorted(rows.items())}}
         if arm != "AT":
             entry["vs_AT"] = {k: _paired(per, arm, "AT", k) for k in METRICS}
@@ -509,13 +520,17 @@ def markdown(summary: dict) -> str:
             return f"{m['mean']:+.1f} (n = 1)"
         return f"{m['mean']:+.1f} [{m[level][0]:+.1f}, {m[level][1]:+.1f}]"
     lines = ["| arm | seeds | last-3 PGD-20 | AutoAttack (test) | last PGD-20 | held-out PGD-20 | "
-             "val-selected PGD-20 | last clean | cosine to exact | train s / AWP epoch |", "|" + "---|" * 10]
+             "val-selected PGD-20 | last clean | cosine to exact | lowest val clean, epochs "
+             f"{AWP_FROM + 1}–{AWP_FROM + 10} | ended at chance | train s / AWP epoch |", "|" + "---|" * 12]
     for arm, e in summary["arms"].items():
         m = e["metrics"]
+        ch = e.get("at_chance", {})
+        chance = (f"{len(ch)} of {len(e['seeds'])}" + "".join(f"; seed {s}: from epoch {ep}" for s, ep in ch.items())
+                  if ch else f"0 of {len(e['seeds'])}")
         lines.append(f"| {e['label']} | {len(e['seeds'])} | {ms(m['last3_pgd20'])} | {ms(m['autoattack'])} | "
                      f"{ms(m['last_pgd20'])} | {ms(m['heldout_pgd20'])} | {ms(m['best_val_test_pgd20'])} | "
                      f"{ms(m['last_clean'])} | {ms(m['cosine'], 2) if arm != 'AT' else '–'} | "
-                     f"{ms(m['train_s_per_awp_epoch'], 2)} |")
+                     f"{ms(m['onset_val_clean_min'], 0)} | {chance} | {ms(m['train_s_per_awp_epoch'], 2)} |")
     lines += ["", "| arm | − | last-3 PGD-20, mean [95 % CI] | AutoAttack | vs AT: last-3 PGD-20 | vs AT: AutoAttack | "
               "verdict |", "|" + "---|" * 7]
     for arm, e in summary["arms"].items():
