@@ -32,9 +32,9 @@ MEASURED = {
         '-2.5 [95 % CI -16.5, +11.5] points against exact AWP, n = 2 paired seeds, digits 8x8'),
     'sub0.25': (
         "costs 0.34 of exact AWP's extra time over AT [quartiles 0.04, 0.39] "
-        '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy undecided so far: '
-        'last-3 PGD-20 -2.9, AutoAttack -3.6 points against exact AWP, n = 1 paired seed, '
-        'digits 8x8'),
+        '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy undecided so far '
+        '(about 4 seeds would decide): last-3 PGD-20 -2.5 [95 % CI -7.2, +2.2], AutoAttack '
+        '-3.0 [95 % CI -10.6, +4.6] points against exact AWP, n = 2 paired seeds, digits 8x8'),
     'rwp': (
         "costs 18.43 of exact AWP's extra time over AT [quartiles 16.19, 18.84] (the study's "
         'SmallCNN, CPU, 1 thread, 15 paired rounds); robust accuracy reported, not concluded: '
