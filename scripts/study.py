@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -336,13 +337,32 @@ def _take_lock(runs: str) -> str:
     return path
 
 
-def status(seeds, arms, runs: str) -> None:
-    counts = {}
+def status(seeds, arms, runs: str, jobs: int = 2) -> None:
+    """Each arm's seeds by state, then the runs left and a rough wall-clock estimate: each arm's median
+    wall time over its finished runs (training and final evaluation, as recorded), summed and divided
+    by ``jobs``; an arm with no finished run counts at the median over all arms."""
+    counts, walls = {}, {}
     for a, s in plan(seeds, arms):
-        st = _state(_dir(runs, a, s))
+        d = _dir(runs, a, s)
+        st = _state(d)
         counts.setdefault(a, {}).setdefault(st, []).append(s)
+        try:
+            with open(os.path.join(d, "study_run.json")) as f:
+                m = json.load(f)
+            if st == "done" and m.get("wall_s") is not None:
+                walls.setdefault(a, []).append(m["wall_s"] + (m.get("eval_wall_s") or 0.0))
+        except (OSError, ValueError):
+            pass
     for a, c in counts.items():
         print(f"{a:14s} " + "  ".join(f"{k}: {' '.join(map(str, v))}" for k, v in sorted(c.items())))
+    left = {a: sum(len(v) for k, v in c.items() if k != "done") for a, c in counts.items()}
+    total = sum(len(v) for c in counts.values() for v in c.values())
+    every = statistics.median([w for v in walls.values() for w in v]) if walls else None
+    est = None if every is None else sum(n * (statistics.median(walls[a]) if a in walls else every)
+                                         for a, n in left.items()) / max(1, jobs)
+    print(f"{total - sum(left.values())} of {total} runs done, {sum(left.values())} left"
+          + ("" if est is None else f"; about {est / 3600:.1f} h more at --jobs {jobs} "
+                                    "(each arm's median wall time so far; the machine's load moves it)"))
 
 
 # ----------------------------------------------------------------------------- records
@@ -651,7 +671,7 @@ def main(argv=None) -> None:
             c.add_argument("--seeds", default="0-9", help="e.g. 0-9 or 0,1,2")
             c.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
         c.add_argument("--runs", default=RUNS)
-        if name == "run":
+        if name in ("run", "status"):
             c.add_argument("--jobs", type=int, default=2)
     c = sub.add_parser("collect", help="commit-ready records of the finished runs (docs/study/records)")
     c.add_argument("--runs", default=RUNS)
@@ -679,7 +699,7 @@ def main(argv=None) -> None:
     elif a.cmd == "run":
         launch(parse_seeds(a.seeds), a.arms, a.jobs, a.runs)
     elif a.cmd == "status":
-        status(parse_seeds(a.seeds), a.arms, a.runs)
+        status(parse_seeds(a.seeds), a.arms, a.runs, a.jobs)
 
 
 if __name__ == "__main__":

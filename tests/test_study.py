@@ -159,3 +159,19 @@ def test_the_onset_dip_and_runs_that_end_at_chance():
     # before AWP (epochs 1-10) does not count as the onset
     early = [0.1] * 10 + [0.7] * 190
     assert S.run_metrics(_record(early, 0.9))["onset_val_clean_min"] == pytest.approx(70.0)
+
+
+def test_status_counts_the_runs_left_and_estimates_their_time(tmp_path, capsys):
+    """status: seeds by state per arm, the runs left, and hours from each arm's median finished wall time
+    (an arm with none finished counts at the median over all arms), divided by --jobs."""
+    runs = str(tmp_path)
+    for arm, seed, wall in (("AT", 50, 1800.0), ("AT", 51, 3600.0), ("AWP", 50, 7200.0)):
+        d = os.path.join(runs, f"{arm}-s{seed}")
+        os.makedirs(d)
+        json.dump({"wall_s": wall - 600.0, "eval_wall_s": 600.0}, open(os.path.join(d, "study_run.json"), "w"))
+        open(os.path.join(d, "final_eval.json"), "w").write("{}")
+    S.status([50, 51, 52], ["AT", "AWP", "every2"], runs, jobs=2)
+    out = capsys.readouterr().out
+    assert "AT             done: 50 51  new: 52" in out
+    # left: AT 1 x median(0.5 h, 1 h) = 0.75 h; AWP 2 x 2 h; every2 3 x median(0.5, 1, 2) = 3 h -> 7.75 h / 2 jobs
+    assert "3 of 9 runs done, 6 left; about 3.9 h more at --jobs 2" in out
