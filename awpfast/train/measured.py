@@ -36,8 +36,8 @@ MEASURED = {
         '(about 4 seeds would decide): last-3 PGD-20 -2.5 [95 % CI -7.2, +2.2], AutoAttack '
         '-3.0 [95 % CI -10.6, +4.6] points against exact AWP, n = 2 paired seeds, digits 8x8'),
     'rwp': (
-        "costs 18.43 of exact AWP's extra time over AT [quartiles 16.19, 18.84] (the study's "
-        'SmallCNN, CPU, 1 thread, 15 paired rounds); robust accuracy reported, not concluded: '
+        "costs 12.32 of exact AWP's extra time over AT [quartiles 9.95, 13.34] (the study's "
+        'SmallCNN, CPU, 1 thread, 21 paired rounds); robust accuracy reported, not concluded: '
         'last-3 PGD-20 -0.5, AutoAttack -2.0 points against exact AWP, n = 1 paired seed, '
         'digits 8x8'),
 }
