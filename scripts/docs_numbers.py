@@ -543,8 +543,11 @@ def _cost_help(cost18, csmall, arm):
     for cost, model in ((cost18, "PreActResNet-18"), (csmall, "the study's SmallCNN")):
         f = _fraction_of_awp(cost, arm)
         if f is not None:
-            return (f"costs {f[0]:.2f} of exact AWP's extra time over AT [quartiles {f[1]:.2f}, {f[2]:.2f}] "
-                    f"({model}, CPU, 1 thread, {cost['reps']} paired rounds)")
+            where = f"({model}, CPU, 1 thread, {cost['reps']} paired rounds)"
+            if f[1] <= 0.0 <= f[2]:  # the quartiles of its extra over AT straddle zero
+                return (f"no extra time over AT that the timing resolves (median {f[0]:.2f} of exact AWP's extra, "
+                        f"quartiles {f[1]:.2f}, {f[2]:.2f}) {where}")
+            return f"costs {f[0]:.2f} of exact AWP's extra time over AT [quartiles {f[1]:.2f}, {f[2]:.2f}] {where}"
     return "cost not measured yet"
 
 
