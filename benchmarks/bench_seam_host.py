@@ -20,6 +20,7 @@ and the end. Prints a table; ``--json PATH`` writes it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import awpfast.ops as ops  # noqa: E402
-from _bench_io import cpu_name, load_lines, target, write_json  # noqa: E402
+from _bench_io import cpu_name, load_lines, rows_verdict, target, write_json  # noqa: E402
 
 OPS = ("restore_", "perturb_", "add_scaled_", "norms", "pgd_step_")
 
@@ -133,6 +134,13 @@ def main(argv=None):
 
 
 # --------------------------------------------------------------------------- the results, read here only
+def verdict(data):
+    """``(ok, rows not ok)`` for gpu_check: every (backend, op) timed, with finite positive times."""
+    def bad(r):
+        return not all(isinstance(r.get(k), float) and math.isfinite(r[k]) and r[k] > 0 for k in ("public_us", "group_us"))
+    return rows_verdict(data, bad, ("backend", "op", "public_us", "group_us"), complete_default=False)
+
+
 def summary_lines(data):
     """One line per (backend, op): public, group and seam host time in microseconds."""
     if not data.get("rows"):

@@ -88,6 +88,9 @@ SECTIONS = [
     tests("tests_family", 90, 20, ["tests/test_kernels_family.py", "tests/test_ops_family.py"], "not cpu"),
     bench("bench_family", 60, 15, "bench_family_kernels", "--device cpu --backends foreach --rules sam --reps 1",
           "--device cuda --backends foreach,triton,native --reps 20"),
+    # host issue time of one seam call per backend (no synchronize): whether the seam is host-bound on a GPU
+    bench("bench_seam", 45, 10, "bench_seam_host", "--device cpu --backends foreach --tensors 4 --rounds 1 --number 2",
+          "--device cuda --rounds 9 --number 200"),
     tests("tests_compile", 90, 20, ["tests/test_compile.py"]),
     own("continual_cifar", 90, 20),
     # last but one, so that a short budget skips it first (``--only bench_ladder``: ~2 min on an H100)
@@ -102,8 +105,9 @@ SECTIONS = [
 ]
 NAMES = [s.name for s in SECTIONS]
 BY_NAME = {s.name: s for s in SECTIONS}
-TARGETS_FROM = ("build", "bench_weight", "bench_pgd", "bench_train", "bench_ladder", "tests_cuda", "ddp_smoke")
-LINES_FROM = ("bench_weight", "bench_pgd", "bench_train", "bench_ladder", "bench_family", "bench_compile")
+TARGETS_FROM = ("build", "bench_weight", "bench_pgd", "bench_train", "bench_ladder", "tests_cuda", "ddp_smoke",
+                "bench_seam")
+LINES_FROM = ("bench_weight", "bench_pgd", "bench_train", "bench_ladder", "bench_family", "bench_seam", "bench_compile")
 
 
 def bench_module(name):

@@ -133,3 +133,17 @@ def test_committed_result_read_back(label, stem, data):
     for k, tv in tg.items():
         assert isinstance(k, str) and {"value", "target", "ok"} <= set(tv), (k, tv)
         assert tv["ok"] in (True, False, None)
+
+
+def test_every_gpu_check_benchmark_has_a_verdict():
+    """gpu_check asks each benchmark section's module for ``verdict(result) -> (ok, rows not ok)``; a module
+    without one would fail its section on the GPU machine, after the device time is spent."""
+    gc = load_source("awpfast_gpu_check_for_verdicts", "benchmarks/gpu_check.py")
+    for sec in gc.SECTIONS:
+        if sec.kind == "bench":
+            assert callable(getattr(module(sec.spec[0]), "verdict", None)), sec.name
+    for label, stem, data in COMMITTED:
+        if stem == "bench_seam_host":
+            assert module(stem).verdict(data) == (True, []), label
+            bad = dict(data, rows=[dict(data["rows"][0], group_us=float("nan"))] + data["rows"][1:])
+            assert module(stem).verdict(bad)[0] is False

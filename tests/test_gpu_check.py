@@ -80,7 +80,7 @@ def test_quick_selects_sections_not_ok(tmp_path):
                              "tests_cuda": {"status": "running", "ok": False}, "bench_pgd": {"status": "skipped"}}}
     wanted = [n for n in gc.NAMES if chk.wanted(n)]
     assert wanted == ["build", "tests_cuda", "ddp_smoke", "bench_weight", "bench_pgd", "bench_train", "tests_family",
-                      "bench_family", "tests_compile", "continual_cifar", "bench_ladder", "bench_compile"]
+                      "bench_family", "bench_seam", "tests_compile", "continual_cifar", "bench_ladder", "bench_compile"]
     chk.only = ["build", "env"]
     assert [n for n in gc.NAMES if chk.wanted(n)] == ["build"]
 
