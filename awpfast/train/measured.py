@@ -39,8 +39,8 @@ MEASURED = {
     'rwp': (
         "costs 12.32 of exact AWP's extra time over AT [quartiles 9.95, 13.34] (the study's "
         'SmallCNN, CPU, 1 thread, 21 paired rounds); robust accuracy reported, not concluded: '
-        'last-3 PGD-20 -0.5, AutoAttack -2.0 points against exact AWP, n = 1 paired seed, '
-        'digits 8x8'),
+        'last-3 PGD-20 -0.9 [95 % CI -5.6, +3.8], AutoAttack -1.9 [95 % CI -3.2, -0.6] points '
+        'against exact AWP, n = 2 paired seeds, digits 8x8'),
 }
 # /numbers
 
