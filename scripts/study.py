@@ -339,8 +339,8 @@ def _take_lock(runs: str) -> str:
 
 def status(seeds, arms, runs: str, jobs: int = 2) -> None:
     """Each arm's seeds by state, then the runs left and a rough wall-clock estimate: each arm's median
-    wall time over its finished runs (training and final evaluation, as recorded), summed and divided
-    by ``jobs``; an arm with no finished run counts at the median over all arms."""
+    wall time over its finished runs that ran in one go (training and final evaluation, as recorded),
+    summed and divided by ``jobs``; an arm with no such run counts at the median over all arms."""
     counts, walls = {}, {}
     for a, s in plan(seeds, arms):
         d = _dir(runs, a, s)
@@ -349,7 +349,8 @@ def status(seeds, arms, runs: str, jobs: int = 2) -> None:
         try:
             with open(os.path.join(d, "study_run.json")) as f:
                 m = json.load(f)
-            if st == "done" and m.get("wall_s") is not None:
+            if st == "done" and m.get("wall_s") is not None and m.get("resumed_from_epoch") is None:
+                # (a resumed run's wall_s covers its last sitting only)
                 walls.setdefault(a, []).append(m["wall_s"] + (m.get("eval_wall_s") or 0.0))
         except (OSError, ValueError):
             pass

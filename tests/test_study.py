@@ -170,8 +170,12 @@ def test_status_counts_the_runs_left_and_estimates_their_time(tmp_path, capsys):
         os.makedirs(d)
         json.dump({"wall_s": wall - 600.0, "eval_wall_s": 600.0}, open(os.path.join(d, "study_run.json"), "w"))
         open(os.path.join(d, "final_eval.json"), "w").write("{}")
+    d = os.path.join(runs, "AWP-s51")  # resumed: its wall_s is its last sitting's only, not counted
+    os.makedirs(d)
+    json.dump({"wall_s": 60.0, "eval_wall_s": 0.0, "resumed_from_epoch": 190}, open(os.path.join(d, "study_run.json"), "w"))
+    open(os.path.join(d, "final_eval.json"), "w").write("{}")
     S.status([50, 51, 52], ["AT", "AWP", "every2"], runs, jobs=2)
     out = capsys.readouterr().out
     assert "AT             done: 50 51  new: 52" in out
-    # left: AT 1 x median(0.5 h, 1 h) = 0.75 h; AWP 2 x 2 h; every2 3 x median(0.5, 1, 2) = 3 h -> 7.75 h / 2 jobs
-    assert "3 of 9 runs done, 6 left; about 3.9 h more at --jobs 2" in out
+    # left: AT 1 x median(0.5 h, 1 h) = 0.75 h; AWP 1 x 2 h; every2 3 x median(0.5, 1, 2) = 3 h -> 5.75 h / 2 jobs
+    assert "4 of 9 runs done, 5 left; about 2.9 h more at --jobs 2" in out
