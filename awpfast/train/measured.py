@@ -11,8 +11,8 @@ MEASURED = {
     'attack': (
         "costs 0.42 of exact AWP's extra time over AT [quartiles 0.12, 0.44] "
         '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy undecided so far '
-        '(about 13 seeds would decide): last-3 PGD-20 -27.3 [95 % CI -403.8, +349.2], '
-        'AutoAttack -25.5 [95 % CI -385.1, +334.1] points against exact AWP, n = 2 paired '
+        '(about 16 seeds would decide): last-3 PGD-20 -18.8 [95 % CI -101.0, +63.4], '
+        'AutoAttack -17.9 [95 % CI -95.5, +59.7] points against exact AWP, n = 3 paired '
         'seeds, digits 8x8'),
     'attack-evalbn': (
         "costs 0.24 of exact AWP's extra time over AT [quartiles 0.09, 0.58] "
