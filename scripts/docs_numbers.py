@@ -395,9 +395,11 @@ def cheap_costs(files):
         entry = sm["arms"].get(arm, {})
         v = entry.get("verdict")
         n = len(entry.get("seeds", []))
-        acc = ("the reference" if arm == "AWP" else
-               (f"{v['verdict']} ({n} seed{'s' * (n != 1)})" if v else
-                (f"{n} seed{'s' * (n != 1)} run, reported only" if n else "not run yet")))
+        ch = entry.get("at_chance") or {}
+        fell = f"; {len(ch)} ended at chance accuracy" if ch else ""
+        acc = ("the reference" + fell if arm == "AWP" else
+               (f"{v['verdict']} ({n} seed{'s' * (n != 1)}{fell})" if v else
+                (f"{n} seed{'s' * (n != 1)} run, reported only{fell}" if n else "not run yet")))
         rows.append([name, "–" if not b else f"{b['extra_over_fwd_bwd']:.2f}", frac(c18, arm), frac(csmall, arm),
                      acc])
     return table([f"ascent ({cond['model']}, batch {cond['batch']}, PGD-{cond['attack_steps']})",
@@ -575,7 +577,10 @@ def _accuracy_help(entry):
     else:
         head = "robust accuracy undecided so far" + (f" (about {v['seeds_needed']} seeds would decide)"
                                                      if v.get("seeds_needed") else "")
-    return f"{head}: {nums}"
+    ch = entry.get("at_chance") or {}
+    fell = (f"; {len(ch)} of {len(entry['seeds'])} runs ended at chance accuracy (seed "
+            + ", ".join(f"{k} from epoch {e}" for k, e in ch.items()) + ")") if ch else ""
+    return f"{head}: {nums}{fell}"
 
 
 HELP_ARMS = ("attack", "attack-evalbn", "momentum", "every2", "sub0.25", "rwp")

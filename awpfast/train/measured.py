@@ -13,7 +13,7 @@ MEASURED = {
         '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy undecided so far '
         '(about 16 seeds would decide): last-3 PGD-20 -18.8 [95 % CI -101.0, +63.4], '
         'AutoAttack -17.9 [95 % CI -95.5, +59.7] points against exact AWP, n = 3 paired '
-        'seeds, digits 8x8'),
+        'seeds, digits 8x8; 1 of 3 runs ended at chance accuracy (seed 0 from epoch 15)'),
     'attack-evalbn': (
         "costs 0.24 of exact AWP's extra time over AT [quartiles 0.09, 0.58] "
         '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy undecided so far '
