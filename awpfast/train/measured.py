@@ -30,13 +30,13 @@ MEASURED = {
     'every2': (
         "costs 0.64 of exact AWP's extra time over AT [quartiles 0.10, 0.69] "
         '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy undecided so far '
-        '(about 10 seeds would decide): last-3 PGD-20 -2.4 [95 % CI -19.8, +14.9], AutoAttack '
-        '-2.5 [95 % CI -16.5, +11.5] points against exact AWP, n = 2 paired seeds, digits 8x8'),
+        '(about 12 seeds would decide): last-3 PGD-20 -2.0 [95 % CI -5.9, +1.9], AutoAttack '
+        '-2.3 [95 % CI -5.2, +0.6] points against exact AWP, n = 3 paired seeds, digits 8x8'),
     'sub0.25': (
         "costs 0.34 of exact AWP's extra time over AT [quartiles 0.04, 0.39] "
         '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy undecided so far '
-        '(about 4 seeds would decide): last-3 PGD-20 -2.5 [95 % CI -7.2, +2.2], AutoAttack '
-        '-3.0 [95 % CI -10.6, +4.6] points against exact AWP, n = 2 paired seeds, digits 8x8'),
+        '(about 4 seeds would decide): last-3 PGD-20 -3.1 [95 % CI -5.7, -0.5], AutoAttack '
+        '-3.5 [95 % CI -6.0, -1.0] points against exact AWP, n = 3 paired seeds, digits 8x8'),
     'rwp': (
         "costs 12.32 of exact AWP's extra time over AT [quartiles 9.95, 13.34] (the study's "
         'SmallCNN, CPU, 1 thread, 21 paired rounds); robust accuracy reported, not concluded: '
