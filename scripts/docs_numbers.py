@@ -568,18 +568,18 @@ def _accuracy_help(entry):
         ci = f" [95 % CI {m['ci95'][0]:+.1f}, {m['ci95'][1]:+.1f}]" if "ci95" in m else ""
         return f"{name} {m['mean']:+.1f}{ci}"
     base = "exact AWP with the eval-mode attack" if ve.get("base") != "AWP" else "exact AWP"
-    nums = (f"{diff(d, 'last-3 PGD-20')}, {diff(a, 'AutoAttack')} points against {base}, "
+    nums = (f"{diff(d, 'last-3 PGD-20')}, {diff(a, 'AutoAttack')} points, "
             f"n = {d['n']} paired seed{'s' * (d['n'] != 1)}, digits 8x8")
     v = entry.get("verdict")
     if v is None:
-        head = "robust accuracy reported, not concluded"
+        head = f"robust accuracy against {base} reported, not concluded"
     elif v["verdict"] == "keeps the gain":
         head = f"keeps the robust accuracy of {base} (the study's equivalence test)"
     elif v["verdict"] == "loses":
         head = f"loses robust accuracy against {base} (the study)"
     else:
-        head = "robust accuracy undecided so far" + (f" (about {v['seeds_needed']} seeds would decide)"
-                                                     if v.get("seeds_needed") else "")
+        head = f"robust accuracy against {base} undecided so far" + (
+            f" (about {v['seeds_needed']} seeds would decide)" if v.get("seeds_needed") else "")
     ch = entry.get("at_chance") or {}
     fell = (f"; {len(ch)} of {len(entry['seeds'])} runs ended at chance accuracy (seed "
             + ", ".join(f"{k} from epoch {e}" for k, e in ch.items()) + ")") if ch else ""

@@ -128,6 +128,7 @@ def test_the_help_names_the_runs_that_ended_at_chance():
     entry = {"seeds": [0, 1, 2], "at_chance": {"0": 15}, "vs_exact": {"base": "AWP", "last3_pgd20": d, "autoattack": d},
              "verdict": {"verdict": "undecided", "seeds_needed": 16}}
     text = dn._accuracy_help(entry)
-    assert text.startswith("robust accuracy undecided so far (about 16 seeds would decide): last-3 PGD-20 -20.0 [95 % CI")
+    assert text.startswith("robust accuracy against exact AWP undecided so far (about 16 seeds would decide): "
+                           "last-3 PGD-20 -20.0 [95 % CI")
     assert text.endswith("; 1 of 3 runs ended at chance accuracy (seed 0 from epoch 15)")
     assert "chance" not in dn._accuracy_help(dict(entry, at_chance={}))
