@@ -23,8 +23,8 @@ MEASURED = {
     'momentum': (
         "no extra time over AT that the timing resolves (median -0.21 of exact AWP's extra, "
         'quartiles -0.34, 0.10) (PreActResNet-18, CPU, 1 thread, 7 paired rounds); loses '
-        'robust accuracy against exact AWP (the study): last-3 PGD-20 -7.8 [95 % CI -9.9, '
-        '-5.6], AutoAttack -9.1 [95 % CI -28.2, +10.0] points, n = 2 paired seeds, digits 8x8'),
+        'robust accuracy against exact AWP (the study): last-3 PGD-20 -7.8 [95 % CI -8.2, '
+        '-7.3], AutoAttack -8.9 [95 % CI -12.7, -5.0] points, n = 3 paired seeds, digits 8x8'),
     'every2': (
         "costs 0.64 of exact AWP's extra time over AT [quartiles 0.10, 0.69] "
         '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy against exact AWP '
