@@ -38,8 +38,8 @@ MEASURED = {
     'rwp': (
         "costs 12.32 of exact AWP's extra time over AT [quartiles 9.95, 13.34] (the study's "
         'SmallCNN, CPU, 1 thread, 21 paired rounds); robust accuracy against exact AWP '
-        'reported, not concluded: last-3 PGD-20 -0.9 [95 % CI -5.6, +3.8], AutoAttack -1.9 '
-        '[95 % CI -3.2, -0.6] points, n = 2 paired seeds, digits 8x8'),
+        'reported, not concluded: last-3 PGD-20 -1.3 [95 % CI -3.2, +0.6], AutoAttack -1.9 '
+        '[95 % CI -2.2, -1.6] points, n = 3 paired seeds, digits 8x8'),
 }
 # /numbers
 
