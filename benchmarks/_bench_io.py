@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 
 
 def write_json(path: str, out: dict, announce: bool = True, indent: int = 2) -> None:
@@ -16,6 +17,13 @@ def write_json(path: str, out: dict, announce: bool = True, indent: int = 2) -> 
     os.replace(tmp, path)
     if announce:
         print(f"wrote {path}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cpu_name() -> str:

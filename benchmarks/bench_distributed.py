@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,13 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import awpfast  # noqa: E402
 from awpfast.attacks import PGD  # noqa: E402
 from awpfast.models import create_model  # noqa: E402
-from _bench_io import load_text, target  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _bench_io import free_port, load_text, target  # noqa: E402
 
 
 def _worker(rank, world, port, mode, args, out_path, threads):
@@ -113,7 +106,7 @@ def _worker(rank, world, port, mode, args, out_path, threads):
 def run(world, mode, args, threads):
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "r.json")
-        mp.spawn(_worker, args=(world, _free_port(), mode, args, out, threads), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), mode, args, out, threads), nprocs=world, join=True)
         with open(out) as f:
             return json.load(f)
 

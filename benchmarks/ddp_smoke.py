@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import sys
 import time
 import traceback
@@ -28,13 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_io import target, write_json  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _bench_io import free_port, target, write_json  # noqa: E402
 
 
 def _steps(model, opt_model, x, y, steps, awp_cls, gamma):
@@ -73,7 +66,7 @@ def run(device: str, steps: int, batch: int, gamma: float) -> dict:
     if dev.type == "cuda":
         dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(dev)  # needs an index (torch 2.11 refuses a bare "cuda")
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         base = create_model("small-cnn", num_classes=10).to(dev)
