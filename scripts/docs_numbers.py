@@ -398,9 +398,9 @@ def cheap_costs(files):
         v = entry.get("verdict")
         n = len(entry.get("seeds", []))
         ch = entry.get("at_chance") or {}
-        fell = f"; {len(ch)} ended at chance accuracy" if ch else ""
+        fell = f"; {len(ch)} of {n} ended at chance accuracy" if ch else ""
         acc = ("the reference" + fell if arm == "AWP" else
-               (f"{v['verdict']} ({n} seed{'s' * (n != 1)}{fell})" if v else
+               (st.verdict_words(v) + fell if v else
                 (f"{n} seed{'s' * (n != 1)} run, reported only{fell}" if n else "not run yet")))
         rows.append([name, "–" if not b else f"{b['extra_over_fwd_bwd']:.2f}", frac(c18, arm), frac(csmall, arm),
                      acc])
@@ -571,19 +571,12 @@ def _accuracy_help(entry):
     nums = (f"{diff(d, 'last-3 PGD-20')}, {diff(a, 'AutoAttack')} points, "
             f"n = {d['n']} paired seed{'s' * (d['n'] != 1)}, digits 8x8")
     v = entry.get("verdict")
-    if v is None:
-        head = f"robust accuracy against {base} reported, not concluded"
-    elif v["verdict"] == "keeps the gain":
-        head = f"keeps the robust accuracy of {base} (the study's equivalence test)"
-    elif v["verdict"] == "loses":
-        head = f"loses robust accuracy against {base} (the study)"
-    else:
-        head = f"robust accuracy against {base} undecided so far" + (
-            f" (about {v['seeds_needed']} seeds would decide)" if v.get("seeds_needed") else "")
+    head = (f"robust accuracy against {base} reported, not concluded" if v is None else
+            f"robust accuracy against {base} (the study): {_study().verdict_words(v)};")
     ch = entry.get("at_chance") or {}
     fell = (f"; {len(ch)} of {len(entry['seeds'])} runs ended at chance accuracy (seed "
             + ", ".join(f"{k} from epoch {e}" for k, e in ch.items()) + ")") if ch else ""
-    return f"{head}: {nums}{fell}"
+    return f"{head}{':' if v is None else ''} {nums}{fell}"
 
 
 HELP_ARMS = ("attack", "attack-evalbn", "momentum", "every2", "sub0.25", "rwp")
@@ -759,6 +752,36 @@ def tables_outside_blocks(path, only_after=None, only_before=None):
     return out
 
 
+STUDY_JSON = "docs/study.json"
+
+
+def _rounded(x):
+    """``x`` (parsed JSON) with every float at 9 significant digits."""
+    if isinstance(x, float):
+        return float(f"{x:.9g}")
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x
+
+
+def study_json(write: bool) -> list:
+    """docs/study.json, the study's summary recomputed from the committed records: rewritten, or (``write``
+    False) the problem that the committed file differs."""
+    path = os.path.join(ROOT, STUDY_JSON)
+    text = _study().summary_json()
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else None
+    if old is not None and _rounded(json.loads(old)) == _rounded(json.loads(text)):
+        return []  # compared at 9 significant digits: another libm's t quantiles may differ in the last bits
+    if not write:
+        return [f"{STUDY_JSON}: not the summary of docs/study/records"]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"rewrote {STUDY_JSON}")
+    return []
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="compare only; exit 1 on a difference")
@@ -767,6 +790,8 @@ def main(argv=None):
     problems = []
     for doc in a.docs:
         problems += process(doc, write=not a.check)
+    if a.docs == DOCS:
+        problems += study_json(write=not a.check)
     for p in problems:
         print(p)
     return 1 if problems else 0

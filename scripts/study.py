@@ -14,7 +14,7 @@ study's CPU budget decided; the paired differences between arms use the same ima
     python scripts/study.py status                         # what is done, running, left
     python scripts/study.py cost --model small-cnn         # CPU time of a training step per arm
     python scripts/study.py cost --model preact18
-    python scripts/study.py table                          # docs/study.json, docs/study.md block, plot
+    python scripts/study.py table                          # docs/study.json; prints the tables
 
 Runs go to ``runs/study/ARM-sSEED`` (``--runs``); each records ``study_run.json`` (CPU model, torch,
 load average, wall time, the command). Jobs run under ``nice -n 19`` with one thread each; all arms
@@ -27,7 +27,9 @@ computed from the per-seed values only: paired mean difference with its 95 % t i
 the mean of the last 3 test PGD-20 evaluations *and* on AutoAttack (two one-sided tests at 5 %)
 and the arm's gain over AT is significant (95 % interval above 0) on both; **loses** when the upper
 bound of the 95 % interval is < -1 point on either; otherwise **undecided**, with the number of
-seeds the observed mean and spread would need.
+seeds the observed mean and spread would need. A verdict is final at SEEDS (10) paired seeds; before
+that it is worded "so far (n of 10 seeds)" (an interim look). A pilot is judged by its promotion rule
+(within 2 points of exact AWP on both deciding metrics), the equivalence rule's outcome beside it.
 """
 from __future__ import annotations
 
@@ -70,6 +72,8 @@ EXACT = {"attack-evalbn": "AWP-evalbn"}          # the exact arm a cheap arm is 
 CHEAP = ("attack", "attack-evalbn", "every2", "sub0.25", "momentum")
 PILOT = {"momentum": 3, "rwp": 3}                # seeds of a pilot / report-only arm, unless promoted
 REPORTED = {"rwp": "AWP"}                         # arms compared with another arm, without a verdict
+SEEDS = 10                                        # paired seeds per arm before a verdict is final (design 13)
+PROMOTE = -2.0                                    # a pilot is promoted when it ends within 2 points of exact AWP
 MARGIN = 1.0                                      # points of accuracy
 AWP_FROM = 10                                     # epochs 1-10 train without AWP
 CHANCE = 20.0                                     # clean accuracy (%) at or below which a run is at chance (10 classes)
@@ -508,23 +512,45 @@ def summarize(records: str = RECORDS) -> dict:
 
 
 def verdict(vs_exact: dict, vs_at: dict, pilot: bool = False) -> dict:
-    """keeps / loses / undecided (design brief section 13) from the paired differences on DECIDING."""
+    """keeps / loses / undecided (design brief section 13) from the paired differences on DECIDING, with ``n``
+    (the paired seeds it rests on), ``final`` (``n`` >= SEEDS and not a pilot: before that the rule's outcome is
+    an interim look, not a verdict) and, for a pilot, ``pilot_promotion`` (it ends within 2 points of exact AWP
+    on both deciding metrics)."""
     ds = [vs_exact.get(k) for k in DECIDING]
     gs = [vs_at.get(k) for k in DECIDING]
+    n = min((d["n"] for d in ds if d), default=0) if all(ds) else 0
+    tail = {"n": n, "final": n >= SEEDS and not pilot,
+            "pilot_promotion": (all(d["mean"] >= PROMOTE for d in ds) if pilot and n else None)}
     if any(d is None or d["n"] < 2 for d in ds):
-        return {"verdict": "undecided", "why": "fewer than 2 paired seeds on a deciding metric", "seeds_needed": None}
+        return dict({"verdict": "undecided", "why": "fewer than 2 paired seeds on a deciding metric",
+                     "seeds_needed": None}, **tail)
     keeps = all(d["ci90"][0] >= -MARGIN for d in ds) and all(g and g["n"] > 1 and g["ci95"][0] > 0 for g in gs)
     loses = any(d["ci95"][1] < -MARGIN for d in ds)
     if keeps:
-        return {"verdict": "keeps the gain", "why": "90 % lower bounds >= -1 point on both, gain over AT significant",
-                "seeds_needed": None}
+        return dict({"verdict": "keeps the gain", "why": "90 % lower bounds >= -1 point on both, gain over AT "
+                     "significant", "seeds_needed": None}, **tail)
     if loses:
         k = next(k for k, d in zip(DECIDING, ds) if d["ci95"][1] < -MARGIN)
-        return {"verdict": "loses", "why": f"95 % upper bound below -1 point on {k}", "seeds_needed": None}
+        return dict({"verdict": "loses", "why": f"95 % upper bound below -1 point on {k}", "seeds_needed": None},
+                    **tail)
     need = [seeds_needed(d["mean"], d["sd"]) for d in ds]
-    n = None if any(v is None for v in need) else max(need)
-    return {"verdict": "undecided", "why": "neither bound clears the margin", "seeds_needed": n,
-            "pilot_promotion": (all(d["mean"] >= -2.0 for d in ds) if pilot else None)}
+    return dict({"verdict": "undecided", "why": "neither bound clears the margin",
+                 "seeds_needed": None if any(v is None for v in need) else max(need)}, **tail)
+
+
+def verdict_words(v: dict) -> str:
+    """The verdict as the docs, the README and ``--help`` word it: final at SEEDS paired seeds; before that
+    "so far (n of SEEDS seeds)"; a pilot by its promotion rule, with the equivalence rule's outcome beside it."""
+    n = v.get("n", 0)
+    need = v.get("seeds_needed")
+    if v.get("pilot_promotion") is not None:
+        move = (f"within 2 points of exact AWP: promote it to {SEEDS} seeds" if v["pilot_promotion"] else
+                "more than 2 points below exact AWP, not promoted")
+        return f"pilot, {n} seed{'s' * (n != 1)}: {move} (the rule at n = {n}: {v['verdict']})"
+    if v.get("final"):
+        return v["verdict"] + (f" (about {need} seeds would decide)" if v["verdict"] == "undecided" and need else "")
+    return (f"{v['verdict']} so far ({n} of {SEEDS} seeds" +
+            (f"; about {need} would decide" if v["verdict"] == "undecided" and need else "") + ")")
 
 
 def markdown(summary: dict) -> str:
@@ -559,18 +585,24 @@ def markdown(summary: dict) -> str:
             continue
         ve, va = e.get("vs_exact"), e["vs_AT"]
         v = e.get("verdict")
-        vt = "–" if not v else v["verdict"] + (f" ({v['seeds_needed']} seeds would decide it)"
-                                               if v.get("seeds_needed") else "")
+        vt = "–" if not v else verdict_words(v)
         base = summary["arms"].get(ve["base"], {}).get("label", ve["base"]) if ve else "–"
         lines.append(f"| {e['label']} | {base if ve else '–'} | {ci(ve and ve['last3_pgd20'])} | "
                      f"{ci(ve and ve['autoattack'])} | {ci(va['last3_pgd20'])} | {ci(va['autoattack'])} | {vt} |")
     return "\n".join(lines)
 
 
+def summary_json(records: str = None) -> str:
+    """docs/study.json's text: the summary of the committed records (``scripts/docs_numbers.py`` writes it with
+    the tables; ``make test`` fails while the committed file differs)."""
+    return json.dumps(summarize(records or RECORDS), indent=1) + "\n"
+
+
 def table(records: str, out_prefix: str) -> dict:
-    summary = summarize(records)
+    text = summary_json(records)
     with open(out_prefix + ".json", "w") as f:
-        json.dump(summary, f, indent=1)
+        f.write(text)
+    summary = json.loads(text)
     print(markdown(summary))
     return summary
 

@@ -28,6 +28,23 @@ def test_blocks_match_their_json(doc):
     assert not problems, "\n".join(problems) + "\n(run: python scripts/docs_numbers.py)"
 
 
+def test_the_study_summary_json_is_current():
+    # docs/study.json is recomputed from the committed records, like the tables
+    assert dn.study_json(write=False) == [], "run: python scripts/docs_numbers.py"
+    summary = json.load(open(os.path.join(ROOT, dn.STUDY_JSON)))
+    assert {a: len(e["seeds"]) for a, e in summary["arms"].items()} == {
+        a: len(e["seeds"]) for a, e in dn._study().summarize().get("arms", {}).items()}
+
+
+def test_an_edited_study_summary_is_caught(tmp_path, monkeypatch):
+    summary = json.load(open(os.path.join(ROOT, dn.STUDY_JSON)))
+    summary["arms"]["AWP"]["metrics"]["last3_pgd20"]["mean"] += 0.01
+    (tmp_path / "docs").mkdir()
+    (tmp_path / dn.STUDY_JSON).write_text(json.dumps(summary, indent=1))
+    monkeypatch.setattr(dn, "ROOT", str(tmp_path))
+    assert dn.study_json(write=False) == [f"{dn.STUDY_JSON}: not the summary of docs/study/records"]
+
+
 def test_no_table_outside_a_block():
     assert dn.tables_outside_blocks("docs/reproduction.md") == []
     if "README.md" in dn.DOCS:
@@ -126,9 +143,10 @@ def test_help_of_the_cheap_ascents_is_generated():
 def test_the_help_names_the_runs_that_ended_at_chance():
     d = {"mean": -20.0, "n": 3, "ci95": [-90.0, 50.0]}
     entry = {"seeds": [0, 1, 2], "at_chance": {"0": 15}, "vs_exact": {"base": "AWP", "last3_pgd20": d, "autoattack": d},
-             "verdict": {"verdict": "undecided", "seeds_needed": 16}}
+             "verdict": {"verdict": "undecided", "seeds_needed": 16, "n": 3, "final": False,
+                         "pilot_promotion": None}}
     text = dn._accuracy_help(entry)
-    assert text.startswith("robust accuracy against exact AWP undecided so far (about 16 seeds would decide): "
-                           "last-3 PGD-20 -20.0 [95 % CI")
+    assert text.startswith("robust accuracy against exact AWP (the study): undecided so far (3 of 10 seeds; "
+                           "about 16 would decide); last-3 PGD-20 -20.0 [95 % CI")
     assert text.endswith("; 1 of 3 runs ended at chance accuracy (seed 0 from epoch 15)")
     assert "chance" not in dn._accuracy_help(dict(entry, at_chance={}))

@@ -51,6 +51,40 @@ def test_verdicts_keep_lose_undecided():
     assert verdict("far")["verdict"] == "loses"
     v = verdict("noisy")
     assert v["verdict"] == "undecided" and v["seeds_needed"] > 10
+    assert all(verdict(a)["final"] and verdict(a)["n"] == 10 for a in ("close", "far", "noisy"))
+
+
+def test_a_verdict_before_ten_seeds_is_worded_as_interim():
+    """Design brief section 13: >= 10 paired seeds for a verdict. Before that the same rule's outcome is
+    worded "so far (n of 10)"; at 10 it is final; a pilot is worded by its promotion rule, whatever the
+    equivalence rule says."""
+    def per(n, gap):
+        return {"AT": {s: _metrics(50.0 + (s % 3), 45.0 + (s % 2)) for s in range(n)},
+                "AWP": {s: _metrics(65.0 + (s % 3), 60.0 + (s % 2)) for s in range(n)},
+                "arm": {s: _metrics(65.0 + gap + (s % 3) + 0.3 * (s % 2), 60.0 + gap + (s % 2)) for s in range(n)}}
+
+    def verdict(n, gap, pilot=False):
+        p = per(n, gap)
+        ve = {k: S._paired(p, "arm", "AWP", k) for k in S.METRICS}
+        va = {k: S._paired(p, "arm", "AT", k) for k in S.METRICS}
+        return S.verdict(ve, va, pilot=pilot)
+    v = verdict(4, -5.0)
+    assert (v["verdict"], v["n"], v["final"]) == ("loses", 4, False)
+    assert S.verdict_words(v) == "loses so far (4 of 10 seeds)"
+    v = verdict(10, -5.0)
+    assert v["final"] and S.verdict_words(v) == "loses"
+    v = verdict(3, -5.0, pilot=True)
+    assert v["pilot_promotion"] is False and not v["final"]
+    assert S.verdict_words(v) == ("pilot, 3 seeds: more than 2 points below exact AWP, not promoted "
+                                  "(the rule at n = 3: loses)")
+    v = verdict(3, -1.5, pilot=True)
+    assert v["pilot_promotion"] is True and S.verdict_words(v).startswith(
+        "pilot, 3 seeds: within 2 points of exact AWP: promote it to 10 seeds")
+    v = verdict(10, -0.1, pilot=True)  # a pilot's rule outcome never reads as a final verdict
+    assert not v["final"] and S.verdict_words(v).startswith("pilot, 10 seeds")
+    u = dict(verdict(4, -5.0), verdict="undecided", seeds_needed=12)
+    assert S.verdict_words(u) == "undecided so far (4 of 10 seeds; about 12 would decide)"
+    assert S.verdict_words(dict(u, n=10, final=True)) == "undecided (about 12 seeds would decide)"
 
 
 def test_pairs_only_within_one_machine():
