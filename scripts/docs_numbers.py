@@ -755,15 +755,17 @@ def tables_outside_blocks(path, only_after=None, only_before=None):
 STUDY_JSON = "docs/study.json"
 
 
-def _rounded(x):
-    """``x`` (parsed JSON) with every float at 9 significant digits."""
-    if isinstance(x, float):
-        return float(f"{x:.9g}")
-    if isinstance(x, dict):
-        return {k: _rounded(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_rounded(v) for v in x]
-    return x
+def _same_json(a, b, rel=1e-9) -> bool:
+    """Parsed JSON ``a`` and ``b`` equal, floats within ``rel`` of each other (another libm's t quantiles may
+    differ in the last bits; a rounding to N digits could still flip at a boundary)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return (isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool)
+                and math.isclose(a, b, rel_tol=rel, abs_tol=1e-12))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y, rel) for x, y in zip(a, b))
+    return a == b
 
 
 def study_json(write: bool) -> list:
@@ -772,8 +774,8 @@ def study_json(write: bool) -> list:
     path = os.path.join(ROOT, STUDY_JSON)
     text = _study().summary_json()
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else None
-    if old is not None and _rounded(json.loads(old)) == _rounded(json.loads(text)):
-        return []  # compared at 9 significant digits: another libm's t quantiles may differ in the last bits
+    if old is not None and _same_json(json.loads(old), json.loads(text)):
+        return []
     if not write:
         return [f"{STUDY_JSON}: not the summary of docs/study/records"]
     with open(path, "w", encoding="utf-8") as f:

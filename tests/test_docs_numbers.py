@@ -45,6 +45,14 @@ def test_an_edited_study_summary_is_caught(tmp_path, monkeypatch):
     assert dn.study_json(write=False) == [f"{dn.STUDY_JSON}: not the summary of docs/study/records"]
 
 
+def test_same_json_forgives_the_last_bits_only():
+    assert dn._same_json({"a": [1.0, 2, None, "x"]}, {"a": [1.0 + 1e-13, 2, None, "x"]})
+    assert not dn._same_json({"a": 66.7}, {"a": 66.70001})
+    assert not dn._same_json({"a": 1.0}, {"b": 1.0})
+    assert not dn._same_json([1.0], [1.0, 2.0])
+    assert not dn._same_json({"a": 1.0}, {"a": "1.0"})
+
+
 def test_no_table_outside_a_block():
     assert dn.tables_outside_blocks("docs/reproduction.md") == []
     if "README.md" in dn.DOCS:
