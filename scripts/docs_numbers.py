@@ -518,6 +518,24 @@ def _ci(m):
     return f"{m['mean']:+.1f} [{m['ci95'][0]:+.1f}, {m['ci95'][1]:+.1f}]"
 
 
+def _chance_clause(sm, seeds, diffs):
+    """The paired runs of AT-AWP and AT that ended at chance accuracy, and the median difference next to the
+    mean: one collapsed run moves a mean of a few seeds by tens of points, and the t interval then describes
+    no seed; empty when no paired run collapsed."""
+    fell = {arm: {k: ep for k, ep in (sm["arms"][arm].get("at_chance") or {}).items() if k in seeds}
+            for arm in ("AWP", "AT")}
+    if not any(fell.values()):
+        return ""
+
+    def runs(arm, name):
+        f = fell[arm]
+        return f"{name} {len(f)} of {len(seeds)}" + (
+            " (" + ", ".join(f"seed {k} from epoch {ep}" for k, ep in f.items()) + ")" if f else "")
+    return (f". Runs that ended at chance accuracy: {runs('AWP', 'AT-AWP')}, {runs('AT', 'AT')}; the median "
+            f"paired difference is {statistics.median(diffs):+.1f} points, and with a collapsed run the t "
+            "interval describes no seed")
+
+
 def readme_study(files):
     """README's headline: exact AT-AWP against AT, paired by seed, from the study's committed runs."""
     st = _study()
@@ -536,7 +554,8 @@ def readme_study(files):
              f"200 epochs, paired by seed (n = {n}{'' if n >= 10 else '; the study aims at 10 and is in progress'})",
              f"mean of the last 3 test PGD-20 evaluations **{_ci(va['last3_pgd20'])}** points (mean [95 % CI]; "
              f"per seed {per}); AutoAttack of the final weights {_ci(va['autoattack'])}; on these seeds AT "
-             f"ends at {sum(at_lvl) / n:.1f} %, AT-AWP at {sum(aw_lvl) / n:.1f} % (last 3 PGD-20, mean)",
+             f"ends at {sum(at_lvl) / n:.1f} %, AT-AWP at {sum(aw_lvl) / n:.1f} % (last 3 PGD-20, mean)"
+             + _chance_clause(sm, seeds, va["last3_pgd20"]["values"]),
              "[docs/reproduction.md](docs/reproduction.md#the-study-that-decides), `docs/study/records/`"]]
     return table(["what", "result", "data"], rows)
 

@@ -158,3 +158,12 @@ def test_the_help_names_the_runs_that_ended_at_chance():
                            "about 16 would decide); last-3 PGD-20 -20.0 [95 % CI")
     assert text.endswith("; 1 of 3 runs ended at chance accuracy (seed 0 from epoch 15)")
     assert "chance" not in dn._accuracy_help(dict(entry, at_chance={}))
+
+
+def test_the_headline_names_collapsed_runs_and_the_median():
+    sm = {"arms": {"AWP": {"at_chance": {"5": 26, "7": 30}}, "AT": {"at_chance": {}}}}
+    text = dn._chance_clause(sm, ["0", "1", "5"], [15.0, 13.0, -45.0])
+    assert text == (". Runs that ended at chance accuracy: AT-AWP 1 of 3 (seed 5 from epoch 26), AT 0 of 3; the "
+                    "median paired difference is +13.0 points, and with a collapsed run the t interval describes "
+                    "no seed")
+    assert dn._chance_clause({"arms": {"AWP": {"at_chance": {"7": 30}}, "AT": {}}}, ["0", "1"], [1.0, 2.0]) == ""

@@ -11,16 +11,15 @@ MEASURED = {
     'attack': (
         "costs 0.42 of exact AWP's extra time over AT [quartiles 0.12, 0.44] "
         '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy against exact AWP '
-        '(the study): undecided so far (5 of 10 seeds; about 25 would decide); last-3 PGD-20 '
-        '-11.6 [95 % CI -43.1, +20.0], AutoAttack -11.2 [95 % CI -40.9, +18.5] points, n = 5 '
-        'paired seeds, digits 8x8; 1 of 5 runs ended at chance accuracy (seed 0 from epoch '
-        '15)'),
+        '(the study): undecided so far (6 of 10 seeds); last-3 PGD-20 +0.3 [95 % CI -38.4, '
+        '+39.0], AutoAttack +0.4 [95 % CI -36.9, +37.7] points, n = 6 paired seeds, digits '
+        '8x8; 1 of 6 runs ended at chance accuracy (seed 0 from epoch 15)'),
     'attack-evalbn': (
         "costs 0.24 of exact AWP's extra time over AT [quartiles 0.09, 0.58] "
         "(PreActResNet-18, CPU, 1 thread, 7 paired rounds; the eval-mode attack's own cost "
         'included); robust accuracy against exact AWP with the eval-mode attack (the study): '
-        'loses so far (5 of 10 seeds); last-3 PGD-20 -3.7 [95 % CI -5.0, -2.5], AutoAttack '
-        '-3.4 [95 % CI -4.8, -1.9] points, n = 5 paired seeds, digits 8x8'),
+        'loses so far (6 of 10 seeds); last-3 PGD-20 -3.9 [95 % CI -5.0, -2.9], AutoAttack '
+        '-3.6 [95 % CI -4.9, -2.3] points, n = 6 paired seeds, digits 8x8'),
     'momentum': (
         "no extra time over AT that the timing resolves (median -0.21 of exact AWP's extra, "
         'quartiles -0.34, 0.10) (PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust '
@@ -31,13 +30,15 @@ MEASURED = {
     'every2': (
         "costs 0.64 of exact AWP's extra time over AT [quartiles 0.10, 0.69] "
         '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy against exact AWP '
-        '(the study): loses so far (5 of 10 seeds); last-3 PGD-20 -2.8 [95 % CI -4.8, -0.7], '
-        'AutoAttack -3.0 [95 % CI -4.8, -1.3] points, n = 5 paired seeds, digits 8x8'),
+        '(the study): undecided so far (6 of 10 seeds; about 29 would decide); last-3 PGD-20 '
+        '+7.2 [95 % CI -18.5, +32.9], AutoAttack +6.3 [95 % CI -17.7, +30.2] points, n = 6 '
+        'paired seeds, digits 8x8'),
     'sub0.25': (
         "costs 0.34 of exact AWP's extra time over AT [quartiles 0.04, 0.39] "
         '(PreActResNet-18, CPU, 1 thread, 7 paired rounds); robust accuracy against exact AWP '
-        '(the study): loses so far (5 of 10 seeds); last-3 PGD-20 -3.6 [95 % CI -5.0, -2.3], '
-        'AutoAttack -4.1 [95 % CI -5.9, -2.2] points, n = 5 paired seeds, digits 8x8'),
+        '(the study): undecided so far (6 of 10 seeds; about 40 would decide); last-3 PGD-20 '
+        '+6.0 [95 % CI -18.7, +30.7], AutoAttack +5.0 [95 % CI -18.4, +28.4] points, n = 6 '
+        'paired seeds, digits 8x8'),
     'rwp': (
         "costs 12.32 of exact AWP's extra time over AT [quartiles 9.95, 13.34] (the study's "
         'SmallCNN, CPU, 1 thread, 21 paired rounds); robust accuracy against exact AWP '
