@@ -590,12 +590,12 @@ def _accuracy_help(entry):
     nums = (f"{diff(d, 'last-3 PGD-20')}, {diff(a, 'AutoAttack')} points, "
             f"n = {d['n']} paired seed{'s' * (d['n'] != 1)}, digits 8x8")
     v = entry.get("verdict")
-    head = (f"robust accuracy against {base} reported, not concluded" if v is None else
+    head = (f"robust accuracy against {base} reported, not concluded:" if v is None else
             f"robust accuracy against {base} (the study): {_study().verdict_words(v)};")
     ch = entry.get("at_chance") or {}
     fell = (f"; {len(ch)} of {len(entry['seeds'])} runs ended at chance accuracy (seed "
             + ", ".join(f"{k} from epoch {e}" for k, e in ch.items()) + ")") if ch else ""
-    return f"{head}{':' if v is None else ''} {nums}{fell}"
+    return f"{head} {nums}{fell}"
 
 
 HELP_ARMS = ("attack", "attack-evalbn", "momentum", "every2", "sub0.25", "rwp")
